@@ -3,7 +3,8 @@
 Modes, each a full optimizer step (forward, backward, AdamW update) on the same batches, taking
 turns batch by batch so that the load of a shared machine affects them alike:
   - ``full``: the straightforward path, a full forward with the steering hook and full logits;
-  - ``prefix_cache``: layers above the steering layer only, from the cached residual;
+  - ``prefix_cache``: layers above the steering layer only, over the last prompt token and the
+    answer, from the prefix cache (``steering.train.PrefixCache``), full logits;
   - ``answer_head``: full forward, LM head only on the answer-predicting states;
   - ``both``: the two together (what ``train`` uses).
 
@@ -11,7 +12,7 @@ Model smollm2-135m (fp32, CPU unless a GPU is visible), steering layer 15, 16 ex
 (``mc``: 32 sequences, ``gen``: 16), questions from the smoke train split, a random bank of
 1 + 6 vectors. Reported per branch and mode: median wall and process-CPU seconds per step over the timed steps
 (after one warm-up step; CPU time is the steadier figure on a shared machine, wall time is what a
-run waits); per branch: the one-off seconds to build the residual cache of the whole train split.
+run waits); per branch: the one-off seconds to build the prefix cache of the whole train split.
 
 Run: ``python -m benchmarks.train`` (options: ``--help``); writes ``benchmarks/results/train.json``.
 """
@@ -33,7 +34,7 @@ from steering.config import load_config
 from steering.data import load_questions, split_questions
 from steering.mlp import MLPSteering, MLPSteeringConfig
 from steering.models import load_model
-from steering.train import ResidualCache, SplitScorer, batch_order, encode_examples
+from steering.train import PrefixCache, SplitScorer, batch_order, encode_examples
 
 DATA_CSV = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "truthfulqa" / "TruthfulQA.csv"
 RESULTS = Path(__file__).resolve().parent / "results" / "train.json"
@@ -84,7 +85,8 @@ def main() -> None:
         batches = batch_order(seqs.n_examples, args.batch_size, args.steps + 1, seed=0)
         used = sorted({e for b in batches for e in b})
         tick = time.perf_counter()
-        cache = ResidualCache.build(loaded.model, args.layer, seqs, pad_id, cfg.extract.batch_size)
+        cache = PrefixCache.build(loaded.model, args.layer, seqs, pad_id, cfg.extract.batch_size,
+                                  cfg.steering.positions)
         cache_seconds = time.perf_counter() - tick
         lengths = [len(seqs.token_ids[i]) for i in seqs.sequence_indices(used)]
         answers = [seqs.n_answer[i] for i in seqs.sequence_indices(used)]

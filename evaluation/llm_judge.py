@@ -532,7 +532,8 @@ class LogprobJudge(BaseJudge):
             input_ids = batch["input_ids"].to(self.judge.device)  # (batch, seq)
             attention_mask = batch["attention_mask"].to(self.judge.device)  # (batch, seq)
             position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (batch, seq); left padding
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           logits_to_keep=1).logits  # (batch, 1, vocab): the LM head runs on the last position only
             last = torch.log_softmax(logits[:, -1, :].float(), dim=-1)  # (batch, vocab); left padding: last = answer slot
             log_yes = torch.logsumexp(last[:, yes_ids], dim=-1)  # (batch,)
             log_no = torch.logsumexp(last[:, no_ids], dim=-1)  # (batch,)

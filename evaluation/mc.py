@@ -18,6 +18,7 @@ gives the judge for one variant. Rows are batched over all (question, answer) pa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -28,7 +29,15 @@ from evaluation.generate import Steering
 from evaluation.judges import BaseJudge, JudgeError, JudgeItem, register
 from steering.config import Config
 from steering.models import LoadedModel
-from steering.prompts import answer_text, encode_prompt_answers, encode_text, format_prompt
+from steering.prompts import answer_text, format_prompt, prompt_answer_ids
+from steering.train import (
+    PrefixCache,
+    Sequences,
+    answer_head_logprobs,
+    make_batch,
+    sequence_logprobs,
+    suffix_answer_logprobs,
+)
 
 
 def _with_period(answer: str) -> str:
@@ -65,44 +74,67 @@ def answer_logprobs(
 ) -> list[float]:
     """Total log-probability of each answer given its question's prompt, under ``steering``.
 
+    Steering from the last prompt token on (``from_prompt_end``, and baseline) leaves the tokens
+    before it unchanged, so each distinct prompt runs once (``PrefixCache.of_prefixes``) and every
+    answer runs over its last prompt token and its own tokens only, attending to the prompt's
+    cached keys/values: a question's ~10 answers share one prompt. With ``positions=all`` the
+    prompt is steered too and every row is one full forward.
+
     Args:
         loaded: the model, its tokenizer and prompt format.
         questions: question texts, one per answer.
         answers: answer texts (``answer_text`` adds the space a ``Q:/A:`` prompt needs).
         steering: the variant's steering, active from each row's last prompt token on.
-        batch_size: rows per forward pass.
+        batch_size: rows per forward pass (and prompts per cached chunk).
         max_length: tokens per row at most; longer rows lose prompt tokens from the left.
     """
     if len(questions) != len(answers):
         raise ValueError(f"{len(questions)} questions but {len(answers)} answers; pass one question per answer")
     tokenizer, model, fmt = loaded.tokenizer, loaded.model, loaded.prompt_format
     prompt_of = {q: format_prompt(q, tokenizer, fmt) for q in dict.fromkeys(questions)}
-    prompt_len = {q: len(encode_text(tokenizer, p)) for q, p in prompt_of.items()}
-    texts = [answer_text(a, fmt) for a in answers]
-    lengths = [prompt_len[q] + len(tokenizer(t, add_special_tokens=False)["input_ids"])
-               for q, t in zip(questions, texts, strict=True)]
-    order = sorted(range(len(answers)), key=lambda i: -lengths[i])  # similar lengths share a batch: less padding
+    parts = [prompt_answer_ids(tokenizer, prompt_of[q], answer_text(a, fmt), max_length)
+             for q, a in zip(questions, answers, strict=True)]
+    if steering.variant != "baseline" and steering.positions == "all":
+        return _full_forward_logprobs(loaded, parts, steering, batch_size)
+    seqs = Sequences(tuple(tuple(p + a) for p, a in parts), tuple(len(a) for _, a in parts), 1)
+    splits = [len(p) - 1 for p, _ in parts]
     totals = [math.nan] * len(answers)
+    by_question = list(dict.fromkeys(questions))
+    for start in range(0, len(by_question), batch_size):  # a chunk of prompts at a time bounds the cache's memory
+        chunk = set(by_question[start:start + batch_size])
+        rows = [i for i, q in enumerate(questions) if q in chunk]
+        sub = Sequences(tuple(seqs.token_ids[i] for i in rows), tuple(seqs.n_answer[i] for i in rows), 1)
+        cache = PrefixCache.of_prefixes(model, sub, [splits[i] for i in rows], tokenizer.pad_token_id, batch_size)
+        order = sorted(range(len(rows)), key=lambda r: -len(sub.token_ids[r]) + splits[rows[r]])  # by suffix length
+        for at in range(0, len(order), batch_size):
+            batch_rows = order[at:at + batch_size]
+            batch = cache.batch(batch_rows, tokenizer.pad_token_id, sub.token_ids)
+            prefix_end = torch.full((len(batch_rows),), batch.prefix_width, device=batch.input_ids.device)  # (batch,)
+            with torch.inference_mode():
+                token_logp = suffix_answer_logprobs(model, batch, functools.partial(steering.applied, model, prefix_end))
+                row_totals = sequence_logprobs(token_logp.double(), batch.answer_mask)  # (batch,)
+            for r, total in zip(batch_rows, row_totals.tolist(), strict=True):
+                totals[rows[r]] = total
+    return totals
+
+
+def _full_forward_logprobs(loaded: LoadedModel, parts: Sequence[tuple[list[int], list[int]]], steering: Steering,
+                           batch_size: int) -> list[float]:
+    """``answer_logprobs`` by one full forward per row (prompt included): for ``positions=all``."""
+    model, pad_id = loaded.model, loaded.tokenizer.pad_token_id
+    seqs = Sequences(tuple(tuple(p + a) for p, a in parts), tuple(len(a) for _, a in parts), 1)
+    order = sorted(range(len(parts)), key=lambda i: -len(seqs.token_ids[i]))  # similar lengths: less padding
+    totals = [math.nan] * len(parts)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        encoded = encode_prompt_answers(tokenizer, [prompt_of[questions[i]] for i in rows], [texts[i] for i in rows],
-                                        max_length)
-        input_ids = encoded["input_ids"].to(loaded.device)  # (batch, seq)
-        attention_mask = encoded["attention_mask"].to(loaded.device)  # (batch, seq)
-        answer_mask = encoded["answer_mask"].to(loaded.device).bool()  # (batch, seq)
-        prompt_end = encoded["prompt_end"].to(loaded.device)  # (batch,)
-        seq = input_ids.shape[1]
-        # Answers are right-aligned: the logits of the last `keep` positions predict every answer token.
-        keep = min(seq, int(answer_mask.sum(dim=1).max()) + 1)
-        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (batch, seq); left padding
-        with torch.inference_mode(), steering.applied(model, prompt_end):
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           logits_to_keep=keep).logits  # (batch, keep, vocab)
-        logprobs = logits[:, :-1].float().log_softmax(dim=-1)  # (batch, keep - 1, vocab)
-        targets = input_ids[:, seq - keep + 1:]  # (batch, keep - 1)
-        token_logprobs = logprobs.gather(-1, targets[..., None])[..., 0]  # (batch, keep - 1)
-        on_answer = answer_mask[:, seq - keep + 1:]  # (batch, keep - 1)
-        row_totals = torch.where(on_answer, token_logprobs.double(), 0.0).sum(dim=1)  # (batch,)
+        batch = make_batch(seqs, rows, pad_id).to(loaded.device)
+        position_ids = (batch.attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (batch, seq); left padding
+        with torch.inference_mode(), steering.applied(model, batch.prompt_end):
+            base: Any = model.base_model
+            hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                          position_ids=position_ids).last_hidden_state  # (batch, seq, d_model)
+            token_logp = answer_head_logprobs(model, hidden, batch.input_ids, batch.answer_mask)
+            row_totals = sequence_logprobs(token_logp.double(), batch.answer_mask)  # (batch,)
         for row, total in zip(rows, row_totals.tolist(), strict=True):
             totals[row] = total
     return totals

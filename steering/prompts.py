@@ -66,6 +66,13 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> dict[str, torch.Te
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+def prompt_answer_ids(tokenizer: Any, prompt: str, answer: str, max_length: int) -> tuple[list[int], list[int]]:
+    """The token ids of ``prompt`` and ``answer``, tokenised separately (the boundary is exact); when
+    both exceed ``max_length`` tokens, the prompt loses tokens from the left (the answer is what is read)."""
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"][: max_length - 1]
+    return encode_text(tokenizer, prompt)[-(max_length - len(answer_ids)):], answer_ids
+
+
 def encode_prompt_answers(
     tokenizer: Any, prompts: Sequence[str], answers: Sequence[str], max_length: int
 ) -> dict[str, torch.Tensor]:
@@ -80,8 +87,7 @@ def encode_prompt_answers(
     """
     seqs, answer_lens = [], []
     for prompt, answer in zip(prompts, answers, strict=True):
-        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"][: max_length - 1]
-        prompt_ids = encode_text(tokenizer, prompt)[-(max_length - len(answer_ids)):]
+        prompt_ids, answer_ids = prompt_answer_ids(tokenizer, prompt, answer, max_length)
         seqs.append(prompt_ids + answer_ids)
         answer_lens.append(len(answer_ids))
     input_ids, attention_mask = left_pad(seqs, tokenizer.pad_token_id)

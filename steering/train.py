@@ -14,9 +14,10 @@ prompt token on (the one predicting the first answer token), ``all`` steers ever
 Two speedups make a step cheap; both are exact (tests compare them with the straightforward path),
 and a self-check on the first batch falls back to the full forward, with a logged reason, for an
 architecture where they would not be:
-  1. prefix cache: the model is frozen below the steering layer L, so the residual stream at the
-     output of layer L is computed once per sequence (``ResidualCache``) and every step runs only
-     layers L+1.. (``resume_after_layer``);
+  1. prefix cache: the model is frozen and steering acts from the last prompt token on, so the
+     output of layer L and the keys/values of the tokens before the last prompt token never change.
+     ``PrefixCache`` computes them once per split; a step runs layers L+1.. over the last prompt
+     token and the answer only (``suffix_answer_logprobs``, via ``resume_after_layer``);
   2. answer-only head: the LM head (and the final logit soft-capping of Gemma) is applied only to
      the hidden states that predict answer tokens (``answer_head_logprobs``).
 
@@ -34,14 +35,15 @@ import math
 import random
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any
 
 import mlflow
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from steering.artifacts import MLP_DIR
 from steering.config import Config, ConfigError, MLPConfig, config_to_dict
@@ -201,7 +203,7 @@ class _CachedOutput(nn.Module):
         if self.residual.shape != hidden_states.shape:
             raise ValueError(
                 f"cached residual has shape {tuple(self.residual.shape)} but the layer sees "
-                f"{tuple(hidden_states.shape)}; build it from the same batch (ResidualCache.batch(indices))"
+                f"{tuple(hidden_states.shape)}; build it from the same batch (PrefixCache.batch(indices, ...))"
             )
         return self.residual
 
@@ -256,41 +258,99 @@ def resume_after_layer(model: nn.Module, layer: int, residual: Tensor) -> Iterat
         yield
 
 
-@torch.inference_mode()
-def residual_at_layer(model: nn.Module, layer: int, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Output of decoder layer ``layer`` (unsteered) for a batch, running only layers ``0 .. layer``.
+KV = tuple[tuple[Tensor, Tensor], ...]  # per decoder layer: (keys, values)
+
+
+@dataclasses.dataclass(frozen=True)
+class SuffixBatch:
+    """The steered part of a batch for a prefix-cache forward (see ``PrefixCache``).
+
+    Row ``b`` is split at ``split[b]``: its first ``split[b]`` tokens (the *prefix*) are never
+    steered and come as keys/values; the rest (the *suffix*) runs the layers above ``layer``.
 
     Args:
-        model: a model supported by ``steering.layers.decoder_layers``.
-        layer: the steering layer L.
-        input_ids: ``(batch, seq)`` left-padded token ids.
-        attention_mask: ``(batch, seq)``.
-
-    Returns:
-        ``(batch, seq, d_model)`` in the model's dtype (an inference tensor).
+        input_ids: ``(batch, S)`` suffix token ids, right-padded.
+        attention_mask: ``(batch, P + S)``: the prefix left-padded to ``P``, then the suffix right-padded.
+        position_ids: ``(batch, S)``: ``split[b] + t``, the tokens' positions in the unpadded sequence.
+        answer_mask: ``(batch, S)`` 1 on answer tokens.
+        past: per decoder layer, ``(keys, values)`` of the prefix, each ``(batch, kv_heads, P, head_dim)``
+            (zeros for layers ``0 .. layer``, which never run); empty when ``P == 0``.
+        layer: the frozen layer L whose output ``residual`` holds; None: the suffix runs every layer.
+        residual: ``(batch, S, d_model)`` output of layer L on the suffix, zeros on padding (or None).
     """
-    n = len(decoder_layers(model))
-    layer = check_layer(layer, n)
-    above = {i: _PassThrough() for i in range(layer + 1, n)}
-    base: Any = model.base_model
-    with _swapped_layers(model, above), record_residuals(model, [layer]) as acts:
-        base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return acts[layer]  # (batch, seq, d_model)
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    answer_mask: Tensor
+    past: KV
+    layer: int | None = None
+    residual: Tensor | None = None
+
+    @property
+    def prefix_width(self) -> int:
+        return self.attention_mask.shape[1] - self.input_ids.shape[1]
+
+    def cache(self) -> DynamicCache | None:
+        """A fresh cache holding the prefix (a forward appends to it), or None without a prefix."""
+        if not self.past:
+            return None
+        cache = DynamicCache()  # plain layers: sliding-window layers keep every key, the mask applies the window
+        for i, (keys, values) in enumerate(self.past):
+            cache.update(keys, values, i)
+        return cache
 
 
-class ResidualCache:
-    """The output of decoder layer L for every sequence of a split, computed once, stored unpadded.
+class PrefixCache:
+    """What a frozen model computes the same way at every step, computed once: for every sequence
+    the keys/values of its *prefix* (the tokens before the split point, which are never steered)
+    and, with a ``layer``, the output of that layer on its *suffix* (the tokens from the split on).
+
+    In training, steering acts from the last prompt token on (``from_prompt_end``; ``all``: from
+    token 0) at layer L, so a step runs layers ``L + 1 ..`` over the suffix alone (the last prompt
+    token and the answer: ~11 of ~53 tokens for smollm2's chat prompts), attending to the cached
+    prefix (``build``). Scoring many answers to one prompt (MC) runs every layer over each answer,
+    attending to the prompt's cached keys/values (``of_prefixes``). Prefixes shared by several
+    sequences (the answers to one question) are stored once.
+
+    The prefix keys carry rotary embeddings of their positions in the unpadded sequence (explicit
+    ``position_ids``), so a batch may pad them differently from the build. Memory: per distinct
+    prefix, its length x the layers stored x 2 x kv_heads x head_dim values, on the model's device.
 
     Args:
-        residuals: one ``(seq_len, d_model)`` tensor per sequence (its real tokens only).
+        layer: the frozen layer L (keys/values are kept for the layers above it), or None (all layers).
+        n_layers: decoder layers of the model.
+        splits: per sequence, the number of prefix tokens.
+        prefix_of: per sequence, its index into ``prefixes`` (-1: no prefix).
+        prefixes: per distinct prefix, ``(keys, values)`` per stored layer, each ``(kv_heads, len, head_dim)``.
+        n_answer: per sequence, its number of answer tokens (the last ones).
+        residuals: with a layer, per sequence the ``(n_suffix, d_model)`` output of layer L on its suffix.
     """
 
-    def __init__(self, residuals: Sequence[Tensor]) -> None:
-        self.residuals = list(residuals)
+    def __init__(self, layer: int | None, n_layers: int, splits: Sequence[int], prefix_of: Sequence[int],
+                 prefixes: Sequence[KV], n_answer: Sequence[int], residuals: Sequence[Tensor] | None = None) -> None:
+        if (layer is None) != (residuals is None):
+            raise ValueError("pass residuals exactly when a layer is given")
+        self.layer, self.n_layers = layer, n_layers
+        self.splits, self.prefix_of, self.prefixes = list(splits), list(prefix_of), list(prefixes)
+        self.n_answer, self.residuals = list(n_answer), list(residuals) if residuals is not None else None
+
+    @staticmethod
+    def split_points(seqs: Sequences, positions: str, layer: int | None = None, n_layers: int = 0) -> list[int]:
+        """Prefix lengths: the index of the last prompt token (``from_prompt_end``), else 0; also 0
+        when ``layer`` is the last layer, where nothing above it attends to the prefix."""
+        if positions not in ("from_prompt_end", "all"):
+            raise ValueError(f"positions={positions!r} is not one of from_prompt_end, all")
+        if positions == "all" or (layer is not None and layer == n_layers - 1):
+            return [0] * len(seqs.token_ids)
+        return [len(ids) - n - 1 for ids, n in zip(seqs.token_ids, seqs.n_answer, strict=True)]
 
     @classmethod
-    def build(cls, model: nn.Module, layer: int, seqs: Sequences, pad_id: int, batch_size: int) -> ResidualCache:
-        """Run layers ``0 .. layer`` once over ``seqs``, in batches of similar length.
+    @torch.inference_mode()
+    def build(cls, model: nn.Module, layer: int, seqs: Sequences, pad_id: int, batch_size: int,
+              positions: str = "from_prompt_end") -> PrefixCache:
+        """For training: one unsteered forward over ``seqs`` (all layers, batches of similar length)
+        records the suffixes' output of layer L and the prefixes' keys/values above it.
 
         Args:
             model: the frozen model.
@@ -298,30 +358,155 @@ class ResidualCache:
             seqs: the split's sequences.
             pad_id: the tokenizer's pad token id.
             batch_size: sequences per forward pass.
+            positions: ``from_prompt_end`` or ``all`` (the split point, see ``split_points``).
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1")
-        device = next(model.parameters()).device
-        order = sorted(range(len(seqs.token_ids)), key=lambda i: len(seqs.token_ids[i]))
-        residuals: list[Tensor | None] = [None] * len(order)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            batch = make_batch(seqs, chunk, pad_id).to(device)
-            hidden = residual_at_layer(model, layer, batch.input_ids, batch.attention_mask)  # (batch, seq, d_model)
+        n_layers = len(decoder_layers(model))
+        layer = check_layer(layer, n_layers)
+        splits = cls.split_points(seqs, positions, layer, n_layers)
+        residuals: list[Tensor] = [torch.empty(0)] * len(splits)
+        prefix_of, prefixes = [-1] * len(splits), _PrefixStore()
+        for chunk, width, out, acts in _forward_chunks(model, seqs.token_ids, pad_id, batch_size, [layer]):
             for row, i in enumerate(chunk):
-                residuals[i] = hidden[row, hidden.shape[1] - len(seqs.token_ids[i]):].clone()  # (len_i, d_model)
-        return cls([r for r in residuals if r is not None])
+                first = width - len(seqs.token_ids[i])  # the row's first real token
+                residuals[i] = acts[layer][row, first + splits[i]:].clone()  # (n_suffix, d_model)
+                if splits[i]:
+                    prefix_of[i] = prefixes.add(seqs.token_ids[i][:splits[i]], out.past_key_values, row, first,
+                                                range(layer + 1, n_layers))
+        return cls(layer, n_layers, splits, prefix_of, prefixes.values, seqs.n_answer, residuals)
 
-    def batch(self, indices: Sequence[int]) -> Tensor:
-        """Left-padded ``(batch, seq, d_model)`` residuals of sequences ``indices``, zeros on padding,
-        aligned with ``make_batch(seqs, indices, pad_id)``; a normal tensor, usable under autograd."""
-        chosen = [self.residuals[i] for i in indices]
-        width = max(r.shape[0] for r in chosen)
-        first = chosen[0]
-        out = torch.zeros(len(chosen), width, first.shape[1], dtype=first.dtype, device=first.device)
-        for row, r in enumerate(chosen):
-            out[row, width - r.shape[0]:] = r
-        return out  # (batch, seq, d_model)
+    @classmethod
+    @torch.inference_mode()
+    def of_prefixes(cls, model: nn.Module, seqs: Sequences, splits: Sequence[int], pad_id: int,
+                    batch_size: int) -> PrefixCache:
+        """For scoring: one forward over each distinct prefix only (every layer), nothing steered.
+
+        Args:
+            model: the frozen model.
+            seqs: the sequences.
+            splits: per sequence, its prefix length (``split_points``).
+            pad_id: the tokenizer's pad token id.
+            batch_size: prefixes per forward pass.
+        """
+        n_layers = len(decoder_layers(model))
+        distinct = list(dict.fromkeys(ids[:n] for ids, n in zip(seqs.token_ids, splits, strict=True) if n))
+        store = _PrefixStore()
+        for chunk, width, out, _ in _forward_chunks(model, distinct, pad_id, batch_size, []):
+            for row, i in enumerate(chunk):
+                store.add(distinct[i], out.past_key_values, row, width - len(distinct[i]), range(n_layers))
+        prefix_of = [store.index[ids[:n]] if n else -1 for ids, n in zip(seqs.token_ids, splits, strict=True)]
+        return cls(None, n_layers, splits, prefix_of, store.values, seqs.n_answer)
+
+    def batch(self, indices: Sequence[int], pad_id: int, input_ids: Sequence[Sequence[int]]) -> SuffixBatch:
+        """The suffix batch of sequences ``indices`` (normal tensors, usable under autograd).
+
+        Args:
+            indices: sequence indices (``seqs.sequence_indices(examples)``).
+            pad_id: the tokenizer's pad token id.
+            input_ids: every sequence's token ids (``seqs.token_ids``).
+        """
+        splits = [self.splits[i] for i in indices]
+        suffix = [input_ids[i][self.splits[i]:] for i in indices]
+        n, width, prefix_width = len(indices), max(map(len, suffix)), max(splits)
+        ids = torch.full((n, width), pad_id, dtype=torch.long)  # (batch, S)
+        suffix_mask = torch.zeros(n, width, dtype=torch.long)  # (batch, S)
+        answer_mask = torch.zeros(n, width, dtype=torch.long)  # (batch, S)
+        prefix_mask = torch.zeros(n, prefix_width, dtype=torch.long)  # (batch, P)
+        for row, (i, tokens) in enumerate(zip(indices, suffix, strict=True)):
+            ids[row, :len(tokens)] = torch.tensor(tokens)
+            suffix_mask[row, :len(tokens)] = 1
+            answer_mask[row, len(tokens) - self.n_answer[i]:len(tokens)] = 1
+            prefix_mask[row, prefix_width - splits[row]:] = 1
+        position_ids = torch.tensor(splits)[:, None] + torch.arange(width)[None, :]  # (batch, S)
+        residual = None
+        if self.residuals is not None:
+            first = self.residuals[indices[0]]
+            residual = torch.zeros(n, width, first.shape[1], dtype=first.dtype, device=first.device)  # (batch, S, d)
+            for row, i in enumerate(indices):
+                residual[row, :len(suffix[row])] = self.residuals[i]
+        past = self._past(indices, prefix_width) if prefix_width else ()
+        device = residual.device if residual is not None else past[-1][0].device
+        return SuffixBatch(ids.to(device), torch.cat([prefix_mask, suffix_mask], dim=1).to(device),
+                           position_ids.to(device), answer_mask.to(device), past, self.layer, residual)
+
+    def _past(self, indices: Sequence[int], width: int) -> KV:
+        """Per decoder layer the left-padded ``(batch, kv_heads, width, head_dim)`` prefix keys/values."""
+        stored: list[tuple[Tensor, Tensor]] = []
+        template = self.prefixes[next(self.prefix_of[i] for i in indices if self.prefix_of[i] >= 0)]
+        for j, (keys, _) in enumerate(template):
+            padded = [keys.new_zeros(len(indices), keys.shape[0], width, keys.shape[2]) for _ in range(2)]
+            for row, i in enumerate(indices):
+                if self.prefix_of[i] >= 0:
+                    for out, cached in zip(padded, self.prefixes[self.prefix_of[i]][j], strict=True):
+                        out[row, :, width - cached.shape[1]:] = cached
+            stored.append((padded[0], padded[1]))
+        skipped = self.n_layers - len(stored)  # layers 0 .. L never run: zeros of the right length
+        return (*[(stored[0][0].new_zeros(stored[0][0].shape),) * 2] * skipped, *stored)  # type: ignore[return-value]
+
+
+class _PrefixStore:
+    """Distinct prefixes' keys/values, by token ids."""
+
+    def __init__(self) -> None:
+        self.index: dict[tuple[int, ...], int] = {}
+        self.values: list[KV] = []
+
+    def add(self, ids: tuple[int, ...], cache: Any, row: int, first: int, layers: range) -> int:
+        """Store the keys/values of ``ids`` (row ``row`` of ``cache``, from index ``first``) once."""
+        if ids not in self.index:
+            end = first + len(ids)
+            self.index[ids] = len(self.values)
+            self.values.append(tuple((cache.layers[j].keys[row, :, first:end].clone(),  # (kv_heads, len, head_dim)
+                                      cache.layers[j].values[row, :, first:end].clone()) for j in layers))
+        return self.index[ids]
+
+
+def _forward_chunks(model: nn.Module, token_ids: Sequence[Sequence[int]], pad_id: int, batch_size: int,
+                    record: Sequence[int]) -> Iterator[tuple[list[int], int, Any, dict[int, Tensor]]]:
+    """Unsteered forwards over ``token_ids`` in left-padded batches of similar length, with a plain
+    cache (every key of every layer kept) and positions counted from each row's first real token;
+    yields the chunk's indices, its padded width, the base model's output and the recorded layers."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    device = next(model.parameters()).device
+    base: Any = model.base_model
+    order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        input_ids, attention_mask = (t.to(device) for t in left_pad([token_ids[i] for i in chunk], pad_id))
+        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (batch, seq)
+        with record_residuals(model, record) as acts:
+            out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       past_key_values=DynamicCache(), use_cache=True)
+        yield chunk, input_ids.shape[1], out, acts
+
+
+def suffix_answer_logprobs(model: nn.Module, batch: SuffixBatch, steering: Callable[[], AbstractContextManager[Any]],
+                           *, answer_only_head: bool = True) -> Tensor:
+    """Answer-token log-probs of a ``PrefixCache`` batch: the layers above ``batch.layer`` (all
+    layers without one) over the suffix tokens only, attending to the cached prefix.
+
+    Args:
+        model: the frozen causal LM the cache was built on.
+        batch: ``PrefixCache.batch(...)``, on the model's device.
+        steering: makes the steering context; it must steer every position of the forward (the
+            suffix starts at the split point). Entered after the layers are swapped, so that a hook
+            on layer L lands on the module that stands in for it.
+        answer_only_head: apply the LM head only where answer tokens are predicted.
+
+    Returns:
+        ``(n_answer_tokens,)`` fp32 log-probs, in the order ``steered_answer_logprobs`` gives them.
+    """
+    kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+              "position_ids": batch.position_ids, "past_key_values": batch.cache(), "use_cache": True}
+    with ExitStack() as stack:
+        if batch.layer is not None and batch.residual is not None:
+            stack.enter_context(resume_after_layer(model, batch.layer, batch.residual))
+        stack.enter_context(steering())
+        if answer_only_head:
+            base: Any = model.base_model
+            return answer_head_logprobs(model, base(**kwargs).last_hidden_state, batch.input_ids, batch.answer_mask)
+        logits = model(**kwargs).logits  # (batch, S, vocab)
+    return full_logits_logprobs(logits, batch.input_ids, batch.answer_mask)
 
 
 # ------------------------------------------------------------------------- speedup 2: answer-only head
@@ -397,21 +582,16 @@ def steered_answer_logprobs(
     batch: Batch,
     *,
     positions: str = "from_prompt_end",
-    residual: Tensor | None = None,
     answer_only_head: bool = True,
 ) -> Tensor:
-    """Answer-token log-probs of ``batch`` with ``module`` steering ``model`` at its layer.
-
-    With ``residual=None`` and ``answer_only_head=False`` this is the straightforward path: a full
-    forward with the steering hook, then the full logits. Each speedup can be switched on alone.
+    """Answer-token log-probs of ``batch`` with ``module`` steering ``model`` at its layer: a full
+    forward with the steering hook (the straightforward path, and the fast path's reference).
 
     Args:
         model: the frozen causal LM.
         module: the steering module (its ``config.layer`` is the steering layer).
         batch: the batch, on the model's device.
         positions: ``from_prompt_end`` (steer from ``batch.prompt_end`` on) or ``all``.
-        residual: ``(batch, seq, d_model)`` cached output of the steering layer for this batch
-            (``ResidualCache.batch``), to run only the layers above it.
         answer_only_head: apply the LM head only where answer tokens are predicted.
 
     Returns:
@@ -420,17 +600,12 @@ def steered_answer_logprobs(
     if positions not in ("from_prompt_end", "all"):
         raise ValueError(f"positions={positions!r} is not one of from_prompt_end, all")
     start = batch.prompt_end if positions == "from_prompt_end" else None
-    with ExitStack() as stack:
-        if residual is not None:  # entered first: the steering hook must land on the stand-in layer
-            stack.enter_context(resume_after_layer(model, module.config.layer, residual))
-        stack.enter_context(module.steering(model, start))
+    with module.steering(model, start):
         if answer_only_head:
             base: Any = model.base_model
             out = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        else:
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    if answer_only_head:
-        return answer_head_logprobs(model, out.last_hidden_state, batch.input_ids, batch.answer_mask)
+            return answer_head_logprobs(model, out.last_hidden_state, batch.input_ids, batch.answer_mask)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     return full_logits_logprobs(logits, batch.input_ids, batch.answer_mask)
 
 
@@ -468,7 +643,7 @@ class SplitScorer:
         seqs: the split's sequences.
         pad_id: the tokenizer's pad token id.
         positions: ``from_prompt_end`` or ``all``.
-        cache: the split's residual cache, or None for full forwards.
+        cache: the split's prefix cache (the fast path), or None for full forwards.
         answer_only_head: apply the LM head only to answer-predicting states.
     """
 
@@ -477,22 +652,26 @@ class SplitScorer:
     seqs: Sequences
     pad_id: int
     positions: str
-    cache: ResidualCache | None = None
+    cache: PrefixCache | None = None
     answer_only_head: bool = True
 
-    def logprobs(self, examples: Sequence[int]) -> tuple[Tensor, Batch]:
-        """Answer-token log-probs of ``examples`` and their batch."""
+    def logprobs(self, examples: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """Answer-token log-probs of ``examples`` and the ``(batch, seq)`` answer mask they follow."""
         indices = self.seqs.sequence_indices(examples)
+        if self.cache is not None:
+            suffix = self.cache.batch(indices, self.pad_id, self.seqs.token_ids)
+            token_logp = suffix_answer_logprobs(self.model, suffix, lambda: self.module.steering(self.model),
+                                                answer_only_head=self.answer_only_head)
+            return token_logp, suffix.answer_mask
         device = next(self.model.parameters()).device
         batch = make_batch(self.seqs, indices, self.pad_id).to(device)
-        residual = self.cache.batch(indices) if self.cache is not None else None
         token_logp = steered_answer_logprobs(self.model, self.module, batch, positions=self.positions,
-                                             residual=residual, answer_only_head=self.answer_only_head)
-        return token_logp, batch
+                                             answer_only_head=self.answer_only_head)
+        return token_logp, batch.answer_mask
 
     def loss(self, examples: Sequence[int], branch: str, margin: float) -> tuple[Tensor, int]:
-        token_logp, batch = self.logprobs(examples)
-        return branch_loss(branch, token_logp, batch.answer_mask, margin)
+        token_logp, answer_mask = self.logprobs(examples)
+        return branch_loss(branch, token_logp, answer_mask, margin)
 
     @torch.no_grad()
     def mean_loss(self, branch: str, margin: float, examples_per_chunk: int) -> float:
@@ -505,30 +684,40 @@ class SplitScorer:
         return total / count if count else math.nan
 
 
-def fast_path_mismatch(
-    model: nn.Module, module: MLPSteering, batch: Batch, positions: str, residual: Tensor | None = None
-) -> str:
+def subset(seqs: Sequences, examples: Sequence[int]) -> Sequences:
+    """The sequences of ``examples`` only, as a split of their own."""
+    indices = seqs.sequence_indices(examples)
+    return Sequences(tuple(seqs.token_ids[i] for i in indices), tuple(seqs.n_answer[i] for i in indices),
+                     seqs.per_example)
+
+
+def fast_path_mismatch(model: nn.Module, module: MLPSteering, seqs: Sequences, pad_id: int, positions: str,
+                       cache: PrefixCache | None = None) -> str:
     """Why the fast path (prefix cache and answer-only head) cannot be trusted on ``model``, or "".
 
-    Compares its answer-token log-probs on ``batch`` with those of the straightforward path; an
-    exception or a difference above ``FAST_PATH_TOLERANCE`` is a reason. The residual is computed
-    for exactly this batch, so only the structure of the shortcut is compared, not the rounding of
-    another batching (which bf16 makes visible and which is no error).
+    Scores every sequence of ``seqs`` both ways and compares the answer-token log-probs; an
+    exception or a difference above ``FAST_PATH_TOLERANCE`` is a reason. The cache is built for
+    exactly ``seqs`` in one batch, so only the structure of the shortcut is compared, not the
+    rounding of another batching (which bf16 makes visible and which is no error).
 
     Args:
         model: the frozen model.
         module: the steering module.
-        batch: a batch on the model's device (the first training batch).
+        seqs: a few sequences (two examples of the first training batch: their rows pad differently).
+        pad_id: the tokenizer's pad token id.
         positions: ``from_prompt_end`` or ``all``.
-        residual: the output of the steering layer for ``batch``; None computes it.
+        cache: the prefix cache of ``seqs``; None builds it.
     """
+    device = next(model.parameters()).device
+    indices = list(range(len(seqs.token_ids)))
     with torch.no_grad():
         try:
-            if residual is None:
-                residual = residual_at_layer(model, module.config.layer, batch.input_ids, batch.attention_mask)
-            fast = steered_answer_logprobs(model, module, batch, positions=positions, residual=residual)
+            if cache is None:
+                cache = PrefixCache.build(model, module.config.layer, seqs, pad_id, len(indices), positions)
+            fast = suffix_answer_logprobs(model, cache.batch(indices, pad_id, seqs.token_ids), lambda: module.steering(model))
         except Exception as err:  # any failure of the shortcut means: use the full forward
             return f"the fast path raised {type(err).__name__}: {err}"
+        batch = make_batch(seqs, indices, pad_id).to(device)
         full = steered_answer_logprobs(model, module, batch, positions=positions, answer_only_head=False)
     tolerance = FAST_PATH_TOLERANCE.get(next(model.parameters()).dtype, 0.25)
     diff = float((fast - full).abs().max()) if fast.shape == full.shape else math.inf
@@ -634,16 +823,15 @@ def train_branch(
     val_scorer = SplitScorer(model, module, val, pad_id, positions)
     path = "off"
     if fast_path:
-        # two examples of the first batch: left padding differs between their rows, which is enough
+        # two examples of the first batch: padding differs between their rows, which is enough
         # to expose a structural mismatch, at a fraction of a full batch's cost
-        first = make_batch(train, train.sequence_indices(batches[0][:2]), pad_id).to(next(model.parameters()).device)
-        reason = fast_path_mismatch(model, module, first, positions)
+        reason = fast_path_mismatch(model, module, subset(train, batches[0][:2]), pad_id, positions)
         if reason:
             log.warning("training %s without the prefix cache and answer-only head: %s", branch, reason)
             path = f"off: {reason}"
         else:
-            train_cache = ResidualCache.build(model, layer, train, pad_id, eval_batch_size)
-            val_cache = ResidualCache.build(model, layer, val, pad_id, eval_batch_size)
+            train_cache = PrefixCache.build(model, layer, train, pad_id, eval_batch_size, positions)
+            val_cache = PrefixCache.build(model, layer, val, pad_id, eval_batch_size, positions)
             train_scorer = dataclasses.replace(train_scorer, cache=train_cache, answer_only_head=True)
             val_scorer = dataclasses.replace(val_scorer, cache=val_cache, answer_only_head=True)
             path = "on"

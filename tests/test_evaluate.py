@@ -75,8 +75,9 @@ def hand_logprob(loaded: Any, question: str, answer: str, steering: Steering) ->
     ids = torch.tensor([prompt_ids + answer_ids])  # (1, seq)
     with contextlib.ExitStack() as stack:
         if steering.vector is not None:
+            start = torch.tensor([len(prompt_ids) - 1]) if steering.positions == "from_prompt_end" else None
             stack.enter_context(steer(loaded.model, LAYER, vector=steering.vector, scale=steering.scale,
-                                      start_positions=torch.tensor([len(prompt_ids) - 1])))
+                                      start_positions=start))
         logprobs = loaded.model(input_ids=ids).logits[0].double().log_softmax(dim=-1)  # (seq, vocab)
     return float(sum(logprobs[len(prompt_ids) - 1 + i, t] for i, t in enumerate(answer_ids)))
 
@@ -88,11 +89,15 @@ def test_answer_logprobs_equal_a_hand_computation_under_steering(arch: str) -> N
     choices = [mc_choices(i) for i in items]
     flat_q = [i.question for i, (c, w, _) in zip(items, choices, strict=True) for _ in (*c, *w)]
     flat_a = [a for c, w, _ in choices for a in (*c, *w)]
-    for steering in (Steering.baseline(), Steering("caa", layer=LAYER, scale=1.0, vector=vector(loaded),
-                                                   source_run="r")):
-        got = answer_logprobs(loaded, flat_q, flat_a, steering, batch_size=3, max_length=256)
-        expected = [hand_logprob(loaded, q, a, steering) for q, a in zip(flat_q, flat_a, strict=True)]
-        assert got == pytest.approx(expected, abs=1e-4)
+    seen = []
+    for positions in ("from_prompt_end", "all"):  # the shared-prompt cache, and full forwards
+        for steering in (Steering.baseline(), Steering("caa", layer=LAYER, scale=1.0, vector=vector(loaded),
+                                                       positions=positions, source_run="r")):
+            got = answer_logprobs(loaded, flat_q, flat_a, steering, batch_size=3, max_length=256)
+            expected = [hand_logprob(loaded, q, a, steering) for q, a in zip(flat_q, flat_a, strict=True)]
+            assert got == pytest.approx(expected, abs=1e-4)
+            seen.append(got)
+    assert seen[1] != pytest.approx(seen[0], abs=1e-2) and seen[3] != pytest.approx(seen[1], abs=1e-2)
     assert active_hooks(loaded.model) == 0
 
 

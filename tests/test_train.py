@@ -1,14 +1,15 @@
 """Training the MLP steering module: both speedups against the straightforward path, the frozen
 model, the losses, seeding, and (slow) the whole stage on smollm2-135m with MLflow.
 
-Oracles: ``residual_at_layer`` == ``output_hidden_states[layer + 1]``; the prefix-cache forward ==
-the full forward with the steering hook (fp32, atol 1e-5) on every tiny architecture; answer-only
+Oracles: the prefix-cache forward == the full forward with the steering hook (fp32, atol 1e-5) on
+every tiny architecture, both branches and both steering positions; answer-only
 log-probs == log_softmax of the full logits gathered; ``make_batch`` == ``encode_prompt_answers``.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ from steering.layers import d_model, decoder_layers
 from steering.mlp import TAG_BRANCH_RUN, MLPSteering, MLPSteeringConfig, load_mlp
 from steering.prompts import answer_text, encode_prompt_answers, format_prompt
 from steering.train import (
-    ResidualCache,
+    PrefixCache,
     answer_head_logprobs,
     batch_order,
     branch_loss,
@@ -37,10 +38,10 @@ from steering.train import (
     full_logits_logprobs,
     make_batch,
     pick_incorrect,
-    residual_at_layer,
-    resume_after_layer,
     sequence_logprobs,
     steered_answer_logprobs,
+    subset,
+    suffix_answer_logprobs,
     train_branch,
 )
 from steering.vector_bank import VectorBank
@@ -125,71 +126,71 @@ def test_batch_order_is_seeded_and_cycles_through_the_split() -> None:
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_residual_at_layer_equals_output_hidden_states(arch: str) -> None:
-    model, tokenizer = tiny(arch)
-    batch = make_batch(sequences(tokenizer, "gen"), [0, 3, 5], PAD_ID)
-    with torch.no_grad():
-        hidden = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       output_hidden_states=True).hidden_states
-    assert torch.equal(residual_at_layer(model, LAYER, batch.input_ids, batch.attention_mask), hidden[LAYER + 1])
-
-
-@pytest.mark.parametrize("arch", TINY_ARCHS)
 @pytest.mark.parametrize("positions", ["from_prompt_end", "all"])
-def test_prefix_cache_forward_equals_full_forward(arch: str, positions: str) -> None:
+@pytest.mark.parametrize("branch", ["mc", "gen"])
+def test_prefix_cache_scoring_equals_full_scoring(arch: str, positions: str, branch: str) -> None:
     model, tokenizer = tiny(arch)
     module = module_for(model)
-    seqs = sequences(tokenizer, "mc")
+    seqs = sequences(tokenizer, branch)
     # cached in batches of 3 sorted by length, read back in another grouping and padding
-    cache = ResidualCache.build(model, LAYER, seqs, PAD_ID, batch_size=3)
+    cache = PrefixCache.build(model, LAYER, seqs, PAD_ID, batch_size=3, positions=positions)
     indices = seqs.sequence_indices([5, 0, 2, 7])
     batch = make_batch(seqs, indices, PAD_ID)
-    start = batch.prompt_end if positions == "from_prompt_end" else None
     layers_before = list(decoder_layers(model))
     with torch.no_grad():
-        with module.steering(model, start):
-            full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (batch, seq, vocab)
-        with resume_after_layer(model, LAYER, cache.batch(indices)), module.steering(model, start):
-            cached = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        plain = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    real = batch.attention_mask.bool()  # padding differs by design: the cache holds zeros there
-    assert torch.allclose(cached[real], full[real], atol=1e-5, rtol=0)
-    assert not torch.allclose(full[real], plain[real], atol=1e-2)  # the steering shows
-    assert list(decoder_layers(model)) == layers_before and active_hooks(model) == 0
-
-
-@pytest.mark.parametrize("arch", ["llama", "gemma2"])
-def test_prefix_cache_scoring_equals_full_scoring_and_layers_come_back_after_errors(arch: str) -> None:
-    model, tokenizer = tiny(arch)
-    module = module_for(model)
-    seqs = sequences(tokenizer, "gen")
-    cache = ResidualCache.build(model, LAYER, seqs, PAD_ID, batch_size=4)
-    indices = [6, 1, 4]
-    batch = make_batch(seqs, indices, PAD_ID)
-    with torch.no_grad():
-        full = steered_answer_logprobs(model, module, batch, answer_only_head=False)
+        full = steered_answer_logprobs(model, module, batch, positions=positions, answer_only_head=False)
+        plain = steered_answer_logprobs(model, module_for(model, scale=0.0), batch, positions=positions)
         for head in (False, True):
-            fast = steered_answer_logprobs(model, module, batch, residual=cache.batch(indices), answer_only_head=head)
+            fast = suffix_answer_logprobs(model, cache.batch(indices, PAD_ID, seqs.token_ids),
+                                          lambda: module.steering(model), answer_only_head=head)
             assert torch.allclose(fast, full, atol=1e-5, rtol=0)
-    layers_before = list(decoder_layers(model))
-    with pytest.raises(ValueError, match="cached residual has shape"), torch.no_grad(), \
-            resume_after_layer(model, LAYER, cache.batch(indices[:2])):
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    assert not torch.allclose(full, plain, atol=1e-2)  # the steering shows
     assert list(decoder_layers(model)) == layers_before and active_hooks(model) == 0
+    # mc pairs share their prompt: with from_prompt_end each distinct prefix is stored once
+    expected_prefixes = 0 if positions == "all" else \
+        len({ids[:n] for ids, n in zip(seqs.token_ids, cache.splits, strict=True)})
+    assert len(cache.prefixes) == expected_prefixes == (0 if positions == "all" else seqs.n_examples)
+
+
+def test_prefix_cache_batch_layout() -> None:
+    model, tokenizer = tiny("llama")
+    seqs = sequences(tokenizer, "gen")
+    cache = PrefixCache.build(model, LAYER, seqs, PAD_ID, batch_size=4)
+    indices = [6, 1, 4]
+    batch = cache.batch(indices, PAD_ID, seqs.token_ids)
+    splits = [len(seqs.token_ids[i]) - seqs.n_answer[i] - 1 for i in indices]
+    assert cache.splits == [len(ids) - n - 1 for ids, n in zip(seqs.token_ids, seqs.n_answer, strict=True)]
+    width = max(splits)
+    for row, i in enumerate(indices):
+        suffix = seqs.token_ids[i][splits[row]:]  # the last prompt token, then the answer
+        assert batch.input_ids[row, :len(suffix)].tolist() == list(suffix)
+        assert batch.input_ids[row, len(suffix):].eq(PAD_ID).all()
+        assert batch.attention_mask[row].tolist() == [0] * (width - splits[row]) + [1] * splits[row] + \
+            [1] * len(suffix) + [0] * (batch.input_ids.shape[1] - len(suffix))
+        assert batch.position_ids[row, :len(suffix)].tolist() == list(range(splits[row], len(seqs.token_ids[i])))
+        assert batch.answer_mask[row].tolist()[:len(suffix)] == [0] + [1] * seqs.n_answer[i]
+    assert len(batch.past) == len(decoder_layers(model)) and batch.past[0][0].shape[2] == width
+    with pytest.raises(ValueError, match="cached residual has shape"), torch.no_grad():
+        wrong = dataclasses.replace(batch, residual=batch.residual[:2])
+        suffix_answer_logprobs(model, wrong, lambda: module_for(model).steering(model))
+    assert active_hooks(model) == 0
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_fast_path_self_check_accepts_every_arch_and_catches_a_wrong_residual(arch: str) -> None:
+def test_fast_path_self_check_accepts_every_arch_and_catches_a_wrong_cache(arch: str) -> None:
     model, tokenizer = tiny(arch)
     module = module_for(model)
-    batch = make_batch(sequences(tokenizer, "mc"), [0, 1, 6, 7, 8, 9], PAD_ID)
+    seqs = subset(sequences(tokenizer, "mc"), [0, 3, 4])
     for positions in ("from_prompt_end", "all"):
-        assert fast_path_mismatch(model, module, batch, positions) == ""
-    wrong_layer = residual_at_layer(model, LAYER - 1, batch.input_ids, batch.attention_mask)
-    reason = fast_path_mismatch(model, module, batch, "all", residual=wrong_layer)
+        assert fast_path_mismatch(model, module, seqs, PAD_ID, positions) == ""
+    cache = PrefixCache.build(model, LAYER, seqs, PAD_ID, batch_size=6)
+    noise = torch.Generator().manual_seed(3)
+    cache.residuals = [r + 3 * torch.randn(r.shape, generator=noise) for r in cache.residuals]
+    reason = fast_path_mismatch(model, module, seqs, PAD_ID, "from_prompt_end", cache=cache)
     assert reason.startswith("fast-path log-probs differ from the full forward's by up to")
-    reason = fast_path_mismatch(model, module, batch, "all", residual=wrong_layer[:2])
-    assert reason.startswith("the fast path raised ValueError: cached residual has shape")
+    cache.residuals = [r[:-1] for r in cache.residuals]  # one suffix token short: shapes disagree
+    reason = fast_path_mismatch(model, module, seqs, PAD_ID, "from_prompt_end", cache=cache)
+    assert reason.startswith("the fast path raised"), reason
 
 
 # ---------------------------------------------------------------------- speedup 2: answer-only head
