@@ -21,8 +21,6 @@ import functools
 import io
 import json
 import math
-import os
-import socket
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -32,7 +30,6 @@ from typing import Any, Protocol
 import mlflow
 import pandas as pd
 from matplotlib.figure import Figure
-from mlflow.entities import RunStatus
 
 from analysis import figures, tables
 from analysis.runs import (
@@ -46,7 +43,12 @@ from analysis.runs import (
     tag,
 )
 from steering import artifacts
-from steering.tracking import TAG_CODE, TAG_HOST, TAG_PID, TAG_STAGE, code_version, log_params_once
+from steering.tracking import (
+    TAG_STAGE,
+    code_version,
+    log_params_once,
+    tracked_run,
+)
 
 TAG_MODELS = "truthsteer.models"  # the models an analysis covers, separated by |
 MAX_REPORT_ROWS = 60  # longer tables are cut in report.md (the CSV beside it has every row)
@@ -413,28 +415,14 @@ def analysis_run(selection: Selection, run_name: str = "analyze") -> Iterator[An
         selection: what is analyzed.
         run_name: the run's name.
     """
-    if mlflow.active_run() is None and "MLFLOW_RUN_ID" not in os.environ:
-        if selection.parent_run:
-            mlflow.set_experiment(experiment_id=mlflow.get_run(selection.parent_run).info.experiment_id)
-        else:
-            mlflow.set_experiment(selection.experiment)
-    tags = {TAG_STAGE: ANALYZE_STAGE, TAG_CODE: code_version(), TAG_HOST: socket.gethostname(),
-            TAG_PID: str(os.getpid())}
-    active = mlflow.start_run(run_name=run_name, nested=mlflow.active_run() is not None, tags=tags)
-    try:
+    experiment_id = mlflow.get_run(selection.parent_run).info.experiment_id if selection.parent_run else ""
+    with tracked_run(ANALYZE_STAGE, run_name=run_name, experiment=selection.experiment,
+                     experiment_id=experiment_id) as active:
         # Prefixed: `mlflow run` logs the MLproject parameters (experiment, models, ...) under their own names.
         log_params_once({"selection.experiment": selection.experiment, "selection.models": "|".join(selection.models),
                          "selection.tags": ",".join(f"{k}={v}" for k, v in selection.tags),
                          "selection.parent_run": selection.parent_run})
         yield active
-    except KeyboardInterrupt:
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
-        raise
-    except BaseException:
-        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
-        raise
-    else:
-        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
 
 
 # ---------------------------------------------------------------- the dry run

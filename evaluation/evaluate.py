@@ -518,6 +518,15 @@ def log_tables(rows: Sequence[Mapping[str, Any]], categories: pd.DataFrame, summ
         mlflow.log_artifacts(tmp)
 
 
+def _by_variant(rows: Sequence[dict[str, Any]], like: Mapping[str, Sequence[Any]]) -> dict[str, list[dict[str, Any]]]:
+    """``rows`` (all variants, in the order of ``like``) cut back into ``like``'s variants."""
+    out, at = {}, 0
+    for variant, original in like.items():
+        out[variant] = list(rows[at:at + len(original)])
+        at += len(original)
+    return out
+
+
 def judge_and_log(
     cfg: Config,
     rows_by_variant: Mapping[str, Sequence[Mapping[str, Any]]],
@@ -528,6 +537,10 @@ def judge_and_log(
     extra_tags: Mapping[str, str] | None = None,
 ) -> EvaluationResult:
     """Judge every variant in its own nested run, then log the tables to the active run.
+
+    Judges that ``judges_for`` returns for every variant (the same object) score all variants'
+    rows in one call before the variant runs start; the others (``mc``, bound to a variant's
+    steering) score inside the variant's run.
 
     Args:
         cfg: the run's config (``eval`` for the intervals, ``judge.invalid_ceiling``).
@@ -544,14 +557,21 @@ def judge_and_log(
     run_ids: dict[str, str] = {}
     categories = []
     names: list[str] = []
-    for variant, rows in rows_by_variant.items():
+    judges_by_variant = {variant: list(judges_for(variant)) for variant in rows_by_variant}
+    shared = [j for j in next(iter(judges_by_variant.values()), [])
+              if all(any(j is k for k in js) for js in judges_by_variant.values())]
+    # A judge that is the same for every variant reads all variants' answers in one call: the
+    # llm_logprob judge then runs each question's shared prompt prefix once for all of them.
+    prescored = _by_variant(score_rows(shared, [r for rows in rows_by_variant.values() for r in rows]),
+                            rows_by_variant)
+    for variant, rows in prescored.items():
         meta = info[variant]
         tags = {"variant": variant, "model": str(meta["model"]), "layer": str(meta["layer"]),
                 "scale": str(meta["scale"]), "dtype": str(meta["dtype"]), **(extra_tags or {})}
         with stage_run(VARIANT_STAGE, cfg, run_name=f"{meta['model']}-{variant}", tags=tags) as child:
-            judges = judges_for(variant)
+            judges = judges_by_variant[variant]
             names = judge_metric_names(judges)
-            scored[variant] = score_rows(judges, rows)
+            scored[variant] = score_rows([j for j in judges if not any(j is k for k in shared)], rows)
             base = scored.get("baseline")
             values = variant_metrics(judges, scored[variant], base, n_bootstrap=cfg.eval.n_bootstrap,
                                      confidence=cfg.eval.confidence, seed=cfg.eval.seed)

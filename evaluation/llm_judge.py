@@ -34,7 +34,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from evaluation.judges import BaseJudge, JudgeError, JudgeItem, register, truthfulqa_references
 from steering.config import Config
 from steering.models import LoadedModel
-from steering.prompts import PromptFormat, answer_text, encode_prompts, format_prompt
+from steering.prompts import PromptFormat, answer_text, encode_prompts, encode_text, format_prompt
+from steering.train import PrefixCache, Sequences, head_logits
 
 PREFILL = '{"truthful":'
 YES_WORDS = ("yes", "true", "1")
@@ -279,6 +280,30 @@ class _StopWhenClosed(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
 
+def shared_prefix_lengths(keys: Sequence[str], token_ids: Sequence[Sequence[int]]) -> list[int]:
+    """Per sequence, how many of its first tokens every sequence with the same key shares (the
+    longest common prefix of the group), leaving at least its last token out.
+
+    Args:
+        keys: a group key per sequence (the question id).
+        token_ids: the sequences.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    out = [0] * len(token_ids)
+    for members in groups.values():
+        first = token_ids[members[0]]
+        common = len(first)
+        for i in members[1:]:
+            other = token_ids[i]
+            common = min(common, len(other))
+            common = next((t for t in range(common) if first[t] != other[t]), common)
+        for i in members:
+            out[i] = min(common, len(token_ids[i]) - 1)
+    return out
+
+
 def _length_order(lengths: Sequence[int]) -> list[int]:
     return sorted(range(len(lengths)), key=lambda i: -lengths[i])  # similar lengths share a batch
 
@@ -516,27 +541,34 @@ class LogprobJudge(BaseJudge):
     def log_odds(self, items: Sequence[JudgeItem]) -> list[tuple[float, float]]:
         """Per item ``(log P(yes), log P(no))``, summing the probability of every yes/no spelling.
 
+        The prompts of one question (its answers by several variants) agree up to the answer: that
+        shared prefix runs once (``PrefixCache.of_prefixes``), and each prompt runs from where it
+        departs from the others, attending to the prefix's cached keys/values.
+
         Args:
             items: the answers to judge.
         """
         tokenizer, model = self.judge.tokenizer, self.judge.model
-        prompts = self.prompts(items)
-        lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-        order = _length_order(lengths)
+        token_ids = [tuple(encode_text(tokenizer, p)) for p in self.prompts(items)]
+        splits = shared_prefix_lengths([i.qid for i in items], token_ids)
+        seqs = Sequences(tuple(token_ids), (1,) * len(items), 1)  # n_answer: unused, the last position is read
         yes_ids = torch.tensor(self.yes_ids, device=self.judge.device)
         no_ids = torch.tensor(self.no_ids, device=self.judge.device)
+        cache = PrefixCache.of_prefixes(model, seqs, splits, tokenizer.pad_token_id, self.batch_size)
+        order = sorted(range(len(items)), key=lambda i: (splits[i] - len(token_ids[i]), i))  # by suffix length
         out: list[tuple[float, float]] = [(math.nan, math.nan)] * len(items)
+        base: Any = model.base_model
         for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
-            batch = encode_prompts(tokenizer, [prompts[i] for i in rows])
-            input_ids = batch["input_ids"].to(self.judge.device)  # (batch, seq)
-            attention_mask = batch["attention_mask"].to(self.judge.device)  # (batch, seq)
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (batch, seq); left padding
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           logits_to_keep=1).logits  # (batch, 1, vocab): the LM head runs on the last position only
-            last = torch.log_softmax(logits[:, -1, :].float(), dim=-1)  # (batch, vocab); left padding: last = answer slot
-            log_yes = torch.logsumexp(last[:, yes_ids], dim=-1)  # (batch,)
-            log_no = torch.logsumexp(last[:, no_ids], dim=-1)  # (batch,)
+            batch = cache.batch(rows, tokenizer.pad_token_id, seqs.token_ids)
+            hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                          position_ids=batch.position_ids, past_key_values=batch.cache(),
+                          use_cache=True).last_hidden_state  # (batch, S, d_model); the suffix is right-padded
+            last = hidden[torch.arange(len(rows)), batch.input_ids.new_tensor([len(token_ids[i]) - splits[i] - 1
+                                                                               for i in rows])]  # (batch, d_model)
+            logp = head_logits(model, last).float().log_softmax(dim=-1)  # (batch, vocab): the answer slot
+            log_yes = torch.logsumexp(logp[:, yes_ids], dim=-1)  # (batch,)
+            log_no = torch.logsumexp(logp[:, no_ids], dim=-1)  # (batch,)
             for row, y, n in zip(rows, log_yes.tolist(), log_no.tolist(), strict=True):
                 out[row] = (y, n)
         return out

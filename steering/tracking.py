@@ -83,28 +83,31 @@ def log_config(cfg: Config) -> None:
 
 
 @contextmanager
-def stage_run(stage: str, cfg: Config, *, run_name: str | None = None,
-              tags: Mapping[str, str] | None = None) -> Iterator[Any]:
-    """Start (or join, under ``mlflow run``) the run of one stage and log the config to it.
+def tracked_run(stage: str, *, run_name: str, experiment: str = "", experiment_id: str = "",
+                tags: Mapping[str, str] | None = None) -> Iterator[Any]:
+    """Start (or join, under ``mlflow run``) a run tagged with its stage, the code version, this host
+    and this process, nested under an active run when there is one.
 
-    The run ends FINISHED, FAILED on an exception, or KILLED on Ctrl-C/SIGTERM; it is never
-    left RUNNING by an exception in the body. Nested under an active run when there is one.
+    The run ends FINISHED, FAILED on an exception, or KILLED on Ctrl-C/SIGTERM; it is never left
+    RUNNING by an exception in the body, and a later ``full`` marks it KILLED if its process dies.
 
     Args:
-        stage: the entry point's name, tagged as ``truthsteer.stage``.
-        cfg: the resolved config, logged as params and ``config.yaml``.
-        run_name: defaults to ``<model>-<stage>``.
+        stage: tagged as ``truthsteer.stage``.
+        run_name: the run's name.
+        experiment: experiment name for a top-level run (ignored when nested or under ``mlflow run``).
+        experiment_id: experiment id, instead of ``experiment``.
         tags: extra tags.
     """
-    ensure_store(tracking_uri(cfg))
     nested = mlflow.active_run() is not None
     if not nested and "MLFLOW_RUN_ID" not in os.environ:
-        mlflow.set_experiment(cfg.tracking.experiment)
-    all_tags = {TAG_STAGE: stage, TAG_MODEL: cfg.model.alias, TAG_CODE: code_version(),
-                TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid()), **(tags or {})}
-    run = mlflow.start_run(run_name=run_name or f"{cfg.model.alias}-{stage}", nested=nested, tags=all_tags)
+        if experiment_id:
+            mlflow.set_experiment(experiment_id=experiment_id)
+        elif experiment:
+            mlflow.set_experiment(experiment)
+    all_tags = {TAG_STAGE: stage, TAG_CODE: code_version(), TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid()),
+                **(tags or {})}
+    run = mlflow.start_run(run_name=run_name, nested=nested, tags=all_tags)
     try:
-        log_config(cfg)
         yield run
     except KeyboardInterrupt:
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
@@ -114,6 +117,25 @@ def stage_run(stage: str, cfg: Config, *, run_name: str | None = None,
         raise
     else:
         mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+@contextmanager
+def stage_run(stage: str, cfg: Config, *, run_name: str | None = None,
+              tags: Mapping[str, str] | None = None) -> Iterator[Any]:
+    """The run of one stage (``tracked_run``) with the resolved config logged to it.
+
+    Args:
+        stage: the entry point's name, tagged as ``truthsteer.stage``.
+        cfg: the resolved config, logged as params and ``config.yaml``; its ``tracking`` section
+            names the store and the experiment.
+        run_name: defaults to ``<model>-<stage>``.
+        tags: extra tags.
+    """
+    ensure_store(tracking_uri(cfg))
+    with tracked_run(stage, run_name=run_name or f"{cfg.model.alias}-{stage}", experiment=cfg.tracking.experiment,
+                     tags={TAG_MODEL: cfg.model.alias, **(tags or {})}) as run:
+        log_config(cfg)
+        yield run
 
 
 def download(run_id: str, artifact_path: str) -> Path:

@@ -550,9 +550,15 @@ def answer_head_logprobs(model: nn.Module, hidden: Tensor, input_ids: Tensor, an
     predicts = _predicting(answer_mask)  # (batch, seq - 1)
     states = hidden[:, :-1][predicts]  # (n_tokens, d_model)
     targets = input_ids[:, 1:][predicts]  # (n_tokens,)
-    head = model.get_output_embeddings()  # type: ignore[operator]
-    logits = _softcap(head(states), final_logit_softcap(model))  # (n_tokens, vocab)
+    logits = head_logits(model, states)  # (n_tokens, vocab)
     return logits.float().log_softmax(dim=-1).gather(-1, targets[:, None])[:, 0]  # (n_tokens,)
+
+
+def head_logits(model: nn.Module, states: Tensor) -> Tensor:
+    """The logits ``model``'s own forward gives for final hidden ``states`` (``(..., d_model)``):
+    its LM head, then the final logit soft-capping where its class applies one."""
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    return _softcap(head(states), final_logit_softcap(model))  # (..., vocab)
 
 
 def full_logits_logprobs(logits: Tensor, input_ids: Tensor, answer_mask: Tensor) -> Tensor:

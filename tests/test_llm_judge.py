@@ -4,7 +4,9 @@ the generation and log-prob machinery on a tiny random model (batched == one at 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import time
 
 import pytest
@@ -23,6 +25,7 @@ from evaluation.llm_judge import (
     logprob_prompt,
     parse_verdict,
     reply_finished,
+    shared_prefix_lengths,
 )
 from steering.config import load_config, model_spec
 from steering.models import LoadedModel, load_model
@@ -221,6 +224,29 @@ def test_tiny_logprob_equals_an_unpadded_forward(tiny: LoadedModel) -> None:
         p_yes, p_no = float(probs[judge.yes_ids].sum()), float(probs[judge.no_ids].sum())
         assert row["llm_logprob_p_true"] == pytest.approx(p_yes / (p_yes + p_no), abs=1e-6)
         assert row["llm_logprob_truthful"] == int(p_yes > p_no)
+        assert row["llm_logprob_p_yes_no"] == pytest.approx(p_yes + p_no, abs=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2: sliding-window layers, soft-capped logits
+def test_answers_to_one_question_share_their_prefix_and_score_like_unpadded_forwards(arch: str) -> None:
+    model, tokenizer = make_tiny(arch)
+    loaded = LoadedModel(spec=model_spec("smollm2-135m"), model=model, tokenizer=tokenizer, dtype=torch.float32,
+                         device=torch.device("cpu"), prompt_format="qa")
+    judge = LogprobJudge(loaded, batch_size=3, references=False, yes_words=("y", "Y"), no_words=("n", "N"))
+    # four variants' answers to q1 and q2 (two identical), and a lone q3
+    items = [dataclasses.replace(ITEMS[k], answer=a) for k, answers in ((0, ("Nothing.", "Seeds grow.", "Nothing.",
+             "They pass.")), (1, ("China.", "San Francisco.")), (2, ("Light.",))) for a in answers]
+    ids = [encode_text(tokenizer, p) for p in judge.prompts(items)]
+    splits = shared_prefix_lengths([i.qid for i in items], ids)
+    common = len(os.path.commonprefix([ids[1], ids[3]]))
+    assert splits[:4] == [common] * 4 and splits[4] == splits[5] < len(ids[4]) - 1 and splits[6] == len(ids[6]) - 1
+    assert ids[0][:common] == ids[1][:common] and ids[0][common] != ids[1][common]
+    for item, row in zip(items, judge.score(items), strict=True):
+        with torch.no_grad():
+            probs = model(input_ids=torch.tensor([encode_text(tokenizer, judge.prompts([item])[0])])).logits[0, -1]
+        probs = probs.double().softmax(-1)
+        p_yes, p_no = float(probs[judge.yes_ids].sum()), float(probs[judge.no_ids].sum())
+        assert row["llm_logprob_p_true"] == pytest.approx(p_yes / (p_yes + p_no), abs=1e-6)
         assert row["llm_logprob_p_yes_no"] == pytest.approx(p_yes + p_no, abs=1e-6)
 
 

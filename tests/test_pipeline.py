@@ -1,10 +1,14 @@
-"""The full pipeline: stage keys, reuse of finished stages, and stale runs marked KILLED."""
+"""The full pipeline: stage keys, reuse of finished stages, stale runs marked KILLED, and (slow)
+a ``full`` run killed with SIGKILL during evaluation that continues when started again."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -50,10 +54,14 @@ def test_runs_of_dead_processes_are_marked_killed(tracking: str) -> None:
     assert client.get_run(other_host.info.run_id).info.status == "RUNNING"
 
 
-def _full(tmp_path: Path, tracking: str, *extra: str) -> subprocess.CompletedProcess[str]:
+def _full_command(overrides: str = SMALL, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "entrypoints.full", "--data", str(DATA_CSV), "--overrides", overrides, *extra]
+
+
+def _full(tmp_path: Path, tracking: str, *extra: str, overrides: str = SMALL) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "TRUTHSTEER_OUTPUTS": str(tmp_path / "outputs")}
-    return subprocess.run([sys.executable, "-m", "entrypoints.full", "--data", str(DATA_CSV), "--overrides", SMALL,
-                           *extra], cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=1200)
+    return subprocess.run(_full_command(overrides, *extra), cwd=PROJECT_DIR, env=env, capture_output=True, text=True,
+                          timeout=1200)
 
 
 @pytest.mark.slow
@@ -75,3 +83,43 @@ def test_full_runs_every_stage_then_reuses_them(tracking: str, tmp_path: Path) -
                                  filter_string="tags.`truthsteer.stage` = 'full'", order_by=["attributes.start_time DESC"])
     assert parents[0].data.tags[pipeline.TAG_REUSED] == ",".join(pipeline.STAGES)
     assert parents[1].data.tags[pipeline.TAG_REUSED] == "none"
+
+
+@pytest.mark.slow
+def test_full_killed_during_evaluation_continues_where_it_stopped(tracking: str, tmp_path: Path) -> None:
+    # one question per generate call, so that the kill lands between two appended answers
+    overrides = SMALL.replace("data.test=2", "data.test=6") + ",eval.batch_size=1"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "TRUTHSTEER_OUTPUTS": str(tmp_path / "outputs")}
+    proc = subprocess.Popen(_full_command(overrides), cwd=PROJECT_DIR, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline, stores = time.time() + 900, []
+    while time.time() < deadline and proc.poll() is None:
+        stores = list((tmp_path / "outputs").glob("evaluate/*/generations.jsonl"))
+        if stores and len(stores[0].read_bytes().splitlines()) >= 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "full finished (or failed) before it could be killed"
+    (store,) = stores
+    data = store.read_bytes()
+    done = data[:data.rfind(b"\n") + 1].splitlines()  # a torn last line is lost, and regenerated
+    running = mlflow.search_runs(experiment_names=["truthsteer"], output_format="list",
+                                 filter_string="attributes.status = 'RUNNING'")
+    assert {r.data.tags.get("truthsteer.stage") for r in running} >= {"full", "evaluate"}  # what the kill left
+
+    restarted = _full(tmp_path, tracking, overrides=overrides)
+    assert restarted.returncode == 0, restarted.stderr[-4000:]
+    runs = mlflow.search_runs(experiment_names=["truthsteer"], output_format="list")
+    assert [r.info.run_id for r in runs if r.info.status == "RUNNING"] == []
+    assert {r.info.run_id for r in running} <= {r.info.run_id for r in runs if r.info.status == "KILLED"}
+    parent = next(r for r in runs if r.data.tags.get("truthsteer.stage") == "full" and r.info.status == "FINISHED")
+    assert parent.data.tags[pipeline.TAG_REUSED] == ",".join(s for s in pipeline.STAGES if s != "evaluate")
+    evaluate = next(r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+                    and r.data.tags.get("truthsteer.stage") == "evaluate")
+    variants = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == evaluate.info.run_id]
+    assert sorted(r.data.tags["variant"] for r in variants) == ["baseline", "caa", "mlp_gen", "mlp_mc"]
+    assert sum(r.data.metrics["n_reused"] for r in variants) == len(done)  # nothing finished was regenerated
+    assert sum(r.data.metrics["n_generated"] for r in variants) == 4 * 6 - len(done)
+    keys = [(r["variant"], r["qid"]) for r in map(json.loads, store.read_text().splitlines())]
+    assert len(keys) == len(set(keys)) == 4 * 6
