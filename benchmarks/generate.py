@@ -10,7 +10,10 @@ process from the smoke pool split with ``steering.extract``, times ``steering.sc
 - ``one_at_a_time``: the researchers' loop, one ``generate`` call per question. To keep the run
   short it times the first ``--sequential`` questions of the same split (all of them with
   ``--sequential 0``) and reports seconds per question; the speedup compares per-question rates.
-  Its answers are checked against the batched ones (fp32 greedy: they must be identical).
+  Its answers are checked against the batched ones (fp32 greedy: they must be identical);
+- ``batched_bf16`` (unless ``--no-bf16``): the batched path again with the model in bf16
+  (``--overrides model.dtype=bfloat16`` in the stages), the same CAA vector. bf16 answers differ
+  from fp32 ones and depend on the batch size; the report counts how many agree.
 
 One warm-up generation runs first. Run: ``python -m benchmarks.generate`` (options: ``--help``);
 writes ``benchmarks/results/generate.json``.
@@ -55,6 +58,7 @@ def main() -> None:
                    help="questions timed one at a time (0: all of the split)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 batched run")
     p.add_argument("--output", type=Path, default=RESULTS)
     args = p.parse_args()
     if args.threads:
@@ -97,6 +101,25 @@ def main() -> None:
     print(f"speedup of batched over one at a time (per question): {speedup:.1f}x; "
           f"one-at-a-time answers identical to batched: {sum(matches)}/{len(matches)}")
 
+    bf16: dict[str, Any] = {}
+    if args.bf16:
+        half = load_model(cfg.model, dtype="bfloat16", device=args.device)
+        half_key = variant_hash(cfg.model, "bfloat16", decoding, steering.key_fields())
+        generate_batch(half, [questions[0].question], steering, DecodingParams(max_new_tokens=4))  # warm-up
+        with tempfile.TemporaryDirectory() as tmp:
+            tick = time.perf_counter()
+            half_records, _ = generate_missing(half, questions, steering, decoding,
+                                               GenerationStore(Path(tmp) / "g.jsonl"), half_key, progress=False)
+            half_seconds = time.perf_counter() - tick
+        agree = sum(h["answer"] == r["answer"] for h, r in zip(half_records, records, strict=True))
+        bf16 = {"seconds": half_seconds, "seconds_per_question": half_seconds / len(questions),
+                "mean_new_tokens": statistics.mean(r["n_new_tokens"] for r in half_records),
+                "answers_identical_to_fp32_batched": f"{agree}/{len(questions)}",
+                "speedup_per_question_vs_fp32_one_at_a_time": per_question_sequential / (half_seconds / len(questions)),
+                "speedup_vs_fp32_batched": batched_seconds / half_seconds}
+        print(f"batched bf16: {half_seconds:.1f} s ({bf16['speedup_per_question_vs_fp32_one_at_a_time']:.1f}x the "
+              f"fp32 one-at-a-time loop per question; answers equal to fp32 batched: {agree}/{len(questions)})")
+
     report: dict[str, Any] = {
         "model": cfg.model.alias, "dtype": "float32", "device": str(loaded.device),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "platform": platform.platform(),
@@ -113,6 +136,7 @@ def main() -> None:
                           "mean_new_tokens": statistics.mean(a.n_new_tokens for a in single),
                           "answers_identical_to_batched": f"{sum(matches)}/{len(matches)}"},
         "speedup_per_question": speedup,
+        "batched_bf16": bf16,
         "note": ("one at a time was timed on the first questions_timed questions of the split; the speedup "
                  "compares seconds per question") if len(subset) < len(questions) else "",
     }
