@@ -679,12 +679,19 @@ class SplitScorer:
         token_logp, answer_mask = self.logprobs(examples)
         return branch_loss(branch, token_logp, answer_mask, margin)
 
+    def width(self, example: int) -> int:
+        """The padded width ``example`` needs: its longest sequence (its longest suffix with a cache)."""
+        return max(len(self.seqs.token_ids[i]) - (self.cache.splits[i] if self.cache is not None else 0)
+                   for i in self.seqs.sequence_indices([example]))
+
     @torch.no_grad()
     def mean_loss(self, branch: str, margin: float, examples_per_chunk: int) -> float:
-        """The loss over the whole split, in chunks."""
+        """The loss over the whole split, in chunks of examples of similar width (losses are sums,
+        so any chunking gives the same mean; similar widths waste little on padding)."""
+        order = sorted(range(self.seqs.n_examples), key=self.width)
         total, count = 0.0, 0
-        for start in range(0, self.seqs.n_examples, examples_per_chunk):
-            chunk = range(start, min(start + examples_per_chunk, self.seqs.n_examples))
+        for start in range(0, len(order), examples_per_chunk):
+            chunk = order[start:start + examples_per_chunk]
             loss_sum, n = self.loss(chunk, branch, margin)
             total, count = total + float(loss_sum), count + n
         return total / count if count else math.nan
