@@ -36,7 +36,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
-        mlflow.MlflowClient(uri).search_experiments(max_results=1)  # create the store first
+        # create the store first, and keep the artifacts in the temporary folder (not ./mlruns)
+        mlflow.MlflowClient(uri).create_experiment("truthsteer", artifact_location=f"file://{tmp}/mlruns")
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "TRUTHSTEER_OUTPUTS": f"{tmp}/outputs",
                "MLFLOW_DISABLE_TELEMETRY": "true"}
         command = [sys.executable, "-m", "entrypoints.full", "--data", args.data, "--overrides", args.overrides]

@@ -8,6 +8,7 @@ be reached) print one line and exit 2; anything else propagates with its traceba
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -93,6 +94,7 @@ def main(fn: Callable[[], None]) -> None:
     except ImportError:
         pass
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per small file read: noise
     try:
         fn()
     except known as err:

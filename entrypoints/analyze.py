@@ -33,11 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    import os
-
     from analysis import report, runs
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per small file read: noise
     args = build_parser().parse_args()
     selection = runs.Selection.parse(args.experiment, args.models, args.tags, args.parent_run)
     print(f"tracking store: {runs.connect()}")

@@ -35,6 +35,8 @@ def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _migrated_store: P
     """A fresh sqlite tracking store in tmp_path, set as MLFLOW_TRACKING_URI for the test."""
     shutil.copyfile(_migrated_store, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # artifacts beside the store, not in ./mlruns of the project (a sqlite store's default root)
+    mlflow.MlflowClient(uri).create_experiment("truthsteer", artifact_location=(tmp_path / "mlruns").as_uri())
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     mlflow.set_tracking_uri(uri)
