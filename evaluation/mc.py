@@ -12,7 +12,8 @@ active from the last prompt token on (as in generation). As in the TruthfulQA re
 
 The ``mc`` judge scores the model, not a generated answer, so it needs the model and the
 variant's steering: ``make_judge("mc", cfg)`` builds it unbound and ``.bind(model, steering)``
-gives the judge for one variant. Rows are batched over all (question, answer) pairs.
+gives the judge for one variant. Rows are batched over all (question, answer) pairs, and each
+question's prompt runs once for all its answers (see ``answer_logprobs``).
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,3 +49,22 @@ def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _migrated_store: P
     yield uri
     while mlflow.active_run() is not None:
         mlflow.end_run()
+
+
+def kill_once_stored(command: list[str], env: dict[str, str], outputs: Path, *, answers: int = 2,
+                     timeout: float = 900) -> list[bytes]:
+    """Start ``command`` and SIGKILL it as soon as its generation store under ``outputs`` holds
+    ``answers`` lines; return the complete lines the store kept (a torn last line is lost)."""
+    proc = subprocess.Popen(command, cwd=PROJECT_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, stores = time.time() + timeout, []
+    while time.time() < deadline and proc.poll() is None:
+        stores = list(outputs.glob("evaluate/*/generations.jsonl"))
+        if stores and len(stores[0].read_bytes().splitlines()) >= answers:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"{command[2]} ended ({proc.returncode}) before it could be killed"
+    (store,) = stores
+    data = store.read_bytes()
+    return data[:data.rfind(b"\n") + 1].splitlines()

@@ -16,10 +16,8 @@ import io
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,7 +39,7 @@ from steering.data import Question, question_id
 from steering.hooks import active_hooks, steer
 from steering.prompts import answer_text, encode_text, format_prompt
 from steering.tracking import stage_run
-from tests.conftest import DATA_CSV, PROJECT_DIR
+from tests.conftest import DATA_CSV, PROJECT_DIR, kill_once_stored
 from tests.test_generate import LAYER, tiny_loaded, vector
 from tests.tiny_models import TINY_ARCHS
 
@@ -404,21 +402,10 @@ def _finished_table(experiment: str = "truthsteer") -> dict[str, list[tuple[str,
 @pytest.mark.slow
 def test_an_evaluation_killed_mid_run_restarts_without_regenerating(tracking: str, tmp_path: Path) -> None:
     killed_env = _env(tracking, tmp_path / "killed")
-    proc = subprocess.Popen([sys.executable, "-m", "entrypoints.evaluate", *KILL_ARGS], cwd=PROJECT_DIR,
-                            env=killed_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 400
-    stores: list[Path] = []
-    while time.time() < deadline and proc.poll() is None:
-        stores = list((tmp_path / "killed").glob("evaluate/*/generations.jsonl"))
-        if stores and len(stores[0].read_bytes().splitlines()) >= 2:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the evaluation finished before it could be killed"
-    (store,) = stores
-    data = store.read_bytes()
-    done = {json.loads(line)["qid"] for line in data[:data.rfind(b"\n") + 1].splitlines()}  # a torn line is lost
+    lines = kill_once_stored([sys.executable, "-m", "entrypoints.evaluate", *KILL_ARGS], killed_env,
+                             tmp_path / "killed", timeout=400)
+    (store,) = (tmp_path / "killed").glob("evaluate/*/generations.jsonl")
+    done = {json.loads(line)["qid"] for line in lines}
     assert 2 <= len(done) < 8
 
     restarted = _evaluate(killed_env)

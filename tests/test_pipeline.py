@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -17,7 +15,7 @@ import pytest
 from steering import pipeline
 from steering.config import load_config
 from steering.tracking import TAG_HOST, TAG_PID
-from tests.conftest import DATA_CSV, PROJECT_DIR
+from tests.conftest import DATA_CSV, PROJECT_DIR, kill_once_stored
 
 SMALL = ("data.pool=4,data.train=4,data.val=2,data.test=2,mlp.steps=2,mlp.batch_size=2,"
          "eval.max_new_tokens=8,eval.judges=[semantic,bleu],eval.n_bootstrap=50")
@@ -90,20 +88,8 @@ def test_full_killed_during_evaluation_continues_where_it_stopped(tracking: str,
     # one question per generate call, so that the kill lands between two appended answers
     overrides = SMALL.replace("data.test=2", "data.test=6") + ",eval.batch_size=1"
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "TRUTHSTEER_OUTPUTS": str(tmp_path / "outputs")}
-    proc = subprocess.Popen(_full_command(overrides), cwd=PROJECT_DIR, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline, stores = time.time() + 900, []
-    while time.time() < deadline and proc.poll() is None:
-        stores = list((tmp_path / "outputs").glob("evaluate/*/generations.jsonl"))
-        if stores and len(stores[0].read_bytes().splitlines()) >= 2:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "full finished (or failed) before it could be killed"
-    (store,) = stores
-    data = store.read_bytes()
-    done = data[:data.rfind(b"\n") + 1].splitlines()  # a torn last line is lost, and regenerated
+    done = kill_once_stored(_full_command(overrides), env, tmp_path / "outputs")
+    store = next((tmp_path / "outputs").glob("evaluate/*/generations.jsonl"))
     running = mlflow.search_runs(experiment_names=["truthsteer"], output_format="list",
                                  filter_string="attributes.status = 'RUNNING'")
     assert {r.data.tags.get("truthsteer.stage") for r in running} >= {"full", "evaluate"}  # what the kill left
