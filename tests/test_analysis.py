@@ -197,7 +197,8 @@ def evaluate_with_the_real_writer() -> Any:
 
 
 def populate(client: mlflow.MlflowClient) -> dict[str, str]:
-    w = Writer(client, client.create_experiment(EXPERIMENT))
+    root = Path(client.tracking_uri.removeprefix("sqlite:///")).parent
+    w = Writer(client, client.create_experiment(EXPERIMENT, artifact_location=(root / "mlruns").as_uri()))
     gemma = {"model.n_params_b": "2.6"}
     # older gemma evaluations, at other scales of the same layer (the first superseded by the third)
     _evaluation(w, "gemma-old-8a", GEMMA, {"caa": {"llm_truthful": (0.30, 0.20, 0.40)}}, 12, 8.0, params=gemma)
