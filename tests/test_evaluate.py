@@ -434,7 +434,8 @@ def test_all_variants_from_real_stage_runs_then_score(tracking: str, tmp_path: P
         f"data.source={DATA_CSV}", "data.pool=6", "data.train=4", "data.val=2", "data.test=4",
         "bank.n_bootstrap=2", "mlp.steps=2", "mlp.batch_size=2", "mlp.branch=both",
         "eval.max_new_tokens=12", "eval.batch_size=4", "eval.n_bootstrap=200",
-        "eval.judges=[semantic,bleu,rouge,mc,llm_logprob]", "judge.batch_size=12"])
+        "eval.judges=[semantic,bleu,rouge,mc,llm_logprob,llm]", "judge.batch_size=16",
+        "judge.invalid_ceiling=1.0"])  # the 135M judge writes prose often: counted invalid, never failing here
     with stage_run("extract", cfg) as extract_run:
         extract.run(cfg)
     with stage_run("bank", cfg) as bank_run:
@@ -447,8 +448,11 @@ def test_all_variants_from_real_stage_runs_then_score(tracking: str, tmp_path: P
     assert list(result.run_ids) == ["baseline", "caa", "mlp_mc", "mlp_gen"]
     names = {v: metric_keys(run_id) for v, run_id in result.run_ids.items()}
     assert all(keys == names["baseline"] for keys in names.values())
-    for metric in ("llm_logprob_truthful", "semantic_acc", "bleu_acc", "rougeL_max", "mc1", "mc2"):
+    for metric in ("llm_logprob_truthful", "llm_truthful", "semantic_acc", "bleu_acc", "rougeL_max", "mc1", "mc2"):
         assert {metric, f"{metric}_ci_low", f"{metric}_ci_high", f"{metric}_delta"} <= names["baseline"]
+    assert "llm_invalid_rate" in names["baseline"]
+    for row in result.rows:  # every llm verdict is a parsed one or an invalid one with its raw reply kept
+        assert row["llm_raw"] and (row["llm_valid"] == (row["llm_truthful"] is not None))
     for variant, run_id in result.run_ids.items():
         run = mlflow.get_run(run_id)
         assert run.data.tags["variant"] == variant and run.data.tags["dtype"] == "float32"
