@@ -24,7 +24,7 @@ import importlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self, TypeVar, runtime_checkable
 
 from steering.config import JUDGES, Config
 
@@ -197,6 +197,16 @@ class BaseJudge:
 
     name: ClassVar[str]
     metrics: ClassVar[dict[str, bool]]
+
+    @classmethod
+    def from_config(cls, cfg: Config, *, judge_model: LoadedModel | None = None) -> Self:
+        """Build the judge; this default is for judges that need neither config nor model.
+
+        Args:
+            cfg: unused here.
+            judge_model: unused here.
+        """
+        return cls()
 
     def aggregate(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         """Per metric the mean over valid rows, and ``<name>_invalid_rate`` (see ``aggregate_judge``).

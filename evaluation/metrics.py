@@ -25,8 +25,6 @@ from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
 
 from evaluation.judges import BaseJudge, JudgeItem, register, truthfulqa_references
-from steering.config import Config
-from steering.models import LoadedModel
 
 ROUGE_TYPES = {"rouge1": "rouge1", "rouge2": "rouge2", "rougeL": "rougeLsum"}  # field prefix -> rouge_score type
 
@@ -77,16 +75,6 @@ class BleuJudge(BaseJudge):
     name = "bleu"
     metrics = {"bleu_max": True, "bleu_acc": True, "bleu_diff": True, "bleu_invalid_rate": False}
 
-    @classmethod
-    def from_config(cls, cfg: Config, *, judge_model: LoadedModel | None = None) -> BleuJudge:
-        """Build the judge; it needs neither config nor model.
-
-        Args:
-            cfg: unused.
-            judge_model: unused.
-        """
-        return cls()
-
     def score(self, items: Sequence[JudgeItem]) -> list[dict[str, Any]]:
         """Per item ``bleu_max``, ``bleu_acc`` and ``bleu_diff``.
 
@@ -114,16 +102,6 @@ class RougeJudge(BaseJudge):
 
     def __init__(self) -> None:
         self._scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES.values()))
-
-    @classmethod
-    def from_config(cls, cfg: Config, *, judge_model: LoadedModel | None = None) -> RougeJudge:
-        """Build the judge; it needs neither config nor model.
-
-        Args:
-            cfg: unused.
-            judge_model: unused.
-        """
-        return cls()
 
     def rouge_scores(self, answer: str, reference: str) -> dict[str, float]:
         """F-measure (0-100) per field prefix (``rouge1``, ``rouge2``, ``rougeL``) against one reference.
