@@ -14,9 +14,6 @@ Run: ``python -m benchmarks.extract`` (options: ``--help``); writes ``benchmarks
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -24,6 +21,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import DATA_CSV, RESULTS_DIR, write_report
 from steering.config import load_config
 from steering.data import splits_for
 from steering.extract import (
@@ -36,8 +34,7 @@ from steering.extract import (
 )
 from steering.models import LoadedModel, load_model
 
-DATA_CSV = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "truthfulqa" / "TruthfulQA.csv"
-RESULTS = Path(__file__).resolve().parent / "results" / "extract.json"
+RESULTS = RESULTS_DIR / "extract.json"
 
 
 def timed(loaded: LoadedModel, pairs: list[Pair], batch_size: int, max_length: int) -> tuple[float, Extraction]:
@@ -111,13 +108,9 @@ def main() -> None:
         "seconds": seconds, "median_seconds": median, "speedup_batched_vs_one_by_one": speedup,
         "max_abs_diff_between_modes": max_abs_diff, "batched_padding_share": pad_share,
         "batched_padding_share_file_order": pad_share_file_order,
-        "real_tokens": real_tokens, "device": str(loaded.device), "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(), "load_average_after": os.getloadavg(), "platform": platform.platform(),
-        "torch": torch.__version__,
+        "real_tokens": real_tokens, "device": str(loaded.device),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.output}")
+    write_report(args.output, report)
 
 
 if __name__ == "__main__":

@@ -14,24 +14,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import mlflow
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
-RESULTS = PROJECT_DIR / "benchmarks" / "results" / "full.json"
-DEFAULT_DATA = PROJECT_DIR.parent / "shared" / "data" / "truthfulqa" / "TruthfulQA.csv"
+from benchmarks import DATA_CSV, PROJECT_DIR, RESULTS_DIR, write_report
+
+RESULTS = RESULTS_DIR / "full.json"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--data", default=str(DATA_CSV))
     parser.add_argument("--overrides", default="")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,13 +55,9 @@ def main() -> None:
         "peak_rss_gib": round(peak_kib / 2**20, 3),
         "stage_seconds": {k: round(v, 1) for k, v in sorted(stages.items(), key=lambda kv: kv[0])},
         "targets": {"wall_seconds": 600, "peak_rss_gib": 4.0},
-        "cpu_count": os.cpu_count(),
-        "load_average_after": list(os.getloadavg()),
-        "platform": platform.platform(),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
+    write_report(RESULTS, result)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,6 @@ writes ``benchmarks/results/generate.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import tempfile
 import time
@@ -32,6 +30,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import DATA_CSV, RESULTS_DIR, write_report
 from evaluation.generate import (
     DecodingParams,
     GenerationStore,
@@ -45,8 +44,7 @@ from steering.data import load_questions, split_questions
 from steering.extract import contrastive_pairs, extract_caa
 from steering.models import load_model
 
-DATA_CSV = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "truthfulqa" / "TruthfulQA.csv"
-RESULTS = Path(__file__).resolve().parent / "results" / "generate.json"
+RESULTS = RESULTS_DIR / "generate.json"
 
 
 def main() -> None:
@@ -121,9 +119,7 @@ def main() -> None:
               f"fp32 one-at-a-time loop per question; answers equal to fp32 batched: {agree}/{len(questions)})")
 
     report: dict[str, Any] = {
-        "model": cfg.model.alias, "dtype": "float32", "device": str(loaded.device),
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "platform": platform.platform(),
-        "processor": platform.processor(), "variant": "caa", "layer": cfg.layer, "scale": cfg.steering.scale,
+        "model": cfg.model.alias, "dtype": "float32", "device": str(loaded.device), "variant": "caa", "layer": cfg.layer, "scale": cfg.steering.scale,
         "positions": cfg.steering.positions, "max_new_tokens": decoding.max_new_tokens,
         "batch_size": decoding.batch_size, "split": f"smoke/{cfg.eval.split}", "n_questions": len(questions),
         "caa_extract_seconds": extract_seconds,
@@ -140,9 +136,7 @@ def main() -> None:
         "note": ("one at a time was timed on the first questions_timed questions of the split; the speedup "
                  "compares seconds per question") if len(subset) < len(questions) else "",
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.output}")
+    write_report(args.output, report)
 
 
 if __name__ == "__main__":

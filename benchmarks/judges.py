@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from scipy import stats
 
+from benchmarks import DATA_DIR, RESULTS_DIR, write_report
 from evaluation.judges import JudgeItem, truthfulqa_references
 from evaluation.llm_judge import LLMJudge, LogprobJudge
 from evaluation.metrics import BleuJudge, RougeJudge
@@ -44,8 +45,7 @@ from steering.config import JudgeConfig
 from steering.data import load_questions
 from steering.models import load_model
 
-DATA_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "truthfulqa"
-RESULTS = Path(__file__).resolve().parent / "results" / "judges.json"
+RESULTS = RESULTS_DIR / "judges.json"
 _PROMPT = re.compile(r"\AQ: (?P<question>.*)\nA: (?P<answer>.*)\nTrue:\Z", re.DOTALL)
 
 
@@ -246,11 +246,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     report = run(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
     print(table(report))
-    print(f"wrote {out}")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

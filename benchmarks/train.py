@@ -20,9 +20,7 @@ Run: ``python -m benchmarks.train`` (options: ``--help``); writes ``benchmarks/r
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -30,14 +28,14 @@ from typing import Any
 
 import torch
 
+from benchmarks import DATA_CSV, RESULTS_DIR, write_report
 from steering.config import load_config
 from steering.data import load_questions, split_questions
 from steering.mlp import MLPSteering, MLPSteeringConfig
 from steering.models import load_model
 from steering.train import PrefixCache, SplitScorer, batch_order, encode_examples
 
-DATA_CSV = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "truthfulqa" / "TruthfulQA.csv"
-RESULTS = Path(__file__).resolve().parent / "results" / "train.json"
+RESULTS = RESULTS_DIR / "train.json"
 MODES = {  # name: (prefix cache, answer-only head)
     "full": (False, False),
     "prefix_cache": (True, False),
@@ -132,14 +130,9 @@ def main() -> None:
     report = {
         "model": cfg.model.alias, "layer": args.layer, "n_layers": cfg.model.n_layers,
         "batch_examples": args.batch_size, "timed_steps": args.steps, "dtype": "float32",
-        "device": str(loaded.device), "torch_threads": torch.get_num_threads(),
-        "load_average_1_5_15min_at_end": os.getloadavg(), "cpu_count": os.cpu_count(),
-        "platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
-        "branches": results,
+        "device": str(loaded.device), "branches": results,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.output}")
+    write_report(args.output, report)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,8 @@ Run: ``python -m benchmarks.tune`` (options: ``--help``); writes ``benchmarks/re
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -37,6 +35,7 @@ from typing import Any
 import optuna
 import torch
 
+from benchmarks import DATA_CSV, RESULTS_DIR, write_report
 from steering import tune
 from steering.config import load_config
 from steering.data import splits_for
@@ -44,8 +43,7 @@ from steering.extract import contrastive_pairs, extract_caa
 from steering.models import load_from_config
 from steering.tracking import stage_run
 
-DATA_CSV = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "truthfulqa" / "TruthfulQA.csv"
-RESULTS = Path(__file__).resolve().parent / "results" / "tune.json"
+RESULTS = RESULTS_DIR / "tune.json"
 
 
 def _sync(device: torch.device) -> None:
@@ -178,13 +176,9 @@ def main() -> None:
                  "cells": [{"layer": k[0], "scale": k[1], "value": v} for k, v in sorted(cells.items())]},
         "tpe_best_rank_in_grid": ranked.index(cells[tpe_cell]) + 1,
         "regret_tpe_vs_grid": grid.best_value - tpe.best_value,
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "load_average_after": os.getloadavg(), "platform": platform.platform(), "torch": torch.__version__,
         "optuna": optuna.__version__,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.output}")
+    write_report(args.output, report)
 
 
 if __name__ == "__main__":
