@@ -325,15 +325,18 @@ class PrefixCache:
         prefixes: per distinct prefix, ``(keys, values)`` per stored layer, each ``(kv_heads, len, head_dim)``.
         n_answer: per sequence, its number of answer tokens (the last ones).
         residuals: with a layer, per sequence the ``(n_suffix, d_model)`` output of layer L on its suffix.
+        device: where a batch's token ids go (the model's input device).
     """
 
     def __init__(self, layer: int | None, n_layers: int, splits: Sequence[int], prefix_of: Sequence[int],
-                 prefixes: Sequence[KV], n_answer: Sequence[int], residuals: Sequence[Tensor] | None = None) -> None:
+                 prefixes: Sequence[KV], n_answer: Sequence[int], residuals: Sequence[Tensor] | None = None,
+                 device: torch.device | str = "cpu") -> None:
         if (layer is None) != (residuals is None):
             raise ValueError("pass residuals exactly when a layer is given")
         self.layer, self.n_layers = layer, n_layers
         self.splits, self.prefix_of, self.prefixes = list(splits), list(prefix_of), list(prefixes)
         self.n_answer, self.residuals = list(n_answer), list(residuals) if residuals is not None else None
+        self.device = torch.device(device)
 
     @staticmethod
     def split_points(seqs: Sequences, positions: str, layer: int | None = None, n_layers: int = 0) -> list[int]:
@@ -372,7 +375,8 @@ class PrefixCache:
                 if splits[i]:
                     prefix_of[i] = prefixes.add(seqs.token_ids[i][:splits[i]], out.past_key_values, row, first,
                                                 range(layer + 1, n_layers))
-        return cls(layer, n_layers, splits, prefix_of, prefixes.values, seqs.n_answer, residuals)
+        return cls(layer, n_layers, splits, prefix_of, prefixes.values, seqs.n_answer, residuals,
+                   next(model.parameters()).device)
 
     @classmethod
     @torch.inference_mode()
@@ -394,7 +398,8 @@ class PrefixCache:
             for row, i in enumerate(chunk):
                 store.add(distinct[i], out.past_key_values, row, width - len(distinct[i]), range(n_layers))
         prefix_of = [store.index[ids[:n]] if n else -1 for ids, n in zip(seqs.token_ids, splits, strict=True)]
-        return cls(None, n_layers, splits, prefix_of, store.values, seqs.n_answer)
+        return cls(None, n_layers, splits, prefix_of, store.values, seqs.n_answer,
+                   device=next(model.parameters()).device)
 
     def batch(self, indices: Sequence[int], pad_id: int, input_ids: Sequence[Sequence[int]]) -> SuffixBatch:
         """The suffix batch of sequences ``indices`` (normal tensors, usable under autograd).
@@ -424,7 +429,7 @@ class PrefixCache:
             for row, i in enumerate(indices):
                 residual[row, :len(suffix[row])] = self.residuals[i]
         past = self._past(indices, prefix_width) if prefix_width else ()
-        device = residual.device if residual is not None else past[-1][0].device
+        device = residual.device if residual is not None else self.device  # layer L's device under device_map
         return SuffixBatch(ids.to(device), torch.cat([prefix_mask, suffix_mask], dim=1).to(device),
                            position_ids.to(device), answer_mask.to(device), past, self.layer, residual)
 
