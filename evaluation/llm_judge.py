@@ -560,7 +560,7 @@ class LogprobJudge(BaseJudge):
         base: Any = model.base_model
         for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
-            batch = cache.batch(rows, tokenizer.pad_token_id, seqs.token_ids)
+            batch = cache.batch(rows)
             hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                           position_ids=batch.position_ids, past_key_values=batch.cache(),
                           use_cache=True).last_hidden_state  # (batch, S, d_model); the suffix is right-padded

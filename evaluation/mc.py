@@ -109,7 +109,7 @@ def answer_logprobs(
         order = sorted(range(len(rows)), key=lambda r: -len(sub.token_ids[r]) + splits[rows[r]])  # by suffix length
         for at in range(0, len(order), batch_size):
             batch_rows = order[at:at + batch_size]
-            batch = cache.batch(batch_rows, tokenizer.pad_token_id, sub.token_ids)
+            batch = cache.batch(batch_rows)
             prefix_end = torch.full((len(batch_rows),), batch.prefix_width, device=batch.input_ids.device)  # (batch,)
             with torch.inference_mode():
                 token_logp = suffix_answer_logprobs(model, batch, functools.partial(steering.applied, model, prefix_end))

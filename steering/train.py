@@ -203,7 +203,7 @@ class _CachedOutput(nn.Module):
         if self.residual.shape != hidden_states.shape:
             raise ValueError(
                 f"cached residual has shape {tuple(self.residual.shape)} but the layer sees "
-                f"{tuple(hidden_states.shape)}; build it from the same batch (PrefixCache.batch(indices, ...))"
+                f"{tuple(hidden_states.shape)}; build it from the same batch (PrefixCache.batch(indices))"
             )
         return self.residual
 
@@ -318,24 +318,26 @@ class PrefixCache:
     prefix, its length x the layers stored x 2 x kv_heads x head_dim values, on the model's device.
 
     Args:
+        seqs: the sequences (their token ids and answer lengths).
+        pad_id: the tokenizer's pad token id.
         layer: the frozen layer L (keys/values are kept for the layers above it), or None (all layers).
         n_layers: decoder layers of the model.
         splits: per sequence, the number of prefix tokens.
         prefix_of: per sequence, its index into ``prefixes`` (-1: no prefix).
         prefixes: per distinct prefix, ``(keys, values)`` per stored layer, each ``(kv_heads, len, head_dim)``.
-        n_answer: per sequence, its number of answer tokens (the last ones).
         residuals: with a layer, per sequence the ``(n_suffix, d_model)`` output of layer L on its suffix.
         device: where a batch's token ids go (the model's input device).
     """
 
-    def __init__(self, layer: int | None, n_layers: int, splits: Sequence[int], prefix_of: Sequence[int],
-                 prefixes: Sequence[KV], n_answer: Sequence[int], residuals: Sequence[Tensor] | None = None,
+    def __init__(self, seqs: Sequences, pad_id: int, layer: int | None, n_layers: int, splits: Sequence[int],
+                 prefix_of: Sequence[int], prefixes: Sequence[KV], residuals: Sequence[Tensor] | None = None,
                  device: torch.device | str = "cpu") -> None:
         if (layer is None) != (residuals is None):
             raise ValueError("pass residuals exactly when a layer is given")
         self.layer, self.n_layers = layer, n_layers
         self.splits, self.prefix_of, self.prefixes = list(splits), list(prefix_of), list(prefixes)
-        self.n_answer, self.residuals = list(n_answer), list(residuals) if residuals is not None else None
+        self.seqs, self.pad_id = seqs, pad_id
+        self.residuals = list(residuals) if residuals is not None else None
         self.device = torch.device(device)
 
     @staticmethod
@@ -375,7 +377,7 @@ class PrefixCache:
                 if splits[i]:
                     prefix_of[i] = prefixes.add(seqs.token_ids[i][:splits[i]], out.past_key_values, row, first,
                                                 range(layer + 1, n_layers))
-        return cls(layer, n_layers, splits, prefix_of, prefixes.values, seqs.n_answer, residuals,
+        return cls(seqs, pad_id, layer, n_layers, splits, prefix_of, prefixes.values, residuals,
                    next(model.parameters()).device)
 
     @classmethod
@@ -398,28 +400,26 @@ class PrefixCache:
             for row, i in enumerate(chunk):
                 store.add(distinct[i], out.past_key_values, row, width - len(distinct[i]), range(n_layers))
         prefix_of = [store.index[ids[:n]] if n else -1 for ids, n in zip(seqs.token_ids, splits, strict=True)]
-        return cls(None, n_layers, splits, prefix_of, store.values, seqs.n_answer,
+        return cls(seqs, pad_id, None, n_layers, splits, prefix_of, store.values,
                    device=next(model.parameters()).device)
 
-    def batch(self, indices: Sequence[int], pad_id: int, input_ids: Sequence[Sequence[int]]) -> SuffixBatch:
+    def batch(self, indices: Sequence[int]) -> SuffixBatch:
         """The suffix batch of sequences ``indices`` (normal tensors, usable under autograd).
 
         Args:
-            indices: sequence indices (``seqs.sequence_indices(examples)``).
-            pad_id: the tokenizer's pad token id.
-            input_ids: every sequence's token ids (``seqs.token_ids``).
+            indices: sequence indices into the cached ``seqs`` (``seqs.sequence_indices(examples)``).
         """
         splits = [self.splits[i] for i in indices]
-        suffix = [input_ids[i][self.splits[i]:] for i in indices]
+        suffix = [self.seqs.token_ids[i][self.splits[i]:] for i in indices]
         n, width, prefix_width = len(indices), max(map(len, suffix)), max(splits)
-        ids = torch.full((n, width), pad_id, dtype=torch.long)  # (batch, S)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)  # (batch, S)
         suffix_mask = torch.zeros(n, width, dtype=torch.long)  # (batch, S)
         answer_mask = torch.zeros(n, width, dtype=torch.long)  # (batch, S)
         prefix_mask = torch.zeros(n, prefix_width, dtype=torch.long)  # (batch, P)
         for row, (i, tokens) in enumerate(zip(indices, suffix, strict=True)):
             ids[row, :len(tokens)] = torch.tensor(tokens)
             suffix_mask[row, :len(tokens)] = 1
-            answer_mask[row, len(tokens) - self.n_answer[i]:len(tokens)] = 1
+            answer_mask[row, len(tokens) - self.seqs.n_answer[i]:len(tokens)] = 1
             prefix_mask[row, prefix_width - splits[row]:] = 1
         position_ids = torch.tensor(splits)[:, None] + torch.arange(width)[None, :]  # (batch, S)
         residual = None
@@ -444,8 +444,8 @@ class PrefixCache:
                     for out, cached in zip(padded, self.prefixes[self.prefix_of[i]][j], strict=True):
                         out[row, :, width - cached.shape[1]:] = cached
             stored.append((padded[0], padded[1]))
-        skipped = self.n_layers - len(stored)  # layers 0 .. L never run: zeros of the right length
-        return (*[(stored[0][0].new_zeros(stored[0][0].shape),) * 2] * skipped, *stored)  # type: ignore[return-value]
+        unused = stored[0][0].new_zeros(stored[0][0].shape)  # layers 0 .. L never run: zeros of the right length
+        return tuple([(unused, unused)] * (self.n_layers - len(stored)) + stored)
 
 
 class _PrefixStore:
@@ -670,7 +670,7 @@ class SplitScorer:
         """Answer-token log-probs of ``examples`` and the ``(batch, seq)`` answer mask they follow."""
         indices = self.seqs.sequence_indices(examples)
         if self.cache is not None:
-            suffix = self.cache.batch(indices, self.pad_id, self.seqs.token_ids)
+            suffix = self.cache.batch(indices)
             token_logp = suffix_answer_logprobs(self.model, suffix, lambda: self.module.steering(self.model),
                                                 answer_only_head=self.answer_only_head)
             return token_logp, suffix.answer_mask
@@ -732,7 +732,7 @@ def fast_path_mismatch(model: nn.Module, module: MLPSteering, seqs: Sequences, p
         try:
             if cache is None:
                 cache = PrefixCache.build(model, module.config.layer, seqs, pad_id, len(indices), positions)
-            fast = suffix_answer_logprobs(model, cache.batch(indices, pad_id, seqs.token_ids), lambda: module.steering(model))
+            fast = suffix_answer_logprobs(model, cache.batch(indices), lambda: module.steering(model))
         except Exception as err:  # any failure of the shortcut means: use the full forward
             return f"the fast path raised {type(err).__name__}: {err}"
         batch = make_batch(seqs, indices, pad_id).to(device)

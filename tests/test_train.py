@@ -141,7 +141,7 @@ def test_prefix_cache_scoring_equals_full_scoring(arch: str, positions: str, bra
         full = steered_answer_logprobs(model, module, batch, positions=positions, answer_only_head=False)
         plain = steered_answer_logprobs(model, module_for(model, scale=0.0), batch, positions=positions)
         for head in (False, True):
-            fast = suffix_answer_logprobs(model, cache.batch(indices, PAD_ID, seqs.token_ids),
+            fast = suffix_answer_logprobs(model, cache.batch(indices),
                                           lambda: module.steering(model), answer_only_head=head)
             assert torch.allclose(fast, full, atol=1e-5, rtol=0)
     assert not torch.allclose(full, plain, atol=1e-2)  # the steering shows
@@ -157,7 +157,7 @@ def test_prefix_cache_batch_layout() -> None:
     seqs = sequences(tokenizer, "gen")
     cache = PrefixCache.build(model, LAYER, seqs, PAD_ID, batch_size=4)
     indices = [6, 1, 4]
-    batch = cache.batch(indices, PAD_ID, seqs.token_ids)
+    batch = cache.batch(indices)
     splits = [len(seqs.token_ids[i]) - seqs.n_answer[i] - 1 for i in indices]
     assert cache.splits == [len(ids) - n - 1 for ids, n in zip(seqs.token_ids, seqs.n_answer, strict=True)]
     width = max(splits)
