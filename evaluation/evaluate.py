@@ -58,7 +58,7 @@ from steering.data import Question, splits_for
 from steering.models import (
     TORCH_DTYPES,
     LoadedModel,
-    check_available,
+    describe_source,
     load_from_config,
     load_model,
     resolve_device,
@@ -612,7 +612,7 @@ def plan(cfg: Config, sources: SourceRuns, store_path: str | Path | None = None)
     store = GenerationStore(path) if path.exists() else None
     n_questions = cfg.data.sizes[cfg.eval.split]
     lines = [
-        f"model: {cfg.model.alias} from {check_available(cfg.model, cfg.runtime.cache_dir)}, dtype {cfg.model.dtype}",
+        f"model: {cfg.model.alias} from {describe_source(cfg.model, cfg.runtime.cache_dir)}, dtype {cfg.model.dtype}",
         f"questions: split {cfg.eval.split}"
         + (f" of data run {sources.data_run}" if sources.data_run else f" ({n_questions} questions)"),
         f"steering: layer {cfg.layer}, scale {cfg.steering.scale}, positions {cfg.steering.positions}",

@@ -39,7 +39,7 @@ from steering.config import Config, ConfigError, ExtractConfig, config_to_dict
 from steering.data import Question, splits_for
 from steering.hooks import masked_mean, record_residuals
 from steering.layers import d_model, n_layers
-from steering.models import LoadedModel, check_available, load_from_config
+from steering.models import LoadedModel, describe_source, load_from_config
 from steering.prompts import answer_text, encode_prompt_answers, format_prompt
 from steering.vectors import VECTORS_KEY, SteeringVectors
 
@@ -342,7 +342,7 @@ def plan(cfg: Config, data_run: str = "") -> list[str]:
         cfg: the resolved config.
         data_run: a data stage run whose splits to use.
     """
-    source = check_available(cfg.model, cfg.runtime.cache_dir)
+    source = describe_source(cfg.model, cfg.runtime.cache_dir)
     pool = splits_for(cfg, data_run)["pool"]
     pairs = contrastive_pairs(pool, cfg.extract.pairs_per_question, cfg.data.seed)
     n_batches = math.ceil(len(pairs) / cfg.extract.batch_size)

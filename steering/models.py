@@ -148,6 +148,15 @@ def check_available(spec: ModelSpec, cache_dir: str = "") -> str:
     return f"Hugging Face hub ({spec.hf_id})"
 
 
+def describe_source(spec: ModelSpec, cache_dir: str = "") -> str:
+    """For a dry run: where the weights would come from, or why they cannot be had here (the
+    ``check_available`` message); never raises, so a plan is printed on any machine."""
+    try:
+        return check_available(spec, cache_dir)
+    except ModelUnavailable as err:
+        return f"NOT AVAILABLE HERE: {err}"
+
+
 def _gguf_file(spec: ModelSpec, cache_dir: str) -> Path:
     package_dir = _package_dir(spec.gguf_package)
     if package_dir is None:

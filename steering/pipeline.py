@@ -172,12 +172,16 @@ def run(cfg: Config) -> list[StageOutcome]:
 
 def plan(cfg: Config) -> list[str]:
     """Dry run: which stages would be reused and which would run; loads no weights."""
-    from steering.models import check_available
+    from steering.models import describe_source
     from steering.tracking import ensure_store, tracking_uri
 
     ensure_store(tracking_uri(cfg))
     experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-    lines = [f"model: {cfg.model.alias} ({cfg.model.n_layers} layers) from {check_available(cfg.model, cfg.runtime.cache_dir)}",
+    rt = cfg.runtime
+    lines = [f"model: {cfg.model.alias} ({cfg.model.n_layers} layers) from {describe_source(cfg.model, rt.cache_dir)}",
+             f"dtype {cfg.model.dtype}, device {rt.device}, device_map {rt.device_map}"
+             + (f" (max_memory {rt.max_memory})" if rt.max_memory else "")
+             + f"; judge {cfg.judge.model} on {rt.judge_device}",
              f"steering layer {cfg.layer}, scale {cfg.steering.scale}; splits {cfg.data.sizes}"]
     runs: dict[str, str] = {}
     for stage in STAGES:

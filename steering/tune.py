@@ -89,7 +89,7 @@ from steering import artifacts, tracking
 from steering.config import Config, ConfigError, ModelSpec, config_to_dict
 from steering.data import Question, file_sha256, is_local_source, splits_for
 from steering.extract import Extraction, contrastive_pairs, extract_caa, load_extraction
-from steering.models import TORCH_DTYPES, LoadedModel, check_available, load_from_config
+from steering.models import TORCH_DTYPES, LoadedModel, describe_source, load_from_config
 
 OUTPUTS_ENV = "TRUTHSTEER_OUTPUTS"  # evaluation.generate's store lives under it as well
 DEFAULT_OUTPUTS = "outputs"
@@ -1354,7 +1354,7 @@ def plan(cfg: Config, settings: TuneSettings) -> list[str]:
     extraction = (f"extract run {settings.extract_run}" if settings.extract_run else
                   f"cache {cache} ({'present' if (cache / artifacts.CAA_TENSORS).exists() else 'computed on first use'})")
     return [
-        f"model: {cfg.model.alias} ({cfg.model.n_layers} layers) from {check_available(cfg.model, cfg.runtime.cache_dir)}",
+        f"model: {cfg.model.alias} ({cfg.model.n_layers} layers) from {describe_source(cfg.model, cfg.runtime.cache_dir)}",
         f"study: {settings.study_name_for(cfg)} in {redacted(storage_url(settings.storage))}",
         f"objective: {objective.name} = {objective.metric} ({objective.judge} judge), {objective.direction}, "
         f"on {len(val)} val questions",

@@ -13,7 +13,7 @@ import mlflow
 import pytest
 
 from steering import pipeline
-from steering.config import load_config
+from steering.config import load_config, model_aliases, model_spec
 from steering.tracking import TAG_HOST, TAG_PID
 from tests.conftest import DATA_CSV, PROJECT_DIR, kill_once_stored
 
@@ -34,6 +34,29 @@ def test_stage_keys_change_with_what_the_stage_reads() -> None:
     assert pipeline.stage_key("bank", pipeline.stage_params("bank", cfg, {"extract": "run2"})) != \
         pipeline.stage_key("bank", params)
     assert pipeline.stage_config("train_mc", cfg).mlp.branch == "mc"
+
+
+@pytest.mark.parametrize("alias", [a for a in model_aliases() if model_spec(a).source == "hub"])
+def test_dry_run_of_every_hub_alias_resolves_its_preset_offline_without_weights(
+        alias: str, tracking: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import transformers
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache: nothing downloaded
+
+    def no_weights(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a dry run must not load weights")
+
+    for name in ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoTokenizer"):
+        monkeypatch.setattr(getattr(transformers, name), "from_pretrained", no_weights)
+    cfg = load_config(alias, f"data.source={DATA_CSV}")
+    lines = pipeline.plan(cfg)
+    spec = model_spec(alias)
+    assert lines[0].startswith(f"model: {alias} ({spec.n_layers} layers) from NOT AVAILABLE HERE:")
+    assert f"hf download {spec.hf_id}" in lines[0]
+    assert lines[1].startswith(f"dtype {cfg.model.dtype}, device {cfg.runtime.device}")
+    assert 0 <= cfg.layer < spec.n_layers and lines[2].startswith(f"steering layer {cfg.layer},")
+    assert [line.split(":")[0] for line in lines[3:]] == list(pipeline.STAGES)
 
 
 def test_runs_of_dead_processes_are_marked_killed(tracking: str) -> None:
