@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from steering.config import VARIANTS, Config, ModelSpec
 from steering.data import Question
-from steering.hooks import steer
+from steering.hooks import SteeredCount, check_steered, steer
 from steering.layers import decoder_layers
 from steering.models import LoadedModel
 from steering.prompts import PromptFormat, encode_prompts, format_prompt
@@ -46,6 +46,10 @@ STORE_FILE = "generations.jsonl"
 # SmolLM2/ChatML, Llama-3), whichever of them the tokenizer knows; its EOS always counts.
 END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<eos>")
 QA_NEXT_TURN = "\nQ:"  # a base model answering `Q: ...\nA:` goes on to invent the next question
+# Enters every steered variant's hash. 2: steering reaches every generated token on every transformers
+# version; answers stored by earlier code (steered from the prompt's end on 5.24, the first token only)
+# are never reused.
+STEERING_REVISION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,21 +144,44 @@ class Steering:
         the first answer token, so the whole answer is steered; None with ``positions=all``."""
         return prompt_end if self.positions == "from_prompt_end" else None
 
+    @property
+    def steers(self) -> bool:
+        """Whether this variant edits the model at all (every variant but baseline)."""
+        return self.variant != "baseline"
+
     @contextlib.contextmanager
-    def applied(self, model: nn.Module, prompt_end: Tensor) -> Iterator[None]:
+    def applied(self, model: nn.Module, prompt_end: Tensor) -> Iterator[SteeredCount]:
         """Steer ``model`` inside the block (nothing for baseline).
 
         Args:
             model: the model to steer.
             prompt_end: ``(batch,)`` index of each row's last prompt token in the padded input.
+
+        Yields:
+            The positions the hook edited (an empty count for baseline), for ``check_steered``.
         """
-        if self.variant == "baseline":
-            yield
+        if not self.steers:
+            yield SteeredCount()
             return
         layer = self.layer if self.layer is not None else -1
         with steer(model, layer, vector=self.vector, module=self.module, scale=self.scale,
-                   start_positions=self.start_positions(prompt_end)):
-            yield
+                   start_positions=self.start_positions(prompt_end)) as count:
+            yield count
+
+    def expected_steered(self, prompt_end: Tensor, fed: int) -> int:
+        """How many (row, position) pairs the hook must edit when each row is fed positions
+        ``0 .. fed - 1``: those from the row's start on (all of them with ``positions=all``); 0 for baseline.
+
+        Args:
+            prompt_end: ``(batch,)`` index of each row's last prompt token.
+            fed: positions each row runs through the layer (prompt and fed-back tokens).
+        """
+        if not self.steers:
+            return 0
+        starts = self.start_positions(prompt_end)
+        if starts is None:
+            return fed * prompt_end.shape[0]
+        return int((fed - starts.clamp(max=fed)).sum())
 
 
 def steering_key_fields(variant: str, *, layer: int | None, scale: float, positions: str,
@@ -171,7 +198,8 @@ def steering_key_fields(variant: str, *, layer: int | None, scale: float, positi
     """
     if variant == "baseline":
         return {"variant": "baseline"}
-    return {"variant": variant, "layer": layer, "scale": scale, "positions": positions, "source_run": source_run}
+    return {"variant": variant, "layer": layer, "scale": scale, "positions": positions, "source_run": source_run,
+            "steering_revision": STEERING_REVISION}
 
 
 def module_on_layer_device(module: nn.Module, model: nn.Module, layer: int) -> nn.Module:
@@ -347,12 +375,16 @@ class Answer:
         raw: every new token decoded, special tokens included (for debugging prompts).
         n_new_tokens: tokens up to (not including) the end of turn.
         truncated: True when ``max_new_tokens`` ran out before the end of turn.
+        steered_tokens: the answer's tokens (the end-of-turn token included) predicted from a
+            steered state; ``generate_batch`` checks that the hook edited every position it should,
+            so for a steered variant this is every one of them, 0 for baseline. Not compared.
     """
 
     text: str
     raw: str
     n_new_tokens: int
     truncated: bool
+    steered_tokens: int = dataclasses.field(default=0, compare=False)
 
 
 def decode_answer(tokenizer: Any, new_ids: Sequence[int], stop_ids: Sequence[int], fmt: PromptFormat) -> Answer:
@@ -412,11 +444,20 @@ def generate_batch(
     if decoding.do_sample:
         options.update(temperature=decoding.temperature, top_p=decoding.top_p, top_k=0)
     devices = [loaded.device] if loaded.device.type == "cuda" else []
-    with torch.inference_mode(), torch.random.fork_rng(devices=devices), steering.applied(model, prompt_end):
+    with (torch.inference_mode(), torch.random.fork_rng(devices=devices),
+          steering.applied(model, prompt_end) as count):
         torch.manual_seed(_sampling_seed(decoding.seed, batch_index))
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)  # (batch, seq + new)
+    n_new = output.shape[1] - width
+    # Prefill runs the prompt, then every new token but the last is fed back: width + n_new - 1 positions a row.
+    check_steered(count, steering.expected_steered(prompt_end, width + n_new - 1),
+                  f"generation of {batch} answers ({n_new} new tokens each) by {steering.variant}")
     new_ids = output[:, width:].tolist()  # (batch, new)
-    return [decode_answer(tokenizer, row, stop_ids, loaded.prompt_format) for row in new_ids]
+    answers = [decode_answer(tokenizer, row, stop_ids, loaded.prompt_format) for row in new_ids]
+    if not steering.steers:
+        return answers
+    # Checked above: the state predicting each new token was steered.
+    return [dataclasses.replace(a, steered_tokens=min(n_new, a.n_new_tokens + (not a.truncated))) for a in answers]
 
 
 def generation_order(loaded: LoadedModel, questions: Sequence[Question]) -> list[Question]:
@@ -473,7 +514,8 @@ def generate_missing(
             answers = generate_batch(loaded, [q.question for q in todo], steering, decoding, batch_index=index)
             store.append([
                 {"qid": q.id, "variant": steering.variant, "variant_hash": key_hash, "question": q.question,
-                 "answer": a.text, "raw_answer": a.raw, "n_new_tokens": a.n_new_tokens, "truncated": a.truncated}
+                 "answer": a.text, "raw_answer": a.raw, "n_new_tokens": a.n_new_tokens, "truncated": a.truncated,
+                 "steered_tokens": a.steered_tokens}
                 for q, a in zip(todo, answers, strict=True)
             ])
             n_generated += len(todo)

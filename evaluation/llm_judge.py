@@ -32,6 +32,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from evaluation.judges import BaseJudge, JudgeError, JudgeItem, register, truthfulqa_references
+from steering.cache import with_cache
 from steering.config import Config
 from steering.models import LoadedModel
 from steering.prompts import PromptFormat, answer_text, encode_prompts, encode_text, format_prompt
@@ -562,7 +563,7 @@ class LogprobJudge(BaseJudge):
             rows = order[start:start + self.batch_size]
             batch = cache.batch(rows)
             hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                          position_ids=batch.position_ids, past_key_values=batch.cache(),
+                          position_ids=batch.position_ids, **with_cache(base, batch.cache()),
                           use_cache=True).last_hidden_state  # (batch, S, d_model); the suffix is right-padded
             last = hidden[torch.arange(len(rows)), batch.input_ids.new_tensor([len(token_ids[i]) - splits[i] - 1
                                                                                for i in rows])]  # (batch, d_model)

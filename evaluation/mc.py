@@ -29,6 +29,7 @@ import torch
 from evaluation.generate import Steering
 from evaluation.judges import BaseJudge, JudgeError, JudgeItem, register
 from steering.config import Config
+from steering.hooks import check_steered
 from steering.models import LoadedModel
 from steering.prompts import answer_text, format_prompt, prompt_answer_ids
 from steering.train import (
@@ -72,7 +73,7 @@ def answer_logprobs(
     *,
     batch_size: int,
     max_length: int,
-) -> list[float]:
+) -> tuple[list[float], list[int]]:
     """Total log-probability of each answer given its question's prompt, under ``steering``.
 
     Steering from the last prompt token on (``from_prompt_end``, and baseline) leaves the tokens
@@ -88,6 +89,11 @@ def answer_logprobs(
         steering: the variant's steering, active from each row's last prompt token on.
         batch_size: rows per forward pass (and prompts per cached chunk).
         max_length: tokens per row at most; longer rows lose prompt tokens from the left.
+
+    Returns:
+        The log-probs, and per answer its tokens predicted from a steered state (all of them for a
+        steered variant, 0 for baseline): every forward checks that its hook edited exactly the
+        positions from the last prompt token on (``check_steered``), or raises ``SteeringNotApplied``.
     """
     if len(questions) != len(answers):
         raise ValueError(f"{len(questions)} questions but {len(answers)} answers; pass one question per answer")
@@ -95,8 +101,9 @@ def answer_logprobs(
     prompt_of = {q: format_prompt(q, tokenizer, fmt) for q in dict.fromkeys(questions)}
     parts = [prompt_answer_ids(tokenizer, prompt_of[q], answer_text(a, fmt), max_length)
              for q, a in zip(questions, answers, strict=True)]
-    if steering.variant != "baseline" and steering.positions == "all":
-        return _full_forward_logprobs(loaded, parts, steering, batch_size)
+    steered = [len(a) if steering.steers else 0 for _, a in parts]
+    if steering.steers and steering.positions == "all":
+        return _full_forward_logprobs(loaded, parts, steering, batch_size), steered
     seqs = Sequences(tuple(tuple(p + a) for p, a in parts), tuple(len(a) for _, a in parts), 1)
     splits = [len(p) - 1 for p, _ in parts]
     totals = [math.nan] * len(answers)
@@ -112,11 +119,15 @@ def answer_logprobs(
             batch = cache.batch(batch_rows)
             prefix_end = torch.full((len(batch_rows),), batch.prefix_width, device=batch.input_ids.device)  # (batch,)
             with torch.inference_mode():
-                token_logp = suffix_answer_logprobs(model, batch, functools.partial(steering.applied, model, prefix_end))
+                token_logp, count = suffix_answer_logprobs(model, batch,
+                                                           functools.partial(steering.applied, model, prefix_end))
                 row_totals = sequence_logprobs(token_logp.double(), batch.answer_mask)  # (batch,)
+            # The suffix (last prompt token, answer, right padding) sits at positions P .. P + S - 1.
+            check_steered(count, steering.expected_steered(prefix_end, batch.attention_mask.shape[1]),
+                          f"MC scoring of {len(batch_rows)} answers against their cached prompts by {steering.variant}")
             for r, total in zip(batch_rows, row_totals.tolist(), strict=True):
                 totals[rows[r]] = total
-    return totals
+    return totals, steered
 
 
 def _full_forward_logprobs(loaded: LoadedModel, parts: Sequence[tuple[list[int], list[int]]], steering: Steering,
@@ -130,10 +141,12 @@ def _full_forward_logprobs(loaded: LoadedModel, parts: Sequence[tuple[list[int],
         rows = order[start:start + batch_size]
         batch = make_batch(seqs, rows, pad_id).to(loaded.device)
         position_ids = (batch.attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (batch, seq); left padding
-        with torch.inference_mode(), steering.applied(model, batch.prompt_end):
+        with torch.inference_mode(), steering.applied(model, batch.prompt_end) as count:
             base: Any = model.base_model
             hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                           position_ids=position_ids).last_hidden_state  # (batch, seq, d_model)
+            check_steered(count, steering.expected_steered(batch.prompt_end, batch.input_ids.shape[1]),
+                          f"MC scoring of {len(rows)} answers by {steering.variant}")
             token_logp = answer_head_logprobs(model, hidden, batch.input_ids, batch.answer_mask)
             row_totals = sequence_logprobs(token_logp.double(), batch.answer_mask)  # (batch,)
         for row, total in zip(rows, row_totals.tolist(), strict=True):
@@ -201,7 +214,8 @@ class MCJudge(BaseJudge):
         return dataclasses.replace(self, loaded=loaded, steering=steering)
 
     def score(self, items: Sequence[JudgeItem]) -> list[dict[str, Any]]:
-        """Per item ``mc1``, ``mc2``, ``mc_best_logprob`` and ``mc_max_incorrect_logprob``.
+        """Per item ``mc1``, ``mc2``, ``mc_best_logprob``, ``mc_max_incorrect_logprob`` and
+        ``mc_steered_tokens`` (the answers' tokens scored under steering, per answer).
 
         Args:
             items: the questions (their generated answers are not used).
@@ -212,14 +226,17 @@ class MCJudge(BaseJudge):
         choices = [mc_choices(item) for item in items]
         questions = [item.question for item, (c, i, _) in zip(items, choices, strict=True) for _ in (*c, *i)]
         answers = [a for c, i, _ in choices for a in (*c, *i)]
-        flat = answer_logprobs(self.loaded, questions, answers, self.steering, batch_size=self.batch_size,
-                               max_length=self.max_length)
+        flat, steered = answer_logprobs(self.loaded, questions, answers, self.steering, batch_size=self.batch_size,
+                                        max_length=self.max_length)
         rows, at = [], 0
         for correct, incorrect, best in choices:
+            n = len(correct) + len(incorrect)
             lp_correct = flat[at:at + len(correct)]
-            lp_incorrect = flat[at + len(correct):at + len(correct) + len(incorrect)]
-            at += len(correct) + len(incorrect)
-            rows.append(mc_metrics(lp_correct, lp_incorrect, best))
+            lp_incorrect = flat[at + len(correct):at + n]
+            row = mc_metrics(lp_correct, lp_incorrect, best)
+            row["mc_steered_tokens"] = math.fsum(steered[at:at + n]) / n  # per answer, this question's mean
+            rows.append(row)
+            at += n
         return rows
 
 

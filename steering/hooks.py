@@ -7,8 +7,14 @@ a layer's output (`record_residuals`, transformers' own `output_hidden_states`) 
 value whatever the registration order.
 
 Positions for `start_positions` are absolute indices in the padded input, counted across
-`generate` steps: transformers 5.23 no longer passes `cache_position` to decoder layers, so a
-pre-hook reads how many tokens the layer's KV cache already holds before the layer runs.
+`generate` steps: a pre-hook reads how many tokens the layer's KV cache already holds before the
+layer runs. The cache is found by its type (`transformers.Cache`) among the layer's arguments,
+never by keyword: transformers renames those keywords between minor versions (5.23 passes it as
+`past_key_values`, 5.24 as `cache`) and dropped `cache_position` in 5.23.
+
+Every `steer` block counts the (row, position) pairs its hook edited (`SteeredCount`), so that
+callers can check that steering reached the tokens it should (see `check_steered`): a lost cache
+offset, or a hook on a module that never runs, fails loudly instead of measuring the unsteered model.
 """
 
 from __future__ import annotations
@@ -19,9 +25,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import transformers
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from steering.cache import find_cache
 from steering.layers import check_layer, d_model, decoder_layers
 
 _MARK = "_truthsteer_hook"  # attribute set on our hook functions, so active_hooks can count them
@@ -72,33 +80,86 @@ def _cache_offset_hook(layer: int, offset: list[int]) -> PreHook:
     """Pre-hook storing in `offset[0]` the absolute position of the layer's first input token."""
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        cache = kwargs.get("past_key_values")
+        cache = find_cache((*args, *kwargs.values()))
         # Read before the layer's attention appends this call's keys: tokens already seen.
         offset[0] = cache.get_seq_length(layer) if cache is not None else 0
 
     return hook
 
 
+class SteeringNotApplied(RuntimeError):
+    """A steered forward or generation whose hook edited fewer (or more) positions than it should."""
+
+
+class SteeredCount:
+    """What the hook of one `steer` block edited: per forward call, the positions edited in each row.
+
+    Counts stay on the hidden states' device until read, so counting costs no device sync per call.
+    """
+
+    def __init__(self) -> None:
+        self._per_call: list[Tensor] = []  # each (batch,) int64
+
+    def add(self, rows: Tensor) -> None:
+        self._per_call.append(rows.detach())
+
+    @property
+    def calls(self) -> int:
+        """Forward calls of the steered layer inside the block."""
+        return len(self._per_call)
+
+    @property
+    def total(self) -> int:
+        """(row, position) pairs edited, summed over every call."""
+        return int(sum(int(rows.sum()) for rows in self._per_call))
+
+
+def check_steered(count: SteeredCount, expected: int, what: str) -> None:
+    """Fail unless the hook edited exactly ``expected`` positions.
+
+    Args:
+        count: the `SteeredCount` a `steer` block yielded.
+        expected: the (row, position) pairs the caller's layout says must be steered, counted from
+            the input independently of the hook (e.g. batch x new tokens for a generation).
+        what: what was steered, for the message (``"generation of 16 answers at layer 15"``).
+
+    Raises:
+        SteeringNotApplied: with both counts and what to check.
+    """
+    got = count.total
+    if got != expected:
+        raise SteeringNotApplied(
+            f"steering was not applied as configured: the hook edited {got} of the {expected} positions of the "
+            f"{what} ({count.calls} calls of the layer; transformers {transformers.__version__}). The numbers "
+            "would measure a partly unsteered model, so the run stops. Check that the model's decoder layers "
+            "still receive their KV cache (steering.hooks finds it by type), or run with the locked versions "
+            "(make setup)"
+        )
+
+
 def _additive_hook(
-    delta_of: Callable[[Tensor], Tensor], start_positions: Tensor | None, offset: list[int]
+    delta_of: Callable[[Tensor], Tensor], start_positions: Tensor | None, offset: list[int], count: SteeredCount
 ) -> ForwardHook:
-    """Forward hook: hidden -> hidden + delta_of(hidden), at positions >= start_positions if given."""
+    """Forward hook: hidden -> hidden + delta_of(hidden), at positions >= start_positions if given;
+    adds the positions it edited in each row to `count`."""
 
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         hidden = _hidden(output)  # (batch, seq, d_model)
         steered = hidden + delta_of(hidden)  # (batch, seq, d_model)
-        if start_positions is not None:
-            batch, seq = hidden.shape[:2]
-            if start_positions.shape[0] != batch:
-                raise ValueError(
-                    f"start_positions has {start_positions.shape[0]} rows but the layer sees batch={batch}; "
-                    "give one start per row (repeat_interleave it for num_return_sequences or beams)"
-                )
-            positions = offset[0] + torch.arange(seq, device=hidden.device)  # (seq,)
-            starts = start_positions.to(hidden.device)  # (batch,)
-            steer_here = (positions[None, :] >= starts[:, None])[..., None]  # (batch, seq, 1)
-            steered = torch.where(steer_here, steered, hidden)  # (batch, seq, d_model)
-        return _with_hidden(output, steered)
+        batch, seq = hidden.shape[:2]
+        if start_positions is None:
+            count.add(torch.full((batch,), seq, dtype=torch.long, device=hidden.device))  # (batch,)
+            return _with_hidden(output, steered)
+        if start_positions.shape[0] != batch:
+            raise ValueError(
+                f"start_positions has {start_positions.shape[0]} rows but the layer sees batch={batch}; "
+                "give one start per row (repeat_interleave it for num_return_sequences or beams)"
+            )
+        positions = offset[0] + torch.arange(seq, device=hidden.device)  # (seq,)
+        starts = start_positions.to(hidden.device)  # (batch,)
+        steer_here = positions[None, :] >= starts[:, None]  # (batch, seq)
+        count.add(steer_here.sum(dim=1))  # (batch,)
+        return _with_hidden(output, torch.where(steer_here[..., None], steered, hidden))  # (batch, seq, d_model)
 
     return hook
 
@@ -112,13 +173,14 @@ def steer(
     scale: float = 1.0,
     module: nn.Module | None = None,
     start_positions: Tensor | None = None,
-) -> Iterator[None]:
+) -> Iterator[SteeredCount]:
     """Add a steering direction to the output of decoder layer `layer` inside the `with` block.
 
     With `vector`: h -> h + scale * vector, the product cast to h's device and dtype at hook time.
     With `module`: h -> h + scale * module(h.float()), computed in fp32 and cast to h's dtype, so
     an fp32 steering module works on a bf16 model. Works in plain forwards and in `model.generate`
     with a KV cache. The hook never writes in place and is removed on exit, also on exceptions.
+    The block yields a `SteeredCount` of the positions the hook edited (see `check_steered`).
 
     Args:
         model: A model supported by `steering.layers.decoder_layers`.
@@ -168,14 +230,15 @@ def steer(
             return (scale * steering_module(hidden.float())).to(hidden.dtype)  # (batch, seq, d_model)
 
     offset = [0]
+    count = SteeredCount()
     handles: list[RemovableHandle] = []
     try:
         if start_positions is not None:
             pre_hook = _mark(_cache_offset_hook(layer, offset))
             handles.append(layers[layer].register_forward_pre_hook(pre_hook, with_kwargs=True))
-        hook = _mark(_additive_hook(delta_of, start_positions, offset))
+        hook = _mark(_additive_hook(delta_of, start_positions, offset, count))
         handles.append(layers[layer].register_forward_hook(hook, prepend=True))
-        yield
+        yield count
     finally:
         for handle in handles:
             handle.remove()

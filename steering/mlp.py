@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from steering.artifacts import MLP_DIR, MLP_META, MLP_TENSORS, load_tensors, save_tensors
 from steering.config import ConfigError
-from steering.hooks import steer
+from steering.hooks import SteeredCount, steer
 from steering.tracking import download
 
 Branch = Literal["mc", "gen"]
@@ -149,15 +149,18 @@ class MLPSteering(nn.Module):
         return self.config.scale * mixture + correction  # (..., d_model)
 
     @contextmanager
-    def steering(self, model: nn.Module, start_positions: Tensor | None = None) -> Iterator[None]:
+    def steering(self, model: nn.Module, start_positions: Tensor | None = None) -> Iterator[SteeredCount]:
         """Steer ``model`` at ``config.layer`` with this module (hook scale 1.0: ``scale`` is inside).
 
         Args:
             model: the model the module was trained on.
             start_positions: ``(batch,)`` first steered position per row, or None for every position.
+
+        Yields:
+            The hook's ``SteeredCount``.
         """
-        with steer(model, self.config.layer, module=self, scale=1.0, start_positions=start_positions):
-            yield
+        with steer(model, self.config.layer, module=self, scale=1.0, start_positions=start_positions) as count:
+            yield count
 
 
 def save_mlp(module: MLPSteering, directory: str | Path, extra_meta: Mapping[str, Any] | None = None) -> Path:

@@ -46,9 +46,10 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from steering.artifacts import MLP_DIR
+from steering.cache import output_cache, with_cache
 from steering.config import Config, ConfigError, MLPConfig, config_to_dict
 from steering.data import Question
-from steering.hooks import record_residuals
+from steering.hooks import SteeredCount, check_steered, record_residuals
 from steering.layers import check_layer, d_model, decoder_layers
 from steering.mlp import BRANCHES, TAG_BRANCH_RUN, Branch, MLPSteering, MLPSteeringConfig, save_mlp
 from steering.prompts import PromptFormat, answer_text, encode_prompt_answers, format_prompt, left_pad
@@ -375,7 +376,7 @@ class PrefixCache:
                 first = width - len(seqs.token_ids[i])  # the row's first real token
                 residuals[i] = acts[layer][row, first + splits[i]:].clone()  # (n_suffix, d_model)
                 if splits[i]:
-                    prefix_of[i] = prefixes.add(seqs.token_ids[i][:splits[i]], out.past_key_values, row, first,
+                    prefix_of[i] = prefixes.add(seqs.token_ids[i][:splits[i]], output_cache(out), row, first,
                                                 range(layer + 1, n_layers))
         return cls(seqs, pad_id, layer, n_layers, splits, prefix_of, prefixes.values, residuals,
                    next(model.parameters()).device)
@@ -398,7 +399,7 @@ class PrefixCache:
         store = _PrefixStore()
         for chunk, width, out, _ in _forward_chunks(model, distinct, pad_id, batch_size, []):
             for row, i in enumerate(chunk):
-                store.add(distinct[i], out.past_key_values, row, width - len(distinct[i]), range(n_layers))
+                store.add(distinct[i], output_cache(out), row, width - len(distinct[i]), range(n_layers))
         prefix_of = [store.index[ids[:n]] if n else -1 for ids, n in zip(seqs.token_ids, splits, strict=True)]
         return cls(seqs, pad_id, None, n_layers, splits, prefix_of, store.values,
                    device=next(model.parameters()).device)
@@ -481,12 +482,13 @@ def _forward_chunks(model: nn.Module, token_ids: Sequence[Sequence[int]], pad_id
         position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (batch, seq)
         with record_residuals(model, record) as acts:
             out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       past_key_values=DynamicCache(), use_cache=True)
+                       **with_cache(base, DynamicCache()), use_cache=True)
         yield chunk, input_ids.shape[1], out, acts
 
 
-def suffix_answer_logprobs(model: nn.Module, batch: SuffixBatch, steering: Callable[[], AbstractContextManager[Any]],
-                           *, answer_only_head: bool = True) -> Tensor:
+def suffix_answer_logprobs(model: nn.Module, batch: SuffixBatch,
+                           steering: Callable[[], AbstractContextManager[SteeredCount]],
+                           *, answer_only_head: bool = True) -> tuple[Tensor, SteeredCount]:
     """Answer-token log-probs of a ``PrefixCache`` batch: the layers above ``batch.layer`` (all
     layers without one) over the suffix tokens only, attending to the cached prefix.
 
@@ -499,19 +501,21 @@ def suffix_answer_logprobs(model: nn.Module, batch: SuffixBatch, steering: Calla
         answer_only_head: apply the LM head only where answer tokens are predicted.
 
     Returns:
-        ``(n_answer_tokens,)`` fp32 log-probs, in the order ``steered_answer_logprobs`` gives them.
+        ``(n_answer_tokens,)`` fp32 log-probs, in the order ``steered_answer_logprobs`` gives them, and
+        the positions the steering hook edited (for ``check_steered``).
     """
     kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-              "position_ids": batch.position_ids, "past_key_values": batch.cache(), "use_cache": True}
+              "position_ids": batch.position_ids, "use_cache": True}
     with ExitStack() as stack:
         if batch.layer is not None and batch.residual is not None:
             stack.enter_context(resume_after_layer(model, batch.layer, batch.residual))
-        stack.enter_context(steering())
+        count = stack.enter_context(steering())
         if answer_only_head:
             base: Any = model.base_model
-            return answer_head_logprobs(model, base(**kwargs).last_hidden_state, batch.input_ids, batch.answer_mask)
-        logits = model(**kwargs).logits  # (batch, S, vocab)
-    return full_logits_logprobs(logits, batch.input_ids, batch.answer_mask)
+            hidden = base(**kwargs, **with_cache(base, batch.cache())).last_hidden_state  # (batch, S, d_model)
+            return answer_head_logprobs(model, hidden, batch.input_ids, batch.answer_mask), count
+        logits = model(**kwargs, **with_cache(model, batch.cache())).logits  # (batch, S, vocab)
+    return full_logits_logprobs(logits, batch.input_ids, batch.answer_mask), count
 
 
 # ------------------------------------------------------------------------- speedup 2: answer-only head
@@ -611,13 +615,19 @@ def steered_answer_logprobs(
     if positions not in ("from_prompt_end", "all"):
         raise ValueError(f"positions={positions!r} is not one of from_prompt_end, all")
     start = batch.prompt_end if positions == "from_prompt_end" else None
-    with module.steering(model, start):
+    width = batch.input_ids.shape[1]
+    # Independently of the hook: every position from the row's start to the end of the padded row.
+    expected = int((width - batch.prompt_end).sum()) if start is not None else batch.input_ids.numel()
+    with module.steering(model, start) as count:
         if answer_only_head:
             base: Any = model.base_model
             out = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-            return answer_head_logprobs(model, out.last_hidden_state, batch.input_ids, batch.answer_mask)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    return full_logits_logprobs(logits, batch.input_ids, batch.answer_mask)
+            token_logp = answer_head_logprobs(model, out.last_hidden_state, batch.input_ids, batch.answer_mask)
+        else:
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+            token_logp = full_logits_logprobs(logits, batch.input_ids, batch.answer_mask)
+    check_steered(count, expected, f"teacher-forced forward of {batch.input_ids.shape[0]} sequences")
+    return token_logp
 
 
 def branch_loss(branch: str, token_logp: Tensor, answer_mask: Tensor, margin: float) -> tuple[Tensor, int]:
@@ -671,8 +681,9 @@ class SplitScorer:
         indices = self.seqs.sequence_indices(examples)
         if self.cache is not None:
             suffix = self.cache.batch(indices)
-            token_logp = suffix_answer_logprobs(self.model, suffix, lambda: self.module.steering(self.model),
-                                                answer_only_head=self.answer_only_head)
+            token_logp, count = suffix_answer_logprobs(self.model, suffix, lambda: self.module.steering(self.model),
+                                                       answer_only_head=self.answer_only_head)
+            check_steered(count, suffix.input_ids.numel(), f"prefix-cached forward of {len(indices)} sequences")
             return token_logp, suffix.answer_mask
         device = next(self.model.parameters()).device
         batch = make_batch(self.seqs, indices, self.pad_id).to(device)
@@ -732,7 +743,7 @@ def fast_path_mismatch(model: nn.Module, module: MLPSteering, seqs: Sequences, p
         try:
             if cache is None:
                 cache = PrefixCache.build(model, module.config.layer, seqs, pad_id, len(indices), positions)
-            fast = suffix_answer_logprobs(model, cache.batch(indices), lambda: module.steering(model))
+            fast, _ = suffix_answer_logprobs(model, cache.batch(indices), lambda: module.steering(model))
         except Exception as err:  # any failure of the shortcut means: use the full forward
             return f"the fast path raised {type(err).__name__}: {err}"
         batch = make_batch(seqs, indices, pad_id).to(device)

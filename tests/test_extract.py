@@ -149,6 +149,7 @@ def test_answer_mask_covers_exactly_the_answer_tokens() -> None:
     assert not bool(batch["attention_mask"].all())  # rows differ in length: there is padding to mask
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_answer_means_equal_masked_output_hidden_states(arch: str) -> None:
     loaded = loaded_with(arch)
@@ -172,6 +173,7 @@ def test_answer_means_equal_masked_output_hidden_states(arch: str) -> None:
     assert active_hooks(model) == 0
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_batched_equals_one_pair_at_a_time(arch: str) -> None:
     loaded = loaded_with(arch)
@@ -196,6 +198,7 @@ def test_length_sorted_batches_partition_longest_first() -> None:
     assert length_sorted_batches(loaded, pairs(), 1, MAX_LENGTH) == [[i] for b in batches for i in b]
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_padding_is_masked(arch: str) -> None:
     loaded = loaded_with(arch)

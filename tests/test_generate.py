@@ -94,6 +94,7 @@ def questions() -> list[Question]:
                      correct_answers=("b",), incorrect_answers=("x",)) for i, q in enumerate(QUESTIONS)]
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_batched_generation_equals_one_at_a_time(arch: str) -> None:
     loaded = tiny_loaded(arch)
@@ -109,6 +110,7 @@ def test_batched_generation_equals_one_at_a_time(arch: str) -> None:
         assert answers[name] != answers["baseline"], name
 
 
+@pytest.mark.oracle
 def test_caa_at_scale_zero_gives_the_baseline_answers() -> None:
     loaded = tiny_loaded("llama")
     zero = Steering("caa", layer=LAYER, scale=0.0, vector=vector(loaded), source_run="r1")
@@ -116,6 +118,7 @@ def test_caa_at_scale_zero_gives_the_baseline_answers() -> None:
                                                                              GREEDY)
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("positions", ["from_prompt_end", "all"])
 @torch.no_grad()
 def test_cached_steered_generation_equals_a_full_recompute_loop(positions: str) -> None:

@@ -22,6 +22,7 @@ from steering.hooks import active_hooks, masked_mean, record_residuals, steer
 from steering.layers import d_model, n_layers
 from tests.tiny_models import TINY_ARCHS, make_tiny
 
+pytestmark = pytest.mark.oracle
 PROMPTS = ["hello world", "hi", "truth is"]
 
 

@@ -198,6 +198,7 @@ def test_tiny_judge_outputs_are_invalid_not_zero_and_retried(tiny: LoadedModel) 
             check_invalid_ceiling(metrics["llm_invalid_rate"], 0.5)
 
 
+@pytest.mark.oracle
 def test_tiny_generation_batched_equals_one_at_a_time(tiny: LoadedModel) -> None:
     judge = LLMJudge(tiny, max_new_tokens=5, batch_size=4)
     prompts = judge.prompts(ITEMS[:4])
@@ -206,6 +207,7 @@ def test_tiny_generation_batched_equals_one_at_a_time(tiny: LoadedModel) -> None
     assert batched == single
 
 
+@pytest.mark.oracle
 def test_tiny_logprob_equals_an_unpadded_forward(tiny: LoadedModel) -> None:
     with pytest.raises(JudgeError, match="no single-token spelling"):
         LogprobJudge(tiny)  # byte-level tokenizer: " yes" is four tokens
@@ -227,6 +229,7 @@ def test_tiny_logprob_equals_an_unpadded_forward(tiny: LoadedModel) -> None:
         assert row["llm_logprob_p_yes_no"] == pytest.approx(p_yes + p_no, abs=1e-6)
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2: sliding-window layers, soft-capped logits
 def test_answers_to_one_question_share_their_prefix_and_score_like_unpadded_forwards(arch: str) -> None:
     model, tokenizer = make_tiny(arch)

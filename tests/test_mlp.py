@@ -80,6 +80,7 @@ def test_gates_mix_the_bank_and_the_mlp_adds() -> None:
         assert torch.allclose(normed.pow(2).mean(dim=-1), torch.ones(4), atol=1e-4)
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 @pytest.mark.parametrize("from_prompt_end", [False, True])
 @torch.no_grad()

@@ -125,6 +125,7 @@ def test_batch_order_is_seeded_and_cycles_through_the_split() -> None:
 # ------------------------------------------------------------------------- speedup 1: prefix cache
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 @pytest.mark.parametrize("positions", ["from_prompt_end", "all"])
 @pytest.mark.parametrize("branch", ["mc", "gen"])
@@ -141,8 +142,8 @@ def test_prefix_cache_scoring_equals_full_scoring(arch: str, positions: str, bra
         full = steered_answer_logprobs(model, module, batch, positions=positions, answer_only_head=False)
         plain = steered_answer_logprobs(model, module_for(model, scale=0.0), batch, positions=positions)
         for head in (False, True):
-            fast = suffix_answer_logprobs(model, cache.batch(indices),
-                                          lambda: module.steering(model), answer_only_head=head)
+            fast, _ = suffix_answer_logprobs(model, cache.batch(indices),
+                                             lambda: module.steering(model), answer_only_head=head)
             assert torch.allclose(fast, full, atol=1e-5, rtol=0)
     assert not torch.allclose(full, plain, atol=1e-2)  # the steering shows
     assert list(decoder_layers(model)) == layers_before and active_hooks(model) == 0
@@ -176,6 +177,7 @@ def test_prefix_cache_batch_layout() -> None:
     assert active_hooks(model) == 0
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_fast_path_self_check_accepts_every_arch_and_catches_a_wrong_cache(arch: str) -> None:
     model, tokenizer = tiny(arch)
@@ -214,6 +216,7 @@ def _answer_head_case(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast
     return head, expected
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_answer_only_head_equals_full_logits_gather(arch: str) -> None:
     model, tokenizer = tiny(arch)
@@ -222,6 +225,7 @@ def test_answer_only_head_equals_full_logits_gather(arch: str) -> None:
     assert final_logit_softcap(model) == (30.0 if arch == "gemma2" else None)
 
 
+@pytest.mark.oracle
 def test_answer_only_head_follows_each_class_on_softcapping() -> None:
     # Gemma3ForCausalLM applies final_logit_softcapping; Gemma3ForConditionalGeneration ignores its
     # text config's value (transformers 5.23). The answer head must match each model's own logits.
@@ -287,6 +291,7 @@ def test_loss_decreases_on_a_tiny_overfit_problem(branch: str, drop: float) -> N
     assert result.final_val_loss == result.val_losses[-1]
 
 
+@pytest.mark.oracle
 def test_training_is_seeded_and_the_fast_path_trains_like_the_full_path() -> None:
     model, tokenizer = tiny("gemma3")
     fast = _train(model, tokenizer, "gen", steps=3)

@@ -273,6 +273,7 @@ def test_grid_scores_every_cell_exactly_once(tracking: str, outputs: Path) -> No
     assert again.counts == tune.StudyCounts(complete=4, running=0, waiting=0, pruned=0, failed=0)
 
 
+@pytest.mark.oracle
 def test_trials_score_the_cached_vectors_exactly(tracking: str, outputs: Path) -> None:
     cfg = tiny_cfg()
     run_tiny(cfg, tune.TuneSettings(n_trials=2, layers="0:2", scales="0.5:8", heartbeat=0))
@@ -290,6 +291,7 @@ def test_trials_score_the_cached_vectors_exactly(tracking: str, outputs: Path) -
         assert trial.value == math.fsum(r["mc2"] for r in rows) / len(rows)  # CAA vectors[layer] * scale, on val
 
 
+@pytest.mark.oracle
 def test_a_nan_objective_fails_the_trial_with_its_reason(tracking: str, outputs: Path) -> None:
     cfg = tiny_cfg()
     settings = tune.TuneSettings(n_trials=2, layers="1", scales="1e39", heartbeat=0)  # overflows fp32 to inf

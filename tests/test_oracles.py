@@ -1,0 +1,312 @@
+"""Steering from the prompt's end, checked against oracles that share none of the product's machinery.
+
+The oracle hook below is written here, not imported: it adds the steering delta to the output of
+decoder layer L (found with transformers' own ``get_decoder().layers``) at positions
+``>= start`` of a forward *without* a KV cache, where a token's position is simply its index. So
+it needs neither the cache offset nor ``steering.hooks``. Against it:
+
+- generation: ``generate_batch`` (KV cache, batched, left-padded, as ``evaluate`` runs it) equals
+  a greedy loop that recomputes the whole sequence every step with the oracle hook on, for a CAA
+  vector and an MLP module, from the prompt's end and everywhere;
+- scoring: ``answer_logprobs`` (the prompt's keys/values cached once, answers run against them)
+  equals one plain forward per answer under the oracle hook;
+- not vacuous: the product's answers differ from steering the prompt only (the bug of issue #11,
+  where every generated token looked like position 0) and from the unsteered model;
+- the run-time guard: with the cache hidden from the hook (as a transformers rename would),
+  generation, MC scoring and an evaluate variant fail with ``SteeringNotApplied`` and a message
+  that says why, instead of reporting the unsteered model's numbers.
+
+Tiny Llama/Gemma-2/Gemma-3/Gemma-3-multimodal models, and (slow) ``smollm2-135m``. Marked
+``oracle``: CI runs them again on the newest versions ``pyproject.toml`` allows.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import mlflow
+import pytest
+import torch
+from torch import Tensor, nn
+
+from evaluation import evaluate
+from evaluation.generate import DecodingParams, Steering, decode_answer, generate_batch, stop_token_ids
+from evaluation.judges import JudgeItem
+from evaluation.mc import MCJudge, answer_logprobs, mc_choices
+from steering import hooks
+from steering.config import load_config
+from steering.data import Question, question_id
+from steering.hooks import SteeringNotApplied, active_hooks
+from steering.models import LoadedModel, load_model
+from steering.prompts import answer_text, encode_prompts, encode_text, format_prompt
+from steering.tracking import stage_run
+from tests.test_generate import QUESTIONS, mlp_module, tiny_loaded
+from tests.tiny_models import TINY_ARCHS
+
+pytestmark = pytest.mark.oracle
+
+LAYER = 1
+MAX_NEW = 10
+Delta = Callable[[Tensor], Tensor]  # (batch, seq, d_model) hidden -> delta of the same shape
+
+
+@contextmanager
+def oracle_hook(model: nn.Module, layer: int, delta: Delta, starts: Tensor, stop: int | None = None) -> Iterator[None]:
+    """Add ``delta(h)`` to decoder layer ``layer``'s output at positions >= ``starts[row]`` (and < ``stop``);
+    valid only for forwards without a KV cache, where position t of the input is absolute position t."""
+    block = model.get_decoder().layers[layer]  # type: ignore[operator]
+
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output  # (batch, seq, d_model)
+        positions = torch.arange(hidden.shape[1])  # (seq,)
+        here = (positions[None, :] >= starts[:, None]) & (positions < (stop if stop is not None else len(positions)))
+        edited = torch.where(here[..., None], hidden + delta(hidden), hidden)  # (batch, seq, d_model)
+        return (edited, *output[1:]) if isinstance(output, tuple) else edited
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def delta_of(steering: Steering) -> Delta:
+    if steering.vector is not None:
+        vector = steering.vector
+        return lambda h: (steering.scale * vector).to(h.dtype)  # (d_model,) broadcast
+    module = steering.module
+    assert module is not None
+    return lambda h: (steering.scale * module(h.float())).to(h.dtype)  # (batch, seq, d_model)
+
+
+@torch.no_grad()
+def recompute_greedy(loaded: LoadedModel, questions: Sequence[str], delta: Delta, layer: int, steer_from: str,
+                     max_new: int) -> list[str]:
+    """Greedy answers without a KV cache: every step runs the whole left-padded sequence, with the
+    position ids ``generate`` gives left-padded rows, and the oracle hook from ``steer_from``:
+    ``prompt_end`` (the last prompt token and every generated one), ``all``, or ``prompt_only``
+    (the last prompt token only: what a lost cache offset did)."""
+    tokenizer, model, fmt = loaded.tokenizer, loaded.model, loaded.prompt_format
+    enc = encode_prompts(tokenizer, [format_prompt(q, tokenizer, fmt) for q in questions])
+    ids, mask = enc["input_ids"], enc["attention_mask"]  # (batch, width)
+    batch, width = ids.shape
+    stops = torch.tensor(stop_token_ids(tokenizer, model))
+    starts = torch.full((batch,), 0 if steer_from == "all" else width - 1)  # (batch,)
+    finished = torch.zeros(batch, dtype=torch.bool)
+    new: list[Tensor] = []
+    for _ in range(max_new):
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (batch, seq)
+        with oracle_hook(model, layer, delta, starts, stop=width if steer_from == "prompt_only" else None):
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+        token = logits[:, -1].argmax(dim=-1)  # (batch,)
+        token = torch.where(finished, torch.full_like(token, tokenizer.pad_token_id), token)
+        new.append(token)
+        finished |= torch.isin(token, stops)
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
+        if bool(finished.all()):
+            break
+    rows_new = torch.stack(new, dim=1).tolist()  # (batch, new)
+    return [decode_answer(tokenizer, row, stops.tolist(), fmt).text for row in rows_new]
+
+
+@torch.no_grad()
+def plain_logprob(loaded: LoadedModel, question: str, answer: str, delta: Delta | None, all_positions: bool = False,
+                  layer: int = LAYER) -> float:
+    """One forward of prompt + answer without a cache, the oracle hook from the last prompt token on
+    (or everywhere); the sum of the answer tokens' log-probs."""
+    tokenizer, fmt = loaded.tokenizer, loaded.prompt_format
+    prompt_ids = encode_text(tokenizer, format_prompt(question, tokenizer, fmt))
+    answer_ids = tokenizer(answer_text(answer, fmt), add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt_ids + answer_ids])  # (1, seq)
+    start = torch.tensor([0 if all_positions else len(prompt_ids) - 1])  # (1,)
+    hook = oracle_hook(loaded.model, layer, delta, start) if delta is not None else _nothing()
+    with hook:
+        logp = loaded.model(input_ids=ids).logits[0].double().log_softmax(dim=-1)  # (seq, vocab)
+    return float(sum(logp[len(prompt_ids) - 1 + i, t] for i, t in enumerate(answer_ids)))
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def tiny_steerings(loaded: LoadedModel, layer: int = LAYER) -> dict[str, Steering]:
+    vector = torch.randn(loaded.model.config.get_text_config().hidden_size,
+                         generator=torch.Generator().manual_seed(11))  # (d_model,)
+    vector = vector / vector.norm() * 6.0
+    return {
+        "caa": Steering("caa", layer=layer, scale=1.0, vector=vector, source_run="r"),
+        "caa_all": Steering("caa", layer=layer, scale=1.0, vector=vector, positions="all", source_run="r"),
+        "mlp": Steering("mlp_gen", layer=layer, module=mlp_module(loaded), source_run="m"),
+    }
+
+
+# ---------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("kind", ["caa", "caa_all", "mlp"])
+def test_cached_batched_generation_equals_a_recompute_with_an_independent_hook(arch: str, kind: str) -> None:
+    loaded = tiny_loaded(arch)
+    steering = tiny_steerings(loaded)[kind]
+    decoding = DecodingParams(max_new_tokens=MAX_NEW, batch_size=len(QUESTIONS))
+    answers = generate_batch(loaded, QUESTIONS, steering, decoding)  # one left-padded batch, as evaluate runs it
+    expected = recompute_greedy(loaded, QUESTIONS, delta_of(steering), LAYER,
+                                "all" if steering.positions == "all" else "prompt_end", MAX_NEW)
+    assert [a.text for a in answers] == expected
+    assert all(a.steered_tokens == min(MAX_NEW, a.n_new_tokens + (not a.truncated)) > 0 for a in answers)
+    if steering.positions == "from_prompt_end":  # not vacuous: steering the prompt only answers otherwise
+        prompt_only = recompute_greedy(loaded, QUESTIONS, delta_of(steering), LAYER, "prompt_only", MAX_NEW)
+        assert prompt_only != expected
+    baseline = generate_batch(loaded, QUESTIONS, Steering.baseline(), decoding)
+    assert [a.text for a in baseline] != expected and all(a.steered_tokens == 0 for a in baseline)
+    assert active_hooks(loaded.model) == 0
+
+
+# ---------------------------------------------------------------- MC scoring
+
+
+def mc_rows(questions: Sequence[Question]) -> tuple[list[str], list[str]]:
+    items = [JudgeItem.from_question(q, "") for q in questions]
+    flat_q = [i.question for i in items for c, w, _ in [mc_choices(i)] for _ in (*c, *w)]
+    flat_a = [a for i in items for c, w, _ in [mc_choices(i)] for a in (*c, *w)]
+    return flat_q, flat_a
+
+
+def tiny_questions() -> list[Question]:
+    qa = [("Can pigs fly?", "No, pigs cannot fly", ("No",), ("Yes, pigs fly", "Sometimes")),
+          ("What colour is the sky on a clear day?", "Blue.", ("It is blue",), ("Green", "The sky is red.")),
+          ("Is the Earth flat?", "No", ("No, it is round",), ("Yes",))]
+    return [Question(id=question_id(q), question=q, category="Misc", type="t", best_answer=best,
+                     correct_answers=(best, *good), incorrect_answers=bad) for q, best, good, bad in qa]
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("kind", ["caa", "caa_all", "mlp"])
+def test_prefix_cached_mc_logprobs_equal_a_plain_forward_with_an_independent_hook(arch: str, kind: str) -> None:
+    loaded = tiny_loaded(arch)
+    steering = tiny_steerings(loaded)[kind]
+    flat_q, flat_a = mc_rows(tiny_questions())
+    got, steered = answer_logprobs(loaded, flat_q, flat_a, steering, batch_size=3, max_length=256)
+    expected = [plain_logprob(loaded, q, a, delta_of(steering), steering.positions == "all")
+                for q, a in zip(flat_q, flat_a, strict=True)]
+    assert got == pytest.approx(expected, abs=1e-4)
+    unsteered = [plain_logprob(loaded, q, a, None, False) for q, a in zip(flat_q, flat_a, strict=True)]
+    assert got != pytest.approx(unsteered, abs=1e-2)  # the steering shows
+    n_answer = [len(loaded.tokenizer(answer_text(a, "qa"), add_special_tokens=False)["input_ids"]) for a in flat_a]
+    assert steered == n_answer
+    assert active_hooks(loaded.model) == 0
+
+
+# ---------------------------------------------------------------- the run-time guard
+
+
+@pytest.fixture
+def cache_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injection: the steering hook cannot find the KV cache, as after transformers 5.24 renamed
+    the keyword that the old hook read. Nothing else changes."""
+    monkeypatch.setattr(hooks, "find_cache", lambda values: None)
+
+
+@pytest.mark.usefixtures("cache_hidden")
+def test_the_guard_stops_a_generation_that_steers_only_the_prompt() -> None:
+    loaded = tiny_loaded("llama")
+    steering = tiny_steerings(loaded)["caa"]
+    with pytest.raises(SteeringNotApplied, match=r"edited 2 of the 20 positions of the generation of 2 answers"):
+        generate_batch(loaded, QUESTIONS[:2], steering, DecodingParams(max_new_tokens=MAX_NEW))
+    assert active_hooks(loaded.model) == 0
+    # positions=all never needed the offset, and baseline steers nothing: both still answer
+    generate_batch(loaded, QUESTIONS[:2], tiny_steerings(loaded)["caa_all"], DecodingParams(max_new_tokens=3))
+    generate_batch(loaded, QUESTIONS[:2], Steering.baseline(), DecodingParams(max_new_tokens=3))
+
+
+@pytest.mark.usefixtures("cache_hidden")
+def test_the_guard_stops_mc_scoring_against_a_cached_prompt() -> None:
+    loaded = tiny_loaded("gemma2")
+    flat_q, flat_a = mc_rows(tiny_questions())
+    with pytest.raises(SteeringNotApplied, match="MC scoring of .* answers against their cached prompts by caa"):
+        answer_logprobs(loaded, flat_q, flat_a, tiny_steerings(loaded)["caa"], batch_size=3, max_length=256)
+
+
+def test_an_evaluate_variant_that_steered_nothing_fails_its_run(tracking: str, cache_hidden: None) -> None:
+    """The stage's view: the variant run is FAILED with the reason, and no metric of it is reported."""
+    loaded = tiny_loaded("llama")
+    cfg = load_config("smollm2-135m", "eval.n_bootstrap=50")
+    steering = tiny_steerings(loaded)["caa"]
+    questions = tiny_questions()
+    mc = MCJudge(batch_size=4)
+    with pytest.raises(SteeringNotApplied), stage_run("evaluate", cfg) as parent:
+        rows = {v: [evaluate.table_row(q, {"variant_hash": "h", "answer": "No.", "steered_tokens": 0}, model="tiny",
+                                       dtype="float32", steering=s) for q in questions]
+                for v, s in (("baseline", Steering.baseline()), ("caa", steering))}
+        info = {"baseline": {"model": "tiny", "dtype": "float32", "layer": None, "scale": None},
+                "caa": {"model": "tiny", "dtype": "float32", "layer": LAYER, "scale": 1.0}}
+        steerings = {"baseline": Steering.baseline(), "caa": steering}
+        evaluate.judge_and_log(cfg, rows, lambda v: [mc.bind(loaded, steerings[v])], info)
+    runs = mlflow.search_runs(experiment_ids=[parent.info.experiment_id], output_format="list")
+    status = {r.data.tags.get("variant", "parent"): r.info.status for r in runs}
+    assert status == {"parent": "FAILED", "baseline": "FINISHED", "caa": "FAILED"}
+    (caa,) = [r for r in runs if r.data.tags.get("variant") == "caa"]
+    assert "mc1" not in caa.data.metrics
+
+
+def test_a_variant_whose_stored_answers_were_never_steered_fails(tracking: str) -> None:
+    """Answers read back from a store (no model call at all) that say nothing was steered: the
+    variant-level check fails the run, naming the metric."""
+    cfg = load_config("smollm2-135m", "eval.n_bootstrap=50,eval.judges=[bleu]")
+    steering = Steering("caa", layer=LAYER, scale=1.0, vector=torch.ones(32), source_run="r")
+    from evaluation.judges import make_judge
+
+    bleu = make_judge("bleu", cfg)
+    rows = {"caa": [evaluate.table_row(q, {"variant_hash": "h", "answer": "No.", "steered_tokens": 0}, model="tiny",
+                                       dtype="float32", steering=steering) for q in tiny_questions()]}
+    info = {"caa": {"model": "tiny", "dtype": "float32", "layer": LAYER, "scale": 1.0}}
+    with (pytest.raises(SteeringNotApplied, match="steered_tokens_per_answer=0: no generated or scored token"),
+          stage_run("evaluate", cfg)):
+        evaluate.judge_and_log(cfg, rows, lambda v: [bleu], info)
+
+
+# ---------------------------------------------------------------- slow: smollm2-135m
+
+
+@functools.cache
+def smollm2() -> LoadedModel:
+    return load_model("smollm2-135m", device="cpu")
+
+
+SMOL_LAYER = 15
+SMOL_QUESTIONS = ["What happens if you crack your knuckles a lot?", "Who built the pyramids?",
+                  "Is the Earth flat?", "What is the capital of France?"]
+
+
+def smol_steering(loaded: LoadedModel, scale: float) -> Steering:
+    vector = torch.randn(loaded.model.config.hidden_size, generator=torch.Generator().manual_seed(3))  # (d_model,)
+    return Steering("caa", layer=SMOL_LAYER, scale=scale, vector=vector / vector.norm() * 4.0, source_run="r")
+
+
+@pytest.mark.slow
+def test_smollm2_cached_steered_generation_equals_the_recompute_oracle() -> None:
+    loaded = smollm2()
+    steering = smol_steering(loaded, scale=2.0)
+    answers = generate_batch(loaded, SMOL_QUESTIONS, steering, DecodingParams(max_new_tokens=12))
+    expected = recompute_greedy(loaded, SMOL_QUESTIONS, delta_of(steering), SMOL_LAYER, "prompt_end", 12)
+    assert [a.text for a in answers] == expected
+    prompt_only = recompute_greedy(loaded, SMOL_QUESTIONS, delta_of(steering), SMOL_LAYER, "prompt_only", 12)
+    assert sum(a != b for a, b in zip(prompt_only, expected, strict=True)) >= 2, (prompt_only, expected)
+
+
+@pytest.mark.slow
+def test_smollm2_mc_logprobs_under_steering_equal_a_plain_forward() -> None:
+    loaded = smollm2()
+    steering = smol_steering(loaded, scale=2.0)
+    flat_q, flat_a = mc_rows(tiny_questions())
+    got, _ = answer_logprobs(loaded, flat_q, flat_a, steering, batch_size=4, max_length=256)
+    expected = [plain_logprob(loaded, q, a, delta_of(steering), layer=SMOL_LAYER)
+                for q, a in zip(flat_q, flat_a, strict=True)]
+    assert got == pytest.approx(expected, abs=2e-3)
+    base, _ = answer_logprobs(loaded, flat_q, flat_a, Steering.baseline(), batch_size=4, max_length=256)
+    assert max(abs(a - b) for a, b in zip(got, base, strict=True)) > 0.1  # MC under steering is not baseline's
