@@ -2,7 +2,8 @@
 
 Runs ``python -m entrypoints.full`` in a child process against a fresh sqlite store and a fresh
 outputs folder (the converted-model cache is kept, as on any second run), and reads the child's
-peak resident memory from ``getrusage(RUSAGE_CHILDREN)``. Per-stage times come from the runs.
+peak resident memory from ``getrusage(RUSAGE_CHILDREN)``. Per-stage times come from the runs, and
+each variant's headline metrics (``HEADLINE``, with intervals and deltas) from its evaluate run.
 
     python -m benchmarks.full [--data PATH] [--overrides "..."]
 
@@ -25,6 +26,10 @@ import mlflow
 from benchmarks import DATA_CSV, PROJECT_DIR, RESULTS_DIR, write_report
 
 RESULTS = RESULTS_DIR / "full.json"
+# Per-variant metrics recorded with the timing (with their intervals and deltas against baseline).
+HEADLINE = ("mc1", "mc2", "semantic_acc", "semantic_diff", "llm_logprob_truthful", "judge_truthful",
+            "judge_informative", "judge_truthful_informative", "steered_tokens_per_answer",
+            "mc_steered_tokens_per_answer", "mean_new_tokens")
 
 
 def main() -> None:
@@ -49,12 +54,18 @@ def main() -> None:
         runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                   filter_string="tags.`truthsteer.pipeline_stage` != ''")
         stages = {r.data.tags["truthsteer.pipeline_stage"]: (r.info.end_time - r.info.start_time) / 1000 for r in runs}
+        variants = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                      filter_string="tags.`truthsteer.stage` = 'evaluate.variant'")
+        metrics = {r.data.tags["variant"]: {k: round(v, 4) for k, v in sorted(r.data.metrics.items())
+                                            if k.split("_ci_")[0].removesuffix("_delta") in HEADLINE or k in HEADLINE}
+                   for r in variants}
     result = {
         "command": " ".join(command[1:]),
         "wall_seconds": round(seconds, 1),
         "peak_rss_gib": round(peak_kib / 2**20, 3),
         "stage_seconds": {k: round(v, 1) for k, v in sorted(stages.items(), key=lambda kv: kv[0])},
         "targets": {"wall_seconds": 600, "peak_rss_gib": 4.0},
+        "variant_metrics": metrics,
     }
     print(json.dumps(result, indent=2))
     write_report(RESULTS, result)
