@@ -93,6 +93,12 @@ def main(fn: Callable[[], None]) -> None:
         known += (DataError,)
     except ImportError:
         pass
+    try:
+        from evaluation.judges import JudgeError
+
+        known += (JudgeError,)
+    except ImportError:
+        pass
     signal.signal(signal.SIGTERM, _raise_interrupt)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per small file read: noise
     try:

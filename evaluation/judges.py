@@ -44,6 +44,7 @@ JUDGE_MODULES = {
     "bleu": "evaluation.metrics",
     "rouge": "evaluation.metrics",
     "mc": "evaluation.mc",
+    "judge": "evaluation.trained_judge",
 }
 
 
@@ -197,6 +198,9 @@ class BaseJudge:
 
     name: ClassVar[str]
     metrics: ClassVar[dict[str, bool]]
+    # The 0/1 row field that is the judge's verdict on each human label it can be compared with:
+    # "truth" (truthful) and "info" (informative); see evaluation.calibrate.
+    verdicts: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def from_config(cls, cfg: Config, *, judge_model: LoadedModel | None = None) -> Self:

@@ -335,6 +335,7 @@ class LLMJudge(BaseJudge):
     """
 
     name = "llm"
+    verdicts = {"truth": "llm_truthful", "info": "llm_informative"}
     metrics = {
         "llm_truthful": True,
         "llm_informative": True,
@@ -492,6 +493,7 @@ class LogprobJudge(BaseJudge):
     """
 
     name = "llm_logprob"
+    verdicts = {"truth": "llm_logprob_truthful"}
     metrics = {"llm_logprob_truthful": True, "llm_logprob_p_true": True, "llm_logprob_invalid_rate": False}
 
     def __init__(

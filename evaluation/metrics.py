@@ -73,6 +73,7 @@ class BleuJudge(BaseJudge):
     """TruthfulQA's BLEU max/acc/diff (see the module docstring)."""
 
     name = "bleu"
+    verdicts = {"truth": "bleu_acc"}
     metrics = {"bleu_max": True, "bleu_acc": True, "bleu_diff": True, "bleu_invalid_rate": False}
 
     def score(self, items: Sequence[JudgeItem]) -> list[dict[str, Any]]:
@@ -95,6 +96,7 @@ class RougeJudge(BaseJudge):
     """TruthfulQA's ROUGE-1/2/L max/acc/diff (see the module docstring)."""
 
     name = "rouge"
+    verdicts = {"truth": "rouge1_acc"}
     metrics = {
         **{f"{p}_{s}": True for p in ROUGE_TYPES for s in ("max", "acc", "diff")},
         "rouge_invalid_rate": False,

@@ -74,6 +74,7 @@ class SemanticJudge(BaseJudge):
     """
 
     name = "semantic"
+    verdicts = {"truth": "semantic_acc"}
     metrics = {
         "semantic_max": True,
         "semantic_max_correct": True,

@@ -31,6 +31,12 @@ GENERATIONS_TABLE = "evaluate/generations_table.json"  # the same rows, as an ML
 PER_CATEGORY = "evaluate/per_category.csv"  # variant x metric x category: n, mean, delta vs baseline
 SUMMARY_MD = "evaluate/summary.md"  # variants x metrics with intervals
 SUMMARY_CSV = "evaluate/summary.csv"
+JUDGE_DIR = "judge"  # the trained judge: judge.safetensors and judge.json (train_judge)
+CALIBRATION_TABLE = "calibrate/agreement_table.json"  # judge x label x subset agreement, an MLflow table
+CALIBRATION_CSV = "calibrate/agreement.csv"
+CALIBRATION_MARKDOWN = "calibrate/agreement.md"
+CALIBRATION_CONFUSION = "calibrate/confusion.csv"  # tp, fp, fn, tn per judge, label and subset
+CALIBRATION_CATEGORIES = "calibrate/per_category.csv"  # kappa, accuracy and n per judge, label and category
 
 # analyze: one folder, written to --out-dir and logged under ANALYSIS_DIR, so that report.md's
 # relative links work in both places. Each figure stem gets <stem>.png, <stem>.pdf and the table

