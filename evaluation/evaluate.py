@@ -53,7 +53,7 @@ from evaluation.generate import (
     steering_key_fields,
     variant_hash,
 )
-from evaluation.judges import Judge, JudgeItem, make_judge
+from evaluation.judges import Judge, JudgeError, JudgeItem, make_judge
 from evaluation.llm_judge import check_invalid_ceiling
 from evaluation.statistics import bootstrap_ci, mcnemar, paired_difference, per_category
 from steering import artifacts
@@ -218,6 +218,30 @@ def variant_key(cfg: Config, variant: str, sources: SourceRuns) -> str:
 
 def _same_device(a: Any, b: Any) -> bool:
     return bool(a.type == b.type and (a.index or 0) == (b.index or 0))
+
+
+def check_trained_judge(cfg: Config, qids: Sequence[str], judges: Sequence[str] | None = None) -> None:
+    """Before anything loads: with the ``judge`` judge, fail when ``judge.trained`` is unset or was
+    trained on any of ``qids`` (a ConfigError naming the overlap).
+
+    Args:
+        cfg: the run's config (``eval.judges``, ``judge.trained``).
+        qids: the ids of the questions to be judged.
+        judges: the judge names of the run; None: ``eval.judges``.
+    """
+    if "judge" not in (cfg.eval.judges if judges is None else judges):
+        return
+    from evaluation.trained_judge import overlap_error, trained_question_ids
+
+    if not cfg.judge.trained:
+        raise ConfigError("eval.judges has 'judge' but judge.trained is empty; set it to models:/truthsteer-judge/"
+                          "<version> (the tag truthsteer.judge_uri of a train_judge run) or drop the judge")
+    try:
+        message = overlap_error(trained_question_ids(cfg.judge.trained), qids)
+    except JudgeError as err:
+        raise ConfigError(str(err)) from None
+    if message:
+        raise ConfigError(f"judge.trained={cfg.judge.trained}: {message}")
 
 
 def load_judge_model(cfg: Config, judges: Sequence[str], main: LoadedModel | None) -> LoadedModel | None:
@@ -662,7 +686,9 @@ def plan(cfg: Config, sources: SourceRuns, store_path: str | Path | None = None)
                      f"{stored} answers stored")
     needs_llm = [j for j in cfg.eval.judges if j in LLM_JUDGES]
     lines.append(f"judges: {', '.join(cfg.eval.judges)}"
-                 + (f"; judge model {cfg.judge.model} on {cfg.runtime.judge_device}" if needs_llm else ""))
+                 + (f"; judge model {cfg.judge.model} on {cfg.runtime.judge_device}" if needs_llm else "")
+                 + (f"; trained judge {cfg.judge.trained or 'NOT SET (judge.trained)'}" if "judge" in cfg.eval.judges
+                    else ""))
     return lines
 
 
@@ -695,6 +721,7 @@ def run(
     questions = splits_for(cfg, data_run)[cfg.eval.split]
     if not questions:
         raise ConfigError(f"eval.split={cfg.eval.split} has no questions; set data.{cfg.eval.split} > 0")
+    check_trained_judge(cfg, [q.id for q in questions])
     loaded = load_from_config(cfg)
     dtype = dtype_name(loaded)
     steerings = {v: build_steering(cfg, v, sources, loaded) for v in variants}

@@ -32,7 +32,7 @@ SPLIT_PRESETS: dict[str, dict[str, int]] = {
 }
 DTYPES = ("float32", "bfloat16", "float16")
 VARIANTS = ("baseline", "caa", "mlp_mc", "mlp_gen")
-JUDGES = ("llm", "llm_logprob", "semantic", "bleu", "rouge", "mc")
+JUDGES = ("llm", "llm_logprob", "semantic", "bleu", "rouge", "mc", "judge")
 
 
 class ConfigError(ValueError):
@@ -232,7 +232,7 @@ class MLPConfig:
 class EvalConfig:
     split: Literal["pool", "train", "val", "test"] = "test"
     variants: tuple[str, ...] = VARIANTS
-    judges: tuple[str, ...] = ("llm_logprob", "semantic", "bleu", "rouge", "mc")
+    judges: tuple[str, ...] = ("judge", "semantic", "mc")
     max_new_tokens: int = 64
     batch_size: int = 16
     do_sample: bool = False
@@ -262,12 +262,34 @@ class JudgeConfig:
     retry_max_new_tokens: int = 256
     batch_size: int = 16
     invalid_ceiling: float = 0.5
+    trained: str = ""
+    labels: str = ""
+    hidden: tuple[int, ...] = (128, 64)
+    alpha: float = 1e-3
+    folds: int = 5
+    seed: int = 0
 
     def __post_init__(self) -> None:
         _positive("judge", max_new_tokens=self.max_new_tokens, retry_max_new_tokens=self.retry_max_new_tokens,
-                  batch_size=self.batch_size)
+                  batch_size=self.batch_size, alpha=self.alpha)
+        _finite("judge", alpha=self.alpha)
+        if not self.hidden or any(width < 1 for width in self.hidden):
+            raise ConfigError(f"judge.hidden={list(self.hidden)} must list at least one positive layer width, e.g. [64]")
+        if self.folds < 2:
+            raise ConfigError(f"judge.folds={self.folds} must be >= 2 (folds grouped by question)")
         _finite("judge", invalid_ceiling=self.invalid_ceiling)
         _probability("judge", invalid_ceiling=self.invalid_ceiling)
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrateConfig:
+    judges: tuple[str, ...] = ("judge", "semantic", "rouge", "bleu")
+
+    def __post_init__(self) -> None:
+        for judge in self.judges:
+            _choice("calibrate", "judges", judge, tuple(j for j in JUDGES if j != "mc"))
+        if not self.judges:
+            raise ConfigError("calibrate.judges is empty; choose from " + ", ".join(j for j in JUDGES if j != "mc"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,6 +315,7 @@ class Config:
     mlp: MLPConfig = MLPConfig()
     eval: EvalConfig = EvalConfig()
     judge: JudgeConfig = JudgeConfig()
+    calibrate: CalibrateConfig = CalibrateConfig()
     tracking: TrackingConfig = TrackingConfig()
     preset: str = ""
 

@@ -1,4 +1,10 @@
-"""The ``full`` pipeline: data -> extract -> bank -> train (mc, gen) -> evaluate as nested runs.
+"""The ``full`` pipeline: data -> train_judge -> calibrate -> extract -> bank -> train (mc, gen) -> evaluate
+as nested runs.
+
+``train_judge`` learns the trained judge from the human labels of every question outside the val
+and test splits, and ``calibrate`` measures every answer judge against the human labels of the
+test questions; ``evaluate`` then judges with ``judge.trained`` set to the judge of ``train_judge``
+(unless the config names one). Both judge stages run only when ``eval.judges`` has ``judge``.
 
 Each stage gets a *stage key*: a hash of its entry point, its parameters compared as strings
 (the config sections it reads plus the run ids it consumes), the code version and the data split.
@@ -26,10 +32,13 @@ from steering.tracking import TAG_HOST, TAG_PID, TAG_STAGE, code_version, downlo
 
 TAG_KEY = "truthsteer.stage_key"
 TAG_REUSED = "truthsteer.reused"
-STAGES = ("data", "extract", "bank", "train_mc", "train_gen", "evaluate")
+STAGES = ("data", "train_judge", "calibrate", "extract", "bank", "train_mc", "train_gen", "evaluate")
+JUDGE_STAGES = ("train_judge", "calibrate")  # run only when eval.judges has the trained judge
 # The config sections each stage reads: only these enter its key.
 _SECTIONS = {
     "data": ("data",),
+    "train_judge": ("data", "judge"),
+    "calibrate": ("data", "eval", "judge", "calibrate"),
     "extract": ("model", "data", "extract"),
     "bank": ("model", "bank", "steering"),
     "train_mc": ("model", "mlp", "steering"),
@@ -39,12 +48,33 @@ _SECTIONS = {
 # The upstream runs each stage consumes, by stage name.
 UPSTREAM = {
     "data": (),
+    "train_judge": ("data",),
+    "calibrate": ("data", "train_judge"),
     "extract": ("data",),
     "bank": ("extract",),
     "train_mc": ("data", "bank"),
     "train_gen": ("data", "bank"),
     "evaluate": ("data", "extract", "train_mc", "train_gen"),
 }
+
+
+def judge_uri(train_judge_run: str) -> str:
+    """Where the judge of a ``train_judge`` run is: its ``judge`` artifact folder."""
+    return f"runs:/{train_judge_run}/{artifacts.JUDGE_DIR}"
+
+
+def stages_of(cfg: Config) -> tuple[str, ...]:
+    """The stages ``full`` runs: the judge stages only for the trained judge without a given one."""
+    if "judge" in cfg.eval.judges and not cfg.judge.trained:
+        return STAGES
+    return tuple(s for s in STAGES if s not in JUDGE_STAGES)
+
+
+def with_trained_judge(cfg: Config, runs: dict[str, str]) -> Config:
+    """``cfg`` with ``judge.trained`` set to the pipeline's own judge, once ``train_judge`` has run."""
+    if cfg.judge.trained or "train_judge" not in runs:
+        return cfg
+    return dataclasses.replace(cfg, judge=dataclasses.replace(cfg.judge, trained=judge_uri(runs["train_judge"])))
 
 
 def stage_config(stage: str, cfg: Config) -> Config:
@@ -58,7 +88,7 @@ def stage_config(stage: str, cfg: Config) -> Config:
 
 def stage_params(stage: str, cfg: Config, upstream: dict[str, str]) -> dict[str, str]:
     """Everything that decides a stage's output, as strings (MLflow compares params as strings)."""
-    full = config_to_dict(stage_config(stage, cfg))
+    full = config_to_dict(stage_config(stage, with_trained_judge(cfg, upstream)))
     params = {f"{section}.{key}": str(value) for section in _SECTIONS[stage]
               for key, value in full[section].items()}
     params["steering.layer"] = str(cfg.layer)
@@ -117,16 +147,18 @@ class StageOutcome:
 
 
 def _runners(cfg: Config, runs: dict[str, str]) -> dict[str, Callable[[], Any]]:
-    from evaluation import evaluate
+    from evaluation import calibrate, evaluate, train_judge
     from steering import data, extract, train, vector_bank
 
     return {
         "data": lambda: data.run(cfg),
+        "train_judge": lambda: train_judge.run(cfg, data_run=runs["data"]),
+        "calibrate": lambda: calibrate.run(with_trained_judge(cfg, runs), data_run=runs["data"]),
         "extract": lambda: extract.run(cfg, data_run=runs["data"]),
         "bank": lambda: vector_bank.run(cfg, extract_run=runs["extract"]),
         "train_mc": lambda: train.run(stage_config("train_mc", cfg), bank_run=runs["bank"], data_run=runs["data"]),
         "train_gen": lambda: train.run(stage_config("train_gen", cfg), bank_run=runs["bank"], data_run=runs["data"]),
-        "evaluate": lambda: evaluate.run(cfg, data_run=runs["data"], extract_run=runs["extract"],
+        "evaluate": lambda: evaluate.run(with_trained_judge(cfg, runs), data_run=runs["data"], extract_run=runs["extract"],
                                          mlp_mc_run=runs["train_mc"], mlp_gen_run=runs["train_gen"]),
     }
 
@@ -147,7 +179,7 @@ def run(cfg: Config) -> list[StageOutcome]:
     runs: dict[str, str] = {}
     outcomes = []
     runners = _runners(cfg, runs)
-    for stage in STAGES:
+    for stage in stages_of(cfg):
         params = stage_params(stage, cfg, runs)
         key = stage_key(stage, params)
         found = find_finished(experiment_id, key)
@@ -156,7 +188,8 @@ def run(cfg: Config) -> list[StageOutcome]:
             print(f"{stage:>9}: reusing finished run {found}")
         else:
             print(f"{stage:>9}: running")
-            with stage_run(stage.split("_")[0], stage_config(stage, cfg),
+            entry = stage if stage in JUDGE_STAGES else stage.split("_")[0]
+            with stage_run(entry, stage_config(stage, with_trained_judge(cfg, runs)),
                            run_name=f"{cfg.model.alias}-{stage.replace('_', '-')}",
                            tags={TAG_KEY: key, "truthsteer.pipeline_stage": stage}) as child:
                 mlflow.log_params({k: v for k, v in params.items() if k.startswith("run.")})
@@ -184,7 +217,7 @@ def plan(cfg: Config) -> list[str]:
              + f"; judge {cfg.judge.model} on {rt.judge_device}",
              f"steering layer {cfg.layer}, scale {cfg.steering.scale}; splits {cfg.data.sizes}"]
     runs: dict[str, str] = {}
-    for stage in STAGES:
+    for stage in stages_of(cfg):
         if any(name not in runs for name in UPSTREAM[stage]):
             lines.append(f"{stage}: would run (after its inputs)")
             continue

@@ -358,7 +358,8 @@ def test_dry_run_prints_the_plan_and_missing_sources_fail_in_one_line(
         tracking: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("TRUTHSTEER_OUTPUTS", str(tmp_path))
     code, out, _ = run_entrypoint("evaluate", ["--variants", "baseline|caa", "--extract-run", "e1", "--judge",
-                                               "gemma-3-270m", "--dry-run"], capsys)
+                                               "gemma-3-270m", "--overrides", "eval.judges=[llm_logprob,semantic]",
+                                               "--dry-run"], capsys)
     assert code == 0 and "dry run of evaluate" in out and f"generation store: {tmp_path}/evaluate/" in out
     assert "variant caa: hash" in out and "source run e1; 0 answers stored" in out
     assert "judge model gemma-3-270m" in out and "variants:\n  - baseline\n  - caa" in out

@@ -85,20 +85,45 @@ def _full(tmp_path: Path, tracking: str, *extra: str, overrides: str = SMALL) ->
                           timeout=1200)
 
 
+def small_labels(folder: Path, overrides: str) -> Path:
+    """The first 1,500 human labels of each file, plus every label of the val and test questions: the
+    trained judge trains in seconds and calibrate has labels to score."""
+    from steering.data import splits_for
+
+    splits = splits_for(load_config("smollm2-135m", f"data.source={DATA_CSV},{overrides}"))
+    held_out = [q.question.strip() for split in ("val", "test") for q in splits[split]]
+    folder.mkdir()
+    for name in ("finetune_truth.jsonl", "finetune_info.jsonl"):
+        lines = (DATA_CSV.parent / name).read_text(encoding="utf-8").splitlines()
+        kept = [line for i, line in enumerate(lines)
+                if i < 1500 or any(json.loads(line)["prompt"].startswith(f"Q: {q}\nA:") for q in held_out)]
+        (folder / name).write_text("\n".join(kept) + "\n", encoding="utf-8")
+    return folder
+
+
 @pytest.mark.slow
 def test_full_runs_every_stage_then_reuses_them(tracking: str, tmp_path: Path) -> None:
-    first = _full(tmp_path, tracking)
+    """With the trained judge: train_judge and calibrate run too, and evaluate judges with that judge."""
+    overrides = SMALL.replace("eval.judges=[semantic,bleu]", "eval.judges=[judge,bleu]")
+    overrides += f",judge.labels={small_labels(tmp_path / 'labels', SMALL)},judge.hidden=[8],judge.folds=2"
+    first = _full(tmp_path, tracking, overrides=overrides)
     assert first.returncode == 0, first.stderr[-4000:]
     runs = mlflow.search_runs(experiment_names=["truthsteer"], output_format="list")
     stages = sorted(r.data.tags.get("truthsteer.pipeline_stage", "") for r in runs if r.info.status == "FINISHED")
     assert [s for s in stages if s] == sorted(pipeline.STAGES)
-    variants = {r.data.tags.get("variant") for r in runs if r.data.tags.get("truthsteer.stage") == "evaluate.variant"}
-    assert variants == {"baseline", "caa", "mlp_mc", "mlp_gen"}
-    plan = subprocess.run([sys.executable, "-m", "entrypoints.full", "--data", str(DATA_CSV), "--overrides", SMALL,
+    variants = [r for r in runs if r.data.tags.get("truthsteer.stage") == "evaluate.variant"]
+    assert {r.data.tags.get("variant") for r in variants} == {"baseline", "caa", "mlp_mc", "mlp_gen"}
+    assert all({"judge_truthful", "judge_truthful_informative_ci_low"} <= set(r.data.metrics) for r in variants)
+    (judge_run,) = [r for r in runs if r.data.tags.get("truthsteer.pipeline_stage") == "train_judge"]
+    (evaluate_run,) = [r for r in runs if r.data.tags.get("truthsteer.pipeline_stage") == "evaluate"]
+    assert evaluate_run.data.params["judge.trained"] == f"runs:/{judge_run.info.run_id}/judge"
+    (calibrate_run,) = [r for r in runs if r.data.tags.get("truthsteer.pipeline_stage") == "calibrate"]
+    assert {"judge_truth_all_kappa", "bleu_truth_nonref_accuracy"} <= set(calibrate_run.data.metrics)
+    plan = subprocess.run([sys.executable, "-m", "entrypoints.full", "--data", str(DATA_CSV), "--overrides", overrides,
                            "--dry-run"], cwd=PROJECT_DIR, env={**os.environ, "MLFLOW_TRACKING_URI": tracking},
                           capture_output=True, text=True, timeout=300)
     assert plan.returncode == 0 and plan.stdout.count("would reuse run") == len(pipeline.STAGES), plan.stdout
-    second = _full(tmp_path, tracking)
+    second = _full(tmp_path, tracking, overrides=overrides)
     assert second.returncode == 0, second.stderr[-4000:]
     parents = mlflow.search_runs(experiment_names=["truthsteer"], output_format="list",
                                  filter_string="tags.`truthsteer.stage` = 'full'", order_by=["attributes.start_time DESC"])
@@ -123,7 +148,8 @@ def test_full_killed_during_evaluation_continues_where_it_stopped(tracking: str,
     assert [r.info.run_id for r in runs if r.info.status == "RUNNING"] == []
     assert {r.info.run_id for r in running} <= {r.info.run_id for r in runs if r.info.status == "KILLED"}
     parent = next(r for r in runs if r.data.tags.get("truthsteer.stage") == "full" and r.info.status == "FINISHED")
-    assert parent.data.tags[pipeline.TAG_REUSED] == ",".join(s for s in pipeline.STAGES if s != "evaluate")
+    stages = pipeline.stages_of(load_config("smollm2-135m", overrides))
+    assert parent.data.tags[pipeline.TAG_REUSED] == ",".join(s for s in stages if s != "evaluate")
     evaluate = next(r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
                     and r.data.tags.get("truthsteer.stage") == "evaluate")
     variants = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == evaluate.info.run_id]
