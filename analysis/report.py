@@ -38,6 +38,7 @@ from analysis.runs import (
     Selection,
     model_of,
     model_sizes,
+    of_stage,
     order_models,
     run_listing,
     tag,
@@ -306,6 +307,22 @@ class Analysis:
     metric: str | None
 
 
+def _calibration(runs: pd.DataFrame, reader: StoreReader, missing: Missing) -> tuple[str, str]:
+    """The agreement table (markdown) of the latest selected calibrate run, and its run id."""
+    found = of_stage(runs, "calibrate")
+    if found.empty:
+        missing.add("no calibrate run selected: the judges' agreement with human labels is not reported "
+                    "(mlflow run . -e calibrate, or full with the trained judge)")
+        return "", ""
+    latest = found.sort_values("start_time").iloc[-1]
+    run_id = str(latest["run_id"])
+    text = reader.artifact_text(run_id, artifacts.CALIBRATION_MARKDOWN)
+    if text is None:
+        missing.add(f"no artifact {artifacts.CALIBRATION_MARKDOWN}", run_id=run_id)
+        return "", run_id
+    return text, run_id
+
+
 def _stale_files(out_dir: Path) -> list[Path]:
     names = [artifacts.ANALYSIS_REPORT, artifacts.ANALYSIS_RUNS, artifacts.ANALYSIS_MISSING,
              artifacts.ANALYSIS_VARIANT_METRICS, artifacts.ANALYSIS_BEST_SETTINGS]
@@ -342,6 +359,7 @@ def analyze(runs: pd.DataFrame, out_dir: str | Path, *, reader: StoreReader | No
     categories = tables.category_delta_table(_categories(found, reader, missing), found.best_variants,
                                              found.metric or "", missing, found.models)
     curves = tables.training_curves_table(found.trained, reader.metric_history, missing)
+    calibration = _calibration(runs, reader, missing)
     plotted: dict[str, tuple[pd.DataFrame, Callable[[], Figure]]] = {
         artifacts.ANALYSIS_SCALE_SWEEP: (found.scale_sweep, lambda: figures.scale_sweep_figure(
             found.scale_sweep, found.models)),
@@ -374,7 +392,8 @@ def analyze(runs: pd.DataFrame, out_dir: str | Path, *, reader: StoreReader | No
     files.append(out / artifacts.ANALYSIS_MISSING)
     all_tables = {**{stem: table for stem, (table, _) in plotted.items()}, **named,
                   artifacts.ANALYSIS_MISSING: missing_frame}
-    report_path.write_text(report_markdown(runs, found, all_tables, drawn, missing_frame, title), encoding="utf-8")
+    report_path.write_text(report_markdown(runs, found, all_tables, drawn, missing_frame, title, calibration),
+                           encoding="utf-8")
     files.append(report_path)
     return Analysis(out_dir=out, report=report_path, files=files, tables=all_tables, drawn=drawn,
                     missing=missing_frame, metric=found.metric)
@@ -564,9 +583,10 @@ def _curve_summary(curves: pd.DataFrame) -> pd.DataFrame:
 
 
 def report_markdown(runs: pd.DataFrame, found: FrameTables, all_tables: Mapping[str, pd.DataFrame],
-                    drawn: Sequence[str], missing: pd.DataFrame, title: str = "") -> str:
-    """The text of ``report.md``: header, variant metrics, best settings, each figure with its table,
-    and the missing list.
+                    drawn: Sequence[str], missing: pd.DataFrame, title: str = "",
+                    calibration: tuple[str, str] = ("", "")) -> str:
+    """The text of ``report.md``: header, variant metrics, the judges' agreement with people, best
+    settings, each figure with its table, and the missing list.
 
     Args:
         runs: the run frame.
@@ -575,6 +595,7 @@ def report_markdown(runs: pd.DataFrame, found: FrameTables, all_tables: Mapping[
         drawn: the figures drawn.
         missing: the missing list.
         title: the selection in words.
+        calibration: the agreement table of a calibrate run (markdown) and its run id, or "".
     """
     stages = tag(runs, TAG_STAGE).fillna("(none)").value_counts().sort_index()
     sizes = [f"{m} ({found.sizes[m]:g}B)" if not math.isnan(found.sizes.get(m, math.nan)) else m
@@ -591,6 +612,14 @@ def report_markdown(runs: pd.DataFrame, found: FrameTables, all_tables: Mapping[
               "Per model, from its latest evaluation; cells are the mean and its interval. All rows: "
               f"[{artifacts.ANALYSIS_VARIANT_METRICS}]({artifacts.ANALYSIS_VARIANT_METRICS}).", ""]
     lines += variant_sections(found.variant_metrics, found.metric_names) or ["(no evaluate.variant runs)", ""]
+    lines += ["## The judges' agreement with people", ""]
+    text, run_id = calibration
+    if text:
+        lines += [f"Calibrate run `{run_id}`: each judge's verdicts against TruthfulQA's human labels of the "
+                  "evaluated questions (held out from the trained judge); intervals resample questions. Read the "
+                  "variant metrics of a judge with its agreement here.", "", text]
+    else:
+        lines += ["(no calibrate run selected)", ""]
     best = found.best_settings
     lines += ["## Best layer and scale per model", "",
               "The best trial of each tune study and the best steered variant run over all evaluations (an "

@@ -59,6 +59,9 @@ def main() -> None:
         metrics = {r.data.tags["variant"]: {k: round(v, 4) for k, v in sorted(r.data.metrics.items())
                                             if k.split("_ci_")[0].removesuffix("_delta") in HEADLINE or k in HEADLINE}
                    for r in variants}
+        judge_stages = {r.data.tags["truthsteer.pipeline_stage"]: {k: round(v, 4) for k, v in sorted(r.data.metrics.items())
+                                                                   if not k.endswith(("_ci_low", "_ci_high"))}
+                        for r in runs if r.data.tags["truthsteer.pipeline_stage"] in ("train_judge", "calibrate")}
     result = {
         "command": " ".join(command[1:]),
         "wall_seconds": round(seconds, 1),
@@ -66,6 +69,7 @@ def main() -> None:
         "stage_seconds": {k: round(v, 1) for k, v in sorted(stages.items(), key=lambda kv: kv[0])},
         "targets": {"wall_seconds": 600, "peak_rss_gib": 4.0},
         "variant_metrics": metrics,
+        "judge_stages": judge_stages,
     }
     print(json.dumps(result, indent=2))
     write_report(RESULTS, result)

@@ -610,3 +610,21 @@ def test_missing_collects_each_item_once() -> None:
     missing.add("y", run_id="r")
     assert _rows(missing.frame(), ["model", "run_id", "what"]) == [("m", "", "x"), ("", "r", "y")]
     assert pd.read_csv(io.StringIO(missing.frame().to_csv(index=False))).shape == (2, 3)
+
+
+def test_the_report_shows_the_latest_calibration_next_to_the_variant_metrics(tmp_path: Path) -> None:
+    t = pd.Timestamp("2025-01-01", tz="UTC")
+    runs = _frame([
+        {"run_id": "old", "start_time": t, "tags.truthsteer.stage": "calibrate"},
+        {"run_id": "new", "start_time": t + pd.Timedelta(hours=1), "tags.truthsteer.stage": "calibrate"},
+    ])
+    table = "| judge | label |\n| --- | --- |\n| judge | truth |\n"
+    reader = FakeReader(histories={}, texts={("new", artifacts.CALIBRATION_MARKDOWN): table,
+                                             ("old", artifacts.CALIBRATION_MARKDOWN): "stale"})
+    result = report.analyze(runs, tmp_path, reader=reader, directions={})
+    text = result.report.read_text()
+    assert "## The judges' agreement with people" in text and "Calibrate run `new`" in text and table in text
+    assert "stale" not in text
+    assert text.index("## Variant metrics") < text.index("## The judges' agreement") < text.index("## Best layer")
+    without = report.analyze(runs.iloc[:0], tmp_path / "none", reader=reader, directions={})
+    assert "(no calibrate run selected)" in without.report.read_text()
