@@ -53,6 +53,15 @@ def add_config(p: argparse.ArgumentParser) -> None:
                    help="validate and print the plan; load no weights and log nothing")
 
 
+def add_trained_judge(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trained-judge", default="",
+                   help="the trained judge (judge.trained): models:/truthsteer-judge/<version>, runs:/<id>/judge or a folder")
+
+
+def trained_judge_override(args: argparse.Namespace) -> list[str]:
+    return [f"judge.trained={args.trained_judge}"] if getattr(args, "trained_judge", "") else []
+
+
 def run_arg(p: argparse.ArgumentParser, name: str, help_text: str) -> None:
     p.add_argument(f"--{name}", default="", help=help_text)
 

@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cli.add_data(p)
     _cli.run_arg(p, "data-run", "MLflow run id of a data stage run (its eval.split questions are scored)")
     p.add_argument("--judges", default="", help='judges separated by "|", e.g. "judge|semantic"')
-    p.add_argument("--trained-judge", default="", help="judge.trained: models:/truthsteer-judge/<version> or a folder")
+    _cli.add_trained_judge(p)
     _cli.add_config(p)
     return p
 
@@ -34,8 +34,7 @@ def main() -> None:
     extra = []
     if args.judges:
         extra.append(f"calibrate.judges=[{','.join(j.strip() for j in args.judges.split('|') if j.strip())}]")
-    if args.trained_judge:
-        extra.append(f"judge.trained={args.trained_judge}")
+    extra += _cli.trained_judge_override(args)
     cfg = _cli.build_config(args, extra)
     if args.dry_run:
         _cli.print_plan("calibrate", cfg, calibrate.plan(cfg, args.data_run))

@@ -9,7 +9,8 @@ regenerates nothing. The judges of eval.judges score the answers (the judge mode
 
 Parameters: --model, --data, --split, --data-run, --extract-run (CAA vector), --mlp-mc-run,
 --mlp-gen-run, --variants (e.g. baseline|caa; eval.variants), --judge (judge model alias;
-judge.model), --overrides, --preset, --dry-run (print the plan; load no weights).
+judge.model), --trained-judge (judge.trained: the trained judge, models:/truthsteer-judge/<version>),
+--overrides, --preset, --dry-run (print the plan; load no weights).
 Logs: one nested run per variant (<model>-<variant>, tags variant, model, layer, scale, dtype) with
 the same metric names: each judge metric with _ci_low/_ci_high, _delta with its interval and
 _mcnemar_p against baseline, <judge>_invalid_rate, n_generated, n_reused; in the parent run the
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cli.run_arg(p, "mlp-gen-run", "MLflow run id of the train stage, gen branch")
     p.add_argument("--variants", default="", help="variants separated by |; default: eval.variants")
     p.add_argument("--judge", default="", help="judge model alias; default: judge.model")
+    _cli.add_trained_judge(p)
     _cli.add_config(p)
     return p
 
@@ -43,6 +45,7 @@ def main() -> None:
     args = build_parser().parse_args()
     extra = [f"eval.variants={args.variants}"] if args.variants else []
     extra += [f"judge.model={args.judge}"] if args.judge else []
+    extra += _cli.trained_judge_override(args)
     cfg = _cli.build_config(args, extra)
     sources = evaluate.SourceRuns(args.data_run, args.extract_run, args.mlp_mc_run, args.mlp_gen_run)
     sources.check(cfg.eval.variants)  # before any run starts

@@ -6,7 +6,8 @@ scores the model itself, so it needs --source-run (its config and source runs re
 and each variant's steering).
 
 Parameters: --model, --source-run (evaluate run id) or --generations (a generations file), --judges
-(e.g. semantic|bleu; eval.judges), --judge (judge model alias; judge.model), --overrides,
+(e.g. semantic|bleu; eval.judges), --judge (judge model alias; judge.model), --trained-judge
+(judge.trained), --overrides,
 --preset, --dry-run.
 Logs: a new run tagged truthsteer.source_run with one nested run per variant (the metric names of
 evaluate), the re-scored table (evaluate/generations.jsonl, .csv and an MLflow table), the
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generations", default="", help="a generations JSONL file, in place of --source-run")
     p.add_argument("--judges", default="", help="judges separated by |; default: eval.judges")
     p.add_argument("--judge", default="", help="judge model alias; default: judge.model")
+    _cli.add_trained_judge(p)
     _cli.add_config(p)
     return p
 
@@ -36,6 +38,7 @@ def main() -> None:
     args = build_parser().parse_args()
     extra = [f"eval.judges={args.judges}"] if args.judges else []
     extra += [f"judge.model={args.judge}"] if args.judge else []
+    extra += _cli.trained_judge_override(args)
     cfg = _cli.build_config(args, extra)
     score.check_sources(cfg, source_run=args.source_run, generations=args.generations)  # before any run starts
     if args.dry_run:
