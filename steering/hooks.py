@@ -92,26 +92,23 @@ class SteeringNotApplied(RuntimeError):
 
 
 class SteeredCount:
-    """What the hook of one `steer` block edited: per forward call, the positions edited in each row.
+    """How many (row, position) pairs the hook of one `steer` block edited, over its forward calls.
 
-    Counts stay on the hidden states' device until read, so counting costs no device sync per call.
+    The sum stays on the hidden states' device until read, so counting costs no device sync per call.
     """
 
     def __init__(self) -> None:
-        self._per_call: list[Tensor] = []  # each (batch,) int64
+        self.calls = 0
+        self._total: Tensor | int = 0
 
-    def add(self, rows: Tensor) -> None:
-        self._per_call.append(rows.detach())
-
-    @property
-    def calls(self) -> int:
-        """Forward calls of the steered layer inside the block."""
-        return len(self._per_call)
+    def add(self, edited: Tensor | int) -> None:
+        self.calls += 1
+        self._total = self._total + edited
 
     @property
     def total(self) -> int:
         """(row, position) pairs edited, summed over every call."""
-        return int(sum(int(rows.sum()) for rows in self._per_call))
+        return int(self._total)
 
 
 def check_steered(count: SteeredCount, expected: int, what: str) -> None:
@@ -148,7 +145,7 @@ def _additive_hook(
         steered = hidden + delta_of(hidden)  # (batch, seq, d_model)
         batch, seq = hidden.shape[:2]
         if start_positions is None:
-            count.add(torch.full((batch,), seq, dtype=torch.long, device=hidden.device))  # (batch,)
+            count.add(batch * seq)
             return _with_hidden(output, steered)
         if start_positions.shape[0] != batch:
             raise ValueError(
@@ -158,7 +155,7 @@ def _additive_hook(
         positions = offset[0] + torch.arange(seq, device=hidden.device)  # (seq,)
         starts = start_positions.to(hidden.device)  # (batch,)
         steer_here = positions[None, :] >= starts[:, None]  # (batch, seq)
-        count.add(steer_here.sum(dim=1))  # (batch,)
+        count.add(steer_here.sum())
         return _with_hidden(output, torch.where(steer_here[..., None], steered, hidden))  # (batch, seq, d_model)
 
     return hook

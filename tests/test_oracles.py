@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import mlflow
@@ -123,15 +123,10 @@ def plain_logprob(loaded: LoadedModel, question: str, answer: str, delta: Delta 
     answer_ids = tokenizer(answer_text(answer, fmt), add_special_tokens=False)["input_ids"]
     ids = torch.tensor([prompt_ids + answer_ids])  # (1, seq)
     start = torch.tensor([0 if all_positions else len(prompt_ids) - 1])  # (1,)
-    hook = oracle_hook(loaded.model, layer, delta, start) if delta is not None else _nothing()
+    hook = oracle_hook(loaded.model, layer, delta, start) if delta is not None else nullcontext()
     with hook:
         logp = loaded.model(input_ids=ids).logits[0].double().log_softmax(dim=-1)  # (seq, vocab)
     return float(sum(logp[len(prompt_ids) - 1 + i, t] for i, t in enumerate(answer_ids)))
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def tiny_steerings(loaded: LoadedModel, layer: int = LAYER) -> dict[str, Steering]:
