@@ -27,6 +27,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from analysis.runs import (
@@ -42,6 +43,7 @@ from analysis.runs import (
     tag,
 )
 from evaluation.evaluate import VARIANT_STAGE
+from evaluation.statistics import binary_agreement
 from steering.config import VARIANTS
 from steering.tracking import TAG_MODEL, TAG_STAGE
 from steering.train import TAG_BRANCH
@@ -457,13 +459,8 @@ def cohen_kappa(both_true: int, first_only: int, second_only: int, both_false: i
         second_only: items only the second rated 1.
         both_false: items both rated 0.
     """
-    n = both_true + first_only + second_only + both_false
-    if n == 0:
-        return math.nan
-    observed = (both_true + both_false) / n
-    first, second = (both_true + first_only) / n, (both_true + second_only) / n
-    expected = first * second + (1 - first) * (1 - second)
-    return math.nan if expected == 1 else (observed - expected) / (1 - expected)
+    counts = np.array([both_true, second_only, first_only, both_false], dtype=float)  # tp, fp, fn, tn of the first
+    return float(binary_agreement(counts)["kappa"])
 
 
 def _verdict(value: Any) -> bool | None:

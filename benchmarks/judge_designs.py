@@ -26,16 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import DATA_CSV, RESULTS_DIR, write_report
+from evaluation.human_labels import LABEL_FILES, agreement, grouped_folds, read_labels
 from evaluation.semantic_judge import minilm_encoder
-from evaluation.trained_judge import (
-    FEATURES,
-    LABEL_FILES,
-    Featurizer,
-    Head,
-    agreement,
-    grouped_folds,
-    read_labels,
-)
+from evaluation.trained_judge import FEATURES, Featurizer, Head
 from steering.data import load_questions
 
 RESULTS = RESULTS_DIR / "judge_designs.json"

@@ -25,32 +25,15 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from evaluation.human_labels import LABEL_FILES, Labelled, read_labels
 from evaluation.judges import Judge, JudgeError, make_judge
-from evaluation.trained_judge import LABEL_FILES, Labelled, read_labels
+from evaluation.statistics import binary_agreement, confusion_counts
 from steering import artifacts
 from steering.config import Config, ConfigError
 from steering.data import Question, load_questions, splits_for
 
 SUBSETS = ("all", "nonref")
 METRICS = ("accuracy", "balanced_accuracy", "kappa")
-
-
-def counts(labels: np.ndarray, verdicts: np.ndarray) -> np.ndarray:
-    """``(4,)`` confusion counts ``[tp, fp, fn, tn]`` of 0/1 arrays."""
-    return np.array([np.sum((labels == 1) & (verdicts == 1)), np.sum((labels == 0) & (verdicts == 1)),
-                     np.sum((labels == 1) & (verdicts == 0)), np.sum((labels == 0) & (verdicts == 0))], dtype=float)
-
-
-def from_counts(c: np.ndarray) -> dict[str, Any]:
-    """Accuracy, balanced accuracy and Cohen's kappa from ``[..., 4]`` confusion counts (vectorised)."""
-    tp, fp, fn, tn = c[..., 0], c[..., 1], c[..., 2], c[..., 3]
-    n = tp + fp + fn + tn
-    with np.errstate(divide="ignore", invalid="ignore"):
-        accuracy = (tp + tn) / n
-        balanced = 0.5 * (tp / (tp + fn) + tn / (tn + fp))
-        chance = ((tp + fn) * (tp + fp) + (tn + fp) * (tn + fn)) / (n * n)
-        kappa = (accuracy - chance) / (1 - chance)
-    return {"accuracy": accuracy, "balanced_accuracy": balanced, "kappa": kappa}
 
 
 def clustered_agreement(labels: Sequence[int], verdicts: Sequence[int], groups: Sequence[str], *,
@@ -71,25 +54,17 @@ def clustered_agreement(labels: Sequence[int], verdicts: Sequence[int], groups: 
     names = sorted(set(groups))
     index = {g: i for i, g in enumerate(names)}
     per_group = np.zeros((len(names), 4))  # (groups, 4)
-    y, v = np.asarray(labels), np.asarray(verdicts)
-    for g, row in zip(groups, counts_rows(y, v), strict=True):
-        per_group[index[g]] += row
-    point = from_counts(per_group.sum(axis=0))
+    np.add.at(per_group, [index[g] for g in groups], confusion_counts(labels, verdicts))
+    point = binary_agreement(per_group.sum(axis=0))
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(names), size=(n_bootstrap, len(names)))  # (B, groups)
-    resampled = from_counts(per_group[draws].sum(axis=1))  # each (B,)
+    resampled = binary_agreement(per_group[draws].sum(axis=1))  # each (B,)
     alpha = (1 - confidence) / 2
     for metric in METRICS:
         values = resampled[metric][np.isfinite(resampled[metric])]
         low, high = (np.quantile(values, [alpha, 1 - alpha]) if len(values) else (math.nan, math.nan))
         out.update({metric: float(point[metric]), f"{metric}_ci_low": float(low), f"{metric}_ci_high": float(high)})
     return out
-
-
-def counts_rows(labels: np.ndarray, verdicts: np.ndarray) -> np.ndarray:
-    """``(n, 4)``: each row's one-hot place in ``[tp, fp, fn, tn]``."""
-    return np.stack([(labels == 1) & (verdicts == 1), (labels == 0) & (verdicts == 1),
-                     (labels == 1) & (verdicts == 0), (labels == 0) & (verdicts == 0)], axis=1).astype(float)
 
 
 def plan(cfg: Config, data_run: str = "") -> list[str]:
@@ -133,16 +108,17 @@ def agreement_table(cfg: Config, judges: Sequence[Judge], labelled: Mapping[str,
                                              seed=cfg.eval.seed)
                 agreement_rows.append({"judge": judge.name, "kind": kind, "subset": subset, **values,
                                        "n_invalid": float(len(answers) - len(keep))})
-                tp, fp, fn, tn = counts(np.asarray(y), np.asarray(v)) if rows else np.zeros(4)
+                tp, fp, fn, tn = confusion_counts(y, v).sum(axis=0)
                 confusion_rows.append({"judge": judge.name, "kind": kind, "subset": subset, "tp": tp, "fp": fp,
                                        "fn": fn, "tn": tn})
             by_category: dict[str, list[int]] = {}
             for i in keep:
                 by_category.setdefault(answers[i].category, []).append(i)
             for category, rows in sorted(by_category.items()):
-                c = counts(np.array([answers[i].label for i in rows]), np.array([int(scored[i][field]) for i in rows]))
+                values = binary_agreement(confusion_counts([answers[i].label for i in rows],
+                                                           [int(scored[i][field]) for i in rows]).sum(axis=0))
                 category_rows.append({"judge": judge.name, "kind": kind, "category": category, "n": float(len(rows)),
-                                      "kappa": float(from_counts(c)["kappa"]), "accuracy": float(from_counts(c)["accuracy"])})
+                                      "kappa": float(values["kappa"]), "accuracy": float(values["accuracy"])})
     return pd.DataFrame(agreement_rows), pd.DataFrame(confusion_rows), pd.DataFrame(category_rows)
 
 
@@ -215,4 +191,4 @@ def run(cfg: Config, *, data_run: str = "") -> pd.DataFrame:
     return table
 
 
-__all__ = ["clustered_agreement", "from_counts", "metric_dict", "plan", "run"]
+__all__ = ["clustered_agreement", "metric_dict", "plan", "run"]

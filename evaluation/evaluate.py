@@ -300,8 +300,8 @@ def table_row(q: Question, record: Mapping[str, Any], *, model: str, dtype: str,
         "steer_source": steering.source_run, "variant_hash": record["variant_hash"],
         "answer": record["answer"], "raw_answer": record.get("raw_answer", ""),
         "n_new_tokens": record.get("n_new_tokens"), "truncated": record.get("truncated"),
-        "steered_tokens": record.get("steered_tokens"), "best_answer": q.best_answer, "correct_answers": list(q.correct_answers),
-        "incorrect_answers": list(q.incorrect_answers),
+        "steered_tokens": record.get("steered_tokens"), "best_answer": q.best_answer,
+        "correct_answers": list(q.correct_answers), "incorrect_answers": list(q.incorrect_answers),
     }
 
 

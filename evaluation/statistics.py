@@ -135,6 +135,30 @@ def mcnemar(
     return float(chi2), float(stats.chi2.sf(chi2, 1))
 
 
+def confusion_counts(labels: Sequence[int] | np.ndarray, verdicts: Sequence[int] | np.ndarray) -> np.ndarray:
+    """``(n, 4)``: each row's one-hot place in ``[tp, fp, fn, tn]`` of 0/1 labels (reference) and verdicts;
+    ``.sum(axis=0)`` is the 2x2 table."""
+    y, v = np.asarray(labels) == 1, np.asarray(verdicts) == 1
+    return np.stack([y & v, ~y & v, y & ~v, ~y & ~v], axis=1).astype(float).reshape(len(y), 4)
+
+
+def binary_agreement(counts: np.ndarray) -> dict[str, Any]:
+    """Accuracy, balanced accuracy and Cohen's kappa from ``[..., 4]`` counts ``[tp, fp, fn, tn]``,
+    vectorised over the leading axes (bootstrap resamples); NaN where undefined.
+
+    Args:
+        counts: confusion counts, e.g. ``confusion_counts(labels, verdicts).sum(axis=0)``.
+    """
+    tp, fp, fn, tn = (counts[..., i] for i in range(4))
+    n = tp + fp + fn + tn
+    with np.errstate(divide="ignore", invalid="ignore"):
+        accuracy = (tp + tn) / n
+        balanced = 0.5 * (tp / (tp + fn) + tn / (tn + fp))
+        chance = ((tp + fn) * (tp + fp) + (tn + fp) * (tn + fn)) / (n * n)
+        kappa = (accuracy - chance) / (1 - chance)
+    return {"accuracy": accuracy, "balanced_accuracy": balanced, "kappa": kappa}
+
+
 def _category_means(rows: Sequence[Mapping[str, Any]], metric: str) -> pd.DataFrame:
     missing = [i for i, r in enumerate(rows) if "category" not in r]
     if missing:

@@ -34,15 +34,13 @@ from typing import Any, ClassVar
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from evaluation.human_labels import Labelled, grouped_folds, normalised, references
 from evaluation.judges import NO_COMMENT, BaseJudge, JudgeError, JudgeItem, register
 from evaluation.semantic_judge import Encoder, minilm_encoder
 from steering.config import Config
-from steering.data import Question
 from steering.models import LoadedModel
 
 FEATURE_VERSION = 1
-LABEL_FILES = {"truth": "finetune_truth.jsonl", "info": "finetune_info.jsonl"}
-LABEL_SUFFIX = {"truth": "True", "info": "Helpful"}
 TENSORS_FILE = "judge.safetensors"
 META_FILE = "judge.json"
 FEATURES = (
@@ -56,88 +54,7 @@ NEGATION = re.compile(r"\b(no|not|never|nothing|none|cannot|can't|don't|doesn't|
                       re.IGNORECASE)
 HEDGE = re.compile(r"\b(may|might|some|depends|possibly|perhaps|unknown|no evidence|not clear|varies|it is not|"
                    r"there is no)\b", re.IGNORECASE)
-PROMPT = re.compile(r"^Q: (?P<question>.*?)\nA: (?P<answer>.*)\n(?P<suffix>\w+):$", re.DOTALL)
 SOFT_TEMPERATURE = 20.0  # the soft maximum of cosines: log-sum-exp at this inverse temperature
-
-
-def _normalised(text: str) -> str:
-    return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
-
-
-def references(item: JudgeItem) -> tuple[list[str], list[str]]:
-    """The correct references (the best answer among them) and the incorrect ones, stripped, once each."""
-    correct = list(dict.fromkeys(a.strip() for a in (*item.correct_answers, item.best_answer) if a.strip()))
-    incorrect = list(dict.fromkeys(a.strip() for a in item.incorrect_answers if a.strip()))
-    return correct, incorrect
-
-
-def is_verbatim(item: JudgeItem) -> bool:
-    """Whether the answer is one of the question's reference answers, up to case and punctuation."""
-    correct, incorrect = references(item)
-    answer = _normalised(item.answer)
-    return any(_normalised(r) == answer for r in (*correct, *incorrect))
-
-
-# ---------------------------------------------------------------- human labels
-
-
-@dataclasses.dataclass(frozen=True)
-class Labelled:
-    """One human-labelled answer.
-
-    Args:
-        item: the answer with its question's references.
-        label: 1 (the human said yes: true, or informative) or 0.
-        category: the question's TruthfulQA category.
-    """
-
-    item: JudgeItem
-    label: int
-    category: str
-
-    @property
-    def verbatim(self) -> bool:
-        return is_verbatim(self.item)
-
-
-def read_labels(path: str | Path, questions: Sequence[Question], kind: str) -> list[Labelled]:
-    """The human labels of ``path`` (``finetune_truth.jsonl`` or ``finetune_info.jsonl``) whose question
-    is one of ``questions`` (matched by its text), in file order.
-
-    Args:
-        path: the JSONL file; each line ``{"prompt": "Q: ...\\nA: ...\\nTrue:", "completion": " yes"}``.
-        questions: the TruthfulQA questions (all 817 to use every label).
-        kind: ``truth`` or ``info`` (the prompt must end in ``True:`` or ``Helpful:``).
-
-    Raises:
-        JudgeError: for a missing file, a line that is not such a record, or a prompt of the other kind.
-    """
-    if kind not in LABEL_FILES:
-        raise JudgeError(f"kind={kind!r} is not one of {', '.join(LABEL_FILES)}")
-    path = Path(path)
-    if not path.is_file():
-        raise JudgeError(f"label file {path} does not exist; pass the folder holding {LABEL_FILES[kind]} "
-                         "(../shared/data/truthfulqa here)")
-    by_text = {q.question.strip(): q for q in questions}
-    out = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            match = PROMPT.match(record["prompt"])
-            completion = record["completion"].strip()
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise JudgeError(f"{path}: line {number} is not a label record ({err}): {line[:100]!r}") from None
-        if match is None or match["suffix"] != LABEL_SUFFIX[kind] or completion not in ("yes", "no"):
-            raise JudgeError(f"{path}: line {number} is not a {kind} label (a prompt ending in "
-                             f"'{LABEL_SUFFIX[kind]}:' and a completion ' yes' or ' no'): {line[:100]!r}")
-        question = by_text.get(match["question"].strip())
-        if question is None:
-            continue
-        out.append(Labelled(JudgeItem.from_question(question, match["answer"].strip()), int(completion == "yes"),
-                            question.category))
-    return out
 
 
 # ---------------------------------------------------------------- features
@@ -190,13 +107,13 @@ class Featurizer:
         soft = (np.log(np.exp(SOFT_TEMPERATURE * sim_c).sum()) - np.log(np.exp(SOFT_TEMPERATURE * sim_i).sum()))
         rouge_c = max(self._rouge.score(r, item.answer)["rougeL"].fmeasure for r in correct)
         rouge_i = max(self._rouge.score(r, item.answer)["rougeL"].fmeasure for r in incorrect)
-        text = _normalised(item.answer)
+        text = normalised(item.answer)
         cos_question = float(unit[item.question] @ answer)
         return [
             top_c[0], top_i[0], top_c[0] - top_i[0], sim_c.mean(), sim_i.mean(), sim_c.mean() - sim_i.mean(),
             top_c[:2].mean(), top_i[:2].mean(), cos_question, float(unit[NO_COMMENT] @ answer),
             float(unit[item.best_answer.strip()] @ answer) if item.best_answer.strip() in unit else top_c[0],
-            float(any(_normalised(r) == text for r in correct)), float(any(_normalised(r) == text for r in incorrect)),
+            float(any(normalised(r) == text for r in correct)), float(any(normalised(r) == text for r in incorrect)),
             float(len(item.answer.split())), float(bool(NEGATION.search(item.answer))),
             float(bool(NEGATION.search(nearest_c))), float(bool(NEGATION.search(nearest_i))),
             soft / SOFT_TEMPERATURE, rouge_c, rouge_i, rouge_c - rouge_i, float(bool(HEDGE.search(item.answer))),
@@ -418,33 +335,6 @@ def load_judge(location: str | Path, encode: Encoder | None = None) -> TrainedJu
 # ---------------------------------------------------------------- agreement with people
 
 
-def agreement(labels: Sequence[int], verdicts: Sequence[int]) -> dict[str, float]:
-    """Accuracy, balanced accuracy and Cohen's kappa of ``verdicts`` against human ``labels`` (scikit-learn).
-
-    Args:
-        labels: the human labels, 0/1.
-        verdicts: the judge's verdicts, 0/1.
-    """
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score
-
-    if not labels:
-        return {"accuracy": math.nan, "balanced_accuracy": math.nan, "kappa": math.nan, "n": 0.0}
-    kappa = cohen_kappa_score(labels, verdicts) if len(set(labels) | set(verdicts)) > 1 else math.nan
-    return {"accuracy": float(accuracy_score(labels, verdicts)),
-            "balanced_accuracy": float(balanced_accuracy_score(labels, verdicts)),
-            "kappa": float(kappa), "n": float(len(labels))}
-
-
-def grouped_folds(labelled: Sequence[Labelled], n_folds: int, seed: int = 0) -> list[np.ndarray]:
-    """Fold index of every row, the questions shuffled (seeded) and dealt into ``n_folds`` folds, so
-    that all labels of a question share one fold."""
-    qids = sorted({r.item.qid for r in labelled})
-    order = np.random.default_rng(seed).permutation(len(qids))
-    fold_of = {qids[j]: k % n_folds for k, j in enumerate(order)}
-    folds = np.array([fold_of[r.item.qid] for r in labelled])
-    return [np.flatnonzero(folds == k) for k in range(n_folds)]
-
-
 def cross_validated(labelled: Sequence[Labelled], features: np.ndarray, *, n_folds: int = 5, seed: int = 0,
                     hidden: Sequence[int] = (64,), alpha: float = 1e-3) -> np.ndarray:
     """Held-out-question P(yes) of every row: each fold scored by a head trained on the other folds.
@@ -467,7 +357,6 @@ def cross_validated(labelled: Sequence[Labelled], features: np.ndarray, *, n_fol
 
 
 __all__ = [
-    "FEATURES", "Featurizer", "Head", "Labelled", "TrainedJudge", "agreement", "cross_validated", "grouped_folds",
-    "is_verbatim", "judge_folder", "load_judge", "overlap_error", "read_labels", "read_meta", "references",
-    "save_judge", "trained_question_ids",
+    "FEATURES", "Featurizer", "Head", "TrainedJudge", "cross_validated", "judge_folder", "load_judge",
+    "overlap_error", "read_meta", "save_judge", "trained_question_ids",
 ]

@@ -13,8 +13,9 @@ import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score
 
 from evaluation import calibrate
+from evaluation.human_labels import read_labels
 from evaluation.judges import make_judge
-from evaluation.trained_judge import read_labels
+from evaluation.statistics import binary_agreement, confusion_counts
 from steering.config import ConfigError, load_config
 from steering.data import splits_for
 from steering.tracking import stage_run
@@ -25,7 +26,7 @@ def test_metrics_from_counts_equal_scikit_learn() -> None:
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 300)
     verdicts = np.where(rng.random(300) < 0.7, labels, 1 - labels)
-    got = calibrate.from_counts(calibrate.counts(labels, verdicts))
+    got = binary_agreement(confusion_counts(labels, verdicts).sum(axis=0))
     assert got["accuracy"] == pytest.approx(accuracy_score(labels, verdicts))
     assert got["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, verdicts))
     assert got["kappa"] == pytest.approx(cohen_kappa_score(labels, verdicts))

@@ -18,18 +18,15 @@ import numpy as np
 import pytest
 
 from evaluation import evaluate
+from evaluation.human_labels import Labelled, agreement, grouped_folds, read_labels
 from evaluation.judges import JudgeError, JudgeItem, make_judge
 from evaluation.trained_judge import (
     FEATURES,
     Featurizer,
     Head,
-    Labelled,
     TrainedJudge,
-    agreement,
     cross_validated,
-    grouped_folds,
     load_judge,
-    read_labels,
     save_judge,
     trained_question_ids,
 )
