@@ -8,7 +8,8 @@ folder of ``finetune_truth.jsonl`` and ``finetune_info.jsonl``; by default the d
 
 Logs: ``cv_<truth|info>_<all|nonref>_<accuracy|balanced_accuracy|kappa>`` (``judge.folds`` folds
 grouped by question over the training questions; ``nonref``: answers that are not verbatim
-reference answers), ``n_<truth|info>_labels``, ``n_train_questions``, ``train_seconds``; artifacts
+reference answers; the run fails, registering nothing, when a label's kappa is below
+``judge.min_kappa``), ``n_<truth|info>_labels``, ``n_train_questions``, ``train_seconds``; artifacts
 ``judge/`` (``judge.safetensors``, ``judge.json`` with the training questions' ids) and the MLflow
 model ``judge_model`` (a pyfunc from code), registered as ``truthsteer-judge`` with the CV metrics as
 version tags; tag ``truthsteer.judge_uri`` (what ``judge.trained`` takes).
@@ -25,6 +26,7 @@ import mlflow
 import numpy as np
 
 from evaluation.human_labels import LABEL_FILES, Labelled, agreement, read_labels
+from evaluation.judges import JudgeError
 from evaluation.semantic_judge import minilm_encoder
 from evaluation.trained_judge import Featurizer, Head, TrainedJudge, cross_validated, save_judge
 from steering import artifacts
@@ -121,9 +123,20 @@ def run(cfg: Config, *, data_run: str = "") -> TrainedJudge:
                          meta={"cv": {k: v for k, v in metrics.items() if k.startswith("cv_")},
                                "hidden": list(cfg.judge.hidden), "alpha": cfg.judge.alpha, "seed": cfg.judge.seed})
     mlflow.log_metrics(metrics)
+    check_agreement(metrics, cfg.judge.min_kappa)
     uri = log_judge(judge, metrics)
     print(f"trained judge: {uri}")
     return judge
+
+
+def check_agreement(metrics: dict[str, float], min_kappa: float) -> None:
+    """Fail (after the metrics are logged, before anything is registered) a judge whose held-out-question
+    kappa is below ``min_kappa``: such a judge would report numbers near chance as measurements."""
+    low = {k: v for k, v in metrics.items() if k.startswith("cv_") and k.endswith("_all_kappa") and not v >= min_kappa}
+    if low:
+        found = ", ".join(f"{k}={v:.3f}" for k, v in sorted(low.items()))
+        raise JudgeError(f"the trained judge agrees with people too little to be used: {found} < judge.min_kappa="
+                         f"{min_kappa}; check the label files (judge.labels) and the training questions")
 
 
 def log_judge(judge: TrainedJudge, metrics: dict[str, float]) -> str:

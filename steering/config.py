@@ -268,6 +268,7 @@ class JudgeConfig:
     alpha: float = 1e-3
     folds: int = 5
     seed: int = 0
+    min_kappa: float = 0.3
 
     def __post_init__(self) -> None:
         _positive("judge", max_new_tokens=self.max_new_tokens, retry_max_new_tokens=self.retry_max_new_tokens,
@@ -277,6 +278,7 @@ class JudgeConfig:
             raise ConfigError(f"judge.hidden={list(self.hidden)} must list at least one positive layer width, e.g. [64]")
         if self.folds < 2:
             raise ConfigError(f"judge.folds={self.folds} must be >= 2 (folds grouped by question)")
+        _finite("judge", min_kappa=self.min_kappa)
         _finite("judge", invalid_ceiling=self.invalid_ceiling)
         _probability("judge", invalid_ceiling=self.invalid_ceiling)
 

@@ -216,3 +216,25 @@ def test_train_judge_stage_on_the_real_labels(tracking: str) -> None:
     assert row["judge_truthful"] == 1
     with pytest.raises(JudgeError, match="trained on 1 of the 1 questions"):
         judge.score([JudgeItem.from_question(train_q, train_q.best_answer)])
+
+
+@pytest.mark.slow
+def test_train_judge_fails_a_judge_near_chance_and_registers_nothing(tracking: str, tmp_path: Path) -> None:
+    """Labels shuffled across answers carry no signal: the held-out kappa is near 0, so the stage fails."""
+    from evaluation import train_judge
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "labels").mkdir()
+    for name in ("finetune_truth.jsonl", "finetune_info.jsonl"):
+        lines = [json.loads(line) for line in (DATA_CSV.parent / name).read_text().splitlines()[:600]]
+        completions = rng.permutation([r["completion"] for r in lines])
+        (tmp_path / "labels" / name).write_text("".join(
+            json.dumps({"prompt": r["prompt"], "completion": c}) + "\n" for r, c in zip(lines, completions, strict=True)))
+    cfg = load_config("smollm2-135m", f"data.source={DATA_CSV},judge.labels={tmp_path / 'labels'},judge.hidden=[8],"
+                                      "judge.folds=3")
+    with pytest.raises(JudgeError, match="agrees with people too little to be used: cv_info_all_kappa="), \
+            stage_run("train_judge", cfg) as run:
+        train_judge.run(cfg)
+    assert mlflow.get_run(run.info.run_id).info.status == "FAILED"
+    assert "cv_truth_all_kappa" in mlflow.get_run(run.info.run_id).data.metrics  # logged before failing
+    assert mlflow.MlflowClient().search_registered_models() == []
