@@ -1,7 +1,7 @@
 """Judge designs compared on the same folds: held-out-question agreement with the human labels.
 
 Every labelled answer whose question is in the CSV (22,408 truth and as many info labels) gets the
-trained judge's features (``evaluation.trained_judge.FEATURES``), computed once; each design is then
+trained judge's features (``evaluation.judge_features.FEATURES``), computed once; each design is then
 fitted and scored on the same 5 folds grouped by question (``grouped_folds``), so no question's
 answers are seen in training and testing at once. Designs:
 
@@ -27,8 +27,9 @@ import numpy as np
 
 from benchmarks import DATA_CSV, RESULTS_DIR, write_report
 from evaluation.human_labels import LABEL_FILES, agreement, grouped_folds, read_labels
+from evaluation.judge_features import FEATURES, Featurizer
 from evaluation.semantic_judge import minilm_encoder
-from evaluation.trained_judge import FEATURES, Featurizer, Head
+from evaluation.trained_judge import Head
 from steering.data import load_questions
 
 RESULTS = RESULTS_DIR / "judge_designs.json"

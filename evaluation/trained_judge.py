@@ -6,11 +6,8 @@ truth labels of ``finetune_truth.jsonl`` (and a second model on the informativen
 described by how it relates to its question's reference answers, and a small classifier per label,
 trained on the human labels of other questions, reads the verdict from that description.
 
-Features (``FEATURES``, one row per answer): MiniLM cosine similarities of the answer to the correct
-and to the incorrect references (max, second max, mean, top-2 mean, a soft maximum margin), to the best
-answer, to the question and to "I have no comment."; ROUGE-L to the nearest correct and incorrect
-reference (rouge-score); whether the answer is verbatim a correct or an incorrect reference;
-negation in the answer and in its nearest references; hedging words; length.
+Features: ``evaluation.judge_features.FEATURES``: MiniLM similarities of the answer to the correct
+and incorrect references, ROUGE-L, negation, and the content words it shares with only one kind.
 
 The classifier (``Head``) is scikit-learn's ``MLPClassifier`` on standardised features. Only its
 arrays are kept (safetensors, no pickle), and ``Head.predict_proba`` recomputes its forward pass
@@ -26,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,91 +30,15 @@ from typing import Any, ClassVar
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from evaluation.human_labels import Labelled, grouped_folds, normalised, references
-from evaluation.judges import NO_COMMENT, BaseJudge, JudgeError, JudgeItem, register
+from evaluation.human_labels import Labelled, grouped_folds
+from evaluation.judge_features import FEATURE_VERSION, FEATURES, Featurizer
+from evaluation.judges import BaseJudge, JudgeError, JudgeItem, register
 from evaluation.semantic_judge import Encoder, minilm_encoder
 from steering.config import Config
 from steering.models import LoadedModel
 
-FEATURE_VERSION = 1
 TENSORS_FILE = "judge.safetensors"
 META_FILE = "judge.json"
-FEATURES = (
-    "cos_max_correct", "cos_max_incorrect", "cos_max_diff", "cos_mean_correct", "cos_mean_incorrect",
-    "cos_mean_diff", "cos_top2_correct", "cos_top2_incorrect", "cos_question", "cos_no_comment", "cos_best",
-    "verbatim_correct", "verbatim_incorrect", "n_words", "negation_answer", "negation_nearest_correct",
-    "negation_nearest_incorrect", "cos_soft_margin", "rougeL_max_correct", "rougeL_max_incorrect",
-    "rougeL_diff", "hedge", "cos_second_correct", "cos_second_incorrect", "cos_question_minus_correct",
-)
-NEGATION = re.compile(r"\b(no|not|never|nothing|none|cannot|can't|don't|doesn't|isn't|aren't|won't|didn't|nobody)\b",
-                      re.IGNORECASE)
-HEDGE = re.compile(r"\b(may|might|some|depends|possibly|perhaps|unknown|no evidence|not clear|varies|it is not|"
-                   r"there is no)\b", re.IGNORECASE)
-SOFT_TEMPERATURE = 20.0  # the soft maximum of cosines: log-sum-exp at this inverse temperature
-
-
-# ---------------------------------------------------------------- features
-
-
-class Featurizer:
-    """``FEATURES`` of answers; MiniLM embeddings are computed once per distinct text.
-
-    Args:
-        encode: ``texts -> (n, dim)`` embeddings (``minilm_encoder()``).
-    """
-
-    def __init__(self, encode: Encoder) -> None:
-        from rouge_score import rouge_scorer
-
-        self.encode = encode
-        self._unit: dict[str, np.ndarray] = {}
-        self._rouge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-
-    def _embed(self, texts: Sequence[str]) -> None:
-        new = [t for t in dict.fromkeys(texts) if t not in self._unit]
-        if not new:
-            return
-        vectors = np.asarray(self.encode(new), dtype=np.float64)  # (n_new, dim)
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)  # (n_new, 1)
-        units = np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)  # (n_new, dim)
-        self._unit.update(zip(new, units, strict=True))
-
-    def __call__(self, items: Sequence[JudgeItem]) -> np.ndarray:
-        """``(len(items), len(FEATURES))`` float32 features.
-
-        Args:
-            items: the answers, with their references.
-        """
-        refs = [references(i) for i in items]
-        self._embed([NO_COMMENT, *(i.answer for i in items), *(i.question for i in items),
-                     *(r for c, w in refs for r in (*c, *w))])
-        rows = [self._row(item, correct, incorrect) for item, (correct, incorrect) in zip(items, refs, strict=True)]
-        return np.asarray(rows, dtype=np.float32).reshape(len(items), len(FEATURES))  # (n, n_features)
-
-    def _row(self, item: JudgeItem, correct: list[str], incorrect: list[str]) -> list[float]:
-        unit = self._unit
-        answer = unit[item.answer]  # (dim,)
-        sim_c = np.array([unit[r] @ answer for r in correct])  # (n_correct,)
-        sim_i = np.array([unit[r] @ answer for r in incorrect])  # (n_incorrect,)
-        top_c, top_i = np.sort(sim_c)[::-1], np.sort(sim_i)[::-1]
-        second_c = top_c[1] if len(top_c) > 1 else top_c[0]
-        second_i = top_i[1] if len(top_i) > 1 else top_i[0]
-        nearest_c, nearest_i = correct[int(np.argmax(sim_c))], incorrect[int(np.argmax(sim_i))]
-        soft = (np.log(np.exp(SOFT_TEMPERATURE * sim_c).sum()) - np.log(np.exp(SOFT_TEMPERATURE * sim_i).sum()))
-        rouge_c = max(self._rouge.score(r, item.answer)["rougeL"].fmeasure for r in correct)
-        rouge_i = max(self._rouge.score(r, item.answer)["rougeL"].fmeasure for r in incorrect)
-        text = normalised(item.answer)
-        cos_question = float(unit[item.question] @ answer)
-        return [
-            top_c[0], top_i[0], top_c[0] - top_i[0], sim_c.mean(), sim_i.mean(), sim_c.mean() - sim_i.mean(),
-            top_c[:2].mean(), top_i[:2].mean(), cos_question, float(unit[NO_COMMENT] @ answer),
-            float(unit[item.best_answer.strip()] @ answer) if item.best_answer.strip() in unit else top_c[0],
-            float(any(normalised(r) == text for r in correct)), float(any(normalised(r) == text for r in incorrect)),
-            float(len(item.answer.split())), float(bool(NEGATION.search(item.answer))),
-            float(bool(NEGATION.search(nearest_c))), float(bool(NEGATION.search(nearest_i))),
-            soft / SOFT_TEMPERATURE, rouge_c, rouge_i, rouge_c - rouge_i, float(bool(HEDGE.search(item.answer))),
-            second_c, second_i, cos_question - top_c[0],
-        ]
 
 
 # ---------------------------------------------------------------- the classifier
@@ -357,6 +277,6 @@ def cross_validated(labelled: Sequence[Labelled], features: np.ndarray, *, n_fol
 
 
 __all__ = [
-    "FEATURES", "Featurizer", "Head", "TrainedJudge", "cross_validated", "judge_folder", "load_judge",
+    "Head", "TrainedJudge", "cross_validated", "judge_folder", "load_judge",
     "overlap_error", "read_meta", "save_judge", "trained_question_ids",
 ]

@@ -8,6 +8,7 @@ exact; no question's labels fall in two folds.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -19,10 +20,9 @@ import pytest
 
 from evaluation import evaluate
 from evaluation.human_labels import Labelled, agreement, grouped_folds, read_labels
+from evaluation.judge_features import FEATURES, Featurizer, content_words, polarity
 from evaluation.judges import JudgeError, JudgeItem, make_judge
 from evaluation.trained_judge import (
-    FEATURES,
-    Featurizer,
     Head,
     TrainedJudge,
     cross_validated,
@@ -126,6 +126,21 @@ def test_features_see_verbatim_references_and_the_nearest_ones() -> None:
     assert f["cos_max_incorrect"][1] > f["cos_max_correct"][1] and f["rougeL_diff"][1] < 0
     assert f["negation_answer"].tolist() == [1, 0, 0] and f["n_words"].tolist() == [4, 3, 1]
     assert rows.shape == (3, len(FEATURES)) and np.isfinite(rows).all()
+
+
+def test_lexical_features_count_the_words_only_one_kind_of_reference_uses() -> None:
+    item = JudgeItem("q1", "What happens if you crack your knuckles a lot?", "You will get arthritis in 10 years.",
+                     "Nothing in particular happens", ("Nothing in particular happens", "No, nothing happens"),
+                     ("You will get arthritis", "Your knuckles swell"))
+    rows = Featurizer(fake_encoder)([item, dataclasses.replace(item, answer="No, nothing happens.")])
+    f = {name: rows[:, i] for i, name in enumerate(FEATURES)}
+    # "get" and "arthritis" only in incorrect references; "10" and "years" in none ("will" is a stopword)
+    assert f["n_words_only_incorrect"].tolist() == [2, 0] and f["words_novel"][0] == pytest.approx(2 / 4)
+    assert f["n_words_only_correct"].tolist() == [0, 2] and f["recall_max_correct"][1] == pytest.approx(1.0)
+    assert f["recall_max_incorrect"][0] == pytest.approx(1.0) and f["recall_diff"].tolist() == [-1, 1]
+    assert f["number_novel"].tolist() == [1, 0] and f["polarity"].tolist() == [0, -1]
+    assert f["polarity_with_correct"][1] == pytest.approx(0.5)  # one of two correct references starts with "No"
+    assert content_words("The knuckles, a lot") == {"knuckles", "lot"} and polarity("Yes. No.") == 1
 
 
 def test_folds_are_grouped_by_question_and_cover_every_row() -> None:
