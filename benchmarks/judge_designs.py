@@ -7,7 +7,7 @@ answers are seen in training and testing at once. Designs:
 
 - ``rule``: ``cos_max_diff > 0`` (the semantic judge's accuracy rule on the same embeddings);
 - ``logistic``: scikit-learn's logistic regression on the standardised features;
-- ``mlp_64`` and ``mlp_128_64``: the trained judge's ``Head`` (the default is (128, 64));
+- ``mlp_64`` and ``mlp_128_64``: the trained judge's ``Head`` (the default is (64,));
 - ``hist_gradient_boosting``: scikit-learn's HistGradientBoostingClassifier. Not used by the judge,
   because it cannot be saved without pickle (or skops, which MLflow gates behind the same flag).
 

@@ -2,7 +2,7 @@
 
 Parameters: --data (the TruthfulQA CSV; the labels are read from its folder unless judge.labels is
 set), --split, --data-run (a data run whose val and test questions are held out), --overrides (e.g.
-"judge.hidden=[128,64],judge.folds=5,judge.labels=../shared/data/truthfulqa"), --preset, --dry-run.
+"judge.hidden=[64],judge.folds=5,judge.labels=../shared/data/truthfulqa"), --preset, --dry-run.
 Logs: held-out-question agreement by cross-validation (cv_truth_all_kappa, cv_truth_nonref_kappa,
 cv_info_all_kappa, ... with accuracy and balanced accuracy), n_truth_labels, n_info_labels,
 n_train_questions, train_seconds; the artifact judge/ (judge.safetensors, judge.json with the training

@@ -264,7 +264,7 @@ class JudgeConfig:
     invalid_ceiling: float = 0.5
     trained: str = ""
     labels: str = ""
-    hidden: tuple[int, ...] = (128, 64)
+    hidden: tuple[int, ...] = (64,)
     alpha: float = 1e-3
     folds: int = 5
     seed: int = 0
