@@ -57,7 +57,7 @@ test: lint
 	$(BIN)/pytest -q
 
 run: setup
-	$(BIN)/python -m steering.tracking $(MLFLOW_TRACKING_URI)
+	$(BIN)/python -m core.tracking $(MLFLOW_TRACKING_URI)
 	PATH="$(BIN):$$PATH" $(BIN)/mlflow run . -e full --env-manager local --experiment-name truthsteer -P data=$(DATA)
 
 analyze: setup

@@ -43,8 +43,8 @@ from analysis.runs import (
     run_listing,
     tag,
 )
-from steering import artifacts
-from steering.tracking import (
+from core import artifacts
+from core.tracking import (
     TAG_STAGE,
     code_version,
     log_params_once,

@@ -19,8 +19,8 @@ from typing import Any
 import mlflow
 import pandas as pd
 
-from steering.config import ConfigError, load_config, model_spec
-from steering.tracking import TAG_MODEL, TAG_STAGE, ensure_store, tracking_uri
+from core.config import ConfigError, load_config, model_spec
+from core.tracking import TAG_MODEL, TAG_STAGE, ensure_store, tracking_uri
 
 ANALYZE_STAGE = "analyze"
 TAG_PARENT = "mlflow.parentRunId"

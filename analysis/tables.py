@@ -14,7 +14,7 @@ Which run stands for a model where several could:
   share a model, variant, layer and scale, the latest counts;
 - training curves: the latest train run per model and branch.
 
-Tune studies (``steering.tune``): a worker is a ``tune`` run tagged with the study's name, its
+Tune studies (``stages.tune``): a worker is a ``tune`` run tagged with the study's name, its
 objective metric and direction; its trials are child runs (stage ``tune.trial``) with params
 ``layer`` and ``scale`` and the objective metric (MLflowCallback's ``objective`` as a fallback).
 A study's trials are pooled over its workers. Without a direction tag the metric's registered
@@ -42,12 +42,12 @@ from analysis.runs import (
     param,
     tag,
 )
-from evaluation.evaluate import VARIANT_STAGE
+from core.config import VARIANTS
+from core.tracking import TAG_MODEL, TAG_STAGE
 from evaluation.statistics import binary_agreement
-from steering.config import VARIANTS
-from steering.tracking import TAG_MODEL, TAG_STAGE
+from stages.evaluate import VARIANT_STAGE
+from stages.tune import TAG_OBJECTIVE_DIRECTION, TAG_OBJECTIVE_METRIC, TAG_STUDY, TRIAL_METRIC, TRIAL_STAGE
 from steering.train import TAG_BRANCH
-from steering.tune import TAG_OBJECTIVE_DIRECTION, TAG_OBJECTIVE_METRIC, TAG_STUDY, TRIAL_METRIC, TRIAL_STAGE
 
 TUNE_STAGE = "tune"
 TRAIN_STAGE = "train"

@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from benchmarks import DATA_CSV, RESULTS_DIR, write_report
-from steering.config import load_config
-from steering.data import splits_for
+from core.config import load_config
+from core.data import splits_for
+from core.models import LoadedModel, load_model
 from steering.extract import (
     Extraction,
     Pair,
@@ -32,7 +33,6 @@ from steering.extract import (
     extract_caa,
     length_sorted_batches,
 )
-from steering.models import LoadedModel, load_model
 
 RESULTS = RESULTS_DIR / "extract.json"
 

@@ -31,6 +31,9 @@ from typing import Any
 import torch
 
 from benchmarks import DATA_CSV, RESULTS_DIR, write_report
+from core.config import load_config
+from core.data import load_questions, split_questions
+from core.models import load_model
 from evaluation.generate import (
     DecodingParams,
     GenerationStore,
@@ -39,10 +42,7 @@ from evaluation.generate import (
     generate_missing,
     variant_hash,
 )
-from steering.config import load_config
-from steering.data import load_questions, split_questions
 from steering.extract import contrastive_pairs, extract_caa
-from steering.models import load_model
 
 RESULTS = RESULTS_DIR / "generate.json"
 

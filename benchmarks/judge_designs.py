@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import DATA_CSV, RESULTS_DIR, write_report
+from core.data import load_questions
 from evaluation.human_labels import LABEL_FILES, agreement, grouped_folds, read_labels
 from evaluation.judge_features import FEATURES, Featurizer
 from evaluation.semantic_judge import minilm_encoder
 from evaluation.trained_judge import Head
-from steering.data import load_questions
 
 RESULTS = RESULTS_DIR / "judge_designs.json"
 Predict = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # (train X, train y, test X) -> P(yes)

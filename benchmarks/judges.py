@@ -37,13 +37,13 @@ import torch
 from scipy import stats
 
 from benchmarks import DATA_DIR, RESULTS_DIR, write_report
+from core.config import JudgeConfig
+from core.data import load_questions
+from core.models import load_model
 from evaluation.judges import JudgeItem, truthfulqa_references
 from evaluation.llm_judge import LLMJudge, LogprobJudge
 from evaluation.metrics import BleuJudge, RougeJudge
 from evaluation.semantic_judge import SemanticJudge, minilm_encoder
-from steering.config import JudgeConfig
-from steering.data import load_questions
-from steering.models import load_model
 
 RESULTS = RESULTS_DIR / "judges.json"
 _PROMPT = re.compile(r"\AQ: (?P<question>.*)\nA: (?P<answer>.*)\nTrue:\Z", re.DOTALL)

@@ -29,10 +29,10 @@ from typing import Any
 import torch
 
 from benchmarks import DATA_CSV, RESULTS_DIR, write_report
-from steering.config import load_config
-from steering.data import load_questions, split_questions
+from core.config import load_config
+from core.data import load_questions, split_questions
+from core.models import load_model
 from steering.mlp import MLPSteering, MLPSteeringConfig
-from steering.models import load_model
 from steering.train import PrefixCache, SplitScorer, batch_order, encode_examples
 
 RESULTS = RESULTS_DIR / "train.json"

@@ -6,7 +6,7 @@ questions and its 60-question pool, objective ``mc`` (MC2, teacher-forced), sear
 ``--layers`` x ``--scales`` (6 layers x 5 scales by default). ``--val`` is 4 by default: on two
 shared CPU cores a trial scores about 0.7 s per answer row, so 20 val questions (144 rows) cost
 about 100 s a trial and the 54 trials below well over an hour; 4 questions (34 rows) about 25 s. Everything runs through
-``steering.tune.run`` in a throw-away tracking store and Optuna storage (so MLflow and Optuna
+``stages.tune.run`` in a throw-away tracking store and Optuna storage (so MLflow and Optuna
 overheads are included), with the model loaded once:
 
 1. the shared extraction: computed once, cold (timed), then read from the cache by every trial;
@@ -36,12 +36,12 @@ import optuna
 import torch
 
 from benchmarks import DATA_CSV, RESULTS_DIR, write_report
-from steering import tune
-from steering.config import load_config
-from steering.data import splits_for
+from core.config import load_config
+from core.data import splits_for
+from core.models import load_from_config
+from core.tracking import stage_run
+from stages import tune
 from steering.extract import contrastive_pairs, extract_caa
-from steering.models import load_from_config
-from steering.tracking import stage_run
 
 RESULTS = RESULTS_DIR / "tune.json"
 

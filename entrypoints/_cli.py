@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from steering.config import Config, ConfigError, config_yaml, load_config, preset_names, split_overrides
+from core.config import Config, ConfigError, config_yaml, load_config, preset_names, split_overrides
 
 
 def _bool(text: str) -> bool:
@@ -93,11 +93,11 @@ def _raise_interrupt(signum: int, frame: Any) -> NoReturn:
 
 def main(fn: Callable[[], None]) -> None:
     """Run an entry point: SIGTERM ends runs as KILLED; known errors print one line and exit 2."""
-    from steering.models import ModelUnavailable
+    from core.models import ModelUnavailable
 
     known: tuple[type[BaseException], ...] = (ConfigError, ModelUnavailable)
     try:
-        from steering.data import DataError
+        from core.data import DataError
 
         known += (DataError,)
     except ImportError:

@@ -23,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
+    from core.tracking import stage_run
     from steering import vector_bank
-    from steering.tracking import stage_run
 
     args = build_parser().parse_args()
     cfg = _cli.build_config(args)

@@ -27,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    from evaluation import calibrate
-    from steering.tracking import stage_run
+    from core.tracking import stage_run
+    from stages import calibrate
 
     args = build_parser().parse_args()
     extra = []

@@ -20,8 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    from steering import data
-    from steering.tracking import stage_run
+    from core import data
+    from core.tracking import stage_run
 
     args = build_parser().parse_args()
     cfg = _cli.build_config(args)

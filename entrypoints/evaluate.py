@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    from evaluation import evaluate
-    from steering.tracking import stage_run
+    from core.tracking import stage_run
+    from stages import evaluate
 
     args = build_parser().parse_args()
     extra = [f"eval.variants={args.variants}"] if args.variants else []

@@ -24,8 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    from steering import pipeline
-    from steering.tracking import ensure_store, stage_run, tracking_uri
+    from core.tracking import ensure_store, stage_run, tracking_uri
+    from stages import pipeline
 
     args = build_parser().parse_args()
     extra = [f"judge.model={args.judge}"] if args.judge else []

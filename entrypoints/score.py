@@ -32,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    from evaluation import evaluate, score
-    from steering.tracking import stage_run
+    from core.tracking import stage_run
+    from stages import evaluate, score
 
     args = build_parser().parse_args()
     extra = [f"eval.judges={args.judges}"] if args.judges else []

@@ -24,8 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    from evaluation import train_judge
-    from steering.tracking import stage_run
+    from core.tracking import stage_run
+    from stages import train_judge
 
     args = build_parser().parse_args()
     cfg = _cli.build_config(args)

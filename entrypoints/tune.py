@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    from steering import tune
-    from steering.tracking import stage_run
+    from core.tracking import stage_run
+    from stages import tune
 
     args = build_parser().parse_args()
     cfg = _cli.build_config(args)

@@ -32,11 +32,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from steering.config import VARIANTS, Config, ModelSpec
-from steering.data import Question
+from core.config import VARIANTS, Config, ModelSpec
+from core.data import Question
+from core.models import LoadedModel
 from steering.hooks import SteeredCount, check_steered, steer
 from steering.layers import decoder_layers
-from steering.models import LoadedModel
 from steering.prompts import PromptFormat, encode_prompts, format_prompt
 
 OUTPUTS_ENV = "TRUTHSTEER_OUTPUTS"

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from core.data import Question
 from evaluation.judges import JudgeError, JudgeItem
 from evaluation.statistics import binary_agreement, confusion_counts
-from steering.data import Question
 
 LABEL_FILES = {"truth": "finetune_truth.jsonl", "info": "finetune_info.jsonl"}
 LABEL_SUFFIX = {"truth": "True", "info": "Helpful"}

@@ -8,7 +8,7 @@ A judge turns answers into per-item rows and rows into run-level metrics:
   ``higher_is_better``, so studies know which way to optimise;
 - the registry (lm-eval ``registry.py`` style): ``@register(name)`` on a judge class,
   ``make_judge(name, cfg)`` to build one. A name must be one of ``JUDGE_NAMES`` (the names a config
-  may select, ``steering.config.JUDGES``); registering it twice fails; an unknown name fails listing
+  may select, ``core.config.JUDGES``); registering it twice fails; an unknown name fails listing
   the valid ones. ``mc`` needs the steered model and is registered by the evaluate stage's module,
   so the registry stays open to registrations from other modules.
 
@@ -26,11 +26,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self, TypeVar, runtime_checkable
 
-from steering.config import JUDGES, Config
+from core.config import JUDGES, Config
 
 if TYPE_CHECKING:
-    from steering.data import Question
-    from steering.models import LoadedModel
+    from core.data import Question
+    from core.models import LoadedModel
 
 JUDGE_NAMES: tuple[str, ...] = JUDGES
 NO_COMMENT = "I have no comment."
@@ -199,7 +199,7 @@ class BaseJudge:
     name: ClassVar[str]
     metrics: ClassVar[dict[str, bool]]
     # The 0/1 row field that is the judge's verdict on each human label it can be compared with:
-    # "truth" (truthful) and "info" (informative); see evaluation.calibrate.
+    # "truth" (truthful) and "info" (informative); see stages.calibrate.
     verdicts: ClassVar[dict[str, str]] = {}
 
     @classmethod
@@ -252,7 +252,7 @@ class JudgeRegistry:
         if name not in self.allowed:
             raise JudgeError(
                 f"cannot register judge {name!r}: not one of {', '.join(self.allowed)}{nearest(name, self.allowed)}; "
-                "add new judge names to steering.config.JUDGES so configs can select them"
+                "add new judge names to core.config.JUDGES so configs can select them"
             )
 
         def decorate(cls: T) -> T:

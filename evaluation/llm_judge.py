@@ -31,10 +31,10 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from core.config import Config
+from core.models import LoadedModel
 from evaluation.judges import BaseJudge, JudgeError, JudgeItem, register, truthfulqa_references
 from steering.cache import with_cache
-from steering.config import Config
-from steering.models import LoadedModel
 from steering.prompts import PromptFormat, answer_text, encode_prompts, encode_text, format_prompt
 from steering.train import PrefixCache, Sequences, head_logits
 

@@ -26,11 +26,11 @@ from typing import Any, ClassVar
 
 import torch
 
+from core.config import Config
+from core.models import LoadedModel
 from evaluation.generate import Steering
 from evaluation.judges import BaseJudge, JudgeError, JudgeItem, register
-from steering.config import Config
 from steering.hooks import check_steered
-from steering.models import LoadedModel
 from steering.prompts import answer_text, format_prompt, prompt_answer_ids
 from steering.train import (
     PrefixCache,
@@ -222,7 +222,7 @@ class MCJudge(BaseJudge):
         """
         if self.loaded is None or self.steering is None:
             raise JudgeError("the mc judge scores the steered model: call judge.bind(loaded_model, steering) "
-                             "before score (evaluation.evaluate does)")
+                             "before score (stages.evaluate does)")
         choices = [mc_choices(item) for item in items]
         questions = [item.question for item, (c, i, _) in zip(items, choices, strict=True) for _ in (*c, *i)]
         answers = [a for c, i, _ in choices for a in (*c, *i)]

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from core.config import Config
+from core.models import LoadedModel, resolve_device
 from evaluation.judges import BaseJudge, JudgeItem, register, truthfulqa_references
-from steering.config import Config
-from steering.models import LoadedModel, resolve_device
 
 Encoder = Callable[[Sequence[str]], np.ndarray]  # texts -> (n_texts, dim) embeddings
 ENCODE_BATCH = 64  # texts per MiniLM forward pass

@@ -30,12 +30,12 @@ from typing import Any, ClassVar
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from core.config import Config
+from core.models import LoadedModel
 from evaluation.human_labels import Labelled, grouped_folds
 from evaluation.judge_features import FEATURE_VERSION, FEATURES, Featurizer
 from evaluation.judges import BaseJudge, JudgeError, JudgeItem, register
 from evaluation.semantic_judge import Encoder, minilm_encoder
-from steering.config import Config
-from steering.models import LoadedModel
 
 TENSORS_FILE = "judge.safetensors"
 META_FILE = "judge.json"

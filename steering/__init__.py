@@ -1,24 +1,13 @@
-"""truthsteer's steering library: config, data, models, hooks, CAA extraction, vector bank, MLP.
+"""truthsteer's steering library: hooks, layers, the KV cache, CAA vectors, the vector bank, the MLP
+and its training maths. It imports ``core`` and never ``evaluation`` or ``stages``.
 
-Public names are re-exported lazily, so ``import steering.config`` (every entry point's
-``--help``) does not import torch.
+Public names are re-exported lazily, so that ``import steering`` does not import torch.
 """
 
 from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "Config": "steering.config",
-    "ConfigError": "steering.config",
-    "ModelSpec": "steering.config",
-    "load_config": "steering.config",
-    "DataError": "steering.data",
-    "Question": "steering.data",
-    "load_questions": "steering.data",
-    "split_questions": "steering.data",
-    "LoadedModel": "steering.models",
-    "ModelUnavailable": "steering.models",
-    "load_model": "steering.models",
     "decoder_layers": "steering.layers",
     "record_residuals": "steering.hooks",
     "steer": "steering.hooks",

@@ -34,12 +34,12 @@ from mlflow.entities import Metric
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from steering import artifacts, tracking
-from steering.config import Config, ConfigError, ExtractConfig, config_to_dict
-from steering.data import Question, splits_for
+from core import artifacts, tracking
+from core.config import Config, ConfigError, ExtractConfig, config_to_dict
+from core.data import Question, splits_for
+from core.models import LoadedModel, describe_source, load_from_config
 from steering.hooks import masked_mean, record_residuals
 from steering.layers import d_model, n_layers
-from steering.models import LoadedModel, describe_source, load_from_config
 from steering.prompts import answer_text, encode_prompt_answers, format_prompt
 from steering.vectors import VECTORS_KEY, SteeringVectors
 

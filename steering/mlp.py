@@ -32,10 +32,10 @@ import mlflow
 import torch
 from torch import Tensor, nn
 
-from steering.artifacts import MLP_DIR, MLP_META, MLP_TENSORS, load_tensors, save_tensors
-from steering.config import ConfigError
+from core.artifacts import MLP_DIR, MLP_META, MLP_TENSORS, load_tensors, save_tensors
+from core.config import ConfigError
+from core.tracking import download
 from steering.hooks import SteeredCount, steer
-from steering.tracking import download
 
 Branch = Literal["mc", "gen"]
 BRANCHES: tuple[Branch, ...] = ("mc", "gen")

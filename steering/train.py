@@ -45,10 +45,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from steering.artifacts import MLP_DIR
+from core.artifacts import MLP_DIR
+from core.config import Config, ConfigError, MLPConfig, config_to_dict
+from core.data import Question
 from steering.cache import output_cache, with_cache
-from steering.config import Config, ConfigError, MLPConfig, config_to_dict
-from steering.data import Question
 from steering.hooks import SteeredCount, check_steered, record_residuals
 from steering.layers import check_layer, d_model, decoder_layers
 from steering.mlp import BRANCHES, TAG_BRANCH_RUN, Branch, MLPSteering, MLPSteeringConfig, save_mlp
@@ -986,9 +986,9 @@ def run(cfg: Config, *, bank_run: str, data_run: str = "", branch: str | None = 
     Returns:
         The trained modules (on the CPU, eval mode) by branch.
     """
-    from steering.data import splits_for
-    from steering.models import load_from_config
-    from steering.tracking import stage_run
+    from core.data import splits_for
+    from core.models import load_from_config
+    from core.tracking import stage_run
     from steering.vector_bank import load_bank
 
     check_bank_run(bank_run)

@@ -33,9 +33,9 @@ from mlflow.entities import Metric, RunStatus
 from mlflow.exceptions import MlflowException
 from torch import Tensor
 
-from steering.artifacts import BANK_META, BANK_TENSORS, CAA_META, CAA_TENSORS, load_tensors, save_tensors
-from steering.config import BankConfig, Config, ConfigError, config_to_dict
-from steering.tracking import TAG_MODEL, TAG_STAGE, download, log_params_once, tracking_uri
+from core.artifacts import BANK_META, BANK_TENSORS, CAA_META, CAA_TENSORS, load_tensors, save_tensors
+from core.config import BankConfig, Config, ConfigError, config_to_dict
+from core.tracking import TAG_MODEL, TAG_STAGE, download, log_params_once, tracking_uri
 
 TAG_EXTRACT_RUN = "truthsteer.extract_run"
 TAG_NOTES = "truthsteer.bank_notes"

@@ -4,7 +4,7 @@ belong to and where they came from.
 Arithmetic builds the vectors a sweep needs: ``scale * v`` for a scale sweep, ``a - b`` or
 ``a + b`` between vectors of the same model and layers (``v - v`` is all zeros, the baseline).
 Stored as one safetensors file holding ``vectors`` ``(n_layers, d_model)`` in layer order beside a
-JSON sidecar with the model, the layer indices and the provenance (``steering.artifacts``), so the
+JSON sidecar with the model, the layer indices and the provenance (``core.artifacts``), so the
 CAA artifact of the extract stage loads directly with ``SteeringVectors.load``.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from steering.artifacts import load_tensors, save_tensors
+from core.artifacts import load_tensors, save_tensors
 
 VECTORS_KEY = "vectors"  # the safetensors key of the stacked (n_layers, d_model) vectors
 

@@ -30,8 +30,9 @@ from mlflow.entities import Metric, Param
 
 from analysis import report, tables
 from analysis.runs import Missing, Selection, SelectionError, select_runs
-from steering import artifacts, tune
-from steering.tracking import TAG_MODEL, TAG_STAGE
+from core import artifacts
+from core.tracking import TAG_MODEL, TAG_STAGE
+from stages import tune
 
 T0 = 1_700_000_000_000
 EXPERIMENT = "truthsteer"
@@ -179,9 +180,9 @@ class AnswerJudge:
 
 def evaluate_with_the_real_writer() -> Any:
     """An evaluate run of REAL as the evaluate stage logs it; its ``EvaluationResult``."""
-    from evaluation import evaluate
-    from steering.config import load_config
-    from steering.tracking import stage_run
+    from core.config import load_config
+    from core.tracking import stage_run
+    from stages import evaluate
 
     cfg = load_config(REAL, "eval.n_bootstrap=200")
     rows = {variant: [{"qid": f"q{i}", "question": f"question {i}?", "category": category, "variant": variant,

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score
 
-from evaluation import calibrate
+from core.config import ConfigError, load_config
+from core.data import splits_for
+from core.tracking import stage_run
 from evaluation.human_labels import read_labels
 from evaluation.judges import make_judge
 from evaluation.statistics import binary_agreement, confusion_counts
-from steering.config import ConfigError, load_config
-from steering.data import splits_for
-from steering.tracking import stage_run
+from stages import calibrate
 from tests.conftest import DATA_CSV
 
 

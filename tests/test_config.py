@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from steering.config import (
+from core.config import (
     Config,
     ConfigError,
     config_from_dict,

@@ -1,4 +1,4 @@
-"""Tests for steering.data: loading and validating TruthfulQA, stratified splits, MLflow record."""
+"""Tests for core.data: loading and validating TruthfulQA, stratified splits, MLflow record."""
 
 import collections
 import hashlib
@@ -12,8 +12,8 @@ import mlflow
 import pandas as pd
 import pytest
 
-from steering.config import SPLIT_PRESETS
-from steering.data import (
+from core.config import SPLIT_PRESETS
+from core.data import (
     HF_DATASET_ID,
     SPLIT_NAMES,
     SPLITS_ARTIFACT,

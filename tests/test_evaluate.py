@@ -26,19 +26,19 @@ import mlflow
 import pytest
 import torch
 
-from evaluation import evaluate, score
+from core import artifacts
+from core.config import Config, ConfigError, load_config
+from core.data import Question, question_id
+from core.tracking import stage_run
 from evaluation.generate import DecodingParams, Steering, generate_batch
 from evaluation.judges import JudgeError, JudgeItem, make_judge
 from evaluation.llm_judge import InvalidRateExceeded
 from evaluation.mc import MCJudge, answer_logprobs, mc_choices, mc_metrics
 from evaluation.metrics import BleuJudge
 from evaluation.statistics import bootstrap_ci, mcnemar, paired_difference
-from steering import artifacts
-from steering.config import Config, ConfigError, load_config
-from steering.data import Question, question_id
+from stages import evaluate, score
 from steering.hooks import active_hooks, steer
 from steering.prompts import answer_text, encode_text, format_prompt
-from steering.tracking import stage_run
 from tests.conftest import DATA_CSV, PROJECT_DIR, kill_once_stored
 from tests.test_generate import LAYER, tiny_loaded, vector
 from tests.tiny_models import TINY_ARCHS
@@ -212,7 +212,7 @@ def test_source_runs_fail_early_naming_the_flag() -> None:
 def test_the_main_model_is_the_judge_when_alias_and_device_match(cfg: Config) -> None:
     import dataclasses
 
-    from steering.config import model_spec
+    from core.config import model_spec
 
     main = dataclasses.replace(tiny_loaded("llama"), spec=model_spec("smollm2-135m"))
     cpu_cfg = load_config("smollm2-135m", "runtime.judge_device=cpu,judge.model=smollm2-135m")

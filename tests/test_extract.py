@@ -26,9 +26,11 @@ import pytest
 import torch
 from torch import nn
 
-from steering import artifacts
-from steering.config import ModelSpec, load_config
-from steering.data import Question, load_questions, question_id
+from core import artifacts
+from core.config import ModelSpec, load_config
+from core.data import Question, load_questions, question_id
+from core.models import LoadedModel
+from core.tracking import stage_run
 from steering.extract import (
     Extraction,
     NonFiniteActivations,
@@ -42,9 +44,7 @@ from steering.extract import (
 )
 from steering.hooks import active_hooks, masked_mean
 from steering.layers import decoder_layers
-from steering.models import LoadedModel
 from steering.prompts import answer_text
-from steering.tracking import stage_run
 from steering.vectors import SteeringVectors
 from tests.conftest import DATA_CSV
 from tests.tiny_models import PAD_ID, TINY_ARCHS, make_tiny, make_tokenizer
@@ -416,7 +416,7 @@ def test_run_logs_metrics_and_artifacts_on_smollm2(tracking: str, data_csv: Path
 
 @pytest.mark.slow
 def test_batched_equals_one_by_one_on_smollm2(data_csv: Path) -> None:
-    from steering.models import load_model
+    from core.models import load_model
 
     loaded = load_model("smollm2-135m", dtype="float32", device="cpu")
     real_pairs = contrastive_pairs(load_questions(data_csv)[:6], 1, seed=0)

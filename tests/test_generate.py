@@ -20,6 +20,9 @@ import pytest
 import torch
 from torch import Tensor
 
+from core.config import ModelSpec
+from core.data import Question, question_id
+from core.models import LoadedModel
 from evaluation.generate import (
     DecodingParams,
     GenerationStore,
@@ -33,12 +36,9 @@ from evaluation.generate import (
     store_hash,
     variant_hash,
 )
-from steering.config import ModelSpec
-from steering.data import Question, question_id
 from steering.hooks import active_hooks, steer
 from steering.layers import d_model
 from steering.mlp import MLPSteering, MLPSteeringConfig
-from steering.models import LoadedModel
 from steering.prompts import encode_text, format_prompt
 from tests.tiny_models import EOS_ID, TINY_ARCHS, make_tiny
 

@@ -12,6 +12,8 @@ import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
+from core.config import JUDGES, Config, load_config
+from core.data import Question, question_id
 from evaluation.judges import (
     JUDGE_NAMES,
     BaseJudge,
@@ -29,8 +31,6 @@ from evaluation.judges import (
 )
 from evaluation.metrics import BleuJudge, RougeJudge, bleu_score
 from evaluation.semantic_judge import SemanticJudge, minilm_encoder
-from steering.config import JUDGES, Config, load_config
-from steering.data import Question, question_id
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_unknown_judge_lists_the_valid_ones(cfg: Config) -> None:
 def test_duplicate_and_foreign_names_fail() -> None:
     with pytest.raises(JudgeError, match="'bleu' is already registered by evaluation.metrics.BleuJudge"):
         register("bleu")(BleuJudge)
-    with pytest.raises(JudgeError, match="cannot register judge 'bleurt'.*steering.config.JUDGES"):
+    with pytest.raises(JudgeError, match="cannot register judge 'bleurt'.*core.config.JUDGES"):
         register("bleurt")
 
 

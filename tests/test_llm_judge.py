@@ -12,6 +12,8 @@ import time
 import pytest
 import torch
 
+from core.config import load_config, model_spec
+from core.models import LoadedModel, load_model
 from evaluation.judges import JudgeError, JudgeItem, make_judge
 from evaluation.llm_judge import (
     PREFILL,
@@ -27,8 +29,6 @@ from evaluation.llm_judge import (
     reply_finished,
     shared_prefix_lengths,
 )
-from steering.config import load_config, model_spec
-from steering.models import LoadedModel, load_model
 from steering.prompts import encode_text
 from tests.tiny_models import make_tiny
 
@@ -161,7 +161,7 @@ def test_chat_prompts_prefill_the_assistant_turn() -> None:
 def load_model_tokenizer():  # the real tokenizer only (no weights): its chat template
     from transformers import AutoTokenizer
 
-    from steering.models import converted_dir
+    from core.models import converted_dir
 
     path = converted_dir(model_spec("smollm2-135m"))
     if not path.joinpath("tokenizer_config.json").exists():

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from steering.artifacts import MLP_DIR, MLP_META, MLP_TENSORS
+from core.artifacts import MLP_DIR, MLP_META, MLP_TENSORS
 from steering.hooks import active_hooks, steer
 from steering.layers import d_model
 from steering.mlp import MLPSteering, MLPSteeringConfig, load_mlp, save_mlp

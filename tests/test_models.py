@@ -9,9 +9,8 @@ import time
 import pytest
 import torch
 
-from steering.config import ConfigError, model_aliases, model_spec
-from steering.layers import decoder_layers
-from steering.models import (
+from core.config import ConfigError, model_aliases, model_spec
+from core.models import (
     ModelUnavailable,
     check_available,
     converted_dir,
@@ -19,6 +18,7 @@ from steering.models import (
     resolve_device,
     resolve_prompt_format,
 )
+from steering.layers import decoder_layers
 from steering.prompts import encode_prompt_answers, encode_prompts, encode_text, format_prompt
 
 HUB_ALIASES = [a for a in model_aliases() if model_spec(a).source == "hub"]

@@ -12,9 +12,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from steering import pipeline
-from steering.config import load_config, model_aliases, model_spec
-from steering.tracking import TAG_HOST, TAG_PID
+from core.config import load_config, model_aliases, model_spec
+from core.tracking import TAG_HOST, TAG_PID
+from stages import pipeline
 from tests.conftest import DATA_CSV, PROJECT_DIR, kill_once_stored
 
 SMALL = ("data.pool=4,data.train=4,data.val=2,data.test=2,mlp.steps=2,mlp.batch_size=2,"
@@ -88,7 +88,7 @@ def _full(tmp_path: Path, tracking: str, *extra: str, overrides: str = SMALL) ->
 def small_labels(folder: Path, overrides: str) -> Path:
     """The first 1,500 human labels of each file, plus every label of the val and test questions: the
     trained judge trains in seconds and calibrate has labels to score."""
-    from steering.data import splits_for
+    from core.data import splits_for
 
     splits = splits_for(load_config("smollm2-135m", f"data.source={DATA_CSV},{overrides}"))
     held_out = [q.question.strip() for split in ("val", "test") for q in splits[split]]

@@ -77,6 +77,6 @@ def test_mlflow_run_data_logs_splits(tracking: str, data_csv) -> None:
         "n_pool": 60, "n_train": 80, "n_val": 40, "n_test": 80}
     assert sorted(d.dataset.name for d in run.inputs.dataset_inputs) == [
         "truthfulqa-pool", "truthfulqa-test", "truthfulqa-train", "truthfulqa-val"]
-    from steering.data import load_splits_from_run
+    from core.data import load_splits_from_run
 
     assert [len(v) for v in load_splits_from_run(run.info.run_id).values()] == [60, 80, 40, 80]

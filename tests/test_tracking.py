@@ -10,8 +10,8 @@ import mlflow
 import pytest
 import yaml
 
-from steering.config import ConfigError, config_from_dict, load_config
-from steering.tracking import CONFIG_ARTIFACT, TAG_STAGE, log_params_once, stage_run
+from core.config import ConfigError, config_from_dict, load_config
+from core.tracking import CONFIG_ARTIFACT, TAG_STAGE, log_params_once, stage_run
 from tests.conftest import PROJECT_DIR
 
 
@@ -57,8 +57,8 @@ def test_sigterm_ends_a_stage_run_killed(tracking: str, tmp_path) -> None:
     script.write_text(
         "import time, signal\n"
         "from entrypoints import _cli\n"
-        "from steering.config import load_config\n"
-        "from steering.tracking import stage_run\n"
+        "from core.config import load_config\n"
+        "from core.tracking import stage_run\n"
         "def main():\n"
         "    with stage_run('data', load_config()):\n"
         "        print('started', flush=True)\n"

@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from steering.artifacts import MLP_DIR
-from steering.config import ConfigError, MLPConfig, load_config
-from steering.data import Question, load_questions, question_id
+from core.artifacts import MLP_DIR
+from core.config import ConfigError, MLPConfig, load_config
+from core.data import Question, load_questions, question_id
 from steering.hooks import active_hooks, masked_mean, record_residuals
 from steering.layers import d_model, decoder_layers
 from steering.mlp import TAG_BRANCH_RUN, MLPSteering, MLPSteeringConfig, load_mlp
@@ -351,8 +351,8 @@ def test_run_without_bank_run_is_a_config_error_that_says_the_fix(
 
 @pytest.mark.slow
 def test_train_stage_on_smollm2_both_branches(tracking: str, tmp_path: Path) -> None:
+    from core.tracking import stage_run
     from steering import train
-    from steering.tracking import stage_run
 
     layer, steps = 15, 10
     # 6 train and 3 val questions, 3 per step: on 2 CPU cores one sequence through the 14 layers
@@ -389,8 +389,8 @@ def test_train_stage_on_smollm2_both_branches(tracking: str, tmp_path: Path) -> 
 def diff_bank(cfg, layer: int) -> Tensor:
     """A small real bank: the mean (correct - incorrect) answer-token residual over the pool questions,
     then 6 bootstrap resamples of the per-question differences."""
-    from steering.data import splits_for
-    from steering.models import load_from_config
+    from core.data import splits_for
+    from core.models import load_from_config
 
     loaded = load_from_config(cfg)
     pool = splits_for(cfg)["pool"]

@@ -18,7 +18,9 @@ import mlflow
 import numpy as np
 import pytest
 
-from evaluation import evaluate
+from core.config import ConfigError, load_config
+from core.data import Question, question_id
+from core.tracking import stage_run
 from evaluation.human_labels import Labelled, agreement, grouped_folds, read_labels
 from evaluation.judge_features import FEATURES, Featurizer, content_words, polarity
 from evaluation.judges import JudgeError, JudgeItem, make_judge
@@ -30,9 +32,7 @@ from evaluation.trained_judge import (
     save_judge,
     trained_question_ids,
 )
-from steering.config import ConfigError, load_config
-from steering.data import Question, question_id
-from steering.tracking import stage_run
+from stages import evaluate
 from tests.conftest import DATA_CSV
 
 
@@ -185,7 +185,7 @@ def test_evaluate_refuses_a_judge_trained_on_one_of_its_test_questions(tracking:
     """Before any model loads: the test split's questions against the judge's training questions."""
     cfg = load_config("smollm2-135m", f"data.source={DATA_CSV},eval.judges=[judge,semantic],eval.variants=[baseline],"
                                       f"judge.trained={tmp_path / 'judge'}")
-    from steering.data import splits_for
+    from core.data import splits_for
 
     test_question = splits_for(cfg)["test"][3]
     labelled = synthetic_labelled(10)
@@ -213,8 +213,8 @@ def test_the_registry_builds_the_judge_from_its_uri(tmp_path: Path) -> None:
 def test_train_judge_stage_on_the_real_labels(tracking: str) -> None:
     """The stage on the smoke split: held-out-question agreement, the registered model, and the judge
     loaded back from the registry URI scoring a held-out question but refusing a training one."""
-    from evaluation import train_judge
-    from steering.data import splits_for
+    from core.data import splits_for
+    from stages import train_judge
 
     cfg = load_config("smollm2-135m", f"data.source={DATA_CSV},judge.folds=3")
     with stage_run("train_judge", cfg) as run:
@@ -236,7 +236,7 @@ def test_train_judge_stage_on_the_real_labels(tracking: str) -> None:
 @pytest.mark.slow
 def test_train_judge_fails_a_judge_near_chance_and_registers_nothing(tracking: str, tmp_path: Path) -> None:
     """Labels shuffled across answers carry no signal: the held-out kappa is near 0, so the stage fails."""
-    from evaluation import train_judge
+    from stages import train_judge
 
     rng = np.random.default_rng(0)
     (tmp_path / "labels").mkdir()

@@ -39,15 +39,16 @@ import yaml
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
+from core import artifacts
+from core.config import Config, ConfigError, load_config
+from core.data import splits_for
+from core.models import LoadedModel
+from core.tracking import TAG_STAGE, stage_run
 from evaluation.generate import Steering
 from evaluation.judges import JudgeItem
 from evaluation.mc import MCJudge
-from steering import artifacts, pipeline, tune
-from steering.config import Config, ConfigError, load_config
-from steering.data import splits_for
+from stages import pipeline, tune
 from steering.extract import contrastive_pairs, extract_caa
-from steering.models import LoadedModel
-from steering.tracking import TAG_STAGE, stage_run
 from tests.conftest import DATA_CSV, PROJECT_DIR
 from tests.tiny_models import make_tiny
 

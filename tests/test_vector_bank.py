@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from core.artifacts import BANK_META, BANK_TENSORS, CAA_META, CAA_TENSORS, save_tensors
+from core.config import Config, ConfigError, config_from_dict, load_config
+from core.tracking import stage_run
 from entrypoints import _cli
 from entrypoints import bank as bank_entry
 from steering import vector_bank
-from steering.artifacts import BANK_META, BANK_TENSORS, CAA_META, CAA_TENSORS, save_tensors
-from steering.config import Config, ConfigError, config_from_dict, load_config
-from steering.tracking import stage_run
 from steering.vector_bank import VectorBank, build_bank, load_bank, stability
 
 

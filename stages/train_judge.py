@@ -25,14 +25,14 @@ from typing import Any
 import mlflow
 import numpy as np
 
+from core import artifacts
+from core.config import Config, ConfigError
+from core.data import Question, is_local_source, load_questions, splits_for
 from evaluation.human_labels import LABEL_FILES, Labelled, agreement, read_labels
 from evaluation.judge_features import Featurizer
 from evaluation.judges import JudgeError
 from evaluation.semantic_judge import minilm_encoder
 from evaluation.trained_judge import Head, TrainedJudge, cross_validated, save_judge
-from steering import artifacts
-from steering.config import Config, ConfigError
-from steering.data import Question, is_local_source, load_questions, splits_for
 
 JUDGE_ARTIFACT = artifacts.JUDGE_DIR
 MODEL_NAME = "judge_model"

@@ -26,9 +26,9 @@ from typing import Any
 import mlflow
 from mlflow.entities import RunStatus
 
-from steering import artifacts
-from steering.config import Config, ConfigError, config_to_dict
-from steering.tracking import TAG_HOST, TAG_PID, TAG_STAGE, code_version, download, stage_run
+from core import artifacts
+from core.config import Config, ConfigError, config_to_dict
+from core.tracking import TAG_HOST, TAG_PID, TAG_STAGE, code_version, download, stage_run
 
 TAG_KEY = "truthsteer.stage_key"
 TAG_REUSED = "truthsteer.reused"
@@ -147,8 +147,9 @@ class StageOutcome:
 
 
 def _runners(cfg: Config, runs: dict[str, str]) -> dict[str, Callable[[], Any]]:
-    from evaluation import calibrate, evaluate, train_judge
-    from steering import data, extract, train, vector_bank
+    from core import data
+    from stages import calibrate, evaluate, train_judge
+    from steering import extract, train, vector_bank
 
     return {
         "data": lambda: data.run(cfg),
@@ -205,8 +206,8 @@ def run(cfg: Config) -> list[StageOutcome]:
 
 def plan(cfg: Config) -> list[str]:
     """Dry run: which stages would be reused and which would run; loads no weights."""
-    from steering.models import describe_source
-    from steering.tracking import ensure_store, tracking_uri
+    from core.models import describe_source
+    from core.tracking import ensure_store, tracking_uri
 
     ensure_store(tracking_uri(cfg))
     experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)

@@ -25,12 +25,12 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from core import artifacts
+from core.config import Config, ConfigError
+from core.data import Question, load_questions, splits_for
 from evaluation.human_labels import LABEL_FILES, Labelled, read_labels
 from evaluation.judges import Judge, JudgeError, make_judge
 from evaluation.statistics import binary_agreement, confusion_counts
-from steering import artifacts
-from steering.config import Config, ConfigError
-from steering.data import Question, load_questions, splits_for
 
 SUBSETS = ("all", "nonref")
 METRICS = ("accuracy", "balanced_accuracy", "kappa")
@@ -69,7 +69,7 @@ def clustered_agreement(labels: Sequence[int], verdicts: Sequence[int], groups: 
 
 def plan(cfg: Config, data_run: str = "") -> list[str]:
     """What ``run`` would do, checked without reading labels or loading a judge."""
-    from evaluation.train_judge import labels_folder
+    from stages.train_judge import labels_folder
 
     folder = labels_folder(cfg)
     judges = list(cfg.calibrate.judges)
@@ -154,8 +154,8 @@ def run(cfg: Config, *, data_run: str = "") -> pd.DataFrame:
     Returns:
         The agreement table.
     """
-    from evaluation.evaluate import check_trained_judge, load_judge_model
-    from evaluation.train_judge import labels_folder
+    from stages.evaluate import check_trained_judge, load_judge_model
+    from stages.train_judge import labels_folder
 
     if mlflow.active_run() is None:
         raise RuntimeError("calibrate.run needs an active MLflow run: call it inside tracking.stage_run")

@@ -42,6 +42,18 @@ from typing import Any
 import mlflow
 import pandas as pd
 
+from core import artifacts
+from core.config import Config, ConfigError
+from core.data import Question, splits_for
+from core.models import (
+    TORCH_DTYPES,
+    LoadedModel,
+    describe_source,
+    load_from_config,
+    load_model,
+    resolve_device,
+)
+from core.tracking import download, log_params_once, stage_run
 from evaluation import mc as _mc  # registers the "mc" judge
 from evaluation.generate import (
     DecodingParams,
@@ -56,19 +68,7 @@ from evaluation.generate import (
 from evaluation.judges import Judge, JudgeError, JudgeItem, make_judge
 from evaluation.llm_judge import check_invalid_ceiling
 from evaluation.statistics import bootstrap_ci, mcnemar, paired_difference, per_category
-from steering import artifacts
-from steering.config import Config, ConfigError
-from steering.data import Question, splits_for
 from steering.hooks import SteeringNotApplied
-from steering.models import (
-    TORCH_DTYPES,
-    LoadedModel,
-    describe_source,
-    load_from_config,
-    load_model,
-    resolve_device,
-)
-from steering.tracking import download, log_params_once, stage_run
 
 VARIANT_STAGE = "evaluate.variant"  # TAG_STAGE of the nested per-variant runs
 TAG_STORE = "truthsteer.generation_store"

@@ -21,14 +21,14 @@ from typing import Any
 
 import mlflow
 
-from evaluation import evaluate
+from core import artifacts
+from core.config import Config, ConfigError, config_from_dict, read_yaml
+from core.models import LoadedModel, load_from_config
+from core.tracking import CONFIG_ARTIFACT, download
 from evaluation import mc as _mc
 from evaluation.generate import Steering
 from evaluation.judges import Judge
-from steering import artifacts
-from steering.config import Config, ConfigError, config_from_dict, read_yaml
-from steering.models import LoadedModel, load_from_config
-from steering.tracking import CONFIG_ARTIFACT, download
+from stages import evaluate
 
 REQUIRED_COLUMNS = ("qid", "question", "category", "variant", "model", "dtype", "answer", "best_answer",
                     "correct_answers", "incorrect_answers")

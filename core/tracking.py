@@ -14,7 +14,7 @@ from typing import Any
 import mlflow
 from mlflow.entities import RunStatus
 
-from steering.config import Config, ConfigError, config_yaml, flat_params
+from core.config import Config, ConfigError, config_yaml, flat_params
 
 CONFIG_ARTIFACT = "config.yaml"
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -146,7 +146,7 @@ def download(run_id: str, artifact_path: str) -> Path:
         raise ConfigError(f"run {run_id!r} has no artifact {artifact_path!r}: {err.message}") from None
 
 
-if __name__ == "__main__":  # `python -m steering.tracking URI`: create the store before workers race on it
+if __name__ == "__main__":  # `python -m core.tracking URI`: create the store before workers race on it
     import sys
 
     print(f"tracking store ready: {ensure_store(sys.argv[1] if len(sys.argv) > 1 else 'sqlite:///mlflow.db')}")

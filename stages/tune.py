@@ -85,11 +85,11 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from steering import artifacts, tracking
-from steering.config import Config, ConfigError, ModelSpec, config_to_dict
-from steering.data import Question, file_sha256, is_local_source, splits_for
+from core import artifacts, tracking
+from core.config import Config, ConfigError, ModelSpec, config_to_dict
+from core.data import Question, file_sha256, is_local_source, splits_for
+from core.models import TORCH_DTYPES, LoadedModel, describe_source, load_from_config
 from steering.extract import Extraction, contrastive_pairs, extract_caa, load_extraction
-from steering.models import TORCH_DTYPES, LoadedModel, describe_source, load_from_config
 
 OUTPUTS_ENV = "TRUTHSTEER_OUTPUTS"  # evaluation.generate's store lives under it as well
 DEFAULT_OUTPUTS = "outputs"
@@ -1382,7 +1382,7 @@ def run(cfg: Config, settings: TuneSettings, *, loaded: LoadedModel | None = Non
     parent = mlflow.active_run()
     if parent is None:
         raise RuntimeError("tune.run needs an active MLflow run: call it inside tracking.stage_run('tune', cfg)")
-    from steering.pipeline import mark_stale_runs
+    from stages.pipeline import mark_stale_runs
 
     mark_stale_runs(parent.info.experiment_id)
     space = settings.search_space(cfg)

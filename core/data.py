@@ -26,8 +26,8 @@ import pandas as pd
 from mlflow.data.pandas_dataset import from_pandas
 from mlflow.exceptions import MlflowException
 
-from steering import artifacts
-from steering.config import Config
+from core import artifacts
+from core.config import Config
 
 HF_DATASET_ID = "truthfulqa/truthful_qa"
 HF_CONFIG = "generation"
