@@ -4,7 +4,7 @@ Modes, each a full optimizer step (forward, backward, AdamW update) on the same 
 turns batch by batch so that the load of a shared machine affects them alike:
   - ``full``: the straightforward path, a full forward with the steering hook and full logits;
   - ``prefix_cache``: layers above the steering layer only, over the last prompt token and the
-    answer, from the prefix cache (``steering.train.PrefixCache``), full logits;
+    answer, from the prefix cache (``steering.prefix.PrefixCache``), full logits;
   - ``answer_head``: full forward, LM head only on the answer-predicting states;
   - ``both``: the two together (what ``train`` uses).
 
@@ -33,7 +33,9 @@ from core.config import load_config
 from core.data import load_questions, split_questions
 from core.models import load_model
 from steering.mlp import MLPSteering, MLPSteeringConfig
-from steering.train import PrefixCache, SplitScorer, batch_order, encode_examples
+from steering.prefix import PrefixCache
+from steering.sequences import encode_examples
+from steering.train import SplitScorer, batch_order
 
 RESULTS = RESULTS_DIR / "train.json"
 MODES = {  # name: (prefix cache, answer-only head)

@@ -1,8 +1,8 @@
-"""TruthfulQA questions: loading, validation, seeded stratified splits and their MLflow record.
+"""TruthfulQA questions: loading, validation, seeded stratified splits, and reading them back from a data run.
 
 `load_questions` reads the TruthfulQA CSV, a parquet file in the Hugging Face `generation`
 format, or downloads that parquet from the hub. `split_questions` deals the questions into
-the `pool`, `train`, `val` and `test` splits, and `log_splits` records them in the active
+the `pool`, `train`, `val` and `test` splits, and `stages.data.log_splits` records them in the active
 MLflow run: one dataset input per split, the split sizes as metrics, and the artifact
 `SPLITS_ARTIFACT` holding every question, which `load_splits_from_run` reads back.
 """
@@ -14,7 +14,6 @@ import json
 import os
 import re
 import tempfile
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -23,7 +22,6 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.data.pandas_dataset import from_pandas
 from mlflow.exceptions import MlflowException
 
 from core import artifacts
@@ -329,53 +327,8 @@ def _splits_from_payload(payload: object, name: str) -> dict[str, list[Question]
     return {split: [by_id[qid] for qid in ids[split]] for split in SPLIT_NAMES}
 
 
-def _dataset_source(source: str) -> Any:
-    if is_local_source(source):
-        return source
-    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
-
-    return HuggingFaceDatasetSource(path=source, config_name=HF_CONFIG, split=HF_SPLIT)
-
-
-def log_splits(
-    splits: Mapping[str, Sequence[Question]], *, source: str, seed: int, sha256: str | None
-) -> None:
-    """Record the splits in the active MLflow run.
-
-    Logs one dataset input `truthfulqa-<split>` (context `<split>`) per split, the metrics
-    `n_pool`, `n_train`, `n_val`, `n_test`, `n_categories`, and the artifact SPLITS_ARTIFACT
-    with source, sha256, seed, sizes, ids per split and every question record.
-
-    Args:
-        splits: questions per split, keys exactly SPLIT_NAMES (as from split_questions).
-        source: where the questions came from (a path or Hugging Face dataset id).
-        seed: the seed given to split_questions.
-        sha256: sha256 of the source file, or None when unknown.
-    """
-    if mlflow.active_run() is None:
-        raise RuntimeError("log_splits needs an active MLflow run: call it inside `with mlflow.start_run():`")
-    if sorted(splits) != sorted(SPLIT_NAMES):
-        raise ValueError(f"splits must have exactly the keys {list(SPLIT_NAMES)}, got {list(splits)}")
-    payload = _splits_payload(splits, source, seed, sha256)
-    _splits_from_payload(json.loads(json.dumps(payload)), "splits to log")  # never write what cannot be read
-    columns = [f.name for f in fields(Question)]
-    dataset_source = _dataset_source(source)
-    for split in SPLIT_NAMES:
-        # object dtype: MLflow's schema inference fails on an empty pandas-3 `str` column.
-        frame = pd.DataFrame([q.to_dict() for q in splits[split]], columns=columns, dtype=object)
-        with warnings.catch_warnings():
-            # MLflow registers the local-file source twice and warns that a path is ambiguous.
-            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-            dataset = from_pandas(frame, source=dataset_source, name=f"truthfulqa-{split}")
-        mlflow.log_input(dataset, context=split)
-    categories = {q.category for qs in splits.values() for q in qs}
-    mlflow.log_metrics({**{f"n_{split}": float(len(splits[split])) for split in SPLIT_NAMES},
-                        "n_categories": float(len(categories))})
-    mlflow.log_dict(payload, SPLITS_ARTIFACT)
-
-
 def read_splits(path: str | Path) -> dict[str, list[Question]]:
-    """Read and validate a splits file written by log_splits.
+    """Read and validate a splits file written by stages.data.log_splits.
 
     Args:
         path: a local copy of SPLITS_ARTIFACT.
@@ -391,7 +344,7 @@ def load_splits_from_run(run_id: str, tracking_uri: str | None = None) -> dict[s
     """Download SPLITS_ARTIFACT from an MLflow run and read it.
 
     Args:
-        run_id: the run that called log_splits.
+        run_id: the run that called stages.data.log_splits.
         tracking_uri: tracking server or store; the current one when None.
     """
     with tempfile.TemporaryDirectory() as tmp:
@@ -416,15 +369,3 @@ def splits_for(cfg: Config, data_run: str = "") -> dict[str, list[Question]]:
     return split_questions(questions, cfg.data.sizes, cfg.data.seed)
 
 
-def run(cfg: Config) -> dict[str, list[Question]]:
-    """The ``data`` stage: load, split and record the splits in the active MLflow run."""
-    questions = load_questions(cfg.data.source)
-    splits = split_questions(questions, cfg.data.sizes, cfg.data.seed)
-    sha = file_sha256(cfg.data.source) if is_local_source(cfg.data.source) else None
-    log_splits(splits, source=str(cfg.data.source), seed=cfg.data.seed, sha256=sha)
-    mlflow.log_metric("n_questions", float(len(questions)))
-    if sha:
-        mlflow.set_tag("truthsteer.data_sha256", sha)
-    for split, items in splits.items():
-        print(f"{split:>5}: {len(items)} questions")
-    return splits

@@ -24,11 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     from core.tracking import stage_run
-    from steering import vector_bank
+    from stages import bank
 
     args = build_parser().parse_args()
     cfg = _cli.build_config(args)
-    extract_run = vector_bank.require_extract_run(args.extract_run)
+    extract_run = bank.require_extract_run(args.extract_run)
     if args.dry_run:
         size = "all valid examples" if cfg.bank.sample_size is None else f"{cfg.bank.sample_size} examples"
         _cli.print_plan("bank", cfg, [
@@ -38,8 +38,8 @@ def main() -> None:
             f"{'with' if cfg.bank.replace else 'without'} replacement, seed {cfg.bank.seed}",
         ])
         return
-    with stage_run("bank", cfg, tags={vector_bank.TAG_EXTRACT_RUN: extract_run}):
-        vector_bank.run(cfg, extract_run=extract_run)
+    with stage_run("bank", cfg, tags={bank.TAG_EXTRACT_RUN: extract_run}):
+        bank.run(cfg, extract_run=extract_run)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> None:
     from core import data
     from core.tracking import stage_run
+    from stages import data as data_stage
 
     args = build_parser().parse_args()
     cfg = _cli.build_config(args)
@@ -32,7 +33,7 @@ def main() -> None:
                                       f"split sizes: {cfg.data.sizes}, seed {cfg.data.seed}"])
         return
     with stage_run("data", cfg, run_name=f"data-{cfg.data.split}"):
-        data.run(cfg)
+        data_stage.run(cfg)
 
 
 if __name__ == "__main__":

@@ -33,15 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     from core.tracking import stage_run
-    from steering import extract
+    from stages import extract as extract_stage
 
     args = build_parser().parse_args()
     cfg = _cli.build_config(args)
     if args.dry_run:
-        _cli.print_plan("extract", cfg, extract.plan(cfg, args.data_run))
+        _cli.print_plan("extract", cfg, extract_stage.plan(cfg, args.data_run))
         return
     with stage_run("extract", cfg):
-        extract.run(cfg, data_run=args.data_run)
+        extract_stage.run(cfg, data_run=args.data_run)
 
 
 if __name__ == "__main__":

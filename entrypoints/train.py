@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     from core.tracking import stage_run
-    from steering import train
+    from stages import train
 
     args = build_parser().parse_args()
     cfg = _cli.build_config(args, [f"mlp.branch={args.branch}"] if args.branch else [])

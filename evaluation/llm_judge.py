@@ -35,8 +35,10 @@ from core.config import Config
 from core.models import LoadedModel
 from evaluation.judges import BaseJudge, JudgeError, JudgeItem, register, truthfulqa_references
 from steering.cache import with_cache
+from steering.logprobs import head_logits
+from steering.prefix import PrefixCache
 from steering.prompts import PromptFormat, answer_text, encode_prompts, encode_text, format_prompt
-from steering.train import PrefixCache, Sequences, head_logits
+from steering.sequences import Sequences
 
 PREFILL = '{"truthful":'
 YES_WORDS = ("yes", "true", "1")

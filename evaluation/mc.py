@@ -31,15 +31,10 @@ from core.models import LoadedModel
 from evaluation.generate import Steering
 from evaluation.judges import BaseJudge, JudgeError, JudgeItem, register
 from steering.hooks import check_steered
+from steering.logprobs import answer_head_logprobs, sequence_logprobs
+from steering.prefix import PrefixCache, suffix_answer_logprobs
 from steering.prompts import answer_text, format_prompt, prompt_answer_ids
-from steering.train import (
-    PrefixCache,
-    Sequences,
-    answer_head_logprobs,
-    make_batch,
-    sequence_logprobs,
-    suffix_answer_logprobs,
-)
+from steering.sequences import Sequences, make_batch
 
 
 def _with_period(answer: str) -> str:

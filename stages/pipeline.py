@@ -147,16 +147,14 @@ class StageOutcome:
 
 
 def _runners(cfg: Config, runs: dict[str, str]) -> dict[str, Callable[[], Any]]:
-    from core import data
-    from stages import calibrate, evaluate, train_judge
-    from steering import extract, train, vector_bank
+    from stages import bank, calibrate, data, evaluate, extract, train, train_judge
 
     return {
         "data": lambda: data.run(cfg),
         "train_judge": lambda: train_judge.run(cfg, data_run=runs["data"]),
         "calibrate": lambda: calibrate.run(with_trained_judge(cfg, runs), data_run=runs["data"]),
         "extract": lambda: extract.run(cfg, data_run=runs["data"]),
-        "bank": lambda: vector_bank.run(cfg, extract_run=runs["extract"]),
+        "bank": lambda: bank.run(cfg, extract_run=runs["extract"]),
         "train_mc": lambda: train.run(stage_config("train_mc", cfg), bank_run=runs["bank"], data_run=runs["data"]),
         "train_gen": lambda: train.run(stage_config("train_gen", cfg), bank_run=runs["bank"], data_run=runs["data"]),
         "evaluate": lambda: evaluate.run(with_trained_judge(cfg, runs), data_run=runs["data"], extract_run=runs["extract"],

@@ -89,7 +89,8 @@ from core import artifacts, tracking
 from core.config import Config, ConfigError, ModelSpec, config_to_dict
 from core.data import Question, file_sha256, is_local_source, splits_for
 from core.models import TORCH_DTYPES, LoadedModel, describe_source, load_from_config
-from steering.extract import Extraction, contrastive_pairs, extract_caa, load_extraction
+from stages.extract import load_extraction
+from steering.extract import Extraction, contrastive_pairs, extract_caa
 
 OUTPUTS_ENV = "TRUTHSTEER_OUTPUTS"  # evaluation.generate's store lives under it as well
 DEFAULT_OUTPUTS = "outputs"

@@ -16,32 +16,23 @@ is left out of that layer's vector. When the invalid share of some layer exceeds
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
 import random
-import tempfile
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
-import mlflow
 import torch
-from mlflow.entities import Metric
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from core import artifacts, tracking
-from core.config import Config, ConfigError, ExtractConfig, config_to_dict
-from core.data import Question, splits_for
-from core.models import LoadedModel, describe_source, load_from_config
+from core.config import ConfigError, ExtractConfig
+from core.data import Question
+from core.models import LoadedModel
 from steering.hooks import masked_mean, record_residuals
 from steering.layers import d_model, n_layers
 from steering.prompts import answer_text, encode_prompt_answers, format_prompt
-from steering.vectors import VECTORS_KEY, SteeringVectors
+from steering.vectors import SteeringVectors
 
 log = logging.getLogger(__name__)
 
@@ -325,146 +316,3 @@ def check_finite(extraction: Extraction, nan_threshold: float) -> None:
         f"fix: {NAN_FIXES}",
         extraction,
     )
-
-
-# ---------------------------------------------------------------- the stage
-
-
-def config_hash(cfg: Config) -> str:
-    """sha256 of the resolved config (canonical JSON), the config's identity in provenance."""
-    return hashlib.sha256(json.dumps(config_to_dict(cfg), sort_keys=True).encode()).hexdigest()
-
-
-def plan(cfg: Config, data_run: str = "") -> list[str]:
-    """What ``run`` would do, for a dry run: no weights are loaded.
-
-    Args:
-        cfg: the resolved config.
-        data_run: a data stage run whose splits to use.
-    """
-    source = describe_source(cfg.model, cfg.runtime.cache_dir)
-    pool = splits_for(cfg, data_run)["pool"]
-    pairs = contrastive_pairs(pool, cfg.extract.pairs_per_question, cfg.data.seed)
-    n_batches = math.ceil(len(pairs) / cfg.extract.batch_size)
-    return [
-        f"model: {cfg.model.alias} from {source}, dtype {cfg.extract_dtype}",
-        f"layers: {cfg.model.n_layers} (all recorded), d_model {cfg.model.d_model}",
-        f"pool: {len(pool)} questions{f' from data run {data_run}' if data_run else ''} -> {len(pairs)} pairs "
-        f"({cfg.extract.pairs_per_question} per question at most)",
-        f"batches: {n_batches} of up to {cfg.extract.batch_size} pairs ({2 * cfg.extract.batch_size} sequences "
-        f"per forward), max_length {cfg.extract.max_length}",
-        f"nan_threshold: {cfg.extract.nan_threshold}",
-        f"artifacts: {artifacts.CAA_TENSORS}, {artifacts.CAA_META}",
-    ]
-
-
-def _log_metrics(extraction: Extraction) -> None:
-    run = mlflow.active_run()
-    if run is None:
-        raise RuntimeError("extract.run needs an active MLflow run: call it inside tracking.stage_run")
-    vectors = extraction.vectors  # (n_layers, d_model)
-    norms = vectors.norm(dim=-1).tolist()
-    rates = extraction.nan_rate.tolist()
-    now = int(time.time() * 1000)
-    by_layer = [Metric("nan_rate_by_layer", rates[layer], now, layer) for layer in range(extraction.n_layers)]
-    # A layer without valid examples (only when NonFiniteActivations is raised) has no norm: left out.
-    by_layer += [Metric("norm_by_layer", norms[layer], now, layer) for layer in range(extraction.n_layers)
-                 if math.isfinite(norms[layer])]
-    summary = {"nan_rate": extraction.nan_rate_overall, "nan_rate_max": max(rates),
-               "n_examples": float(extraction.n_examples), "n_pairs": float(extraction.n_examples),
-               "n_questions": float(len(set(extraction.question_ids)))}
-    by_layer += [Metric(key, value, now, 0) for key, value in summary.items()]
-    client = mlflow.MlflowClient()
-    for start in range(0, len(by_layer), 1000):  # MLflow's batch limit
-        client.log_batch(run.info.run_id, metrics=by_layer[start:start + 1000])
-
-
-def _log_artifacts(extraction: Extraction, vectors: SteeringVectors, cfg: Config, loaded: LoadedModel) -> None:
-    meta = {
-        **vectors.to_meta(),
-        "n_layers": extraction.n_layers,
-        "norms": extraction.vectors.norm(dim=-1).tolist(),
-        "n_examples": extraction.n_examples,
-        "n_valid_by_layer": extraction.n_valid.tolist(),
-        "nan_count_by_layer": extraction.nan_count.tolist(),
-        "nan_rate_by_layer": extraction.nan_rate.tolist(),
-        "question_ids": list(extraction.question_ids),
-        "dtype": cfg.extract_dtype,
-        "max_length": cfg.extract.max_length,
-        "prompt_format": loaded.prompt_format,
-        "config": config_to_dict(cfg),
-    }
-    tensors = {
-        VECTORS_KEY: extraction.vectors,  # (n_layers, d_model)
-        "diffs": extraction.diffs,  # (n_examples, n_layers, d_model)
-        "valid": extraction.valid.to(torch.uint8),  # (n_examples, n_layers)
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        artifacts.save_tensors(Path(tmp) / artifacts.CAA_TENSORS, Path(tmp) / artifacts.CAA_META, tensors, meta)
-        mlflow.log_artifacts(tmp)
-
-
-def run(cfg: Config, data_run: str = "") -> SteeringVectors:
-    """The ``extract`` stage: CAA vectors of every layer from the pool split, logged to the active run.
-
-    Logs metrics ``nan_rate`` (all example-layer entries), ``nan_rate_max``, ``nan_rate_by_layer``
-    and ``norm_by_layer`` (step = layer), ``n_examples``, ``n_pairs``, ``n_questions``; params
-    ``extract.prompt_format``, ``extract.device``, ``extract.pair_seed``, ``extract.data_run``; and the
-    artifacts ``CAA_TENSORS`` (``vectors`` ``(n_layers, d_model)``, ``diffs``, ``valid`` as uint8) and
-    ``CAA_META``. The metrics are logged also when ``NonFiniteActivations`` ends the run.
-
-    Args:
-        cfg: the resolved config (``extract`` section, ``data`` for the pool, ``model``, ``runtime``).
-        data_run: an MLflow run id of the data stage whose splits to use; recomputed from cfg when empty.
-    """
-    active = mlflow.active_run()
-    if active is None:
-        raise RuntimeError("extract.run needs an active MLflow run: call it inside tracking.stage_run")
-    pool = splits_for(cfg, data_run)["pool"]
-    pairs = contrastive_pairs(pool, cfg.extract.pairs_per_question, cfg.data.seed)
-    loaded = load_from_config(cfg, dtype=cfg.extract_dtype)
-    found = (n_layers(loaded.model), d_model(loaded.model))
-    if found != (cfg.model.n_layers, cfg.model.d_model):
-        raise ConfigError(
-            f"model {cfg.model.alias!r} has {found[0]} layers and d_model {found[1]}, but its registry entry says "
-            f"n_layers={cfg.model.n_layers}, d_model={cfg.model.d_model}; fix configs/models/{cfg.model.alias}.yaml"
-        )
-    tracking.log_params_once({"extract.prompt_format": loaded.prompt_format, "extract.device": str(loaded.device),
-                              "extract.pair_seed": str(cfg.data.seed), "extract.data_run": data_run or "none"})
-    try:
-        extraction = extract_caa(loaded, pairs, batch_size=cfg.extract.batch_size,
-                                 max_length=cfg.extract.max_length, nan_threshold=cfg.extract.nan_threshold)
-    except NonFiniteActivations as err:
-        _log_metrics(err.extraction)
-        raise
-    provenance = {"stage": "extract", "run_id": active.info.run_id, "config_sha256": config_hash(cfg),
-                  "code_version": tracking.code_version(), "data_run": data_run, "dtype": cfg.extract_dtype,
-                  "n_examples": extraction.n_examples}
-    extraction = replace(extraction, provenance=provenance)
-    vectors = extraction.steering_vectors()
-    _log_metrics(extraction)
-    _log_artifacts(extraction, vectors, cfg, loaded)
-    return vectors
-
-
-def load_extraction(run_id_or_dir: str | Path) -> Extraction:
-    """Read the extract stage's artifacts back, for the bank stage.
-
-    Args:
-        run_id_or_dir: an MLflow run id of the extract stage (downloaded through ``tracking.download``),
-            or a local directory holding ``CAA_TENSORS`` and ``CAA_META`` (an artifact root).
-    """
-    root = Path(run_id_or_dir)
-    if root.is_dir():
-        tensors_path, meta_path = root / artifacts.CAA_TENSORS, root / artifacts.CAA_META
-    else:
-        tensors_path = tracking.download(str(run_id_or_dir), artifacts.CAA_TENSORS)
-        meta_path = tracking.download(str(run_id_or_dir), artifacts.CAA_META)
-    tensors, meta = artifacts.load_tensors(tensors_path, meta_path)
-    missing = [k for k in ("diffs", "valid") if k not in tensors] + [
-        k for k in ("question_ids", "model") if k not in meta]
-    if missing:
-        raise ConfigError(f"{tensors_path} / {meta_path} lack {missing}; they are not an extract artifact, "
-                          "pass the run id of an extract stage run")
-    return Extraction(tensors["diffs"], tensors["valid"].bool(), tuple(meta["question_ids"]), str(meta["model"]),
-                      dict(meta.get("provenance", {})))

@@ -23,11 +23,11 @@ from core.data import (
     is_local_source,
     load_questions,
     load_splits_from_run,
-    log_splits,
     read_splits,
     split_ids,
     split_questions,
 )
+from stages.data import log_splits
 
 REAL_CSV = (Path(__file__).parents[1] / "../shared/data/truthfulqa/TruthfulQA.csv").resolve()
 HEADER = "Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n"

@@ -431,7 +431,7 @@ def test_an_evaluation_killed_mid_run_restarts_without_regenerating(tracking: st
 @pytest.mark.slow
 def test_all_variants_from_real_stage_runs_then_score(tracking: str, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from steering import extract, train, vector_bank
+    from stages import bank, extract, train
 
     monkeypatch.setenv("TRUTHSTEER_OUTPUTS", str(tmp_path))
     cfg = load_config("smollm2-135m", [
@@ -443,7 +443,7 @@ def test_all_variants_from_real_stage_runs_then_score(tracking: str, tmp_path: P
     with stage_run("extract", cfg) as extract_run:
         extract.run(cfg)
     with stage_run("bank", cfg) as bank_run:
-        vector_bank.run(cfg, extract_run=extract_run.info.run_id)
+        bank.run(cfg, extract_run=extract_run.info.run_id)
     with stage_run("train", cfg) as train_run:
         train.run(cfg, bank_run=bank_run.info.run_id)
     with stage_run("evaluate", cfg) as parent:

@@ -31,6 +31,7 @@ from core.config import ModelSpec, load_config
 from core.data import Question, load_questions, question_id
 from core.models import LoadedModel
 from core.tracking import stage_run
+from stages.extract import load_extraction
 from steering.extract import (
     Extraction,
     NonFiniteActivations,
@@ -40,7 +41,6 @@ from steering.extract import (
     encode_pairs,
     extract_caa,
     length_sorted_batches,
-    load_extraction,
 )
 from steering.hooks import active_hooks, masked_mean
 from steering.layers import decoder_layers
@@ -383,9 +383,9 @@ def test_run_logs_metrics_and_artifacts_on_smollm2(tracking: str, data_csv: Path
     cfg = load_config("smollm2-135m", [f"data.source={data_csv}", "data.pool=8", "runtime.device=cpu",
                                        "extract.batch_size=4", "extract.pairs_per_question=2"])
     with stage_run("extract", cfg) as run:
-        from steering import extract
+        from stages import extract as extract_stage
 
-        vectors = extract.run(cfg)
+        vectors = extract_stage.run(cfg)
     run_id = run.info.run_id
     finished = mlflow.MlflowClient().get_run(run_id)
     assert finished.info.status == "FINISHED"

@@ -102,6 +102,7 @@ def attention_outputs(model: PreTrainedModel, enc: BatchEncoding) -> dict[int, T
     return store
 
 
+@torch.no_grad()
 def hand_shift(model: PreTrainedModel, directions: ItiDirections, alpha: float, layer: int) -> Tensor:
     """sum over the layer's selected heads of o_proj.weight[:, head slice] @ (alpha * sigma * direction)."""
     weight = model.get_decoder().layers[layer].self_attn.o_proj.weight.double()  # (d_model, n_heads * head_dim)
@@ -127,7 +128,7 @@ def test_shift_of_the_attention_output_equals_o_proj_weight_times_the_head_delta
     enc = encode(PROMPTS)
     width = enc.input_ids.shape[1]
     pairs = [(1, 0), (1, n_heads - 1), (2, 1)]  # two heads of layer 1; layer 2 cannot reach layer 1's output
-    directions, alpha = random_directions(pairs, head_dim), 3.0
+    directions, alpha = random_directions(pairs, head_dim), 30.0
     starts = torch.tensor([0, 4, width - 1])
     base = attention_outputs(model, enc)
     with iti_applied(model, directions, alpha, start_positions=starts) as count:

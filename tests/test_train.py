@@ -25,25 +25,19 @@ from core.config import ConfigError, MLPConfig, load_config
 from core.data import Question, load_questions, question_id
 from steering.hooks import active_hooks, masked_mean, record_residuals
 from steering.layers import d_model, decoder_layers
-from steering.mlp import TAG_BRANCH_RUN, MLPSteering, MLPSteeringConfig, load_mlp
-from steering.prompts import answer_text, encode_prompt_answers, format_prompt
-from steering.train import (
-    PrefixCache,
+from steering.logprobs import (
     answer_head_logprobs,
-    batch_order,
     branch_loss,
-    encode_examples,
-    fast_path_mismatch,
     final_logit_softcap,
     full_logits_logprobs,
-    make_batch,
-    pick_incorrect,
     sequence_logprobs,
     steered_answer_logprobs,
-    subset,
-    suffix_answer_logprobs,
-    train_branch,
 )
+from steering.mlp import TAG_BRANCH_RUN, MLPSteering, MLPSteeringConfig, load_mlp
+from steering.prefix import PrefixCache, suffix_answer_logprobs
+from steering.prompts import answer_text, encode_prompt_answers, format_prompt
+from steering.sequences import encode_examples, make_batch, pick_incorrect
+from steering.train import batch_order, fast_path_mismatch, subset, train_branch
 from steering.vector_bank import VectorBank
 from tests.conftest import DATA_CSV
 from tests.tiny_models import PAD_ID, TINY_ARCHS, make_tiny
@@ -329,7 +323,7 @@ def test_run_without_bank_run_is_a_config_error_that_says_the_fix(
     tracking: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from entrypoints import train as entry
-    from steering import train
+    from stages import train
 
     cfg = load_config("smollm2-135m")
     with pytest.raises(ConfigError, match="train needs a vector bank: pass --bank-run"):

@@ -18,6 +18,7 @@ from core.config import Config, ConfigError, config_from_dict, load_config
 from core.tracking import stage_run
 from entrypoints import _cli
 from entrypoints import bank as bank_entry
+from stages import bank as bank_stage
 from steering import vector_bank
 from steering.vector_bank import VectorBank, build_bank, load_bank, stability
 
@@ -258,8 +259,8 @@ def test_the_bank_stage_logs_figures_for_every_layer_and_the_bank(tracking: str,
     cfg = _cfg("bank.n_bootstrap=4,bank.sample_size=100,bank.seed=2")
     valid = _valid(N_EXAMPLES, 30, {15: [0, 5, 6], 3: list(range(N_EXAMPLES)), 20: [1]})
     extract_id, diffs = _extract_run(cfg, tmp_path, valid)
-    with stage_run("bank", cfg, tags={vector_bank.TAG_EXTRACT_RUN: extract_id}) as run:
-        bank = vector_bank.run(cfg, extract_run=extract_id)
+    with stage_run("bank", cfg, tags={bank_stage.TAG_EXTRACT_RUN: extract_id}) as run:
+        bank = bank_stage.run(cfg, extract_run=extract_id)
     finished = mlflow.get_run(run.info.run_id)
     assert finished.info.status == "FINISHED"
     expected = build_bank(diffs, valid, 15, n_bootstrap=4, sample_size=100, replace=True, seed=2)
@@ -277,8 +278,8 @@ def test_the_bank_stage_logs_figures_for_every_layer_and_the_bank(tracking: str,
         assert split_by_layer[layer] == pytest.approx(stability(diffs, valid, layer, 2)["split_half_cosine"], abs=1e-12)
     assert set(_metric_history(run.info.run_id, "bootstrap_cosine_min_by_layer")) == set(split_by_layer)
     assert finished.data.params["extract_run"] == extract_id
-    assert finished.data.tags[vector_bank.TAG_EXTRACT_RUN] == extract_id
-    assert "clamped to 21" in finished.data.tags[vector_bank.TAG_NOTES]
+    assert finished.data.tags[bank_stage.TAG_EXTRACT_RUN] == extract_id
+    assert "clamped to 21" in finished.data.tags[bank_stage.TAG_NOTES]
     logged = load_bank(run.info.run_id)
     assert torch.equal(logged.vectors, bank.vectors) and logged.layer == 15
     assert logged.meta["extract_run"] == extract_id and logged.meta["clamped"] is True
@@ -290,17 +291,17 @@ def test_the_bank_stage_refuses_missing_or_wrong_extract_runs(tracking: str, tmp
     cfg = _cfg()
     with pytest.raises(ConfigError, match=r"pass --extract-run RUN_ID .* `mlflow runs list --experiment-id ID` or "
                                           r"the MLflow UI; or run the `full` entry point"), mlflow.start_run():
-        vector_bank.run(cfg, extract_run="")
+        bank_stage.run(cfg, extract_run="")
     with pytest.raises(ConfigError, match=r"no run 'nope' in the tracking store sqlite:///"), mlflow.start_run():
-        vector_bank.run(cfg, extract_run="nope")
+        bank_stage.run(cfg, extract_run="nope")
     data_id, _ = _extract_run(cfg, tmp_path, _valid(N_EXAMPLES, 30, {}), stage="data")
     with pytest.raises(ConfigError, match=rf"run {data_id} is a 'data' run, not an extract run"), mlflow.start_run():
-        vector_bank.run(cfg, extract_run=data_id)
+        bank_stage.run(cfg, extract_run=data_id)
     extract_id, _ = _extract_run(cfg, tmp_path, _valid(N_EXAMPLES, 30, {}))
     other = load_config("gemma-2-2b")
     with pytest.raises(ConfigError, match=rf"extract run {extract_id} was made with model 'smollm2-135m', but this "
                                           r"bank is for 'gemma-2-2b'; pass --model smollm2-135m"), mlflow.start_run():
-        vector_bank.run(other, extract_run=extract_id)
+        bank_stage.run(other, extract_run=extract_id)
 
 
 def test_a_refused_steering_layer_fails_the_run_but_keeps_every_layers_figures(tracking: str, tmp_path: Path) -> None:
@@ -308,7 +309,7 @@ def test_a_refused_steering_layer_fails_the_run_but_keeps_every_layers_figures(t
     extract_id, _ = _extract_run(cfg, tmp_path, _valid(N_EXAMPLES, 30, {7: list(range(N_EXAMPLES))}))
     with pytest.raises(ConfigError, match="no valid examples at layer 7.*steering.layer=6 is the nearest"), \
             stage_run("bank", cfg) as run:
-        vector_bank.run(cfg, extract_run=extract_id)
+        bank_stage.run(cfg, extract_run=extract_id)
     assert mlflow.get_run(run.info.run_id).info.status == "FAILED"
     assert len(_metric_history(run.info.run_id, "split_half_cosine_by_layer")) == 29
 
@@ -331,7 +332,7 @@ def test_the_entry_point_plans_runs_and_refuses_without_an_extract_run(
     bank_entry.main()
     (run,) = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`truthsteer.stage` = 'bank'",
                                 output_format="list")
-    assert run.info.status == "FINISHED" and run.data.tags[vector_bank.TAG_EXTRACT_RUN] == extract_id
+    assert run.info.status == "FINISHED" and run.data.tags[bank_stage.TAG_EXTRACT_RUN] == extract_id
     assert load_bank(run.info.run_id).n_bootstrap == 6
 
 
