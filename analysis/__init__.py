@@ -21,7 +21,7 @@ from analysis.report import (
     plan,
     run,
 )
-from analysis.runs import ANALYZE_STAGE, Missing, Selection, SelectionError, connect, select_runs
+from analysis.runs import Missing, Selection, SelectionError, connect, select_runs
 from analysis.tables import (
     agreement_table,
     best_settings_table,
@@ -35,6 +35,7 @@ from analysis.tables import (
     variant_metrics_table,
     variant_runs,
 )
+from core.artifacts import ANALYZE_STAGE
 
 __all__ = [
     "ANALYZE_STAGE",

@@ -32,26 +32,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis import figures, tables
-from analysis.runs import (
-    ANALYZE_STAGE,
-    Missing,
-    Selection,
-    model_of,
-    model_sizes,
-    of_stage,
-    order_models,
-    run_listing,
-    tag,
-)
+from analysis.runs import Missing, Selection, model_of, model_sizes, of_stage, order_models, run_listing, tag
 from core import artifacts
-from core.tracking import (
-    TAG_STAGE,
-    code_version,
-    log_params_once,
-    tracked_run,
-)
+from core.artifacts import ANALYZE_STAGE, TAG_MODELS, TAG_STAGE
+from core.tracking import code_version, log_params_once, tracked_run
 
-TAG_MODELS = "truthsteer.models"  # the models an analysis covers, separated by |
 MAX_REPORT_ROWS = 60  # longer tables are cut in report.md (the CSV beside it has every row)
 
 
@@ -646,7 +631,4 @@ def report_markdown(runs: pd.DataFrame, found: FrameTables, all_tables: Mapping[
     return "\n".join(lines)
 
 
-__all__ = [
-    "ANALYZE_STAGE", "FIGURES", "Analysis", "FigureSpec", "FrameTables", "MlflowReader", "StoreReader",
-    "analysis_run", "analyze", "frame_tables", "markdown_table", "plan", "read_jsonl", "report_markdown", "run",
-]
+__all__ = ['ANALYZE_STAGE', 'Analysis', 'FIGURES', 'FigureSpec', 'FrameTables', 'MlflowReader', 'StoreReader', 'analysis_run', 'analyze', 'frame_tables', 'markdown_table', 'plan', 'read_jsonl', 'report_markdown', 'run']

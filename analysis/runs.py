@@ -19,11 +19,10 @@ from typing import Any
 import mlflow
 import pandas as pd
 
+from core.artifacts import ANALYZE_STAGE, TAG_MODEL, TAG_PARENT, TAG_STAGE
 from core.config import ConfigError, load_config, model_spec
-from core.tracking import TAG_MODEL, TAG_STAGE, ensure_store, tracking_uri
+from core.tracking import ensure_store, tracking_uri
 
-ANALYZE_STAGE = "analyze"
-TAG_PARENT = "mlflow.parentRunId"
 FINISHED = "FINISHED"
 # Where a model's size comes from when the registry has no file for it: the resolved config's param.
 PARAM_N_PARAMS = "model.n_params_b"
@@ -354,8 +353,4 @@ def run_listing(runs: pd.DataFrame) -> pd.DataFrame:
     }).reset_index(drop=True)
 
 
-__all__ = [
-    "ANALYZE_STAGE", "Missing", "MissingItem", "Selection", "SelectionError", "as_float", "column", "connect",
-    "descendants", "metric", "model_of", "model_sizes", "of_stage", "order_models", "param", "run_listing",
-    "select_runs", "tag",
-]
+__all__ = ['Missing', 'MissingItem', 'Selection', 'SelectionError', 'as_float', 'column', 'connect', 'descendants', 'metric', 'model_of', 'model_sizes', 'of_stage', 'order_models', 'param', 'run_listing', 'select_runs', 'tag']

@@ -30,27 +30,24 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.runs import (
+from analysis.runs import Missing, as_float, column, metric, model_of, of_stage, order_models, param, tag
+from core.artifacts import (
+    TAG_BRANCH,
+    TAG_MODEL,
+    TAG_OBJECTIVE_DIRECTION,
+    TAG_OBJECTIVE_METRIC,
     TAG_PARENT,
-    Missing,
-    as_float,
-    column,
-    metric,
-    model_of,
-    of_stage,
-    order_models,
-    param,
-    tag,
+    TAG_STAGE,
+    TAG_STUDY,
+    TRAIN_STAGE,
+    TRIAL_METRIC,
+    TRIAL_STAGE,
+    TUNE_STAGE,
+    VARIANT_STAGE,
 )
 from core.config import VARIANTS
-from core.tracking import TAG_MODEL, TAG_STAGE
 from evaluation.statistics import binary_agreement
-from stages.evaluate import VARIANT_STAGE
-from stages.tune import TAG_OBJECTIVE_DIRECTION, TAG_OBJECTIVE_METRIC, TAG_STUDY, TRIAL_METRIC, TRIAL_STAGE
-from steering.train import TAG_BRANCH
 
-TUNE_STAGE = "tune"
-TRAIN_STAGE = "train"
 # Judge metrics in the order they are preferred as "the" truthfulness metric of a figure.
 PREFERRED_METRICS = ("llm_truthful", "llm_logprob_truthful", "semantic_acc", "mc1", "mc2", "bleu_acc",
                      "rouge1_acc")
@@ -595,9 +592,4 @@ def training_curves_table(trained: pd.DataFrame, history: Callable[[str, str], S
     return pd.DataFrame(records, columns=CURVE_COLUMNS) if records else _empty(CURVE_COLUMNS)
 
 
-__all__ = [
-    "PREFERRED_METRICS", "agreement_table",
-    "best_settings_table", "best_variants", "category_delta_table", "cohen_kappa", "cross_model_table",
-    "judge_metric_names", "latest_evaluations", "layer_scale_table", "primary_metric", "scale_sweep_table",
-    "train_runs", "training_curves_table", "tune_trials", "variant_metrics_table", "variant_runs",
-]
+__all__ = ['PREFERRED_METRICS', 'agreement_table', 'best_settings_table', 'best_variants', 'category_delta_table', 'cohen_kappa', 'cross_model_table', 'judge_metric_names', 'latest_evaluations', 'layer_scale_table', 'primary_metric', 'scale_sweep_table', 'train_runs', 'training_curves_table', 'tune_trials', 'variant_metrics_table', 'variant_runs']

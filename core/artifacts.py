@@ -1,15 +1,15 @@
-"""Artifact names, imported by the stage that writes each one and every stage that reads it,
-and the one way tensors are stored: safetensors beside a JSON sidecar (never pickle)."""
+"""The names of the artifacts and tags that the stages write and read, in one place, and the one way
+tensors are stored: safetensors beside a JSON sidecar (never pickle)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:
+    import torch
 
 SPLITS = "data/splits.json"
 CAA_TENSORS = "extract/caa.safetensors"
@@ -58,6 +58,8 @@ ANALYSIS_TRAINING_CURVES = "training_curves"
 def save_tensors(tensors_path: Path, meta_path: Path, tensors: Mapping[str, torch.Tensor],
                  meta: Mapping[str, Any]) -> None:
     """Write contiguous CPU copies of ``tensors`` as safetensors and ``meta`` as indented JSON."""
+    from safetensors.torch import save_file  # not at the top: `--help` and the tag names need no torch
+
     tensors_path.parent.mkdir(parents=True, exist_ok=True)
     meta_path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tensors_path))
@@ -66,7 +68,46 @@ def save_tensors(tensors_path: Path, meta_path: Path, tensors: Mapping[str, torc
 
 def load_tensors(tensors_path: Path, meta_path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read what ``save_tensors`` wrote; a missing file is an error naming it."""
+    from safetensors.torch import load_file
+
     for path in (tensors_path, meta_path):
         if not Path(path).exists():
             raise FileNotFoundError(f"artifact file {path} is missing")
     return load_file(str(tensors_path)), json.loads(Path(meta_path).read_text())
+
+
+# ---------------------------------------------------------------- tags and stage names
+# Every tag a stage sets and a later stage or the analysis reads, and the stage names that mark runs.
+
+TAG_STAGE = "truthsteer.stage"
+TAG_MODEL = "truthsteer.model"
+TAG_CODE = "truthsteer.code_version"
+TAG_HOST = "truthsteer.host"
+TAG_PID = "truthsteer.pid"  # with TAG_HOST: lets a later run mark this one KILLED if its process died
+TAG_BRANCH_RUN = "truthsteer.mlp_{branch}_run"  # set on a parent run whose branches trained in child runs
+TAG_FAST_PATH = "truthsteer.fast_path"
+TAG_BRANCH = "truthsteer.branch"
+TAG_MODELS = "truthsteer.models"  # the models an analysis covers, separated by |
+TUNE_STAGE = "tune"
+TRAIN_STAGE = "train"
+ANALYZE_STAGE = "analyze"
+TAG_PARENT = "mlflow.parentRunId"
+TAG_EXTRACT_RUN = "truthsteer.extract_run"
+TAG_NOTES = "truthsteer.bank_notes"
+TRIAL_METRIC = "objective"  # the trials' metric as MLflowCallback logs it; the metric's own name too
+TRIAL_STAGE = "tune.trial"
+TAG_STUDY = "truthsteer.study"
+TAG_OBJECTIVE_METRIC = "truthsteer.objective_metric"
+TAG_OBJECTIVE_DIRECTION = "truthsteer.objective_direction"
+TAG_EXTRACTION = "truthsteer.extraction_source"
+TAG_BEST_RUN = "truthsteer.best_run"
+TAG_BEST_TRIAL = "truthsteer.best_trial"
+TAG_BEST_LAYER = "truthsteer.best_layer"
+TAG_BEST_SCALE = "truthsteer.best_scale"
+TAG_STOPPED = "truthsteer.stopped"  # a signal stopped the worker before its trials were done
+VARIANT_STAGE = "evaluate.variant"  # TAG_STAGE of the nested per-variant runs
+TAG_STORE = "truthsteer.generation_store"
+TAG_SOURCE_RUN = "truthsteer.source_run"
+TAG_JUDGE_URI = "truthsteer.judge_uri"
+TAG_KEY = "truthsteer.stage_key"
+TAG_REUSED = "truthsteer.reused"

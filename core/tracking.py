@@ -14,15 +14,11 @@ from typing import Any
 import mlflow
 from mlflow.entities import RunStatus
 
+from core.artifacts import TAG_CODE, TAG_HOST, TAG_MODEL, TAG_PID, TAG_STAGE
 from core.config import Config, ConfigError, config_yaml, flat_params
 
 CONFIG_ARTIFACT = "config.yaml"
 PROJECT_DIR = Path(__file__).resolve().parents[1]
-TAG_STAGE = "truthsteer.stage"
-TAG_MODEL = "truthsteer.model"
-TAG_CODE = "truthsteer.code_version"
-TAG_HOST = "truthsteer.host"
-TAG_PID = "truthsteer.pid"  # with TAG_HOST: lets a later run mark this one KILLED if its process died
 
 
 def tracking_uri(cfg: Config) -> str:

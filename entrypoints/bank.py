@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
+    from core import artifacts
     from core.tracking import stage_run
     from stages import bank
 
@@ -38,7 +39,7 @@ def main() -> None:
             f"{'with' if cfg.bank.replace else 'without'} replacement, seed {cfg.bank.seed}",
         ])
         return
-    with stage_run("bank", cfg, tags={bank.TAG_EXTRACT_RUN: extract_run}):
+    with stage_run("bank", cfg, tags={artifacts.TAG_EXTRACT_RUN: extract_run}):
         bank.run(cfg, extract_run=extract_run)
 
 

@@ -32,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
+    from core import artifacts
     from core.tracking import stage_run
-    from stages import evaluate, score
+    from stages import score
 
     args = build_parser().parse_args()
     extra = [f"eval.judges={args.judges}"] if args.judges else []
@@ -45,7 +46,7 @@ def main() -> None:
         _cli.print_plan("score", cfg, score.plan(cfg, source_run=args.source_run, generations=args.generations))
         return
     source = args.source_run or args.generations
-    with stage_run("score", cfg, tags={evaluate.TAG_SOURCE_RUN: source}):
+    with stage_run("score", cfg, tags={artifacts.TAG_SOURCE_RUN: source}):
         score.run(cfg, source_run=args.source_run, generations=args.generations)
 
 

@@ -15,20 +15,23 @@ from mlflow.entities import Metric, RunStatus
 from mlflow.exceptions import MlflowException
 from torch import Tensor
 
-from core.artifacts import CAA_META, CAA_TENSORS, load_tensors
+from core.artifacts import (
+    CAA_META,
+    CAA_TENSORS,
+    TAG_EXTRACT_RUN,
+    TAG_MODEL,
+    TAG_NOTES,
+    TAG_STAGE,
+    load_tensors,
+)
 from core.config import Config, ConfigError, config_to_dict
-from core.tracking import TAG_MODEL, TAG_STAGE, download, log_params_once, tracking_uri
+from core.tracking import download, log_params_once, tracking_uri
 from steering.vector_bank import (
     LAYER_METRICS,
     VectorBank,
     build_bank,
     stability,
 )
-
-TAG_EXTRACT_RUN = "truthsteer.extract_run"
-
-
-TAG_NOTES = "truthsteer.bank_notes"
 
 
 def require_extract_run(extract_run: str) -> str:
@@ -125,4 +128,4 @@ def run(cfg: Config, extract_run: str) -> VectorBank:
     return bank
 
 
-__all__ = ['TAG_EXTRACT_RUN', 'TAG_NOTES', 'require_extract_run', 'run']
+__all__ = ['require_extract_run', 'run']

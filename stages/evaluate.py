@@ -43,6 +43,7 @@ import mlflow
 import pandas as pd
 
 from core import artifacts
+from core.artifacts import TAG_STORE, VARIANT_STAGE
 from core.config import Config, ConfigError
 from core.data import Question, splits_for
 from core.models import (
@@ -70,9 +71,6 @@ from evaluation.llm_judge import check_invalid_ceiling
 from evaluation.statistics import bootstrap_ci, mcnemar, paired_difference, per_category
 from steering.hooks import SteeringNotApplied
 
-VARIANT_STAGE = "evaluate.variant"  # TAG_STAGE of the nested per-variant runs
-TAG_STORE = "truthsteer.generation_store"
-TAG_SOURCE_RUN = "truthsteer.source_run"
 LLM_JUDGES = ("llm", "llm_logprob")  # the judges that need the judge LM
 # Metrics whose per-question values are 0/1, so that McNemar's test applies to their deltas.
 BINARY_METRIC = re.compile(r"^mc1$|_acc$|_truthful$|_informative$")
@@ -756,7 +754,4 @@ def run(
     return dataclasses.replace(result, store_path=store.path, n_generated=n_generated)
 
 
-__all__ = [
-    "BASE_COLUMNS", "EvaluationResult", "SourceRuns", "build_steering", "judge_and_log", "load_judge_model",
-    "make_judges", "ordered_variants", "plan", "run", "score_rows", "table_row", "variant_key", "variant_metrics",
-]
+__all__ = ['BASE_COLUMNS', 'EvaluationResult', 'SourceRuns', 'build_steering', 'judge_and_log', 'load_judge_model', 'make_judges', 'ordered_variants', 'plan', 'run', 'score_rows', 'table_row', 'variant_key', 'variant_metrics']

@@ -27,11 +27,10 @@ import mlflow
 from mlflow.entities import RunStatus
 
 from core import artifacts
+from core.artifacts import TAG_HOST, TAG_KEY, TAG_PID, TAG_REUSED, TAG_STAGE
 from core.config import Config, ConfigError, config_to_dict
-from core.tracking import TAG_HOST, TAG_PID, TAG_STAGE, code_version, download, stage_run
+from core.tracking import code_version, download, stage_run
 
-TAG_KEY = "truthsteer.stage_key"
-TAG_REUSED = "truthsteer.reused"
 STAGES = ("data", "train_judge", "calibrate", "extract", "bank", "train_mc", "train_gen", "evaluate")
 JUDGE_STAGES = ("train_judge", "calibrate")  # run only when eval.judges has the trained judge
 # The config sections each stage reads: only these enter its key.
@@ -241,4 +240,4 @@ def tuned_overrides(run_id: str) -> list[str]:
     return [f"{section}.{key}={value}" for section, values in fragment.items() for key, value in values.items()]
 
 
-__all__ = ["STAGES", "TAG_STAGE", "mark_stale_runs", "plan", "run", "stage_key", "stage_params", "tuned_overrides"]
+__all__ = ['STAGES', 'TAG_STAGE', 'mark_stale_runs', 'plan', 'run', 'stage_key', 'stage_params', 'tuned_overrides']

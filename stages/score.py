@@ -124,7 +124,7 @@ def run(cfg: Config, *, source_run: str = "", generations: str = "") -> evaluate
     path = download(source_run, artifacts.GENERATIONS) if source_run else Path(generations)
     grouped = rows_by_variant(read_generations(path))
     origin = source_run or str(Path(generations).resolve())
-    mlflow.set_tag(evaluate.TAG_SOURCE_RUN, origin)
+    mlflow.set_tag(artifacts.TAG_SOURCE_RUN, origin)
 
     main: LoadedModel | None = None
     steerings: dict[str, Steering] = {}
@@ -146,7 +146,7 @@ def run(cfg: Config, *, source_run: str = "", generations: str = "") -> evaluate
         return [j.bind(main, steerings[variant]) if isinstance(j, _mc.MCJudge) else j for j in judges]
 
     info = {v: {k: rows[0].get(k) for k in ("model", "dtype", "layer", "scale")} for v, rows in grouped.items()}
-    return evaluate.judge_and_log(cfg, grouped, judges_for, info, extra_tags={evaluate.TAG_SOURCE_RUN: origin})
+    return evaluate.judge_and_log(cfg, grouped, judges_for, info, extra_tags={artifacts.TAG_SOURCE_RUN: origin})
 
 
 def plan(cfg: Config, *, source_run: str = "", generations: str = "") -> list[str]:

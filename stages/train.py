@@ -11,13 +11,13 @@ import mlflow
 import torch
 from torch import Tensor
 
-from core.artifacts import MLP_DIR
+from core.artifacts import MLP_DIR, TAG_BRANCH, TAG_BRANCH_RUN
 from core.config import Config, ConfigError, config_to_dict
 from core.data import Question
 from steering.layers import d_model
-from steering.mlp import BRANCHES, TAG_BRANCH_RUN, Branch, MLPSteering, MLPSteeringConfig, save_mlp
+from steering.mlp import BRANCHES, Branch, MLPSteering, MLPSteeringConfig, save_mlp
 from steering.sequences import encode_examples
-from steering.train import TAG_BRANCH, train_branch
+from steering.train import train_branch
 
 
 def branches_of(branch: str) -> tuple[Branch, ...]:

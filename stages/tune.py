@@ -86,6 +86,19 @@ from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from core import artifacts, tracking
+from core.artifacts import (
+    TAG_BEST_LAYER,
+    TAG_BEST_RUN,
+    TAG_BEST_SCALE,
+    TAG_BEST_TRIAL,
+    TAG_EXTRACTION,
+    TAG_OBJECTIVE_DIRECTION,
+    TAG_OBJECTIVE_METRIC,
+    TAG_STOPPED,
+    TAG_STUDY,
+    TRIAL_METRIC,
+    TRIAL_STAGE,
+)
 from core.config import Config, ConfigError, ModelSpec, config_to_dict
 from core.data import Question, file_sha256, is_local_source, splits_for
 from core.models import TORCH_DTYPES, LoadedModel, describe_source, load_from_config
@@ -97,17 +110,6 @@ DEFAULT_OUTPUTS = "outputs"
 STUDY_PREFIX = "truthsteer"
 SAMPLERS = ("tpe", "grid")
 PRUNERS = ("auto", "wilcoxon", "median", "none")
-TRIAL_METRIC = "objective"  # the trials' metric as MLflowCallback logs it; the metric's own name too
-TRIAL_STAGE = "tune.trial"
-TAG_STUDY = "truthsteer.study"
-TAG_OBJECTIVE_METRIC = "truthsteer.objective_metric"
-TAG_OBJECTIVE_DIRECTION = "truthsteer.objective_direction"
-TAG_EXTRACTION = "truthsteer.extraction_source"
-TAG_BEST_RUN = "truthsteer.best_run"
-TAG_BEST_TRIAL = "truthsteer.best_trial"
-TAG_BEST_LAYER = "truthsteer.best_layer"
-TAG_BEST_SCALE = "truthsteer.best_scale"
-TAG_STOPPED = "truthsteer.stopped"  # a signal stopped the worker before its trials were done
 ATTR_SETUP = "truthsteer.setup"  # study user attr: what makes two trials' values comparable
 ATTR_SETUP_KEY = "truthsteer.setup_key"
 ATTR_FAIL_REASON = "fail_reason"
@@ -838,8 +840,8 @@ def make_objective(
 
     def objective(trial: Trial) -> float:
         tick = time.perf_counter()
-        mlflow.set_tags({tracking.TAG_STAGE: TRIAL_STAGE, tracking.TAG_MODEL: scorer.cfg.model.alias,
-                         tracking.TAG_HOST: socket.gethostname(), tracking.TAG_PID: str(os.getpid()),
+        mlflow.set_tags({artifacts.TAG_STAGE: TRIAL_STAGE, artifacts.TAG_MODEL: scorer.cfg.model.alias,
+                         artifacts.TAG_HOST: socket.gethostname(), artifacts.TAG_PID: str(os.getpid()),
                          TAG_STUDY: study_name, "variant": "caa"})
         layer = int(space.layer.suggest(trial))
         scale = float(space.scale.suggest(trial))
@@ -1453,10 +1455,4 @@ def run(cfg: Config, settings: TuneSettings, *, loaded: LoadedModel | None = Non
     return outcome
 
 
-__all__ = [
-    "OBJECTIVES", "Axis", "NonFiniteObjective", "Objective", "RetryStaleTrial", "SearchSpace", "StopRequest",
-    "StudyCounts", "TrialBudget", "TrialScorer", "TrialSeededTPESampler", "TuneOutcome", "TuneSettings",
-    "WorkerStopped", "default_layers", "requeue_dead_local_trials",
-    "extraction_cache_dir", "extraction_key", "make_objective", "open_storage", "open_study", "plan", "run",
-    "run_worker", "shared_extraction", "storage_url", "summarise", "tuned_fragment",
-]
+__all__ = ['Axis', 'NonFiniteObjective', 'OBJECTIVES', 'Objective', 'RetryStaleTrial', 'SearchSpace', 'StopRequest', 'StudyCounts', 'TrialBudget', 'TrialScorer', 'TrialSeededTPESampler', 'TuneOutcome', 'TuneSettings', 'WorkerStopped', 'default_layers', 'extraction_cache_dir', 'extraction_key', 'make_objective', 'open_storage', 'open_study', 'plan', 'requeue_dead_local_trials', 'run', 'run_worker', 'shared_extraction', 'storage_url', 'summarise', 'tuned_fragment']

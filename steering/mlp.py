@@ -32,14 +32,13 @@ import mlflow
 import torch
 from torch import Tensor, nn
 
-from core.artifacts import MLP_DIR, MLP_META, MLP_TENSORS, load_tensors, save_tensors
+from core.artifacts import MLP_DIR, MLP_META, MLP_TENSORS, TAG_BRANCH_RUN, load_tensors, save_tensors
 from core.config import ConfigError
 from core.tracking import download
 from steering.hooks import SteeredCount, steer
 
 Branch = Literal["mc", "gen"]
 BRANCHES: tuple[Branch, ...] = ("mc", "gen")
-TAG_BRANCH_RUN = "truthsteer.mlp_{branch}_run"  # set on a parent run whose branches trained in child runs
 
 
 @dataclasses.dataclass(frozen=True)

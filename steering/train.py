@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from core.artifacts import TAG_FAST_PATH
 from core.config import ConfigError, MLPConfig
 from steering.hooks import check_steered
 from steering.logprobs import branch_loss, steered_answer_logprobs
@@ -50,8 +51,6 @@ from steering.sequences import Sequences, make_batch
 
 log = logging.getLogger(__name__)
 
-TAG_FAST_PATH = "truthsteer.fast_path"
-TAG_BRANCH = "truthsteer.branch"
 # Largest per-token log-prob difference between the fast and the full path that the first-batch
 # self-check accepts. A structural mismatch (a wrong mask, a skipped layer) is far larger.
 FAST_PATH_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.25, torch.float16: 0.25}

@@ -31,8 +31,7 @@ from mlflow.entities import Metric, Param
 from analysis import report, tables
 from analysis.runs import Missing, Selection, SelectionError, select_runs
 from core import artifacts
-from core.tracking import TAG_MODEL, TAG_STAGE
-from stages import tune
+from core.artifacts import TAG_MODEL, TAG_STAGE
 
 T0 = 1_700_000_000_000
 EXPERIMENT = "truthsteer"
@@ -219,18 +218,18 @@ def populate(client: mlflow.MlflowClient) -> dict[str, str]:
     _evaluation(w, "mystery-main", MYSTERY, MYSTERY_MAIN, 20, 3.0)
     w.run("smol-train-gen", "train", SMOL, params={"mlp.branch": "gen"}, histories={"train_loss": [3.0, 2.0]})
     # two workers of one study; trial 0 has only MLflowCallback's `objective`, the repeat runs in worker 2
-    study = {tune.TAG_STUDY: GEMMA_STUDY}
+    study = {artifacts.TAG_STUDY: GEMMA_STUDY}
     for worker in ("gemma-study", "gemma-study-2"):
-        w.run(worker, "tune", GEMMA, params=gemma, tags={tune.TAG_OBJECTIVE_METRIC: "mc1", **study})
+        w.run(worker, "tune", GEMMA, params=gemma, tags={artifacts.TAG_OBJECTIVE_METRIC: "mc1", **study})
     for i, (layer, scale, value) in enumerate(GEMMA_TRIALS):
-        w.run(f"gemma-trial-{i}", tune.TRIAL_STAGE, GEMMA, params={"layer": layer, "scale": scale}, tags=study,
-              metrics={tune.TRIAL_METRIC if i == 0 else "mc1": value},
+        w.run(f"gemma-trial-{i}", artifacts.TRIAL_STAGE, GEMMA, params={"layer": layer, "scale": scale}, tags=study,
+              metrics={artifacts.TRIAL_METRIC if i == 0 else "mc1": value},
               parent="gemma-study-2" if i == len(GEMMA_TRIALS) - 1 else "gemma-study")
-    w.run("gemma-trial-pruned", tune.TRIAL_STAGE, GEMMA, params={"layer": 6, "scale": 1.0}, tags=study,
+    w.run("gemma-trial-pruned", artifacts.TRIAL_STAGE, GEMMA, params={"layer": 6, "scale": 1.0}, tags=study,
           metrics={"mc1_partial": 0.1}, parent="gemma-study")
-    w.run("smol-study", "tune", SMOL, tags={tune.TAG_OBJECTIVE_DIRECTION: "minimize"})  # no study name
+    w.run("smol-study", "tune", SMOL, tags={artifacts.TAG_OBJECTIVE_DIRECTION: "minimize"})  # no study name
     for i, (layer, scale, value) in enumerate(SMOL_TRIALS):
-        w.run(f"smol-trial-{i}", tune.TRIAL_STAGE, SMOL, params={"layer": layer, "scale": scale},
+        w.run(f"smol-trial-{i}", artifacts.TRIAL_STAGE, SMOL, params={"layer": layer, "scale": scale},
               metrics={"objective": value}, parent="smol-study")
     return w.ids
 

@@ -312,12 +312,12 @@ def test_score_rescores_saved_answers_into_a_new_tagged_run(tracking: str, cfg: 
     rescore_cfg = load_config("smollm2-135m", "eval.judges=[bleu],eval.n_bootstrap=200")
     with stage_run("score", rescore_cfg) as run, contextlib.redirect_stdout(io.StringIO()):
         result = score.run(rescore_cfg, source_run=source.info.run_id)
-    assert mlflow.get_run(run.info.run_id).data.tags[evaluate.TAG_SOURCE_RUN] == source.info.run_id
+    assert mlflow.get_run(run.info.run_id).data.tags[artifacts.TAG_SOURCE_RUN] == source.info.run_id
     assert [r["answer"] for r in result.rows] == [r["answer"] for v in rows for r in rows[v]]
     assert "bleu_acc" in result.rows[0] and "rouge1_max" not in result.rows[0]  # old verdicts replaced
     for variant, run_id in result.run_ids.items():
         child = mlflow.get_run(run_id)
-        assert child.data.tags["variant"] == variant and child.data.tags[evaluate.TAG_SOURCE_RUN]
+        assert child.data.tags["variant"] == variant and child.data.tags[artifacts.TAG_SOURCE_RUN]
         assert "bleu_acc_delta" in child.data.metrics and "rouge1_max" not in child.data.metrics
     bleu = BleuJudge()
     expected = bleu.aggregate(bleu.score([evaluate.judge_item(r) for r in rows["caa"]]))["bleu_max"]
@@ -327,7 +327,7 @@ def test_score_rescores_saved_answers_into_a_new_tagged_run(tracking: str, cfg: 
     with stage_run("score", rescore_cfg) as run, contextlib.redirect_stdout(io.StringIO()):
         from_file = score.run(rescore_cfg, generations=local)
     assert from_file.metrics == result.metrics
-    assert mlflow.get_run(run.info.run_id).data.tags[evaluate.TAG_SOURCE_RUN] == str(Path(local).resolve())
+    assert mlflow.get_run(run.info.run_id).data.tags[artifacts.TAG_SOURCE_RUN] == str(Path(local).resolve())
     with pytest.raises(ConfigError, match="exactly one of --source-run"), stage_run("score", rescore_cfg):
         score.run(rescore_cfg)
     mc_cfg = load_config("smollm2-135m", "eval.judges=[mc]")
@@ -469,7 +469,7 @@ def test_all_variants_from_real_stage_runs_then_score(tracking: str, tmp_path: P
     rescore_cfg = load_config("smollm2-135m", "eval.judges=[semantic,bleu],eval.n_bootstrap=200")
     with stage_run("score", rescore_cfg) as rescored:
         again = score.run(rescore_cfg, source_run=parent.info.run_id)
-    assert mlflow.get_run(rescored.info.run_id).data.tags[evaluate.TAG_SOURCE_RUN] == parent.info.run_id
+    assert mlflow.get_run(rescored.info.run_id).data.tags[artifacts.TAG_SOURCE_RUN] == parent.info.run_id
     for variant in result.run_ids:
         assert again.metrics[variant]["bleu_acc"] == result.metrics[variant]["bleu_acc"]
         assert again.metrics[variant]["semantic_acc"] == pytest.approx(result.metrics[variant]["semantic_acc"])

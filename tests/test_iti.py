@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import BatchEncoding, Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedModel
 
@@ -71,7 +72,7 @@ def encode(prompts: list[str]) -> BatchEncoding:
 
 
 def heads_of(model: PreTrainedModel) -> tuple[int, int]:
-    """(n_heads, head_dim) read from the weights, not the config: o_proj's in_features / num_attention_heads."""
+    """(n_heads, head_dim): heads from the config, head_dim from o_proj's weight (in_features / n_heads)."""
     n_heads = model.config.get_text_config().num_attention_heads
     return n_heads, model.get_decoder().layers[0].self_attn.o_proj.weight.shape[1] // n_heads
 
@@ -389,10 +390,8 @@ def test_bad_iti_arguments_name_the_value(tmp_path: Any) -> None:
           iti_applied(model, good, 1.0, start_positions=torch.zeros(1, dtype=torch.long))):
         model(**enc)
     torch.save({"x": 1}, tmp_path / "pickle.safetensors")  # not a safetensors file at all
-    with pytest.raises(Exception):  # noqa: B017 - safetensors' own error for a pickle
+    with pytest.raises(SafetensorError):  # never unpickled
         ItiDirections.load(tmp_path / "pickle.safetensors")
-    from safetensors.torch import save_file
-
     save_file({"layers": torch.tensor([0])}, str(tmp_path / "partial.safetensors"))
     with pytest.raises(ValueError, match=r"lacks tensors \['heads', 'directions', 'sigmas', 'accuracies'\]"):
         ItiDirections.load(tmp_path / "partial.safetensors")

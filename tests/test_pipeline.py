@@ -12,8 +12,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from core import artifacts
+from core.artifacts import TAG_HOST, TAG_PID
 from core.config import load_config, model_aliases, model_spec
-from core.tracking import TAG_HOST, TAG_PID
 from stages import pipeline
 from tests.conftest import DATA_CSV, PROJECT_DIR, kill_once_stored
 
@@ -128,8 +129,8 @@ def test_full_runs_every_stage_then_reuses_them(tracking: str, tmp_path: Path) -
     assert second.returncode == 0, second.stderr[-4000:]
     parents = mlflow.search_runs(experiment_names=["truthsteer"], output_format="list",
                                  filter_string="tags.`truthsteer.stage` = 'full'", order_by=["attributes.start_time DESC"])
-    assert parents[0].data.tags[pipeline.TAG_REUSED] == ",".join(pipeline.STAGES)
-    assert parents[1].data.tags[pipeline.TAG_REUSED] == "none"
+    assert parents[0].data.tags[artifacts.TAG_REUSED] == ",".join(pipeline.STAGES)
+    assert parents[1].data.tags[artifacts.TAG_REUSED] == "none"
 
 
 @pytest.mark.slow
@@ -150,7 +151,7 @@ def test_full_killed_during_evaluation_continues_where_it_stopped(tracking: str,
     assert {r.info.run_id for r in running} <= {r.info.run_id for r in runs if r.info.status == "KILLED"}
     parent = next(r for r in runs if r.data.tags.get("truthsteer.stage") == "full" and r.info.status == "FINISHED")
     stages = pipeline.stages_of(load_config("smollm2-135m", overrides))
-    assert parent.data.tags[pipeline.TAG_REUSED] == ",".join(s for s in stages if s != "evaluate")
+    assert parent.data.tags[artifacts.TAG_REUSED] == ",".join(s for s in stages if s != "evaluate")
     evaluate = next(r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
                     and r.data.tags.get("truthsteer.stage") == "evaluate")
     variants = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == evaluate.info.run_id]

@@ -10,8 +10,9 @@ import mlflow
 import pytest
 import yaml
 
+from core.artifacts import TAG_STAGE
 from core.config import ConfigError, config_from_dict, load_config
-from core.tracking import CONFIG_ARTIFACT, TAG_STAGE, log_params_once, stage_run
+from core.tracking import CONFIG_ARTIFACT, log_params_once, stage_run
 from tests.conftest import PROJECT_DIR
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from core.artifacts import MLP_DIR
+from core.artifacts import MLP_DIR, TAG_BRANCH_RUN
 from core.config import ConfigError, MLPConfig, load_config
 from core.data import Question, load_questions, question_id
 from steering.hooks import active_hooks, masked_mean, record_residuals
@@ -33,7 +33,7 @@ from steering.logprobs import (
     sequence_logprobs,
     steered_answer_logprobs,
 )
-from steering.mlp import TAG_BRANCH_RUN, MLPSteering, MLPSteeringConfig, load_mlp
+from steering.mlp import MLPSteering, MLPSteeringConfig, load_mlp
 from steering.prefix import PrefixCache, suffix_answer_logprobs
 from steering.prompts import answer_text, encode_prompt_answers, format_prompt
 from steering.sequences import encode_examples, make_batch, pick_incorrect

@@ -213,6 +213,7 @@ def test_the_registry_builds_the_judge_from_its_uri(tmp_path: Path) -> None:
 def test_train_judge_stage_on_the_real_labels(tracking: str) -> None:
     """The stage on the smoke split: held-out-question agreement, the registered model, and the judge
     loaded back from the registry URI scoring a held-out question but refusing a training one."""
+    from core import artifacts
     from core.data import splits_for
     from stages import train_judge
 
@@ -222,7 +223,7 @@ def test_train_judge_stage_on_the_real_labels(tracking: str) -> None:
     metrics = mlflow.get_run(run.info.run_id).data.metrics
     assert metrics["cv_truth_all_kappa"] > 0.6 and metrics["cv_info_all_kappa"] > 0.45
     assert (metrics["n_train_questions"], metrics["n_held_out_questions"]) == (817 - 120, 120)  # all but val, test
-    uri = mlflow.get_run(run.info.run_id).data.tags[train_judge.TAG_JUDGE_URI]
+    uri = mlflow.get_run(run.info.run_id).data.tags[artifacts.TAG_JUDGE_URI]
     assert uri == "models:/truthsteer-judge/1"
     judge = load_judge(uri)
     splits = splits_for(cfg)

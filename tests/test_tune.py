@@ -40,10 +40,11 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from core import artifacts
+from core.artifacts import TAG_STAGE
 from core.config import Config, ConfigError, load_config
 from core.data import splits_for
 from core.models import LoadedModel
-from core.tracking import TAG_STAGE, stage_run
+from core.tracking import stage_run
 from evaluation.generate import Steering
 from evaluation.judges import JudgeItem
 from evaluation.mc import MCJudge
@@ -321,14 +322,14 @@ def test_best_params_round_trip_into_full(tracking: str, outputs: Path) -> None:
     full_cfg = load_config("smollm2-135m", pipeline.tuned_overrides(parent_id))
     assert (full_cfg.layer, full_cfg.steering.scale) == (outcome.best_params["layer"], outcome.best_params["scale"])
     tags = parent.data.tags
-    assert (tags[tune.TAG_OBJECTIVE_METRIC], tags[tune.TAG_OBJECTIVE_DIRECTION]) == ("mc2", "maximize")
-    best_run = mlflow.get_run(tags[tune.TAG_BEST_RUN])
+    assert (tags[artifacts.TAG_OBJECTIVE_METRIC], tags[artifacts.TAG_OBJECTIVE_DIRECTION]) == ("mc2", "maximize")
+    best_run = mlflow.get_run(tags[artifacts.TAG_BEST_RUN])
     assert best_run.data.tags["mlflow.parentRunId"] == parent_id
     assert best_run.info.experiment_id == parent.info.experiment_id  # no separate experiment per study
     assert best_run.data.params == {"layer": str(outcome.best_params["layer"]),
                                     "scale": str(outcome.best_params["scale"])}
     assert best_run.data.metrics["objective"] == best_run.data.metrics["mc2"] == outcome.best_value
-    assert (tags[tune.TAG_BEST_LAYER], float(tags[tune.TAG_BEST_SCALE])) == (
+    assert (tags[artifacts.TAG_BEST_LAYER], float(tags[artifacts.TAG_BEST_SCALE])) == (
         str(outcome.best_params["layer"]), outcome.best_params["scale"])
     assert parent.data.metrics["best_mc2"] == outcome.best_value
     logged = {f.path for f in mlflow.MlflowClient().list_artifacts(parent_id, "tune")}
@@ -411,7 +412,7 @@ def test_two_workers_on_one_journal_complete_exactly_the_total(tracking: str, ou
     assert len({t.number for t in study.trials}) == len(study.trials)
     parents = mlflow.search_runs(experiment_names=["truthsteer"], output_format="list",
                                  filter_string=f"tags.`{TAG_STAGE}` = 'tune'")
-    assert sorted(p.data.tags[tune.TAG_EXTRACTION] for p in parents) == ["cache", "computed"]  # computed once
+    assert sorted(p.data.tags[artifacts.TAG_EXTRACTION] for p in parents) == ["cache", "computed"]  # computed once
     assert [p.name for p in (outputs / "tune" / "extractions").iterdir() if p.is_dir()] == [
         tune.extraction_cache_dir(cfg).name]
     assert sum(int(p.data.metrics["n_worker_trials"]) for p in parents) == 5
@@ -434,7 +435,7 @@ def test_a_terminated_worker_requeues_its_trial(tracking: str, outputs: Path, tm
     assert tune.ATTR_FAIL_REASON not in queued.user_attrs
     (parent,) = mlflow.search_runs(experiment_names=["truthsteer"], output_format="list",
                                    filter_string=f"tags.`{TAG_STAGE}` = 'tune'")
-    assert parent.info.status == "FINISHED" and parent.data.tags[tune.TAG_STOPPED] == f"signal {signal.SIGTERM}"
+    assert parent.info.status == "FINISHED" and parent.data.tags[artifacts.TAG_STOPPED] == f"signal {signal.SIGTERM}"
     run_tiny(cfg, tune.TuneSettings(n_trials=1, storage=storage, layers="0:2", scales="0:8", heartbeat=0))
     rerun = load_study(tune.TuneSettings(storage=storage), cfg).trials[queued.number]
     assert rerun.state == TrialState.COMPLETE and rerun.params == stopped.params  # resuming ran the queued trial
@@ -470,7 +471,7 @@ def test_entry_point_on_smollm2_then_full_reads_the_best(tracking: str, outputs:
     (parent,) = mlflow.search_runs(experiment_names=["truthsteer"], output_format="list",
                                    filter_string=f"tags.`{TAG_STAGE}` = 'tune'")
     assert parent.info.status == "FINISHED" and parent.data.metrics["n_complete"] == 2
-    layer, scale = int(parent.data.tags[tune.TAG_BEST_LAYER]), float(parent.data.tags[tune.TAG_BEST_SCALE])
+    layer, scale = int(parent.data.tags[artifacts.TAG_BEST_LAYER]), float(parent.data.tags[artifacts.TAG_BEST_SCALE])
     plan = subprocess.run(
         [sys.executable, "-m", "entrypoints.full", "--model", "smollm2-135m", "--data", str(DATA_CSV),
          "--tuned", parent.info.run_id, "--dry-run"],

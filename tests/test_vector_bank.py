@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from core import artifacts
 from core.artifacts import BANK_META, BANK_TENSORS, CAA_META, CAA_TENSORS, save_tensors
 from core.config import Config, ConfigError, config_from_dict, load_config
 from core.tracking import stage_run
@@ -259,7 +260,7 @@ def test_the_bank_stage_logs_figures_for_every_layer_and_the_bank(tracking: str,
     cfg = _cfg("bank.n_bootstrap=4,bank.sample_size=100,bank.seed=2")
     valid = _valid(N_EXAMPLES, 30, {15: [0, 5, 6], 3: list(range(N_EXAMPLES)), 20: [1]})
     extract_id, diffs = _extract_run(cfg, tmp_path, valid)
-    with stage_run("bank", cfg, tags={bank_stage.TAG_EXTRACT_RUN: extract_id}) as run:
+    with stage_run("bank", cfg, tags={artifacts.TAG_EXTRACT_RUN: extract_id}) as run:
         bank = bank_stage.run(cfg, extract_run=extract_id)
     finished = mlflow.get_run(run.info.run_id)
     assert finished.info.status == "FINISHED"
@@ -278,8 +279,8 @@ def test_the_bank_stage_logs_figures_for_every_layer_and_the_bank(tracking: str,
         assert split_by_layer[layer] == pytest.approx(stability(diffs, valid, layer, 2)["split_half_cosine"], abs=1e-12)
     assert set(_metric_history(run.info.run_id, "bootstrap_cosine_min_by_layer")) == set(split_by_layer)
     assert finished.data.params["extract_run"] == extract_id
-    assert finished.data.tags[bank_stage.TAG_EXTRACT_RUN] == extract_id
-    assert "clamped to 21" in finished.data.tags[bank_stage.TAG_NOTES]
+    assert finished.data.tags[artifacts.TAG_EXTRACT_RUN] == extract_id
+    assert "clamped to 21" in finished.data.tags[artifacts.TAG_NOTES]
     logged = load_bank(run.info.run_id)
     assert torch.equal(logged.vectors, bank.vectors) and logged.layer == 15
     assert logged.meta["extract_run"] == extract_id and logged.meta["clamped"] is True
@@ -332,7 +333,7 @@ def test_the_entry_point_plans_runs_and_refuses_without_an_extract_run(
     bank_entry.main()
     (run,) = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`truthsteer.stage` = 'bank'",
                                 output_format="list")
-    assert run.info.status == "FINISHED" and run.data.tags[bank_stage.TAG_EXTRACT_RUN] == extract_id
+    assert run.info.status == "FINISHED" and run.data.tags[artifacts.TAG_EXTRACT_RUN] == extract_id
     assert load_bank(run.info.run_id).n_bootstrap == 6
 
 
