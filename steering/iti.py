@@ -40,7 +40,7 @@ def attention_heads(model: nn.Module) -> tuple[int, int]:
         model: A transformers model with a `config` (multimodal ones use their `text_config`).
     """
     config = getattr(model, "config", None)
-    text = config.get_text_config(decoder=True) if config is not None else None
+    text: Any = config.get_text_config(decoder=True) if config is not None else None
     n_heads = getattr(text, "num_attention_heads", None)
     if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
         raise ValueError(f"{type(model).__name__}'s (text) config has num_attention_heads={n_heads!r}; pass a "
