@@ -24,6 +24,7 @@ from matplotlib.ticker import MaxNLocator
 from matplotlib.typing import RcKeyType
 
 from analysis.tables import variant_order
+from steering.methods import methods
 
 DPI = 300
 PANEL = (3.3, 2.5)  # inches per panel: two panels fit a two-column paper's text width
@@ -35,7 +36,7 @@ PAPER_STYLE: dict[RcKeyType, Any] = {
     "legend.frameon": False, "pdf.fonttype": 42, "ps.fonttype": 42,  # embed TrueType: editable text in the PDF
     "savefig.dpi": DPI,
 }
-VARIANT_COLORS = {"baseline": "0.45", "caa": "C0", "mlp_mc": "C1", "mlp_gen": "C2"}
+BASELINE_COLOR = "0.45"
 BRANCH_COLORS = {"mc": "C1", "gen": "C2"}
 EXTENSIONS = (".png", ".pdf", ".csv")
 P = ParamSpec("P")
@@ -59,10 +60,14 @@ def _styled(draw: Callable[P, Figure]) -> Callable[P, Figure]:
 
 
 def color(variant: str) -> str:
-    """The fixed colour of a variant in every figure; other variants take later cycle colours."""
-    if variant in VARIANT_COLORS:
-        return VARIANT_COLORS[variant]
-    return f"C{3 + sum(map(ord, variant)) % 7}"
+    """The fixed colour of a variant in every figure: grey for baseline, then the colour cycle in the
+    steering methods' registration order (caa C0, mlp_mc C1, mlp_gen C2, ...); unknown names after them."""
+    if variant == "baseline":
+        return BASELINE_COLOR
+    steered = [name for name in methods() if name != "baseline"]
+    if variant in steered:
+        return f"C{steered.index(variant) % 10}"
+    return f"C{(len(steered) + sum(map(ord, variant))) % 10}"
 
 
 def _panels(n: int, panel: tuple[float, float] = PANEL, columns: int = MAX_COLUMNS) -> tuple[Figure, list[Axes]]:

@@ -45,8 +45,8 @@ from core.artifacts import (
     TUNE_STAGE,
     VARIANT_STAGE,
 )
-from core.config import VARIANTS
 from evaluation.statistics import binary_agreement
+from steering.methods import variant_order as methods_order
 
 # Judge metrics in the order they are preferred as "the" truthfulness metric of a figure.
 PREFERRED_METRICS = ("llm_truthful", "llm_logprob_truthful", "semantic_acc", "mc1", "mc2", "bleu_acc",
@@ -79,9 +79,8 @@ def _empty(columns: Sequence[str]) -> pd.DataFrame:
 
 
 def variant_order(variants: Iterable[str]) -> list[str]:
-    """The config's variant order (baseline, caa, mlp_mc, mlp_gen), then any other by name."""
-    unique = set(variants)
-    return [v for v in VARIANTS if v in unique] + sorted(unique - set(VARIANTS))
+    """The steering methods' registration order (baseline, caa, mlp_mc, mlp_gen, ...), then any other by name."""
+    return methods_order(set(variants))
 
 
 def higher_is_better(name: str, directions: Mapping[str, bool]) -> bool:

@@ -37,12 +37,12 @@ from core.models import load_model
 from evaluation.generate import (
     DecodingParams,
     GenerationStore,
-    Steering,
     generate_batch,
     generate_missing,
     variant_hash,
 )
 from steering.extract import contrastive_pairs, extract_caa
+from steering.methods.intervention import Steering
 
 RESULTS = RESULTS_DIR / "generate.json"
 

@@ -31,7 +31,7 @@ SPLIT_PRESETS: dict[str, dict[str, int]] = {
     "full": {"pool": 100, "train": 250, "val": 117, "test": 200},
 }
 DTYPES = ("float32", "bfloat16", "float16")
-VARIANTS = ("baseline", "caa", "mlp_mc", "mlp_gen")
+VARIANTS = ("baseline", "caa", "mlp_mc", "mlp_gen")  # the steering methods (steering.methods; a test keeps them equal)
 JUDGES = ("llm", "llm_logprob", "semantic", "bleu", "rouge", "mc", "judge")
 
 

@@ -1,14 +1,13 @@
-"""evaluate: batched steered generation for the variants baseline, caa, mlp_mc and mlp_gen, judged.
+"""evaluate: batched steered generation for the variants of eval.variants, judged.
 
-Each question of eval.split is answered by every variant in eval.variants: baseline (unsteered),
-caa (vectors[layer] * steering.scale from --extract-run), mlp_mc and mlp_gen (the MLP modules of
---mlp-mc-run and --mlp-gen-run). Generation is batched, left-padded and greedy unless
+Each question of eval.split is answered by every variant in eval.variants, a registered steering
+method (steering.methods: baseline, caa, mlp_mc, mlp_gen) whose source run --sources names, e.g.
+--sources "caa=<extract run>|mlp_mc=<train run>|mlp_gen=<train run>". Generation is batched, left-padded and greedy unless
 eval.do_sample, steered from the prompt end on; finished answers are kept in a generation store
 (outputs/evaluate/<hash>/generations.jsonl, root $TRUTHSTEER_OUTPUTS), so a restarted run
 regenerates nothing. The judges of eval.judges score the answers (the judge model is loaded once).
 
-Parameters: --model, --data, --split, --data-run, --extract-run (CAA vector), --mlp-mc-run,
---mlp-gen-run, --variants (e.g. baseline|caa; eval.variants), --judge (judge model alias;
+Parameters: --model, --data, --split, --data-run, --sources (variant=RUN pairs), --variants (e.g. baseline|caa; eval.variants), --judge (judge model alias;
 judge.model), --trained-judge (judge.trained: the trained judge, models:/truthsteer-judge/<version>),
 --overrides, --preset, --dry-run (print the plan; load no weights).
 Logs: one nested run per variant (<model>-<variant>, tags variant, model, layer, scale, dtype) with
@@ -28,9 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cli.add_model(p)
     _cli.add_data(p)
     _cli.run_arg(p, "data-run", "MLflow run id of a data stage whose splits to use")
-    _cli.run_arg(p, "extract-run", "MLflow run id of the extract stage (CAA vector)")
-    _cli.run_arg(p, "mlp-mc-run", "MLflow run id of the train stage, mc branch")
-    _cli.run_arg(p, "mlp-gen-run", "MLflow run id of the train stage, gen branch")
+    p.add_argument("--sources", default="", help="each steered variant's source run, variant=RUN separated by |")
     p.add_argument("--variants", default="", help="variants separated by |; default: eval.variants")
     p.add_argument("--judge", default="", help="judge model alias; default: judge.model")
     _cli.add_trained_judge(p)
@@ -47,14 +44,13 @@ def main() -> None:
     extra += [f"judge.model={args.judge}"] if args.judge else []
     extra += _cli.trained_judge_override(args)
     cfg = _cli.build_config(args, extra)
-    sources = evaluate.SourceRuns(args.data_run, args.extract_run, args.mlp_mc_run, args.mlp_gen_run)
+    sources = evaluate.SourceRuns.parse(args.data_run, args.sources)
     sources.check(cfg.eval.variants)  # before any run starts
     if args.dry_run:
         _cli.print_plan("evaluate", cfg, evaluate.plan(cfg, sources))
         return
     with stage_run("evaluate", cfg):
-        evaluate.run(cfg, data_run=args.data_run, extract_run=args.extract_run, mlp_mc_run=args.mlp_mc_run,
-                     mlp_gen_run=args.mlp_gen_run)
+        evaluate.run(cfg, sources=sources)
 
 
 if __name__ == "__main__":

@@ -18,25 +18,24 @@ the store hash covers the model and the decoding: a restart with the same config
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
 
-from core.config import VARIANTS, Config, ModelSpec
+from core.config import Config, ModelSpec
 from core.data import Question
 from core.models import LoadedModel
-from steering.hooks import SteeredCount, check_steered, steer
-from steering.layers import decoder_layers
+from steering.hooks import check_steered
+from steering.methods.intervention import Steering
 from steering.prompts import PromptFormat, encode_prompts, format_prompt
 
 OUTPUTS_ENV = "TRUTHSTEER_OUTPUTS"
@@ -46,10 +45,6 @@ STORE_FILE = "generations.jsonl"
 # SmolLM2/ChatML, Llama-3), whichever of them the tokenizer knows; its EOS always counts.
 END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<eos>")
 QA_NEXT_TURN = "\nQ:"  # a base model answering `Q: ...\nA:` goes on to invent the next question
-# Enters every steered variant's hash. 2: steering reaches every generated token on every transformers
-# version; answers stored by earlier code (steered from the prompt's end on 5.24, the first token only)
-# are never reused.
-STEERING_REVISION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,127 +86,6 @@ class DecodingParams:
         if not self.do_sample:
             return {"max_new_tokens": self.max_new_tokens, "do_sample": False}
         return dataclasses.asdict(self)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Steering:
-    """How one variant edits the model while it answers: nothing, a vector, or a module.
-
-    Args:
-        variant: ``baseline``, ``caa``, ``mlp_mc`` or ``mlp_gen``.
-        layer: the decoder layer whose output is steered (None for baseline).
-        scale: multiplier of ``vector`` or ``module``'s output at the hook.
-        vector: ``(d_model,)`` steering vector, for ``caa``.
-        module: an ``nn.Module`` mapping residuals to deltas, for the MLP variants.
-        positions: ``from_prompt_end`` (from each row's last prompt token on) or ``all``.
-        source_run: the run (or folder) the vector or module came from; it enters the hash.
-    """
-
-    variant: str
-    layer: int | None = None
-    scale: float = 1.0
-    vector: Tensor | None = None
-    module: nn.Module | None = None
-    positions: str = "from_prompt_end"
-    source_run: str = ""
-
-    def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant={self.variant!r} is not one of {', '.join(VARIANTS)}")
-        if self.positions not in ("from_prompt_end", "all"):
-            raise ValueError(f"positions={self.positions!r} must be from_prompt_end or all")
-        steers = self.vector is not None or self.module is not None
-        if steers != (self.variant != "baseline"):
-            raise ValueError(f"variant {self.variant!r}: baseline takes no vector or module, every other "
-                             "variant exactly one")
-        if self.vector is not None and self.module is not None:
-            raise ValueError(f"variant {self.variant!r}: pass a vector or a module, not both")
-        if steers and self.layer is None:
-            raise ValueError(f"variant {self.variant!r} needs the layer it steers")
-
-    @classmethod
-    def baseline(cls) -> Steering:
-        """The unsteered model."""
-        return cls("baseline")
-
-    def key_fields(self) -> dict[str, Any]:
-        """What changes an answer (see ``steering_key_fields``)."""
-        return steering_key_fields(self.variant, layer=self.layer, scale=self.scale, positions=self.positions,
-                                   source_run=self.source_run)
-
-    def start_positions(self, prompt_end: Tensor) -> Tensor | None:
-        """``(batch,)`` first steered index per row: the last prompt token, whose output predicts
-        the first answer token, so the whole answer is steered; None with ``positions=all``."""
-        return prompt_end if self.positions == "from_prompt_end" else None
-
-    @property
-    def steers(self) -> bool:
-        """Whether this variant edits the model at all (every variant but baseline)."""
-        return self.variant != "baseline"
-
-    @contextlib.contextmanager
-    def applied(self, model: nn.Module, prompt_end: Tensor) -> Iterator[SteeredCount]:
-        """Steer ``model`` inside the block (nothing for baseline).
-
-        Args:
-            model: the model to steer.
-            prompt_end: ``(batch,)`` index of each row's last prompt token in the padded input.
-
-        Yields:
-            The positions the hook edited (an empty count for baseline), for ``check_steered``.
-        """
-        if not self.steers:
-            yield SteeredCount()
-            return
-        layer = self.layer if self.layer is not None else -1
-        with steer(model, layer, vector=self.vector, module=self.module, scale=self.scale,
-                   start_positions=self.start_positions(prompt_end)) as count:
-            yield count
-
-    def expected_steered(self, prompt_end: Tensor, fed: int) -> int:
-        """How many (row, position) pairs the hook must edit when each row is fed positions
-        ``0 .. fed - 1``: those from the row's start on (all of them with ``positions=all``); 0 for baseline.
-
-        Args:
-            prompt_end: ``(batch,)`` index of each row's last prompt token.
-            fed: positions each row runs through the layer (prompt and fed-back tokens).
-        """
-        if not self.steers:
-            return 0
-        starts = self.start_positions(prompt_end)
-        if starts is None:
-            return fed * prompt_end.shape[0]
-        return int((fed - starts.clamp(max=fed)).sum())
-
-
-def steering_key_fields(variant: str, *, layer: int | None, scale: float, positions: str,
-                        source_run: str) -> dict[str, Any]:
-    """The steering settings that change a variant's answers: nothing for baseline; the layer,
-    scale, positions and the run the vector or module came from otherwise.
-
-    Args:
-        variant: the variant name.
-        layer: the steered layer.
-        scale: the hook scale (1.0 for MLP modules, whose scale is inside).
-        positions: ``from_prompt_end`` or ``all``.
-        source_run: the run (or folder) of the vector or module.
-    """
-    if variant == "baseline":
-        return {"variant": "baseline"}
-    return {"variant": variant, "layer": layer, "scale": scale, "positions": positions, "source_run": source_run,
-            "steering_revision": STEERING_REVISION}
-
-
-def module_on_layer_device(module: nn.Module, model: nn.Module, layer: int) -> nn.Module:
-    """``module`` moved to the device of decoder layer ``layer`` (sharded models keep layers apart).
-
-    Args:
-        module: the steering module.
-        model: the model it steers.
-        layer: the steered decoder layer.
-    """
-    device = next(decoder_layers(model)[layer].parameters()).device
-    return module.to(device)
 
 
 def model_key_fields(spec: ModelSpec, dtype: str) -> dict[str, Any]:
@@ -531,8 +405,4 @@ def generate_missing(
     return records, n_generated
 
 
-__all__ = [
-    "Answer", "DecodingParams", "GenerationStore", "Steering", "decode_answer", "default_store_path",
-    "generate_batch", "generate_missing", "generation_order", "model_key_fields", "module_on_layer_device",
-    "steering_key_fields", "stop_token_ids", "store_hash", "variant_hash",
-]
+__all__ = ['Answer', 'DecodingParams', 'GenerationStore', 'decode_answer', 'default_store_path', 'generate_batch', 'generate_missing', 'generation_order', 'model_key_fields', 'stop_token_ids', 'store_hash', 'variant_hash']

@@ -28,10 +28,10 @@ import torch
 
 from core.config import Config
 from core.models import LoadedModel
-from evaluation.generate import Steering
 from evaluation.judges import BaseJudge, JudgeError, JudgeItem, register
 from steering.hooks import check_steered
 from steering.logprobs import answer_head_logprobs, sequence_logprobs
+from steering.methods.intervention import Steering
 from steering.prefix import PrefixCache, suffix_answer_logprobs
 from steering.prompts import answer_text, format_prompt, prompt_answer_ids
 from steering.sequences import Sequences, make_batch

@@ -54,22 +54,21 @@ from core.models import (
     load_model,
     resolve_device,
 )
-from core.tracking import download, log_params_once, stage_run
+from core.tracking import log_params_once, stage_run
 from evaluation import mc as _mc  # registers the "mc" judge
 from evaluation.generate import (
     DecodingParams,
     GenerationStore,
-    Steering,
     default_store_path,
     generate_missing,
-    module_on_layer_device,
-    steering_key_fields,
     variant_hash,
 )
 from evaluation.judges import Judge, JudgeError, JudgeItem, make_judge
 from evaluation.llm_judge import check_invalid_ceiling
 from evaluation.statistics import bootstrap_ci, mcnemar, paired_difference, per_category
 from steering.hooks import SteeringNotApplied
+from steering.methods import check_variants, method, methods
+from steering.methods.intervention import Steering
 
 LLM_JUDGES = ("llm", "llm_logprob")  # the judges that need the judge LM
 # Metrics whose per-question values are 0/1, so that McNemar's test applies to their deltas.
@@ -80,52 +79,58 @@ STEERED_FIELDS = {"steered_tokens": "steered_tokens_per_answer", "mc_steered_tok
 BASE_COLUMNS = ("qid", "question", "category", "variant", "model", "dtype", "layer", "scale", "steer_source",
                 "variant_hash", "answer", "raw_answer", "n_new_tokens", "truncated", "steered_tokens", "best_answer",
                 "correct_answers", "incorrect_answers")
-_SOURCES = {  # variant -> (SourceRuns field, flag, what it must be, param name)
-    "caa": ("extract_run", "--extract-run", "an extract stage run (its extract/caa.safetensors)", "run.extract"),
-    "mlp_mc": ("mlp_mc_run", "--mlp-mc-run", "a train stage run with branch mc or both", "run.train_mc"),
-    "mlp_gen": ("mlp_gen_run", "--mlp-gen-run", "a train stage run with branch gen or both", "run.train_gen"),
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class SourceRuns:
-    """The runs an evaluation reads from.
+    """The runs an evaluation reads from: a data run, and per stage that makes a method's source
+    (``steering.methods``: ``extract`` for caa, ``train_mc``, ``train_gen``, ...) its run.
 
     Args:
         data_run: a data stage run whose splits to use ("" recomputes them from ``cfg.data``).
-        extract_run: an extract stage run, for ``caa``.
-        mlp_mc_run: a train stage run (branch mc or both), for ``mlp_mc``.
-        mlp_gen_run: a train stage run (branch gen or both), for ``mlp_gen``.
+        stage_runs: stage name -> run id.
     """
 
     data_run: str = ""
-    extract_run: str = ""
-    mlp_mc_run: str = ""
-    mlp_gen_run: str = ""
+    stage_runs: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, data_run: str, text: str) -> SourceRuns:
+        """From ``--sources``: ``variant=RUN`` pairs separated by ``|`` (``caa=RUN|mlp_mc=RUN``)."""
+        stage_runs = {}
+        for pair in filter(None, (p.strip() for p in text.split("|"))):
+            variant, sep, run_id = (x.strip() for x in pair.partition("="))
+            if not sep or not run_id:
+                raise ConfigError(f"--sources item {pair!r} is not variant=RUN; e.g. --sources 'caa=<extract run id>'")
+            found = method(variant)
+            if not found.stage:
+                raise ConfigError(f"--sources names {variant!r}, which reads no run; drop it")
+            stage_runs[found.stage] = run_id
+        return cls(data_run, stage_runs)
 
     def for_variant(self, variant: str) -> str:
         """The source run of ``variant`` ("" for baseline)."""
-        return str(getattr(self, _SOURCES[variant][0])) if variant in _SOURCES else ""
+        stage = method(variant).stage
+        return str(self.stage_runs.get(stage, "")) if stage else ""
 
     def check(self, variants: Sequence[str]) -> None:
-        """Fail, before anything loads, when a variant lacks its source run."""
-        missing = [v for v in variants if v in _SOURCES and not self.for_variant(v)]
+        """Fail, before anything loads, when a variant is unknown or lacks its source run."""
+        check_variants(list(variants))
+        missing = [v for v in variants if method(v).stage and not self.for_variant(v)]
         if missing:
-            needs = "; ".join(f"{v} needs {_SOURCES[v][1]} ({_SOURCES[v][2]})" for v in missing)
-            raise ConfigError(f"variants {', '.join(missing)} have no source run: {needs}; pass the run ids or "
-                              f"drop the variants, e.g. --variants baseline")
+            needs = "; ".join(f"{v} needs {method(v).needs}" for v in missing)
+            raise ConfigError(f"variants {', '.join(missing)} have no source run: {needs}; pass them as --sources "
+                              f"'{'|'.join(f'{v}=<run id>' for v in missing)}' or drop the variants, e.g. "
+                              "--variants baseline")
 
     def params(self) -> dict[str, str]:
-        """The non-empty run ids as params ``run.data``, ``run.extract``, ``run.train_mc``, ``run.train_gen``
-        (the names the ``full`` pipeline logs)."""
-        named = {"run.data": self.data_run, **{p: self.for_variant(v) for v, (_, _, _, p) in _SOURCES.items()}}
-        return {k: v for k, v in named.items() if v}
+        """The non-empty run ids as params ``run.data`` and ``run.<stage>`` (the names ``full`` logs)."""
+        named = {"run.data": self.data_run, **{f"run.{stage}": run for stage, run in self.stage_runs.items()}}
+        return {k: v for k, v in sorted(named.items()) if v}
 
     @classmethod
     def from_params(cls, params: Mapping[str, str]) -> SourceRuns:
         """Rebuild from the params of an evaluate run."""
-        return cls(data_run=params.get("run.data", ""), extract_run=params.get("run.extract", ""),
-                   mlp_mc_run=params.get("run.train_mc", ""), mlp_gen_run=params.get("run.train_gen", ""))
+        stages = {m.stage for m in methods().values() if m.stage}
+        return cls(params.get("run.data", ""), {s: params[f"run.{s}"] for s in sorted(stages) if params.get(f"run.{s}")})
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -163,54 +168,26 @@ def ordered_variants(variants: Sequence[str]) -> list[str]:
 
 
 def build_steering(cfg: Config, variant: str, sources: SourceRuns, loaded: LoadedModel | None = None) -> Steering:
-    """The steering of ``variant``, loaded from its source run.
+    """The steering of ``variant`` (its registered method), loaded from its source run.
 
     Args:
         cfg: the run's config (``layer``, ``steering.scale``, ``steering.positions``, ``model.alias``).
-        variant: ``baseline``, ``caa``, ``mlp_mc`` or ``mlp_gen``.
+        variant: a registered method's name.
         sources: the source runs; ``check`` them first.
-        loaded: the model, to place an MLP module on its steering layer's device (CPU when None).
+        loaded: the model, to place a module on its steering layer's device (CPU when None).
     """
-    positions = cfg.steering.positions
-    if variant == "baseline":
-        return Steering.baseline()
-    source = sources.for_variant(variant)
-    if variant == "caa":
-        from steering.vectors import SteeringVectors
-
-        vectors = SteeringVectors.load(download(source, artifacts.CAA_TENSORS), download(source, artifacts.CAA_META))
-        if vectors.model != cfg.model.alias:
-            raise ConfigError(f"extract run {source} holds vectors of {vectors.model!r}, not {cfg.model.alias!r}; "
-                              f"pass an extract run of {cfg.model.alias} (--extract-run)")
-        return Steering("caa", layer=cfg.layer, scale=cfg.steering.scale, vector=vectors.at(cfg.layer),
-                        positions=positions, source_run=source)
-    from steering.mlp import load_mlp
-
-    branch = variant.removeprefix("mlp_")
-    module = load_mlp(source, branch)
-    trained = module.config
-    if trained.model != cfg.model.alias or trained.layer != cfg.layer:
-        raise ConfigError(
-            f"{variant}: the MLP of run {source} steers {trained.model!r} at layer {trained.layer}, but this "
-            f"evaluation is {cfg.model.alias!r} at layer {cfg.layer}; pass a train run of the same model and "
-            f"layer, or set steering.layer={trained.layer}"
-        )
-    placed = module if loaded is None else module_on_layer_device(module, loaded.model, trained.layer)
-    # The module's output is the whole delta (its scale is inside): hook scale 1.0.
-    return Steering(variant, layer=trained.layer, scale=1.0, module=placed, positions=positions, source_run=source)
+    return method(variant).load(cfg, sources.for_variant(variant), None if loaded is None else loaded.model)
 
 
 def variant_key(cfg: Config, variant: str, sources: SourceRuns) -> str:
-    """The variant hash of ``variant`` without loading anything: an MLP steers at ``cfg.layer``
-    (``build_steering`` checks it) with hook scale 1.0.
+    """The variant hash of ``variant`` without loading anything (the method's ``key_fields``).
 
     Args:
         cfg: the run's config.
         variant: the variant name.
         sources: the source runs.
     """
-    fields = steering_key_fields(variant, layer=cfg.layer, scale=cfg.steering.scale if variant == "caa" else 1.0,
-                                 positions=cfg.steering.positions, source_run=sources.for_variant(variant))
+    fields = method(variant).key_fields(cfg, sources.for_variant(variant))
     return variant_hash(cfg.model, cfg.model.dtype, DecodingParams.from_config(cfg), fields)
 
 
@@ -693,10 +670,7 @@ def plan(cfg: Config, sources: SourceRuns, store_path: str | Path | None = None)
 def run(
     cfg: Config,
     *,
-    data_run: str = "",
-    extract_run: str = "",
-    mlp_mc_run: str = "",
-    mlp_gen_run: str = "",
+    sources: SourceRuns | None = None,
     store_path: str | Path | None = None,
     progress: bool = True,
 ) -> EvaluationResult:
@@ -704,19 +678,16 @@ def run(
 
     Args:
         cfg: the resolved config (``eval``, ``judge``, ``steering``, ``model``, ``runtime``, ``data``).
-        data_run: a data stage run whose splits to use ("" recomputes them from ``cfg.data``).
-        extract_run: an extract stage run, needed by ``caa``.
-        mlp_mc_run: a train stage run, needed by ``mlp_mc``.
-        mlp_gen_run: a train stage run, needed by ``mlp_gen``.
+        sources: the data run and each steering method's source run (``SourceRuns.parse``).
         store_path: the generation store; default ``default_store_path`` of the model and decoding.
         progress: show tqdm bars.
     """
     if mlflow.active_run() is None:
         raise RuntimeError("evaluate.run needs an active MLflow run: call it inside tracking.stage_run")
-    sources = SourceRuns(data_run, extract_run, mlp_mc_run, mlp_gen_run)
+    sources = sources or SourceRuns()
     variants = ordered_variants(cfg.eval.variants)
     sources.check(variants)
-    questions = splits_for(cfg, data_run)[cfg.eval.split]
+    questions = splits_for(cfg, sources.data_run)[cfg.eval.split]
     if not questions:
         raise ConfigError(f"eval.split={cfg.eval.split} has no questions; set data.{cfg.eval.split} > 0")
     check_trained_judge(cfg, [q.id for q in questions])

@@ -30,6 +30,7 @@ from core import artifacts
 from core.artifacts import TAG_HOST, TAG_KEY, TAG_PID, TAG_REUSED, TAG_STAGE
 from core.config import Config, ConfigError, config_to_dict
 from core.tracking import code_version, download, stage_run
+from steering.methods import check_variants, method
 
 STAGES = ("data", "train_judge", "calibrate", "extract", "bank", "train_mc", "train_gen", "evaluate")
 JUDGE_STAGES = ("train_judge", "calibrate")  # run only when eval.judges has the trained judge
@@ -42,7 +43,7 @@ _SECTIONS = {
     "bank": ("model", "bank", "steering"),
     "train_mc": ("model", "mlp", "steering"),
     "train_gen": ("model", "mlp", "steering"),
-    "evaluate": ("model", "eval", "judge", "steering"),
+    "evaluate": ("model", "eval", "judge", "steering"),  # and the sections of its variants' methods
 }
 # The upstream runs each stage consumes, by stage name.
 UPSTREAM = {
@@ -53,7 +54,7 @@ UPSTREAM = {
     "bank": ("extract",),
     "train_mc": ("data", "bank"),
     "train_gen": ("data", "bank"),
-    "evaluate": ("data", "extract", "train_mc", "train_gen"),
+    "evaluate": ("data",),  # and the source stages of its variants' methods
 }
 
 
@@ -62,11 +63,34 @@ def judge_uri(train_judge_run: str) -> str:
     return f"runs:/{train_judge_run}/{artifacts.JUDGE_DIR}"
 
 
+def method_stages(cfg: Config) -> tuple[str, ...]:
+    """The stages whose runs hold the sources of ``eval.variants``' steering methods."""
+    return tuple(dict.fromkeys(method(v).stage for v in cfg.eval.variants if method(v).stage))
+
+
+def upstream(stage: str, cfg: Config) -> tuple[str, ...]:
+    """The stages whose runs ``stage`` consumes; ``evaluate`` consumes its variants' source stages."""
+    return UPSTREAM[stage] + (method_stages(cfg) if stage == "evaluate" else ())
+
+
+def sections(stage: str, cfg: Config) -> tuple[str, ...]:
+    """The config sections ``stage`` reads; ``evaluate`` also reads its variants' methods' sections."""
+    extra = tuple(method(v).section for v in cfg.eval.variants if method(v).section) if stage == "evaluate" else ()
+    return tuple(dict.fromkeys(_SECTIONS[stage] + extra))
+
+
 def stages_of(cfg: Config) -> tuple[str, ...]:
-    """The stages ``full`` runs: the judge stages only for the trained judge without a given one."""
-    if "judge" in cfg.eval.judges and not cfg.judge.trained:
-        return STAGES
-    return tuple(s for s in STAGES if s not in JUDGE_STAGES)
+    """The stages ``full`` runs: data, the judge stages (only for the trained judge without a given one),
+    the stages that make the sources of ``eval.variants`` with their inputs, and evaluate."""
+    check_variants(list(cfg.eval.variants))
+    needed = {"data", "evaluate"} | (set(JUDGE_STAGES) if "judge" in cfg.eval.judges and not cfg.judge.trained else set())
+    todo = list(method_stages(cfg))
+    while todo:
+        stage = todo.pop()
+        if stage not in needed:
+            needed.add(stage)
+            todo.extend(UPSTREAM[stage])
+    return tuple(s for s in STAGES if s in needed)
 
 
 def with_trained_judge(cfg: Config, runs: dict[str, str]) -> Config:
@@ -85,13 +109,19 @@ def stage_config(stage: str, cfg: Config) -> Config:
     return cfg
 
 
-def stage_params(stage: str, cfg: Config, upstream: dict[str, str]) -> dict[str, str]:
-    """Everything that decides a stage's output, as strings (MLflow compares params as strings)."""
-    full = config_to_dict(stage_config(stage, with_trained_judge(cfg, upstream)))
-    params = {f"{section}.{key}": str(value) for section in _SECTIONS[stage]
+def stage_params(stage: str, cfg: Config, runs: dict[str, str]) -> dict[str, str]:
+    """Everything that decides a stage's output, as strings (MLflow compares params as strings).
+
+    Args:
+        stage: the stage.
+        cfg: the pipeline's config.
+        runs: the run ids of the stages done so far, by stage.
+    """
+    full = config_to_dict(stage_config(stage, with_trained_judge(cfg, runs)))
+    params = {f"{section}.{key}": str(value) for section in sections(stage, cfg)
               for key, value in full[section].items()}
     params["steering.layer"] = str(cfg.layer)
-    params.update({f"run.{name}": upstream[name] for name in UPSTREAM[stage]})
+    params.update({f"run.{name}": runs[name] for name in upstream(stage, cfg)})
     params["code_version"] = code_version()
     return params
 
@@ -156,8 +186,8 @@ def _runners(cfg: Config, runs: dict[str, str]) -> dict[str, Callable[[], Any]]:
         "bank": lambda: bank.run(cfg, extract_run=runs["extract"]),
         "train_mc": lambda: train.run(stage_config("train_mc", cfg), bank_run=runs["bank"], data_run=runs["data"]),
         "train_gen": lambda: train.run(stage_config("train_gen", cfg), bank_run=runs["bank"], data_run=runs["data"]),
-        "evaluate": lambda: evaluate.run(with_trained_judge(cfg, runs), data_run=runs["data"], extract_run=runs["extract"],
-                                         mlp_mc_run=runs["train_mc"], mlp_gen_run=runs["train_gen"]),
+        "evaluate": lambda: evaluate.run(with_trained_judge(cfg, runs), sources=evaluate.SourceRuns(
+            runs["data"], {stage: runs[stage] for stage in method_stages(cfg)})),
     }
 
 
@@ -216,7 +246,7 @@ def plan(cfg: Config) -> list[str]:
              f"steering layer {cfg.layer}, scale {cfg.steering.scale}; splits {cfg.data.sizes}"]
     runs: dict[str, str] = {}
     for stage in stages_of(cfg):
-        if any(name not in runs for name in UPSTREAM[stage]):
+        if any(name not in runs for name in upstream(stage, cfg)):
             lines.append(f"{stage}: would run (after its inputs)")
             continue
         key = stage_key(stage, stage_params(stage, cfg, runs))

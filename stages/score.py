@@ -26,9 +26,9 @@ from core.config import Config, ConfigError, config_from_dict, read_yaml
 from core.models import LoadedModel, load_from_config
 from core.tracking import CONFIG_ARTIFACT, download
 from evaluation import mc as _mc
-from evaluation.generate import Steering
 from evaluation.judges import Judge
 from stages import evaluate
+from steering.methods.intervention import Steering
 
 REQUIRED_COLUMNS = ("qid", "question", "category", "variant", "model", "dtype", "answer", "best_answer",
                     "correct_answers", "incorrect_answers")

@@ -39,7 +39,7 @@ JUDGE_ARTIFACT = artifacts.JUDGE_DIR
 MODEL_NAME = "judge_model"
 REGISTERED_MODEL = "truthsteer-judge"
 HELD_OUT_SPLITS = ("val", "test")
-MODEL_CODE = Path(__file__).with_name("judge_model.py")
+MODEL_CODE = Path(__file__).resolve().parents[1] / "evaluation" / "judge_model.py"  # the pyfunc model, from code
 
 
 def labels_folder(cfg: Config) -> Path:

@@ -764,7 +764,7 @@ class TrialScorer:
 
     def steering(self, layer: int, scale: float) -> Any:
         """The CAA steering ``vectors[layer] * scale`` from each row's last prompt token (or as configured)."""
-        from evaluation.generate import Steering
+        from steering.methods.intervention import Steering
 
         return Steering("caa", layer=layer, scale=scale, vector=self.vectors[layer],  # (d_model,)
                         positions=self.cfg.steering.positions, source_run=self.source)

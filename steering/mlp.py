@@ -33,9 +33,10 @@ import torch
 from torch import Tensor, nn
 
 from core.artifacts import MLP_DIR, MLP_META, MLP_TENSORS, TAG_BRANCH_RUN, load_tensors, save_tensors
-from core.config import ConfigError
+from core.config import Config, ConfigError
 from core.tracking import download
 from steering.hooks import SteeredCount, steer
+from steering.methods.intervention import Steering, module_on_layer_device, steering_key_fields
 
 Branch = Literal["mc", "gen"]
 BRANCHES: tuple[Branch, ...] = ("mc", "gen")
@@ -236,3 +237,27 @@ def load_mlp(source: str | Path, branch: str) -> MLPSteering:
     module = MLPSteering(config, tensors["bank"])
     module.load_state_dict(tensors, strict=True)
     return module.eval()
+
+
+def mlp_steering(cfg: Config, variant: str, source: str, model: nn.Module | None = None) -> Steering:
+    """The steering of ``variant`` (``mlp_mc`` or ``mlp_gen``): the module of the train run ``source``,
+    checked against ``cfg``'s model and layer, on the device of its layer in ``model`` (CPU when None)."""
+    module = load_mlp(source, variant.removeprefix("mlp_"))
+    trained = module.config
+    if trained.model != cfg.model.alias or trained.layer != cfg.layer:
+        raise ConfigError(
+            f"{variant}: the MLP of run {source} steers {trained.model!r} at layer {trained.layer}, but this "
+            f"evaluation is {cfg.model.alias!r} at layer {cfg.layer}; pass a train run of the same model and "
+            f"layer, or set steering.layer={trained.layer}"
+        )
+    placed = module if model is None else module_on_layer_device(module, model, trained.layer)
+    # The module's output is the whole delta (its scale is inside): hook scale 1.0.
+    return Steering(variant, layer=trained.layer, scale=1.0, module=placed, positions=cfg.steering.positions,
+                    source_run=source)
+
+
+def mlp_key_fields(cfg: Config, variant: str, source: str) -> dict[str, Any]:
+    """``mlp_steering(...).key_fields()`` without loading: the module steers at ``cfg.layer`` (``mlp_steering``
+    checks it) with hook scale 1.0."""
+    return steering_key_fields(variant, layer=cfg.layer, scale=1.0, positions=cfg.steering.positions,
+                               source_run=source)

@@ -30,7 +30,7 @@ from core import artifacts
 from core.config import Config, ConfigError, load_config
 from core.data import Question, question_id
 from core.tracking import stage_run
-from evaluation.generate import DecodingParams, Steering, generate_batch
+from evaluation.generate import DecodingParams, generate_batch
 from evaluation.judges import JudgeError, JudgeItem, make_judge
 from evaluation.llm_judge import InvalidRateExceeded
 from evaluation.mc import MCJudge, answer_logprobs, mc_choices, mc_metrics
@@ -38,6 +38,7 @@ from evaluation.metrics import BleuJudge
 from evaluation.statistics import bootstrap_ci, mcnemar, paired_difference
 from stages import evaluate, score
 from steering.hooks import active_hooks, steer
+from steering.methods.intervention import Steering
 from steering.prompts import answer_text, encode_text, format_prompt
 from tests.conftest import DATA_CSV, PROJECT_DIR, kill_once_stored
 from tests.test_generate import LAYER, tiny_loaded, vector
@@ -198,14 +199,19 @@ def test_variant_metrics_equal_the_statistics_of_per_question_values() -> None:
 
 
 def test_source_runs_fail_early_naming_the_flag() -> None:
-    sources = evaluate.SourceRuns(extract_run="e1")
+    sources = evaluate.SourceRuns.parse("d1", "caa=e1")
     sources.check(["baseline", "caa"])
-    with pytest.raises(ConfigError, match=r"mlp_mc needs --mlp-mc-run \(a train stage run.*; mlp_gen needs "
-                                          r"--mlp-gen-run"):
+    with pytest.raises(ConfigError, match=r"mlp_mc needs a train stage run with branch mc or both; mlp_gen needs a "
+                                          r"train stage run .*--sources 'mlp_mc=<run id>\|mlp_gen=<run id>'"):
         sources.check(["caa", "mlp_mc", "mlp_gen"])
-    assert sources.params() == {"run.extract": "e1"}
-    assert evaluate.SourceRuns.from_params({"run.extract": "e1", "run.train_mc": "t"}) == \
-        evaluate.SourceRuns(extract_run="e1", mlp_mc_run="t")
+    with pytest.raises(ConfigError, match=r"'ica' is not a steering method; choose from baseline, caa, mlp_mc"):
+        sources.check(["baseline", "ica"])
+    assert sources.params() == {"run.data": "d1", "run.extract": "e1"}
+    assert evaluate.SourceRuns.from_params({"run.extract": "e1", "run.train_mc": "t", "run.data": "d"}) == \
+        evaluate.SourceRuns.parse("d", "mlp_mc=t | caa=e1")
+    for bad, message in (("caa", "is not variant=RUN"), ("baseline=x", "reads no run"), ("ica=x", "not a steering")):
+        with pytest.raises(ConfigError, match=message):
+            evaluate.SourceRuns.parse("", bad)
     assert evaluate.ordered_variants(["caa", "mlp_gen", "baseline", "caa"]) == ["baseline", "caa", "mlp_gen"]
 
 
@@ -221,7 +227,7 @@ def test_the_main_model_is_the_judge_when_alias_and_device_match(cfg: Config) ->
 
 
 def test_run_fails_before_loading_when_a_source_run_is_missing(tracking: str, cfg: Config) -> None:
-    with stage_run("evaluate", cfg), pytest.raises(ConfigError, match="caa needs --extract-run"):
+    with stage_run("evaluate", cfg), pytest.raises(ConfigError, match="caa needs an extract stage run"):
         evaluate.run(cfg)  # eval.variants defaults to all four
 
 
@@ -357,7 +363,7 @@ def run_entrypoint(module: str, argv: list[str], capsys: pytest.CaptureFixture[s
 def test_dry_run_prints_the_plan_and_missing_sources_fail_in_one_line(
         tracking: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("TRUTHSTEER_OUTPUTS", str(tmp_path))
-    code, out, _ = run_entrypoint("evaluate", ["--variants", "baseline|caa", "--extract-run", "e1", "--judge",
+    code, out, _ = run_entrypoint("evaluate", ["--variants", "baseline|caa", "--sources", "caa=e1", "--judge",
                                                "gemma-3-270m", "--overrides", "eval.judges=[llm_logprob,semantic]",
                                                "--dry-run"], capsys)
     assert code == 0 and "dry run of evaluate" in out and f"generation store: {tmp_path}/evaluate/" in out
@@ -447,8 +453,9 @@ def test_all_variants_from_real_stage_runs_then_score(tracking: str, tmp_path: P
     with stage_run("train", cfg) as train_run:
         train.run(cfg, bank_run=bank_run.info.run_id)
     with stage_run("evaluate", cfg) as parent:
-        result = evaluate.run(cfg, extract_run=extract_run.info.run_id, mlp_mc_run=train_run.info.run_id,
-                              mlp_gen_run=train_run.info.run_id, progress=False)
+        sources = evaluate.SourceRuns("", {"extract": extract_run.info.run_id, "train_mc": train_run.info.run_id,
+                                           "train_gen": train_run.info.run_id})
+        result = evaluate.run(cfg, sources=sources, progress=False)
     assert list(result.run_ids) == ["baseline", "caa", "mlp_mc", "mlp_gen"]
     names = {v: metric_keys(run_id) for v, run_id in result.run_ids.items()}
     assert all(keys == names["baseline"] for keys in names.values())

@@ -26,18 +26,17 @@ from core.models import LoadedModel
 from evaluation.generate import (
     DecodingParams,
     GenerationStore,
-    Steering,
     decode_answer,
     default_store_path,
     generate_batch,
     generate_missing,
-    steering_key_fields,
     stop_token_ids,
     store_hash,
     variant_hash,
 )
 from steering.hooks import active_hooks, steer
 from steering.layers import d_model
+from steering.methods.intervention import Steering, steering_key_fields
 from steering.mlp import MLPSteering, MLPSteeringConfig
 from steering.prompts import encode_text, format_prompt
 from tests.tiny_models import EOS_ID, TINY_ARCHS, make_tiny

@@ -44,3 +44,16 @@ def test_the_parser_sees_an_import_hidden_in_a_function(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from stages import tune\n    import evaluation.judges\n")
     assert project_imports(module) == {"stages", "evaluation"}
+
+
+def test_the_registry_is_the_variant_list() -> None:
+    from core.config import VARIANTS, load_config
+    from stages.pipeline import STAGES, UPSTREAM, stages_of
+    from steering.methods import methods
+
+    assert tuple(methods()) == VARIANTS
+    for m in methods().values():
+        assert m.stage == "" or (m.stage in STAGES and m.stage in UPSTREAM), m.name
+    only_caa = stages_of(load_config("smollm2-135m", "eval.variants=[baseline,caa],judge.trained=x"))
+    assert only_caa == ("data", "extract", "evaluate")
+    assert "bank" in stages_of(load_config("smollm2-135m", "eval.variants=[mlp_gen],judge.trained=x"))

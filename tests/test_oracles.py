@@ -36,12 +36,13 @@ from core.config import load_config
 from core.data import Question, question_id
 from core.models import LoadedModel, load_model
 from core.tracking import stage_run
-from evaluation.generate import DecodingParams, Steering, decode_answer, generate_batch, stop_token_ids
+from evaluation.generate import DecodingParams, decode_answer, generate_batch, stop_token_ids
 from evaluation.judges import JudgeItem
 from evaluation.mc import MCJudge, answer_logprobs, mc_choices
 from stages import evaluate
 from steering import hooks
 from steering.hooks import SteeringNotApplied, active_hooks
+from steering.methods.intervention import Steering
 from steering.prompts import answer_text, encode_prompts, encode_text, format_prompt
 from tests.test_generate import QUESTIONS, mlp_module, tiny_loaded
 from tests.tiny_models import TINY_ARCHS

@@ -45,11 +45,11 @@ from core.config import Config, ConfigError, load_config
 from core.data import splits_for
 from core.models import LoadedModel
 from core.tracking import stage_run
-from evaluation.generate import Steering
 from evaluation.judges import JudgeItem
 from evaluation.mc import MCJudge
 from stages import pipeline, tune
 from steering.extract import contrastive_pairs, extract_caa
+from steering.methods.intervention import Steering
 from tests.conftest import DATA_CSV, PROJECT_DIR
 from tests.tiny_models import make_tiny
 
