@@ -19,6 +19,8 @@ BANK_META = "bank/bank.json"
 MLP_DIR = "mlp/{branch}"  # holds MLP_TENSORS and MLP_META
 MLP_TENSORS = "mlp.safetensors"
 MLP_META = "mlp.json"
+ITI_HEADS = "iti/heads.safetensors"  # every head ranked by probe accuracy, with its direction and sigma
+ITI_META = "iti/heads.json"
 TUNED = "tune/best_config.yaml"  # {section: {key: value}}: the best params of a study, for `full -P tuned=`
 TUNE_TRIALS = "tune/trials.csv"  # every trial of the study (all workers): number, state, value, params, attrs
 TUNE_HISTORY = "tune/history.png"  # optuna's optimisation history

@@ -31,7 +31,8 @@ SPLIT_PRESETS: dict[str, dict[str, int]] = {
     "full": {"pool": 100, "train": 250, "val": 117, "test": 200},
 }
 DTYPES = ("float32", "bfloat16", "float16")
-VARIANTS = ("baseline", "caa", "mlp_mc", "mlp_gen")  # the steering methods (steering.methods; a test keeps them equal)
+VARIANTS = ("baseline", "caa", "mlp_mc", "mlp_gen", "iti")  # the steering methods (steering.methods; a test keeps them equal)
+DEFAULT_VARIANTS = ("baseline", "caa", "mlp_mc", "mlp_gen")
 JUDGES = ("llm", "llm_logprob", "semantic", "bleu", "rouge", "mc", "judge")
 
 
@@ -208,6 +209,26 @@ class BankConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ItiConfig:
+    """Inference-time intervention (``steering.methods.iti``): the heads and how far they are shifted."""
+
+    k: int = 16
+    alpha: float = 15.0
+    pairs_per_question: int = 2
+    val_fraction: float = 0.2
+    seed: int = 0
+    batch_size: int = 16
+    max_length: int = 256
+
+    def __post_init__(self) -> None:
+        _positive("iti", k=self.k, pairs_per_question=self.pairs_per_question, batch_size=self.batch_size,
+                  max_length=self.max_length)
+        _finite("iti", alpha=self.alpha, val_fraction=self.val_fraction)
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"iti.val_fraction={self.val_fraction} must be in (0, 1), e.g. 0.2")
+
+
+@dataclasses.dataclass(frozen=True)
 class MLPConfig:
     branch: Literal["mc", "gen", "both"] = "both"
     expansion: int = 2
@@ -231,7 +252,7 @@ class MLPConfig:
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     split: Literal["pool", "train", "val", "test"] = "test"
-    variants: tuple[str, ...] = VARIANTS
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
     judges: tuple[str, ...] = ("judge", "semantic", "mc")
     max_new_tokens: int = 64
     batch_size: int = 16
@@ -315,6 +336,7 @@ class Config:
     extract: ExtractConfig = ExtractConfig()
     bank: BankConfig = BankConfig()
     mlp: MLPConfig = MLPConfig()
+    iti: ItiConfig = ItiConfig()
     eval: EvalConfig = EvalConfig()
     judge: JudgeConfig = JudgeConfig()
     calibrate: CalibrateConfig = CalibrateConfig()

@@ -32,7 +32,7 @@ from core.config import Config, ConfigError, config_to_dict
 from core.tracking import code_version, download, stage_run
 from steering.methods import check_variants, method
 
-STAGES = ("data", "train_judge", "calibrate", "extract", "bank", "train_mc", "train_gen", "evaluate")
+STAGES = ("data", "train_judge", "calibrate", "extract", "bank", "train_mc", "train_gen", "iti", "evaluate")
 JUDGE_STAGES = ("train_judge", "calibrate")  # run only when eval.judges has the trained judge
 # The config sections each stage reads: only these enter its key.
 _SECTIONS = {
@@ -43,6 +43,7 @@ _SECTIONS = {
     "bank": ("model", "bank", "steering"),
     "train_mc": ("model", "mlp", "steering"),
     "train_gen": ("model", "mlp", "steering"),
+    "iti": ("model", "data", "iti"),
     "evaluate": ("model", "eval", "judge", "steering"),  # and the sections of its variants' methods
 }
 # The upstream runs each stage consumes, by stage name.
@@ -54,6 +55,7 @@ UPSTREAM = {
     "bank": ("extract",),
     "train_mc": ("data", "bank"),
     "train_gen": ("data", "bank"),
+    "iti": ("data",),
     "evaluate": ("data",),  # and the source stages of its variants' methods
 }
 
@@ -176,7 +178,7 @@ class StageOutcome:
 
 
 def _runners(cfg: Config, runs: dict[str, str]) -> dict[str, Callable[[], Any]]:
-    from stages import bank, calibrate, data, evaluate, extract, train, train_judge
+    from stages import bank, calibrate, data, evaluate, extract, iti, train, train_judge
 
     return {
         "data": lambda: data.run(cfg),
@@ -186,6 +188,7 @@ def _runners(cfg: Config, runs: dict[str, str]) -> dict[str, Callable[[], Any]]:
         "bank": lambda: bank.run(cfg, extract_run=runs["extract"]),
         "train_mc": lambda: train.run(stage_config("train_mc", cfg), bank_run=runs["bank"], data_run=runs["data"]),
         "train_gen": lambda: train.run(stage_config("train_gen", cfg), bank_run=runs["bank"], data_run=runs["data"]),
+        "iti": lambda: iti.run(cfg, data_run=runs["data"]),
         "evaluate": lambda: evaluate.run(with_trained_judge(cfg, runs), sources=evaluate.SourceRuns(
             runs["data"], {stage: runs[stage] for stage in method_stages(cfg)})),
     }

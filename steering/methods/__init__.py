@@ -17,7 +17,7 @@ from typing import Any
 
 from core.config import Config, ConfigError
 
-METHOD_MODULES = ("baseline", "caa", "mlp_mc", "mlp_gen")  # registration order: the variants' order everywhere
+METHOD_MODULES = ("baseline", "caa", "mlp_mc", "mlp_gen", "iti")  # registration order: the variants' order everywhere
 _REGISTRY: dict[str, Method] = {}
 
 

@@ -1,0 +1,76 @@
+"""``iti``: inference-time intervention (Li et al., 2023), the TruthfulQA steering anchor.
+
+The ``iti`` stage ranks every attention head by the held-out accuracy of a probe that tells true
+from false answers on its output, and stores each head's mass-mean direction and sigma
+(``ITI_HEADS``). This method steers the best ``iti.k`` of them, adding ``iti.alpha * sigma *
+direction`` to each head's output before ``o_proj`` from the prompt's end on (``steering.iti``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from core import artifacts
+from core.config import Config, ConfigError
+from core.tracking import download
+from steering.hooks import SteeredCount
+from steering.iti import FIELDS, ItiDirections, iti_applied
+from steering.methods import Method, register
+from steering.methods.intervention import Steering, steering_key_fields
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ItiSteering(Steering):
+    """The heads of ``directions`` shifted by ``scale`` (ITI's alpha) times their sigma and direction.
+
+    ``layer`` is the lowest steered layer (for the generations table); every steered layer counts once
+    in the steered-token check, as one residual-stream hook does.
+    """
+
+    directions: ItiDirections | None = None
+
+    def payload(self) -> list[Any]:
+        return [x for x in (self.vector, self.module, self.directions) if x is not None]
+
+    def hooked(self, model: nn.Module, starts: Tensor | None) -> contextlib.AbstractContextManager[SteeredCount]:
+        assert self.directions is not None  # payload() made sure
+        return iti_applied(model, self.directions, self.scale, start_positions=starts)
+
+    def key_fields(self) -> dict[str, Any]:
+        if not self.steers or self.directions is None:
+            return super().key_fields()
+        return {**super().key_fields(), "layer": None, "k": int(self.directions.layers.shape[0])}
+
+
+def top_heads(ranked: ItiDirections, k: int) -> ItiDirections:
+    """The first ``k`` heads of ``ranked`` (the ``iti`` stage stores them best first)."""
+    n = int(ranked.layers.shape[0])
+    if k > n:
+        raise ConfigError(f"iti.k={k} but the iti run ranked only {n} heads; set iti.k <= {n}")
+    return ItiDirections(**{f: getattr(ranked, f)[:k] for f in FIELDS})
+
+
+def load(cfg: Config, source: str, model: Any = None) -> ItiSteering:
+    """The best ``iti.k`` heads of the iti run ``source``, shifted by ``iti.alpha``."""
+    found = json.loads(download(source, artifacts.ITI_META).read_text()).get("model")
+    if found != cfg.model.alias:
+        raise ConfigError(f"iti run {source} probed {found!r}, not {cfg.model.alias!r}; pass an iti run of "
+                          f"{cfg.model.alias} (--sources iti=<run id>)")
+    heads = top_heads(ItiDirections.load(download(source, artifacts.ITI_HEADS)), cfg.iti.k)
+    return ItiSteering("iti", layer=int(torch.min(heads.layers)), scale=cfg.iti.alpha, directions=heads,
+                       positions=cfg.steering.positions, source_run=source)
+
+
+def key_fields(cfg: Config, source: str) -> dict[str, Any]:
+    return {**steering_key_fields("iti", layer=None, scale=cfg.iti.alpha, positions=cfg.steering.positions,
+                                  source_run=source), "k": cfg.iti.k}
+
+
+METHOD = register(Method(name="iti", stage="iti", section="iti",
+                         needs="an iti stage run (its iti/heads.safetensors)", load=load, key_fields=key_fields))
