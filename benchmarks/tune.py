@@ -40,7 +40,7 @@ from core.config import load_config
 from core.data import splits_for
 from core.models import load_from_config
 from core.tracking import stage_run
-from stages import tune
+from stages import tune, tune_scoring, tune_space, tune_storage
 from steering.extract import contrastive_pairs, extract_caa
 
 RESULTS = RESULTS_DIR / "tune.json"
@@ -71,14 +71,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tmp = Path(tempfile.mkdtemp(prefix="bench-tune-"))
-    os.environ[tune.OUTPUTS_ENV] = str(tmp / "outputs")  # a cold extraction cache
+    os.environ[tune_storage.OUTPUTS_ENV] = str(tmp / "outputs")  # a cold extraction cache
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
     cfg = load_config(args.model, [f"data.source={args.data}", "data.split=smoke", f"data.val={args.val}",
                                    f"runtime.device={args.device}"])
     storage = f"sqlite:///{tmp}/optuna.db"
     common = {"layers": args.layers, "scales": args.scales, "seed": args.seed, "storage": storage, "heartbeat": 0}
-    tpe_settings = tune.TuneSettings(sampler="tpe", n_trials=args.trials, study_name="bench-tpe", **common)
-    grid_settings = tune.TuneSettings(sampler="grid", n_trials=0, study_name="bench-grid", **common)
+    tpe_settings = tune_storage.TuneSettings(sampler="tpe", n_trials=args.trials, study_name="bench-tpe", **common)
+    grid_settings = tune_storage.TuneSettings(sampler="grid", n_trials=0, study_name="bench-grid", **common)
     space = grid_settings.search_space(cfg)
     splits = splits_for(cfg)
 
@@ -89,23 +89,23 @@ def main() -> None:
     # 1. the shared extraction, cold
     _sync(loaded.device)
     tick = time.perf_counter()
-    extraction, source = tune.shared_extraction(cfg, splits["pool"], loaded)
+    extraction, source = tune_scoring.shared_extraction(cfg, splits["pool"], loaded)
     _sync(loaded.device)
     extract_once = time.perf_counter() - tick
     if source != "computed":
-        raise RuntimeError(f"the extraction came from {source}, not a cold computation; check {tune.OUTPUTS_ENV}")
+        raise RuntimeError(f"the extraction came from {source}, not a cold computation; check {tune_storage.OUTPUTS_ENV}")
 
     # 2. the TPE study with the cache
     with stage_run("tune", cfg, run_name="bench-tpe"):
         tick = time.perf_counter()
         tpe = tune.run(cfg, tpe_settings, loaded=loaded)
         tpe_seconds = time.perf_counter() - tick
-    study = optuna.load_study(study_name="bench-tpe", storage=tune.open_storage(storage, heartbeat=0))
+    study = optuna.load_study(study_name="bench-tpe", storage=tune_storage.open_storage(storage, heartbeat=0))
     tpe_trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     eval_seconds = [float(t.duration.total_seconds()) for t in tpe_trials if t.duration is not None]
 
     # 3. trials that re-extract before scoring, timed; the rest of the study extrapolated
-    scorer = tune.TrialScorer(cfg, tune.OBJECTIVES["mc"], loaded, extraction.vectors, source)  # (n_layers, d_model)
+    scorer = tune_scoring.TrialScorer(cfg, tune_space.OBJECTIVES["mc"], loaded, extraction.vectors, source)  # (n_layers, d_model)
     pairs = contrastive_pairs(splits["pool"], cfg.extract.pairs_per_question, cfg.data.seed)
     no_cache: list[dict[str, float]] = []
     for trial in tpe_trials[:args.no_cache_trials]:
@@ -115,7 +115,7 @@ def main() -> None:
                             nan_threshold=cfg.extract.nan_threshold)
         _sync(loaded.device)
         extracted = time.perf_counter() - tick
-        rows = tune.TrialScorer(cfg, scorer.objective, loaded, fresh.vectors, source).score(
+        rows = tune_scoring.TrialScorer(cfg, scorer.objective, loaded, fresh.vectors, source).score(
             splits["val"], int(trial.params["layer"]), float(trial.params["scale"]))
         value = math.fsum(float(r["mc2"]) for r in rows) / len(rows)
         no_cache.append({"extract_seconds": extracted, "trial_seconds": time.perf_counter() - tick,
@@ -128,7 +128,7 @@ def main() -> None:
         tick = time.perf_counter()
         grid = tune.run(cfg, grid_settings, loaded=loaded)
         grid_seconds = time.perf_counter() - tick
-    grid_study = optuna.load_study(study_name="bench-grid", storage=tune.open_storage(storage, heartbeat=0))
+    grid_study = optuna.load_study(study_name="bench-grid", storage=tune_storage.open_storage(storage, heartbeat=0))
     cells = {(t.params["layer"], t.params["scale"]): float(t.value) for t in grid_study.trials  # type: ignore[arg-type]
              if t.state == optuna.trial.TrialState.COMPLETE}
     ranked = sorted(cells.values(), reverse=True)

@@ -52,11 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     from core.tracking import stage_run
-    from stages import tune
+    from stages import tune, tune_storage
 
     args = build_parser().parse_args()
     cfg = _cli.build_config(args)
-    settings = tune.TuneSettings(
+    settings = tune_storage.TuneSettings(
         objective=args.objective, sampler=args.sampler, n_trials=args.n_trials, total_trials=args.total_trials,
         timeout=args.timeout, storage=args.storage, study_name=args.study_name, layers=args.layers,
         scales=args.scales, seed=args.seed, pruner=args.pruner, heartbeat=args.heartbeat,

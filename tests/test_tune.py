@@ -47,7 +47,7 @@ from core.models import LoadedModel
 from core.tracking import stage_run
 from evaluation.judges import JudgeItem
 from evaluation.mc import MCJudge
-from stages import pipeline, tune
+from stages import pipeline, tune, tune_scoring, tune_space, tune_storage, tune_workers
 from steering.extract import contrastive_pairs, extract_caa
 from steering.methods.intervention import Steering
 from tests.conftest import DATA_CSV, PROJECT_DIR
@@ -72,19 +72,19 @@ def tiny_loaded(cfg: Config) -> LoadedModel:
 @pytest.fixture
 def outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """``$TRUTHSTEER_OUTPUTS`` in tmp_path: the default storage and the extraction cache go there."""
-    monkeypatch.setenv(tune.OUTPUTS_ENV, str(tmp_path / "outputs"))
+    monkeypatch.setenv(tune_storage.OUTPUTS_ENV, str(tmp_path / "outputs"))
     return tmp_path / "outputs"
 
 
-def run_tiny(cfg: Config, settings: tune.TuneSettings) -> tuple[tune.TuneOutcome, str]:
+def run_tiny(cfg: Config, settings: tune_storage.TuneSettings) -> tuple[tune.TuneOutcome, str]:
     """One worker of the study in this process; its outcome and parent run id."""
     with stage_run("tune", cfg) as parent:
         outcome = tune.run(cfg, settings, loaded=tiny_loaded(cfg))
     return outcome, parent.info.run_id
 
 
-def load_study(settings: tune.TuneSettings, cfg: Config) -> optuna.Study:
-    storage = tune.open_storage(tune.storage_url(settings.storage), heartbeat=0)
+def load_study(settings: tune_storage.TuneSettings, cfg: Config) -> optuna.Study:
+    storage = tune_storage.open_storage(tune_storage.storage_url(settings.storage), heartbeat=0)
     return optuna.load_study(study_name=settings.study_name_for(cfg), storage=storage)
 
 
@@ -97,15 +97,15 @@ def children(parent_id: str) -> list[Any]:
 
 
 def test_axis_specs_give_the_values_they_name() -> None:
-    assert tune.Axis.parse("layer", "8:12", integer=True).values() == [8, 9, 10, 11, 12]
-    assert tune.Axis.parse("layer", "8:20:4", integer=True).values() == [8, 12, 16, 20]
-    assert tune.Axis.parse("layer", "6,9,6,12", integer=True).values() == [6, 9, 12]
-    assert tune.Axis.parse("scale", "0:8:2", integer=False).values() == [0.0, 2.0, 4.0, 6.0, 8.0]
-    assert tune.Axis.parse("scale", "0.5:1.5:0.25", integer=False).values() == [0.5, 0.75, 1.0, 1.25, 1.5]
-    assert tune.Axis.parse("scale", "-2", integer=False).values() == [-2.0]
-    assert not tune.Axis.parse("scale", "0.5:8", integer=False).finite
+    assert tune_space.Axis.parse("layer", "8:12", integer=True).values() == [8, 9, 10, 11, 12]
+    assert tune_space.Axis.parse("layer", "8:20:4", integer=True).values() == [8, 12, 16, 20]
+    assert tune_space.Axis.parse("layer", "6,9,6,12", integer=True).values() == [6, 9, 12]
+    assert tune_space.Axis.parse("scale", "0:8:2", integer=False).values() == [0.0, 2.0, 4.0, 6.0, 8.0]
+    assert tune_space.Axis.parse("scale", "0.5:1.5:0.25", integer=False).values() == [0.5, 0.75, 1.0, 1.25, 1.5]
+    assert tune_space.Axis.parse("scale", "-2", integer=False).values() == [-2.0]
+    assert not tune_space.Axis.parse("scale", "0.5:8", integer=False).finite
     # smollm2-135m: 30 layers, default layer 15 (0.5 of the depth): a band of 15 around it.
-    assert tune.default_layers(load_config("smollm2-135m").model) == "8:22"
+    assert tune_space.default_layers(load_config("smollm2-135m").model) == "8:22"
 
 
 @pytest.mark.parametrize(("name", "text", "integer", "message"), [
@@ -118,45 +118,45 @@ def test_axis_specs_give_the_values_they_name() -> None:
 ])
 def test_bad_axis_specs_name_the_value_and_the_fix(name: str, text: str, integer: bool, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        tune.Axis.parse(name, text, integer=integer)
+        tune_space.Axis.parse(name, text, integer=integer)
 
 
 def test_settings_refuse_what_cannot_work() -> None:
     cfg = load_config("smollm2-135m")
     with pytest.raises(ConfigError, match="objective='mcc' is not one of mc, judge"):
-        tune.TuneSettings(objective="mcc")
+        tune_storage.TuneSettings(objective="mcc")
     with pytest.raises(ConfigError, match="would run forever"):
-        tune.TuneSettings(n_trials=0)
+        tune_storage.TuneSettings(n_trials=0)
     with pytest.raises(ConfigError, match=r"must lie in \[0, 30\) for smollm2-135m.*layers=8:22"):
-        tune.TuneSettings(layers="20:30").search_space(cfg)
+        tune_storage.TuneSettings(layers="20:30").search_space(cfg)
     with pytest.raises(ConfigError, match="the grid needs finitely many scale values.*0.5:8:1"):
-        tune.TuneSettings(sampler="grid", scales="0.5:8").search_space(cfg)
+        tune_storage.TuneSettings(sampler="grid", scales="0.5:8").search_space(cfg)
     with pytest.raises(ConfigError, match="use --pruner none"):
-        tune.TuneSettings(sampler="grid", pruner="wilcoxon")
-    grid = tune.TuneSettings(sampler="grid", layers="10:12", total_trials=100)
+        tune_storage.TuneSettings(sampler="grid", pruner="wilcoxon")
+    grid = tune_storage.TuneSettings(sampler="grid", layers="10:12", total_trials=100)
     assert grid.total_for(grid.search_space(cfg)) == 15  # 3 layers x 5 scales (0:8:2): the grid caps the total
-    assert tune.TuneSettings(objective="judge").resolved_pruner() == "wilcoxon"
-    assert tune.TuneSettings(objective="mc").resolved_pruner() == "none"
+    assert tune_storage.TuneSettings(objective="judge").resolved_pruner() == "wilcoxon"
+    assert tune_storage.TuneSettings(objective="mc").resolved_pruner() == "none"
 
 
 def test_objective_directions_come_from_the_registry() -> None:
     from evaluation.judges import metric_directions
 
-    for objective in tune.OBJECTIVES.values():
+    for objective in tune_space.OBJECTIVES.values():
         assert objective.higher_is_better is metric_directions()[objective.metric]
-    assert tune.OBJECTIVES["mc"].direction == "maximize"
+    assert tune_space.OBJECTIVES["mc"].direction == "maximize"
 
 
 def test_storage_specs(outputs: Path) -> None:
-    assert tune.storage_url("") == f"sqlite:///{(outputs / 'tune' / 'optuna.db').resolve()}"
-    assert tune.storage_url("runs/study.log") == f"journal:{Path('runs/study.log').resolve()}"
-    assert tune.storage_url("journal:/tmp/j") == "journal:/tmp/j"
-    assert tune.storage_url("x.db") == f"sqlite:///{Path('x.db').resolve()}"
+    assert tune_storage.storage_url("") == f"sqlite:///{(outputs / 'tune' / 'optuna.db').resolve()}"
+    assert tune_storage.storage_url("runs/study.log") == f"journal:{Path('runs/study.log').resolve()}"
+    assert tune_storage.storage_url("journal:/tmp/j") == "journal:/tmp/j"
+    assert tune_storage.storage_url("x.db") == f"sqlite:///{Path('x.db').resolve()}"
     url = "postgresql://user:secret@127.0.0.1:5432/optuna"
-    assert tune.storage_url(url) == url
-    assert tune.redacted(url) == "postgresql://user:***@127.0.0.1:5432/optuna"
+    assert tune_storage.storage_url(url) == url
+    assert tune_storage.redacted(url) == "postgresql://user:***@127.0.0.1:5432/optuna"
     with pytest.raises(ConfigError, match="is not an Optuna storage"):
-        tune.storage_url("optuna")
+        tune_storage.storage_url("optuna")
 
 
 # ---------------------------------------------------------------- the trial budget
@@ -187,7 +187,7 @@ C, R, W, F, P = TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING, Tri
 
 
 def test_budget_decisions_and_surplus_for_a_total() -> None:
-    budget = tune.TrialBudget(total=3)
+    budget = tune_workers.TrialBudget(total=3)
     assert budget.decide(trials(study_with([C, C]))) == "start"
     assert budget.decide(trials(study_with([C, C, C]))) == "stop"
     assert budget.decide(trials(study_with([C, F, P, C]))) == "start"  # failed and pruned trials do not count
@@ -195,13 +195,13 @@ def test_budget_decisions_and_surplus_for_a_total() -> None:
     assert budget.decide(trials(study_with([C, C, R, W]))) == "start"  # a re-queued trial is run
     racers = trials(study_with([C, C, R, R]))
     assert [budget.is_surplus(t, racers) for t in racers[2:]] == [False, True]  # the lower number wins
-    assert not tune.TrialBudget().is_surplus(racers[3], racers)  # no total: every trial runs
-    assert tune.TrialBudget().decide(trials(study_with([C] * 50))) == "start"
+    assert not tune_workers.TrialBudget().is_surplus(racers[3], racers)  # no total: every trial runs
+    assert tune_workers.TrialBudget().decide(trials(study_with([C] * 50))) == "start"
 
 
 def test_budget_for_the_grid_holds_each_cell_once() -> None:
     space: dict[str, list[Any]] = {"layer": [0, 1], "scale": [0.0]}
-    budget = tune.TrialBudget(grid=space, n_cells=2)
+    budget = tune_workers.TrialBudget(grid=space, n_cells=2)
 
     def cell(i: int, **extra: Any) -> dict[str, Any]:
         return {"grid_id": i, "search_space": space, **extra}
@@ -230,12 +230,12 @@ def test_trial_seeded_tpe_does_not_depend_on_which_worker_asks() -> None:
             study.tell(trial, score(params))
         return [t.params for t in study.trials]
 
-    alone = ask_tell(optuna.create_study(direction="maximize"), [tune.TrialSeededTPESampler(7)], 14)
+    alone = ask_tell(optuna.create_study(direction="maximize"), [tune_space.TrialSeededTPESampler(7)], 14)
     two = ask_tell(optuna.create_study(direction="maximize"),
-                   [tune.TrialSeededTPESampler(7), tune.TrialSeededTPESampler(7)], 14)
+                   [tune_space.TrialSeededTPESampler(7), tune_space.TrialSeededTPESampler(7)], 14)
     assert two == alone  # the same history gives the same trials, whichever worker's sampler asks
     assert len({(p["layer"], p["scale"]) for p in alone[:10]}) == 10  # same seed, no repeated startup point
-    other = ask_tell(optuna.create_study(direction="maximize"), [tune.TrialSeededTPESampler(8)], 3)
+    other = ask_tell(optuna.create_study(direction="maximize"), [tune_space.TrialSeededTPESampler(8)], 3)
     assert other != alone[:3]
 
 
@@ -244,9 +244,9 @@ def test_trial_seeded_tpe_does_not_depend_on_which_worker_asks() -> None:
 
 def test_resume_adds_trials_to_the_same_study(tracking: str, outputs: Path) -> None:
     cfg = tiny_cfg()
-    settings = tune.TuneSettings(n_trials=1, layers="0:2", scales="0:4", heartbeat=0)
+    settings = tune_storage.TuneSettings(n_trials=1, layers="0:2", scales="0:4", heartbeat=0)
     first, first_run = run_tiny(cfg, settings)
-    second, second_run = run_tiny(cfg, tune.TuneSettings(n_trials=2, layers="0:2", scales="0:4", heartbeat=0))
+    second, second_run = run_tiny(cfg, tune_storage.TuneSettings(n_trials=2, layers="0:2", scales="0:4", heartbeat=0))
     assert (first.counts.complete, second.counts.complete, second.n_worker_trials) == (1, 3, 2)
     assert first.study_name == second.study_name == "truthsteer-tiny-llama-mc"
     study = load_study(settings, cfg)
@@ -258,35 +258,35 @@ def test_resume_adds_trials_to_the_same_study(tracking: str, outputs: Path) -> N
 
 
 def test_a_resumed_study_must_score_the_same_way(tracking: str, outputs: Path) -> None:
-    run_tiny(tiny_cfg(), tune.TuneSettings(n_trials=1, layers="0:2", heartbeat=0))
+    run_tiny(tiny_cfg(), tune_storage.TuneSettings(n_trials=1, layers="0:2", heartbeat=0))
     with pytest.raises(ConfigError, match="different val.*pass another --study-name"):
-        run_tiny(tiny_cfg("data.val=5"), tune.TuneSettings(n_trials=1, layers="0:2", heartbeat=0))
+        run_tiny(tiny_cfg("data.val=5"), tune_storage.TuneSettings(n_trials=1, layers="0:2", heartbeat=0))
 
 
 def test_grid_scores_every_cell_exactly_once(tracking: str, outputs: Path) -> None:
     cfg = tiny_cfg()
-    settings = tune.TuneSettings(sampler="grid", n_trials=3, layers="1:2", scales="0,4", heartbeat=0)
+    settings = tune_storage.TuneSettings(sampler="grid", n_trials=3, layers="1:2", scales="0,4", heartbeat=0)
     first, _ = run_tiny(cfg, settings)
     rest, _ = run_tiny(cfg, dataclasses.replace(settings, n_trials=0))  # resume: until the grid is done
     again, _ = run_tiny(cfg, dataclasses.replace(settings, n_trials=0))
     assert (first.n_worker_trials, rest.n_worker_trials, again.n_worker_trials) == (3, 1, 0)
     cells = sorted((t.params["layer"], t.params["scale"]) for t in load_study(settings, cfg).trials)
     assert cells == [(layer, scale) for layer in (1, 2) for scale in (0.0, 4.0)]
-    assert again.counts == tune.StudyCounts(complete=4, running=0, waiting=0, pruned=0, failed=0)
+    assert again.counts == tune_workers.StudyCounts(complete=4, running=0, waiting=0, pruned=0, failed=0)
 
 
 @pytest.mark.oracle
 def test_trials_score_the_cached_vectors_exactly(tracking: str, outputs: Path) -> None:
     cfg = tiny_cfg()
-    run_tiny(cfg, tune.TuneSettings(n_trials=2, layers="0:2", scales="0.5:8", heartbeat=0))
+    run_tiny(cfg, tune_storage.TuneSettings(n_trials=2, layers="0:2", scales="0.5:8", heartbeat=0))
     loaded, splits = tiny_loaded(cfg), splits_for(cfg)
-    cached, source = tune.shared_extraction(cfg, splits["pool"], loaded)
+    cached, source = tune_scoring.shared_extraction(cfg, splits["pool"], loaded)
     assert source == "cache"  # computed by the study, read here
     pairs = contrastive_pairs(splits["pool"], cfg.extract.pairs_per_question, cfg.data.seed)
     fresh = extract_caa(loaded, pairs, batch_size=cfg.extract.batch_size, max_length=cfg.extract.max_length)
     assert torch.equal(cached.diffs, fresh.diffs) and torch.equal(cached.valid, fresh.valid)
     items = [JudgeItem.from_question(q, "") for q in splits["val"]]
-    for trial in load_study(tune.TuneSettings(), cfg).trials:
+    for trial in load_study(tune_storage.TuneSettings(), cfg).trials:
         layer, scale = trial.params["layer"], trial.params["scale"]
         steering = Steering("caa", layer=layer, scale=scale, vector=fresh.vectors[layer])
         rows = MCJudge.from_config(cfg).bind(loaded, steering).score(items)
@@ -296,13 +296,13 @@ def test_trials_score_the_cached_vectors_exactly(tracking: str, outputs: Path) -
 @pytest.mark.oracle
 def test_a_nan_objective_fails_the_trial_with_its_reason(tracking: str, outputs: Path) -> None:
     cfg = tiny_cfg()
-    settings = tune.TuneSettings(n_trials=2, layers="1", scales="1e39", heartbeat=0)  # overflows fp32 to inf
+    settings = tune_storage.TuneSettings(n_trials=2, layers="1", scales="1e39", heartbeat=0)  # overflows fp32 to inf
     with pytest.raises(ConfigError, match="has no completed trial .2 failed"):
         run_tiny(cfg, settings)
     failed = load_study(settings, cfg).trials
     assert [t.state for t in failed] == [TrialState.FAIL, TrialState.FAIL]
     assert all(t.value is None for t in failed)  # never a 0
-    assert all(t.user_attrs[tune.ATTR_FAIL_REASON].startswith("mc2 is not finite for 6 of 6 questions") for t in failed)
+    assert all(t.user_attrs[tune_storage.ATTR_FAIL_REASON].startswith("mc2 is not finite for 6 of 6 questions") for t in failed)
     (parent,) = mlflow.search_runs(experiment_names=["truthsteer"], output_format="list",
                                    filter_string=f"tags.`{TAG_STAGE}` = 'tune'")
     assert parent.info.status == "FAILED"
@@ -313,7 +313,7 @@ def test_a_nan_objective_fails_the_trial_with_its_reason(tracking: str, outputs:
 
 def test_best_params_round_trip_into_full(tracking: str, outputs: Path) -> None:
     cfg = tiny_cfg()
-    outcome, parent_id = run_tiny(cfg, tune.TuneSettings(n_trials=3, layers="0:2", scales="0.5:8", heartbeat=0))
+    outcome, parent_id = run_tiny(cfg, tune_storage.TuneSettings(n_trials=3, layers="0:2", scales="0.5:8", heartbeat=0))
     assert outcome.best_params is not None
     parent = mlflow.get_run(parent_id)
     fragment = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(run_id=parent_id,
@@ -338,7 +338,7 @@ def test_best_params_round_trip_into_full(tracking: str, outputs: Path) -> None:
 
 def test_judge_objective_reports_every_question_at_its_index(tracking: str, outputs: Path) -> None:
     cfg = tiny_cfg("data.val=10")
-    settings = tune.TuneSettings(objective="judge", n_trials=3, layers="0:2", scales="0:4", heartbeat=0)
+    settings = tune_storage.TuneSettings(objective="judge", n_trials=3, layers="0:2", scales="0:4", heartbeat=0)
     outcome, _ = run_tiny(cfg, settings)
     study = load_study(settings, cfg)
     for trial in study.trials:
@@ -365,7 +365,7 @@ def worker_main() -> None:
         cfg = tiny_cfg(*job.get("overrides", []))
         with stage_run("tune", cfg) as parent:
             print(f"parent run {parent.info.run_id}", flush=True)
-            tune.run(cfg, tune.TuneSettings(**job["settings"]), loaded=tiny_loaded(cfg))
+            tune.run(cfg, tune_storage.TuneSettings(**job["settings"]), loaded=tiny_loaded(cfg))
 
     _cli.main(work)
 
@@ -373,14 +373,14 @@ def worker_main() -> None:
 def running_trial_of(worker: subprocess.Popen[str], study_name: str, storage_spec: str,
                      timeout: float = 300) -> FrozenTrial:
     """The first trial that ``worker`` runs with its params sampled, polled from the storage."""
-    storage = tune.open_storage(tune.storage_url(storage_spec), heartbeat=0)
+    storage = tune_storage.open_storage(tune_storage.storage_url(storage_spec), heartbeat=0)
     tag = f"{socket.gethostname()}:{worker.pid}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and worker.poll() is None:
         if study_name in optuna.get_all_study_names(storage):
             running = [t for t in optuna.load_study(study_name=study_name, storage=storage).get_trials(
                 deepcopy=False, states=(TrialState.RUNNING,))
-                if t.user_attrs.get(tune.ATTR_WORKER) == tag and "layer" in t.params]
+                if t.user_attrs.get(tune_storage.ATTR_WORKER) == tag and "layer" in t.params]
             if running:
                 return running[0]
         time.sleep(0.02)
@@ -394,7 +394,7 @@ def start_worker(settings: dict[str, Any], env: dict[str, str], overrides: Seque
 
 
 def worker_env(outputs: Path) -> dict[str, str]:
-    return {**os.environ, tune.OUTPUTS_ENV: str(outputs), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return {**os.environ, tune_storage.OUTPUTS_ENV: str(outputs), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
 def test_two_workers_on_one_journal_complete_exactly_the_total(tracking: str, outputs: Path, tmp_path: Path) -> None:
@@ -405,8 +405,8 @@ def test_two_workers_on_one_journal_complete_exactly_the_total(tracking: str, ou
     logs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], "\n".join(log[-3000:] for log in logs)
     cfg = tiny_cfg()
-    study = load_study(tune.TuneSettings(storage=storage), cfg)
-    states = [t.state for t in study.trials if not t.user_attrs.get(tune.ATTR_SURPLUS)]
+    study = load_study(tune_storage.TuneSettings(storage=storage), cfg)
+    states = [t.state for t in study.trials if not t.user_attrs.get(tune_storage.ATTR_SURPLUS)]
     assert states.count(TrialState.COMPLETE) == 5
     assert set(states) == {TrialState.COMPLETE}  # nothing left running or queued
     assert len({t.number for t in study.trials}) == len(study.trials)
@@ -414,7 +414,7 @@ def test_two_workers_on_one_journal_complete_exactly_the_total(tracking: str, ou
                                  filter_string=f"tags.`{TAG_STAGE}` = 'tune'")
     assert sorted(p.data.tags[artifacts.TAG_EXTRACTION] for p in parents) == ["cache", "computed"]  # computed once
     assert [p.name for p in (outputs / "tune" / "extractions").iterdir() if p.is_dir()] == [
-        tune.extraction_cache_dir(cfg).name]
+        tune_scoring.extraction_cache_dir(cfg).name]
     assert sum(int(p.data.metrics["n_worker_trials"]) for p in parents) == 5
 
 
@@ -427,23 +427,23 @@ def test_a_terminated_worker_requeues_its_trial(tracking: str, outputs: Path, tm
     log = worker.communicate(timeout=300)[0]
     assert worker.returncode == 0 and "re-queued" in log, log[-3000:]
     cfg = tiny_cfg("data.val=60")
-    study = load_study(tune.TuneSettings(storage=storage), cfg)
+    study = load_study(tune_storage.TuneSettings(storage=storage), cfg)
     stopped = study.trials[cut.number]
-    assert stopped.state == TrialState.FAIL and "interrupted" in stopped.user_attrs[tune.ATTR_FAIL_REASON]
+    assert stopped.state == TrialState.FAIL and "interrupted" in stopped.user_attrs[tune_storage.ATTR_FAIL_REASON]
     (queued,) = study.get_trials(states=(TrialState.WAITING,))
     assert queued.params == stopped.params and queued.system_attrs["failed_trial"] == cut.number
-    assert tune.ATTR_FAIL_REASON not in queued.user_attrs
+    assert tune_storage.ATTR_FAIL_REASON not in queued.user_attrs
     (parent,) = mlflow.search_runs(experiment_names=["truthsteer"], output_format="list",
                                    filter_string=f"tags.`{TAG_STAGE}` = 'tune'")
     assert parent.info.status == "FINISHED" and parent.data.tags[artifacts.TAG_STOPPED] == f"signal {signal.SIGTERM}"
-    run_tiny(cfg, tune.TuneSettings(n_trials=1, storage=storage, layers="0:2", scales="0:8", heartbeat=0))
-    rerun = load_study(tune.TuneSettings(storage=storage), cfg).trials[queued.number]
+    run_tiny(cfg, tune_storage.TuneSettings(n_trials=1, storage=storage, layers="0:2", scales="0:8", heartbeat=0))
+    rerun = load_study(tune_storage.TuneSettings(storage=storage), cfg).trials[queued.number]
     assert rerun.state == TrialState.COMPLETE and rerun.params == stopped.params  # resuming ran the queued trial
 
 
 def test_a_killed_journal_worker_is_requeued_on_the_same_machine(tracking: str, outputs: Path,
                                                                  tmp_path: Path) -> None:
-    settings = tune.TuneSettings(n_trials=0, total_trials=3, storage=f"journal:{tmp_path / 'study.log'}",
+    settings = tune_storage.TuneSettings(n_trials=0, total_trials=3, storage=f"journal:{tmp_path / 'study.log'}",
                                  layers="0:2", scales="0:8", heartbeat=0)
     worker = start_worker(dataclasses.asdict(settings), worker_env(outputs), ["data.val=60"])
     cut = running_trial_of(worker, "truthsteer-tiny-llama-mc", settings.storage)
@@ -496,17 +496,17 @@ def test_three_postgres_workers_survive_a_sigkill(tracking: str, outputs: Path) 
     killed = running_trial_of(victim, name, url)
     victim.send_signal(signal.SIGKILL)
     logs = [w.communicate(timeout=600)[0] for w in workers]
-    storage = tune.open_storage(url, heartbeat=0)
+    storage = tune_storage.open_storage(url, heartbeat=0)
     assert victim.returncode == -signal.SIGKILL
     assert [w.returncode for w in workers[1:]] == [0, 0], "\n".join(log[-3000:] for log in logs[1:])
     assert not any("no heartbeat" in log for log in logs)  # the survivors waited for the dead trial's retry
     study = optuna.load_study(study_name=name, storage=storage)
-    counted = [t for t in study.trials if not t.user_attrs.get(tune.ATTR_SURPLUS)]
+    counted = [t for t in study.trials if not t.user_attrs.get(tune_storage.ATTR_SURPLUS)]
     assert sum(t.state == TrialState.COMPLETE for t in counted) == 8
     assert not [t for t in counted if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     dead = study.trials[killed.number]
-    assert dead.state == TrialState.FAIL and dead.user_attrs[tune.ATTR_WORKER] == tag
+    assert dead.state == TrialState.FAIL and dead.user_attrs[tune_storage.ATTR_WORKER] == tag
     (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed.number]
     assert retry.state == TrialState.COMPLETE and retry.params == dead.params
-    assert mlflow.get_run(dead.system_attrs[tune.MLFLOW_RUN_ATTR]).info.status == "KILLED"
+    assert mlflow.get_run(dead.system_attrs[tune_storage.MLFLOW_RUN_ATTR]).info.status == "KILLED"
     optuna.delete_study(study_name=name, storage=storage)

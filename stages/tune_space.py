@@ -1,0 +1,282 @@
+"""The tune stage's search space (steering layer and scale axes), its objectives, samplers and pruners."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import warnings
+from typing import TYPE_CHECKING, Literal
+
+import optuna
+from optuna.exceptions import ExperimentalWarning
+from optuna.samplers import GridSampler, RandomSampler, TPESampler
+from optuna.samplers._lazy_random_state import LazyRandomState
+from optuna.study import Study
+from optuna.trial import FrozenTrial, Trial
+
+from core.config import ConfigError, ModelSpec
+
+if TYPE_CHECKING:
+    from stages.tune_storage import TuneSettings
+
+SAMPLERS = ("tpe", "grid")
+PRUNING_CHUNK = 8  # questions scored between two pruning checks
+PRUNERS = ("auto", "wilcoxon", "median", "none")
+DEFAULT_SCALES = {"tpe": "0:8", "grid": "0:8:2"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a study optimises: a judge's metric on the val split, per question.
+
+    Args:
+        name: the ``--objective`` name.
+        judge: the registered judge that scores the trial.
+        metric: the judge metric averaged over the val questions.
+        generates: whether the judge scores generated answers (else the teacher-forced model).
+    """
+
+    name: str
+    judge: str
+    metric: str
+    generates: bool
+
+    @property
+    def higher_is_better(self) -> bool:
+        """The metric's ``higher_is_better``, as the judge registry declares it."""
+        from evaluation.judges import metric_directions
+
+        directions = metric_directions()
+        if self.metric not in directions:
+            raise ConfigError(f"objective {self.name!r}: metric {self.metric!r} is not registered by any judge; "
+                              f"registered: {', '.join(sorted(directions))}")
+        return directions[self.metric]
+
+    @property
+    def direction(self) -> Literal["maximize", "minimize"]:
+        return "maximize" if self.higher_is_better else "minimize"
+
+
+OBJECTIVES = {
+    "mc": Objective("mc", judge="mc", metric="mc2", generates=False),
+    "judge": Objective("judge", judge="semantic", metric="semantic_diff", generates=True),
+}
+
+
+def _number(name: str, text: str, integer: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{name} value {text!r} is not a number; write e.g. "
+                          f"{'8:20 or 6,9,12' if integer else '0.5:8 or 1,2,4'}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} value {text!r} must be finite")
+    if integer and not value.is_integer():
+        raise ConfigError(f"{name} value {text!r} must be an integer layer index, e.g. 8:20 or 6,9,12")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Axis:
+    """One searched parameter: a range (``low:high``, optionally ``:step``) or a list of values.
+
+    Args:
+        name: the Optuna param name (``layer`` or ``scale``).
+        integer: whether values are ints (layers).
+        low: range start (inclusive); None for a list.
+        high: range end (inclusive); None for a list.
+        step: range step; None for a continuous float range (ints step by 1).
+        choices: the values of a list; empty for a range.
+    """
+
+    name: str
+    integer: bool
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    choices: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.choices:
+            if self.low is not None or self.high is not None or self.step is not None:
+                raise ConfigError(f"{self.name}: give a range or a list of values, not both")
+            return
+        if self.low is None or self.high is None:
+            raise ConfigError(f"{self.name}: a range needs low and high, e.g. 8:20")
+        if self.low > self.high:
+            raise ConfigError(f"{self.name} range {self.low:g}:{self.high:g} is empty; write low:high with low <= high")
+        if self.step is not None and self.step <= 0:
+            raise ConfigError(f"{self.name} step {self.step:g} must be > 0")
+
+    @classmethod
+    def parse(cls, name: str, text: str, *, integer: bool) -> Axis:
+        """``low:high``, ``low:high:step``, ``a,b,c`` or one value.
+
+        Args:
+            name: the param name.
+            text: the spec.
+            integer: ints only (layers).
+        """
+        text = text.strip()
+        if not text:
+            raise ConfigError(f"{name} spec is empty; write low:high, low:high:step or a,b,c")
+        if ":" in text:
+            parts = text.split(":")
+            if len(parts) not in (2, 3):
+                raise ConfigError(f"{name} spec {text!r} must be low:high or low:high:step")
+            low, high = (_number(name, p, integer) for p in parts[:2])
+            step = _number(name, parts[2], integer) if len(parts) == 3 else None
+            return cls(name, integer, low, high, step)
+        values = tuple(dict.fromkeys(_number(name, p, integer) for p in text.split(",") if p.strip()))
+        if not values:
+            raise ConfigError(f"{name} spec {text!r} holds no value")
+        return cls(name, integer, choices=values)
+
+    def _cast(self, value: float) -> float | int:
+        return int(value) if self.integer else float(value)
+
+    @property
+    def finite(self) -> bool:
+        """Whether the axis has finitely many values (a list, a stepped or an int range)."""
+        return bool(self.choices) or self.integer or self.step is not None
+
+    def values(self) -> list[float | int]:
+        """Every value, for the grid; a continuous float range has none to list.
+
+        Raises:
+            ConfigError: the axis is a float range without a step.
+        """
+        if self.choices:
+            return [self._cast(v) for v in self.choices]
+        if not self.finite or self.low is None or self.high is None:
+            raise ConfigError(f"the grid needs finitely many {self.name} values, but {self.describe()} is continuous; "
+                              f"give a step (e.g. {self.low:g}:{self.high:g}:1) or a list (e.g. 0.5,1,2,4)")
+        step = self.step or 1.0
+        count = math.floor((self.high - self.low) / step + 1e-9) + 1
+        return [self._cast(round(self.low + k * step, 10)) for k in range(count)]
+
+    def bounds(self) -> tuple[float, float]:
+        """The smallest and largest value."""
+        if self.choices:
+            return min(self.choices), max(self.choices)
+        if self.low is None or self.high is None:
+            raise ConfigError(f"{self.name}: a range needs low and high")
+        return self.low, self.high
+
+    def suggest(self, trial: Trial) -> float | int:
+        """Ask ``trial`` for a value: categorical for a list, int/float (stepped) for a range.
+
+        Args:
+            trial: the running trial.
+        """
+        if self.choices:
+            return self._cast(trial.suggest_categorical(self.name, [self._cast(v) for v in self.choices]))
+        low, high = self.bounds()
+        if self.integer:
+            return trial.suggest_int(self.name, int(low), int(high), step=int(self.step or 1))
+        return trial.suggest_float(self.name, low, high, step=self.step)
+
+    def describe(self) -> str:
+        if self.choices:
+            return ",".join(f"{v:g}" for v in self.choices)
+        low, high = self.bounds()
+        return f"{low:g}:{high:g}" + (f":{self.step:g}" if self.step is not None else "")
+
+
+def default_layers(spec: ModelSpec) -> str:
+    """A band of about half the depth, centred on the model's default layer (its
+    ``layer_fraction`` of the depth), clipped to the model: ``8:22`` for a 30-layer model.
+
+    Args:
+        spec: the model's registry entry.
+    """
+    centre, half = spec.default_layer, max(1, spec.n_layers // 4)
+    return f"{max(0, centre - half)}:{min(spec.n_layers - 1, centre + half)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+    """The layer and scale axes of a study.
+
+    Args:
+        layer: the steering layer axis (ints in ``[0, n_layers)``).
+        scale: the steering scale axis (floats).
+    """
+
+    layer: Axis
+    scale: Axis
+
+    def check(self, spec: ModelSpec) -> None:
+        """Every layer must exist in ``spec``'s model."""
+        low, high = self.layer.bounds()
+        if low < 0 or high >= spec.n_layers:
+            raise ConfigError(f"layers={self.layer.describe()} must lie in [0, {spec.n_layers}) for {spec.alias}, "
+                              f"which has {spec.n_layers} decoder layers; e.g. layers={default_layers(spec)}")
+
+    def grid(self) -> dict[str, list[float | int]]:
+        """``{"layer": [...], "scale": [...]}``, sorted by name as ``GridSampler`` stores it."""
+        return {"layer": self.layer.values(), "scale": self.scale.values()}
+
+    @property
+    def n_cells(self) -> int:
+        grid = self.grid()
+        return len(grid["layer"]) * len(grid["scale"])
+
+    def describe(self) -> str:
+        return f"layer {self.layer.describe()} x scale {self.scale.describe()}"
+
+
+class TrialSeededTPESampler(TPESampler):
+    """TPE (multivariate, constant liar) whose randomness in trial ``n`` depends only on ``(seed, n)``.
+
+    One worker is reproducible from its seed, and concurrent workers (all with the same seed) do
+    not propose the same startup points, as one shared seed per process would make them.
+
+    Args:
+        seed: the study's seed.
+    """
+
+    def __init__(self, seed: int) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            super().__init__(seed=seed, multivariate=True, constant_liar=True)
+        self._base_seed = seed
+
+    def before_trial(self, study: Study, trial: FrozenTrial) -> None:
+        super().before_trial(study, trial)
+        # Hashed: Mersenne Twister streams of consecutive small seeds start with similar draws.
+        trial_seed = int.from_bytes(hashlib.sha256(f"{self._base_seed}/{trial.number}".encode()).digest()[:4], "big")
+        # What TPESampler.reseed_rng reseeds, with a seed instead of OS entropy.
+        self._rng = LazyRandomState(trial_seed)
+        self._random_sampler = RandomSampler(seed=trial_seed)
+
+
+def make_sampler(settings: TuneSettings, space: SearchSpace) -> optuna.samplers.BaseSampler:
+    """TPE seeded per trial, or the grid over ``space`` in the order ``seed`` shuffles it.
+
+    Args:
+        settings: the sampler name and seed.
+        space: the search space.
+    """
+    if settings.sampler == "grid":
+        return GridSampler(space.grid(), seed=settings.seed)
+    return TrialSeededTPESampler(settings.seed)
+
+
+def make_pruner(name: str) -> optuna.pruners.BasePruner:
+    """``wilcoxon`` (per-question values), ``median`` (running means) or none.
+
+    Args:
+        name: ``TuneSettings.resolved_pruner()``.
+    """
+    if name == "wilcoxon":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            return optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=PRUNING_CHUNK)
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=PRUNING_CHUNK)
+    return optuna.pruners.NopPruner()
+
+
+__all__ = ['Axis', 'DEFAULT_SCALES', 'OBJECTIVES', 'Objective', 'PRUNERS', 'SAMPLERS', 'SearchSpace', 'TrialSeededTPESampler', 'default_layers', 'make_pruner', 'make_sampler']

@@ -1,0 +1,266 @@
+"""Where a tune study lives (sqlite, PostgreSQL or journal storages, with heartbeats) and the tune stage's settings."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from optuna.exceptions import ExperimentalWarning
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend
+from optuna.study import Study
+from optuna.trial import FrozenTrial, TrialState
+
+from core.config import Config, ConfigError
+from stages.tune_space import (
+    DEFAULT_SCALES,
+    OBJECTIVES,
+    PRUNERS,
+    SAMPLERS,
+    Axis,
+    Objective,
+    SearchSpace,
+    default_layers,
+)
+
+OUTPUTS_ENV = "TRUTHSTEER_OUTPUTS"  # evaluation.generate's store lives under it as well
+
+
+DEFAULT_OUTPUTS = "outputs"
+
+
+ATTR_SETUP = "truthsteer.setup"  # study user attr: what makes two trials' values comparable
+
+
+ATTR_SETUP_KEY = "truthsteer.setup_key"
+
+
+ATTR_FAIL_REASON = "fail_reason"
+
+
+ATTR_SURPLUS = "surplus"
+
+
+ATTR_WORKER = "worker"
+
+
+MLFLOW_RUN_ATTR = "mlflow_run_id"  # optuna_integration.mlflow.RUN_ID_ATTRIBUTE_KEY
+
+
+MAX_RETRY = 3  # re-queues of a trial whose worker died
+
+
+ACTIVE = (TrialState.RUNNING, TrialState.WAITING)
+
+
+def outputs_root() -> Path:
+    """``$TRUTHSTEER_OUTPUTS`` (``outputs`` by default), where the default storage and the extraction cache live."""
+    return Path(os.environ.get(OUTPUTS_ENV) or DEFAULT_OUTPUTS)
+
+
+def storage_url(spec: str) -> str:
+    """The storage's canonical form: an RDB URL or ``journal:PATH``.
+
+    Args:
+        spec: ``TuneSettings.storage``.
+    """
+    spec = spec.strip()
+    if not spec:
+        return f"sqlite:///{(outputs_root() / 'tune' / 'optuna.db').resolve()}"
+    if spec.startswith("journal:"):
+        path = spec.removeprefix("journal:")
+        if not path:
+            raise ConfigError("storage='journal:' names no file; write journal:PATH, e.g. journal:outputs/tune/optuna.log")
+        return f"journal:{Path(path).resolve()}"
+    if "://" in spec:
+        return spec
+    if spec.endswith(".log"):
+        return f"journal:{Path(spec).resolve()}"
+    if spec.endswith((".db", ".sqlite", ".sqlite3")):
+        return f"sqlite:///{Path(spec).resolve()}"
+    raise ConfigError(f"storage={spec!r} is not an Optuna storage; give an RDB URL (sqlite:///optuna.db, "
+                      "postgresql://user:pass@host/db), journal:PATH, a PATH ending in .log (journal) or .db (sqlite)")
+
+
+def redacted(url: str) -> str:
+    """The storage without its password, for logs and params.
+
+    Args:
+        url: ``storage_url`` output.
+    """
+    if url.startswith("journal:") or "://" not in url:
+        return url
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # an unparsable URL: RDBStorage reports it; here, log only its scheme
+        return url.split("://", 1)[0] + "://***"
+
+
+class RetryStaleTrial:
+    """The storage's ``heartbeat_stale_trial_callback``: mark a dead worker's trial run KILLED in
+    MLflow, then re-queue the trial with the same params (``RetryHeartbeatStaleTrialCallback``).
+
+    Args:
+        max_retry: re-queues of one trial at most.
+    """
+
+    def __init__(self, max_retry: int = MAX_RETRY) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            self.retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+    def __call__(self, study: Study, trial: FrozenTrial) -> None:
+        run_id = trial.system_attrs.get(MLFLOW_RUN_ATTR)
+        if run_id:
+            with contextlib.suppress(mlflow.exceptions.MlflowException):  # the run may be in another store
+                client = mlflow.MlflowClient()
+                client.set_tag(run_id, ATTR_FAIL_REASON, "its worker died (no heartbeat, or its process is gone); "
+                                                         "re-queued")
+                client.set_terminated(run_id, "KILLED")
+        self.retry(study, trial)
+
+
+def open_storage(url: str, heartbeat: int = 60) -> BaseStorage:
+    """An Optuna storage for ``url`` (see ``storage_url``).
+
+    RDB storages get a heartbeat every ``heartbeat`` seconds and a grace period of twice that,
+    after which a RUNNING trial is marked FAIL and re-queued (``RetryStaleTrial``). The journal
+    backend has no heartbeat.
+
+    Args:
+        url: ``storage_url`` output.
+        heartbeat: seconds between heartbeats; 0 turns them off.
+    """
+    if url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    scheme, sep, rest = url.partition("://")
+    if scheme in ("postgresql", "postgres"):  # SQLAlchemy 2.1's default driver is psycopg 3; ours is psycopg2
+        url = f"postgresql+psycopg2{sep}{rest}"
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs = {"connect_args": {"timeout": 60}}  # several workers wait for the file lock
+    if not heartbeat:
+        return RDBStorage(url, engine_kwargs=engine_kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                          heartbeat_stale_trial_callback=RetryStaleTrial())
+
+
+def has_heartbeat(storage: BaseStorage) -> bool:
+    """Whether ``storage`` (or the cache a study wraps it in) sends heartbeats.
+
+    Args:
+        storage: an Optuna storage, e.g. ``study._storage``.
+    """
+    interval = getattr(storage, "get_heartbeat_interval", None)
+    return callable(interval) and interval() is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneSettings:
+    """How a worker runs its study (the ``tune`` entry point's flags).
+
+    Args:
+        objective: a name in ``OBJECTIVES``: ``mc`` or ``judge``.
+        sampler: ``tpe`` or ``grid``.
+        n_trials: trials this worker runs at most; 0: no per-worker limit (needs ``total_trials``,
+            the grid or ``timeout`` to end).
+        total_trials: the study's COMPLETE trials over all workers at which every worker stops;
+            0: no study-wide limit (the grid always stops at its size).
+        timeout: seconds after which this worker starts no new trial; 0: no limit.
+        storage: an RDB URL, ``journal:PATH``, a ``.log`` path (journal) or a ``.db`` path (sqlite);
+            "" for ``$TRUTHSTEER_OUTPUTS/tune/optuna.db``.
+        study_name: "" for ``truthsteer-<model>-<objective>``.
+        layers: the layer spec (``8:20``, ``8:20:2``, ``6,9,12``); "" for ``default_layers``.
+        scales: the scale spec (``0.5:8``, ``0:8:2``, ``1,2,4``); "" for ``DEFAULT_SCALES``.
+        seed: seeds the sampler (TPE per trial number, the grid's order).
+        pruner: ``auto`` (``wilcoxon`` for ``judge`` with TPE, else none), ``wilcoxon``, ``median``, ``none``.
+        heartbeat: seconds between RDB heartbeats (grace period: twice that); 0 turns them off.
+        extract_run: an extract stage run whose vectors to use instead of the cache.
+    """
+
+    objective: str = "mc"
+    sampler: str = "tpe"
+    n_trials: int = 24
+    total_trials: int = 0
+    timeout: float = 0.0
+    storage: str = ""
+    study_name: str = ""
+    layers: str = ""
+    scales: str = ""
+    seed: int = 0
+    pruner: str = "auto"
+    heartbeat: int = 60
+    extract_run: str = ""
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective={self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampler={self.sampler!r} is not one of {', '.join(SAMPLERS)}")
+        if self.pruner not in PRUNERS:
+            raise ConfigError(f"pruner={self.pruner!r} is not one of {', '.join(PRUNERS)}")
+        for key in ("n_trials", "total_trials", "seed", "heartbeat"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{key}={value!r} must be an integer >= 0")
+        if not math.isfinite(self.timeout) or self.timeout < 0:
+            raise ConfigError(f"timeout={self.timeout!r} must be a number of seconds >= 0 (0: no limit)")
+        if self.n_trials == 0 and self.total_trials == 0 and self.sampler != "grid" and self.timeout == 0:
+            raise ConfigError("n_trials=0 (no per-worker limit) would run forever: give --total-trials, "
+                              "--timeout or --sampler grid, or n_trials > 0")
+        if self.sampler == "grid" and self.pruner in ("wilcoxon", "median"):
+            raise ConfigError(f"pruner={self.pruner} with the grid sampler would leave pruned cells unscored; "
+                              "use --pruner none (or auto) with --sampler grid")
+
+    @property
+    def objective_spec(self) -> Objective:
+        return OBJECTIVES[self.objective]
+
+    def resolved_pruner(self) -> str:
+        """The pruner in use: ``auto`` is ``wilcoxon`` for the judge objective under TPE, else ``none``."""
+        if self.pruner != "auto":
+            return self.pruner
+        return "wilcoxon" if self.objective == "judge" and self.sampler == "tpe" else "none"
+
+    def study_name_for(self, cfg: Config) -> str:
+        return self.study_name or f"{STUDY_PREFIX}-{cfg.model.alias}-{self.objective}"
+
+    def search_space(self, cfg: Config) -> SearchSpace:
+        """The layer and scale axes, checked against the model (and for the grid, finite).
+
+        Args:
+            cfg: the run's config (its model's depth and default layer).
+        """
+        space = SearchSpace(
+            Axis.parse("layer", self.layers or default_layers(cfg.model), integer=True),
+            Axis.parse("scale", self.scales or DEFAULT_SCALES[self.sampler], integer=False),
+        )
+        space.check(cfg.model)
+        if self.sampler == "grid":
+            space.grid()  # raises for a continuous axis
+        return space
+
+    def total_for(self, space: SearchSpace) -> int:
+        """The study-wide COMPLETE target: ``total_trials``, capped by the grid's size for the grid."""
+        if self.sampler == "grid":
+            return min(self.total_trials, space.n_cells) if self.total_trials else space.n_cells
+        return self.total_trials
+
+
+STUDY_PREFIX = "truthsteer"
+
+
+__all__ = ['ACTIVE', 'ATTR_FAIL_REASON', 'ATTR_SETUP', 'ATTR_SETUP_KEY', 'ATTR_SURPLUS', 'ATTR_WORKER', 'DEFAULT_OUTPUTS', 'MAX_RETRY', 'MLFLOW_RUN_ATTR', 'OUTPUTS_ENV', 'RetryStaleTrial', 'STUDY_PREFIX', 'TuneSettings', 'has_heartbeat', 'open_storage', 'outputs_root', 'redacted', 'storage_url']
