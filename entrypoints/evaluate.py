@@ -38,13 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> None:
     from core.tracking import stage_run
     from stages import evaluate
+    from stages.source_runs import SourceRuns
 
     args = build_parser().parse_args()
     extra = [f"eval.variants={args.variants}"] if args.variants else []
     extra += [f"judge.model={args.judge}"] if args.judge else []
     extra += _cli.trained_judge_override(args)
     cfg = _cli.build_config(args, extra)
-    sources = evaluate.SourceRuns.parse(args.data_run, args.sources)
+    sources = SourceRuns.parse(args.data_run, args.sources)
     sources.check(cfg.eval.variants)  # before any run starts
     if args.dry_run:
         _cli.print_plan("evaluate", cfg, evaluate.plan(cfg, sources))

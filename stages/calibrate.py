@@ -154,7 +154,7 @@ def run(cfg: Config, *, data_run: str = "") -> pd.DataFrame:
     Returns:
         The agreement table.
     """
-    from stages.evaluate import check_trained_judge, load_judge_model
+    from evaluation.judge_loading import check_trained_judge, load_judge_model
     from stages.train_judge import labels_folder
 
     if mlflow.active_run() is None:

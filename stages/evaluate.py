@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -51,8 +49,6 @@ from core.models import (
     LoadedModel,
     describe_source,
     load_from_config,
-    load_model,
-    resolve_device,
 )
 from core.tracking import log_params_once, stage_run
 from evaluation import mc as _mc  # registers the "mc" judge
@@ -63,74 +59,27 @@ from evaluation.generate import (
     generate_missing,
     variant_hash,
 )
-from evaluation.judges import Judge, JudgeError, JudgeItem, make_judge
+from evaluation.judge_loading import LLM_JUDGES, check_trained_judge, load_judge_model, make_judges
+from evaluation.judges import Judge
 from evaluation.llm_judge import check_invalid_ceiling
-from evaluation.statistics import bootstrap_ci, mcnemar, paired_difference, per_category
-from steering.hooks import SteeringNotApplied
-from steering.methods import check_variants, method, methods
+from evaluation.variant_metrics import (
+    category_table,
+    check_variant_steered,
+    flat_frame,
+    judge_metric_names,
+    score_rows,
+    summary_frame,
+    summary_markdown,
+    variant_metrics,
+)
+from stages.source_runs import SourceRuns
+from steering.methods import method
 from steering.methods.intervention import Steering
 
-LLM_JUDGES = ("llm", "llm_logprob")  # the judges that need the judge LM
-# Metrics whose per-question values are 0/1, so that McNemar's test applies to their deltas.
-BINARY_METRIC = re.compile(r"^mc1$|_acc$|_truthful$|_informative$")
-# Per-row counts of tokens produced under steering -> the variant metric of their mean per answer.
-STEERED_FIELDS = {"steered_tokens": "steered_tokens_per_answer", "mc_steered_tokens": "mc_steered_tokens_per_answer"}
 # The columns of a generations-table row before any judge's fields.
 BASE_COLUMNS = ("qid", "question", "category", "variant", "model", "dtype", "layer", "scale", "steer_source",
                 "variant_hash", "answer", "raw_answer", "n_new_tokens", "truncated", "steered_tokens", "best_answer",
                 "correct_answers", "incorrect_answers")
-@dataclasses.dataclass(frozen=True)
-class SourceRuns:
-    """The runs an evaluation reads from: a data run, and per stage that makes a method's source
-    (``steering.methods``: ``extract`` for caa, ``train_mc``, ``train_gen``, ...) its run.
-
-    Args:
-        data_run: a data stage run whose splits to use ("" recomputes them from ``cfg.data``).
-        stage_runs: stage name -> run id.
-    """
-
-    data_run: str = ""
-    stage_runs: Mapping[str, str] = dataclasses.field(default_factory=dict)
-
-    @classmethod
-    def parse(cls, data_run: str, text: str) -> SourceRuns:
-        """From ``--sources``: ``variant=RUN`` pairs separated by ``|`` (``caa=RUN|mlp_mc=RUN``)."""
-        stage_runs = {}
-        for pair in filter(None, (p.strip() for p in text.split("|"))):
-            variant, sep, run_id = (x.strip() for x in pair.partition("="))
-            if not sep or not run_id:
-                raise ConfigError(f"--sources item {pair!r} is not variant=RUN; e.g. --sources 'caa=<extract run id>'")
-            found = method(variant)
-            if not found.stage:
-                raise ConfigError(f"--sources names {variant!r}, which reads no run; drop it")
-            stage_runs[found.stage] = run_id
-        return cls(data_run, stage_runs)
-
-    def for_variant(self, variant: str) -> str:
-        """The source run of ``variant`` ("" for baseline)."""
-        stage = method(variant).stage
-        return str(self.stage_runs.get(stage, "")) if stage else ""
-
-    def check(self, variants: Sequence[str]) -> None:
-        """Fail, before anything loads, when a variant is unknown or lacks its source run."""
-        check_variants(list(variants))
-        missing = [v for v in variants if method(v).stage and not self.for_variant(v)]
-        if missing:
-            needs = "; ".join(f"{v} needs {method(v).needs}" for v in missing)
-            raise ConfigError(f"variants {', '.join(missing)} have no source run: {needs}; pass them as --sources "
-                              f"'{'|'.join(f'{v}=<run id>' for v in missing)}' or drop the variants, e.g. "
-                              "--variants baseline")
-
-    def params(self) -> dict[str, str]:
-        """The non-empty run ids as params ``run.data`` and ``run.<stage>`` (the names ``full`` logs)."""
-        named = {"run.data": self.data_run, **{f"run.{stage}": run for stage, run in self.stage_runs.items()}}
-        return {k: v for k, v in sorted(named.items()) if v}
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, str]) -> SourceRuns:
-        """Rebuild from the params of an evaluate run."""
-        stages = {m.stage for m in methods().values() if m.stage}
-        return cls(params.get("run.data", ""), {s: params[f"run.{s}"] for s in sorted(stages) if params.get(f"run.{s}")})
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -191,65 +140,6 @@ def variant_key(cfg: Config, variant: str, sources: SourceRuns) -> str:
     return variant_hash(cfg.model, cfg.model.dtype, DecodingParams.from_config(cfg), fields)
 
 
-def _same_device(a: Any, b: Any) -> bool:
-    return bool(a.type == b.type and (a.index or 0) == (b.index or 0))
-
-
-def check_trained_judge(cfg: Config, qids: Sequence[str], judges: Sequence[str] | None = None) -> None:
-    """Before anything loads: with the ``judge`` judge, fail when ``judge.trained`` is unset or was
-    trained on any of ``qids`` (a ConfigError naming the overlap).
-
-    Args:
-        cfg: the run's config (``eval.judges``, ``judge.trained``).
-        qids: the ids of the questions to be judged.
-        judges: the judge names of the run; None: ``eval.judges``.
-    """
-    if "judge" not in (cfg.eval.judges if judges is None else judges):
-        return
-    from evaluation.trained_judge import overlap_error, trained_question_ids
-
-    if not cfg.judge.trained:
-        raise ConfigError("eval.judges has 'judge' but judge.trained is empty; set it to models:/truthsteer-judge/"
-                          "<version> (the tag truthsteer.judge_uri of a train_judge run) or drop the judge")
-    try:
-        message = overlap_error(trained_question_ids(cfg.judge.trained), qids)
-    except JudgeError as err:
-        raise ConfigError(str(err)) from None
-    if message:
-        raise ConfigError(f"judge.trained={cfg.judge.trained}: {message}")
-
-
-def load_judge_model(cfg: Config, judges: Sequence[str], main: LoadedModel | None) -> LoadedModel | None:
-    """The judge LM, loaded once, or None when no judge in ``judges`` needs it.
-
-    The main model is reused when ``judge.model`` names it and ``runtime.judge_device`` resolves to
-    the device it is on.
-
-    Args:
-        cfg: the run's config (``judge.model``, ``runtime.judge_device``, ``runtime.cache_dir``).
-        judges: the judge names of the run.
-        main: the main model, if loaded.
-    """
-    if not any(j in LLM_JUDGES for j in judges):
-        return None
-    device = resolve_device(cfg.runtime.judge_device, second=True)
-    if main is not None and cfg.judge.model == main.spec.alias and _same_device(device, main.device):
-        return main
-    return load_model(cfg.judge.model, device=cfg.runtime.judge_device, cache_dir=cfg.runtime.cache_dir,
-                      second_device=True)
-
-
-def make_judges(cfg: Config, names: Sequence[str], judge_model: LoadedModel | None) -> list[Judge]:
-    """One judge per name, built once for every variant.
-
-    Args:
-        cfg: the run's config.
-        names: judge names (``eval.judges``).
-        judge_model: the judge LM, for ``llm`` and ``llm_logprob``.
-    """
-    return [make_judge(name, cfg, judge_model=judge_model) for name in dict.fromkeys(names)]
-
-
 def dtype_name(loaded: LoadedModel) -> str:
     """``float32``, ``bfloat16`` or ``float16``: the name of ``loaded``'s compute dtype."""
     return next(name for name, dtype in TORCH_DTYPES.items() if dtype == loaded.dtype)
@@ -280,246 +170,7 @@ def table_row(q: Question, record: Mapping[str, Any], *, model: str, dtype: str,
     }
 
 
-def judge_item(row: Mapping[str, Any]) -> JudgeItem:
-    """The judge's view of a generations-table row.
-
-    Args:
-        row: a row with ``BASE_COLUMNS``.
-    """
-    return JudgeItem(qid=str(row["qid"]), question=str(row["question"]), answer=str(row["answer"]),
-                     best_answer=str(row["best_answer"]), correct_answers=tuple(row["correct_answers"]),
-                     incorrect_answers=tuple(row["incorrect_answers"]))
-
-
-def score_rows(judges: Sequence[Judge], rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """``rows`` with every judge's fields added (``rows`` themselves are not changed).
-
-    Args:
-        judges: the judges (``mc`` bound to the rows' variant).
-        rows: generations-table rows of one variant.
-    """
-    items = [judge_item(r) for r in rows]
-    scored = [dict(r) for r in rows]
-    for judge in judges:
-        fields = judge.score(items)
-        if len(fields) != len(items):
-            raise RuntimeError(f"judge {judge.name!r} returned {len(fields)} rows for {len(items)} items")
-        for row, extra in zip(scored, fields, strict=True):
-            row.update(extra)
-    return scored
-
-
-def judge_values(judge: Judge, rows: Sequence[Mapping[str, Any]], metric: str) -> list[float | None]:
-    """Per row the metric's value, or None where the judge could not score the row.
-
-    Args:
-        judge: the judge that scored ``rows``.
-        rows: judged rows.
-        metric: one of the judge's metrics.
-    """
-    out: list[float | None] = []
-    rate_key = f"{judge.name}_invalid_rate"
-    names = [m for m in judge.metrics if m != rate_key]
-    for row in rows:
-        flag = row.get(f"{judge.name}_valid")
-        valid = bool(flag) if flag is not None else all(_present(row.get(m)) for m in names)
-        value = row.get(metric)
-        out.append(float(value) if valid and value is not None and _present(value) else None)
-    return out
-
-
-def _present(value: Any) -> bool:
-    return value is not None and not (isinstance(value, float) and math.isnan(value))
-
-
-def judge_metric_names(judges: Sequence[Judge]) -> list[str]:
-    """Every judge metric that gets an interval (not the invalid rates), in judge order.
-
-    Args:
-        judges: the run's judges.
-    """
-    return [m for j in judges for m in j.metrics if m != f"{j.name}_invalid_rate"]
-
-
-def variant_metrics(
-    judges: Sequence[Judge],
-    rows: Sequence[Mapping[str, Any]],
-    baseline_rows: Sequence[Mapping[str, Any]] | None,
-    *,
-    n_bootstrap: int,
-    confidence: float,
-    seed: int,
-) -> dict[str, float]:
-    """The metrics of one variant's judged rows (see the module docstring for the names).
-
-    Args:
-        judges: the run's judges.
-        rows: this variant's judged rows.
-        baseline_rows: the baseline's judged rows in the same question order, or None without baseline.
-        n_bootstrap: bootstrap resamples.
-        confidence: interval coverage.
-        seed: bootstrap seed.
-    """
-    if baseline_rows is not None and [r["qid"] for r in rows] != [r["qid"] for r in baseline_rows]:
-        raise ValueError("variant and baseline rows must list the same questions in the same order")
-    out: dict[str, float] = {}
-    for judge in judges:
-        aggregated = judge.aggregate(rows)
-        rate_key = f"{judge.name}_invalid_rate"
-        out[rate_key] = float(aggregated[rate_key])
-        for metric in (m for m in judge.metrics if m != rate_key):
-            values = judge_values(judge, rows, metric)
-            _, low, high = bootstrap_ci(values, n_bootstrap, confidence, seed)
-            out.update({metric: float(aggregated[metric]), f"{metric}_ci_low": low, f"{metric}_ci_high": high})
-            if baseline_rows is None:
-                continue
-            base = judge_values(judge, baseline_rows, metric)
-            diff, low, high = paired_difference(values, base, n_bootstrap, confidence, seed)
-            out.update({f"{metric}_delta": diff, f"{metric}_delta_ci_low": low, f"{metric}_delta_ci_high": high})
-            if BINARY_METRIC.search(metric):
-                out[f"{metric}_mcnemar_p"] = mcnemar(values, base)[1]
-    tokens = [float(r["n_new_tokens"]) for r in rows if r.get("n_new_tokens") is not None]
-    truncated = [float(bool(r["truncated"])) for r in rows if r.get("truncated") is not None]
-    out["n_questions"] = float(len(rows))
-    out["mean_new_tokens"] = math.fsum(tokens) / len(tokens) if tokens else math.nan
-    out["truncated_rate"] = math.fsum(truncated) / len(truncated) if truncated else math.nan
-    for field, metric in STEERED_FIELDS.items():
-        steered = [float(r[field]) for r in rows if r.get(field) is not None]
-        if steered:
-            out[metric] = math.fsum(steered) / len(steered)
-    return out
-
-
-def check_variant_steered(variant: str, metrics: Mapping[str, float], steers: bool) -> None:
-    """Fail a steered variant whose answers or MC scores were produced without steering any token.
-
-    Every generation and MC forward already checks its hook's count (``check_steered``); this is the
-    last line, over what the variant's rows say (answers read back from the generation store included).
-
-    Args:
-        variant: the variant's name.
-        metrics: its metrics (``steered_tokens_per_answer``, ``mc_steered_tokens_per_answer``).
-        steers: whether the variant edits the model (all but baseline).
-    """
-    if not steers:
-        return
-    for metric in STEERED_FIELDS.values():
-        if metric in metrics and not metrics[metric] > 0:
-            raise SteeringNotApplied(
-                f"variant {variant}: {metric}={metrics[metric]:g}: no generated or scored token was steered, so its "
-                "metrics would be the unsteered model's; check steering.layer/scale and the transformers version "
-                "(make setup installs the tested ones)"
-            )
-
-
-def category_table(
-    judges: Sequence[Judge], variant: str, rows: Sequence[Mapping[str, Any]],
-    baseline_rows: Sequence[Mapping[str, Any]] | None,
-) -> pd.DataFrame:
-    """Per metric and category: ``n``, ``mean`` (and ``delta`` against baseline), long format.
-
-    Args:
-        judges: the run's judges.
-        variant: the variant name (a column).
-        rows: the variant's judged rows.
-        baseline_rows: the baseline's judged rows, or None.
-    """
-    frames = []
-    for judge in judges:
-        for metric in (m for m in judge.metrics if m != f"{judge.name}_invalid_rate"):
-            mine = [{"category": r["category"], metric: v} for r, v in zip(rows, judge_values(judge, rows, metric),
-                                                                            strict=True)]
-            base = None if baseline_rows is None else [
-                {"category": r["category"], metric: v}
-                for r, v in zip(baseline_rows, judge_values(judge, baseline_rows, metric), strict=True)]
-            table = per_category(mine, metric, baseline=base)
-            table.insert(0, "metric", metric)
-            table.insert(0, "variant", variant)
-            frames.append(table)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
 # ---------------------------------------------------------------- tables
-
-
-def _cell(value: Any) -> Any:
-    if isinstance(value, list | tuple):
-        return "; ".join(map(str, value))
-    return value
-
-
-def flat_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """The generations table as a DataFrame with lists joined by ``"; "`` (for CSV and MLflow tables).
-
-    Args:
-        rows: generations-table rows.
-    """
-    columns = list(dict.fromkeys(c for r in rows for c in r))
-    return pd.DataFrame([{c: _cell(r.get(c)) for c in columns} for r in rows], columns=columns)
-
-
-def summary_frame(metrics: Mapping[str, Mapping[str, float]], info: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
-    """Variants x metrics: one row per variant with its tags and every metric (intervals included).
-
-    Args:
-        metrics: variant -> its metrics.
-        info: variant -> ``model``, ``dtype``, ``layer``, ``scale``.
-    """
-    records = []
-    for variant, values in metrics.items():
-        records.append({"variant": variant, **{k: info[variant].get(k) for k in ("model", "dtype", "layer", "scale")},
-                        **values})
-    return pd.DataFrame(records)
-
-
-def _fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "nan"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def summary_markdown(summary: pd.DataFrame, metric_names: Sequence[str]) -> str:
-    """The summary as markdown: metrics x variants, ``mean [low, high]``; then the deltas against
-    baseline, ``delta [low, high]`` with McNemar's p for binary metrics; then rates and counts.
-
-    Args:
-        summary: ``summary_frame`` output.
-        metric_names: the judge metrics to show, in order.
-    """
-    variants = list(summary["variant"])
-    by_variant = {v: summary[summary["variant"] == v].iloc[0].to_dict() for v in variants}
-
-    def table(title: str, cells: Callable[[dict[str, Any], str], str | None]) -> list[str]:
-        lines = [f"## {title}", "", "| metric | " + " | ".join(variants) + " |",
-                 "| --- |" + " --- |" * len(variants)]
-        body = []
-        for metric in metric_names:
-            row = [cells(by_variant[v], metric) for v in variants]
-            if any(c is not None for c in row):
-                body.append(f"| {metric} | " + " | ".join(c or "" for c in row) + " |")
-        return [*lines, *body, ""] if body else []
-
-    def mean_cell(values: dict[str, Any], metric: str) -> str | None:
-        if metric not in values:
-            return None
-        return f"{_fmt(values[metric])} [{_fmt(values.get(f'{metric}_ci_low'))}, {_fmt(values.get(f'{metric}_ci_high'))}]"
-
-    def delta_cell(values: dict[str, Any], metric: str) -> str | None:
-        if f"{metric}_delta" not in values or pd.isna(values.get(f"{metric}_delta")):
-            return None
-        text = (f"{_fmt(values[f'{metric}_delta'])} [{_fmt(values.get(f'{metric}_delta_ci_low'))}, "
-                f"{_fmt(values.get(f'{metric}_delta_ci_high'))}]")
-        p = values.get(f"{metric}_mcnemar_p")
-        return text if p is None or pd.isna(p) else f"{text} p={_fmt(p)}"
-
-    first = summary.iloc[0]
-    header = [f"# {first['model']} ({first['dtype']}): {len(variants)} variants", ""]
-    rates = [c for c in summary.columns if c.endswith("_invalid_rate")] + ["n_questions", "truncated_rate"]
-    plain = ["## Counts", "", "| metric | " + " | ".join(variants) + " |", "| --- |" + " --- |" * len(variants)]
-    plain += [f"| {c} | " + " | ".join(_fmt(by_variant[v].get(c)) for v in variants) + " |" for c in rates
-              if c in summary.columns]
-    return "\n".join([*header, *table("Metrics (mean [CI])", mean_cell),
-                      *table("Against baseline (delta [CI], McNemar p)", delta_cell), *plain, ""])
 
 
 def log_tables(rows: Sequence[Mapping[str, Any]], categories: pd.DataFrame, summary: pd.DataFrame,
@@ -725,4 +376,4 @@ def run(
     return dataclasses.replace(result, store_path=store.path, n_generated=n_generated)
 
 
-__all__ = ['BASE_COLUMNS', 'EvaluationResult', 'SourceRuns', 'build_steering', 'judge_and_log', 'load_judge_model', 'make_judges', 'ordered_variants', 'plan', 'run', 'score_rows', 'table_row', 'variant_key', 'variant_metrics']
+__all__ = ['BASE_COLUMNS', 'EvaluationResult', 'build_steering', 'judge_and_log', 'ordered_variants', 'plan', 'run', 'table_row', 'variant_key']

@@ -179,6 +179,7 @@ class StageOutcome:
 
 def _runners(cfg: Config, runs: dict[str, str]) -> dict[str, Callable[[], Any]]:
     from stages import bank, calibrate, data, evaluate, extract, iti, train, train_judge
+    from stages.source_runs import SourceRuns
 
     return {
         "data": lambda: data.run(cfg),
@@ -189,7 +190,7 @@ def _runners(cfg: Config, runs: dict[str, str]) -> dict[str, Callable[[], Any]]:
         "train_mc": lambda: train.run(stage_config("train_mc", cfg), bank_run=runs["bank"], data_run=runs["data"]),
         "train_gen": lambda: train.run(stage_config("train_gen", cfg), bank_run=runs["bank"], data_run=runs["data"]),
         "iti": lambda: iti.run(cfg, data_run=runs["data"]),
-        "evaluate": lambda: evaluate.run(with_trained_judge(cfg, runs), sources=evaluate.SourceRuns(
+        "evaluate": lambda: evaluate.run(with_trained_judge(cfg, runs), sources=SourceRuns(
             runs["data"], {stage: runs[stage] for stage in method_stages(cfg)})),
     }
 

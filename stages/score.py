@@ -25,9 +25,11 @@ from core import artifacts
 from core.config import Config, ConfigError, config_from_dict, read_yaml
 from core.models import LoadedModel, load_from_config
 from core.tracking import CONFIG_ARTIFACT, download
+from evaluation import judge_loading
 from evaluation import mc as _mc
 from evaluation.judges import Judge
 from stages import evaluate
+from stages.source_runs import SourceRuns
 from steering.methods.intervention import Steering
 
 REQUIRED_COLUMNS = ("qid", "question", "category", "variant", "model", "dtype", "answer", "best_answer",
@@ -103,10 +105,10 @@ def check_sources(cfg: Config, *, source_run: str = "", generations: str = "") -
                           "evaluate run, or --source-run")
 
 
-def _source_config(source_run: str) -> tuple[Config, evaluate.SourceRuns]:
+def _source_config(source_run: str) -> tuple[Config, SourceRuns]:
     cfg = config_from_dict(read_yaml(download(source_run, CONFIG_ARTIFACT)))
     params = mlflow.MlflowClient().get_run(source_run).data.params
-    return cfg, evaluate.SourceRuns.from_params(params)
+    return cfg, SourceRuns.from_params(params)
 
 
 def run(cfg: Config, *, source_run: str = "", generations: str = "") -> evaluate.EvaluationResult:
@@ -137,8 +139,8 @@ def run(cfg: Config, *, source_run: str = "", generations: str = "") -> evaluate
             raise ConfigError(f"the answers were generated in {sorted(saved)} but the source config loads "
                               f"{dtype}; mc would score a different model")
         steerings = {v: evaluate.build_steering(source_cfg, v, sources, main) for v in grouped}
-    judge_model = evaluate.load_judge_model(cfg, cfg.eval.judges, main)
-    judges = evaluate.make_judges(cfg, cfg.eval.judges, judge_model)
+    judge_model = judge_loading.load_judge_model(cfg, cfg.eval.judges, main)
+    judges = judge_loading.make_judges(cfg, cfg.eval.judges, judge_model)
 
     def judges_for(variant: str) -> list[Judge]:
         if main is None:
@@ -159,7 +161,7 @@ def plan(cfg: Config, *, source_run: str = "", generations: str = "") -> list[st
     """
     check_sources(cfg, source_run=source_run, generations=generations)
     where = f"run {source_run} ({artifacts.GENERATIONS})" if source_run else f"file {generations}"
-    needs_llm = [j for j in cfg.eval.judges if j in evaluate.LLM_JUDGES]
+    needs_llm = [j for j in cfg.eval.judges if j in judge_loading.LLM_JUDGES]
     return [f"answers: {where}; nothing is regenerated",
             f"judges: {', '.join(cfg.eval.judges)}"
             + (f"; judge model {cfg.judge.model} on {cfg.runtime.judge_device}" if needs_llm else "")]

@@ -30,6 +30,7 @@ from core import artifacts
 from core.config import Config, ConfigError, load_config
 from core.data import Question, question_id
 from core.tracking import stage_run
+from evaluation import judge_loading, variant_metrics
 from evaluation.generate import DecodingParams, generate_batch
 from evaluation.judges import JudgeError, JudgeItem, make_judge
 from evaluation.llm_judge import InvalidRateExceeded
@@ -37,6 +38,7 @@ from evaluation.mc import MCJudge, answer_logprobs, mc_choices, mc_metrics
 from evaluation.metrics import BleuJudge
 from evaluation.statistics import bootstrap_ci, mcnemar, paired_difference
 from stages import evaluate, score
+from stages.source_runs import SourceRuns
 from steering.hooks import active_hooks, steer
 from steering.methods.intervention import Steering
 from steering.prompts import answer_text, encode_text, format_prompt
@@ -175,9 +177,9 @@ STEERED_ANSWERS = ["No, pigs cannot fly", "Blue.", "No", "Yes, pigs fly", "Blue.
 
 def test_variant_metrics_equal_the_statistics_of_per_question_values() -> None:
     judges: list[Any] = [BleuJudge(), FlakyJudge(invalid=[1])]
-    base = evaluate.score_rows(judges, rows_for(BASE_ANSWERS, "baseline"))
-    steered = evaluate.score_rows(judges, rows_for(STEERED_ANSWERS, "caa"))
-    out = evaluate.variant_metrics(judges, steered, base, n_bootstrap=300, confidence=0.9, seed=2)
+    base = variant_metrics.score_rows(judges, rows_for(BASE_ANSWERS, "baseline"))
+    steered = variant_metrics.score_rows(judges, rows_for(STEERED_ANSWERS, "caa"))
+    out = variant_metrics.variant_metrics(judges, steered, base, n_bootstrap=300, confidence=0.9, seed=2)
     for metric in ("bleu_acc", "bleu_max"):
         a, b = [r[metric] for r in steered], [r[metric] for r in base]
         assert (out[metric], out[f"{metric}_ci_low"], out[f"{metric}_ci_high"]) == pytest.approx(
@@ -193,13 +195,13 @@ def test_variant_metrics_equal_the_statistics_of_per_question_values() -> None:
     assert out["llm_invalid_rate"] == pytest.approx(1 / 6)
     assert "llm_truthful_mcnemar_p" in out
     assert (out["n_questions"], out["mean_new_tokens"], out["truncated_rate"]) == (6.0, 3.0, 0.0)
-    own = evaluate.variant_metrics(judges, base, base, n_bootstrap=300, confidence=0.9, seed=2)
+    own = variant_metrics.variant_metrics(judges, base, base, n_bootstrap=300, confidence=0.9, seed=2)
     assert set(own) == set(out)  # the baseline has the same names: zero deltas, p = 1
     assert own["bleu_acc_delta"] == 0.0 and own["bleu_acc_mcnemar_p"] == 1.0
 
 
 def test_source_runs_fail_early_naming_the_flag() -> None:
-    sources = evaluate.SourceRuns.parse("d1", "caa=e1")
+    sources = SourceRuns.parse("d1", "caa=e1")
     sources.check(["baseline", "caa"])
     with pytest.raises(ConfigError, match=r"mlp_mc needs a train stage run with branch mc or both; mlp_gen needs a "
                                           r"train stage run .*--sources 'mlp_mc=<run id>\|mlp_gen=<run id>'"):
@@ -207,11 +209,11 @@ def test_source_runs_fail_early_naming_the_flag() -> None:
     with pytest.raises(ConfigError, match=r"'ica' is not a steering method; choose from baseline, caa, mlp_mc"):
         sources.check(["baseline", "ica"])
     assert sources.params() == {"run.data": "d1", "run.extract": "e1"}
-    assert evaluate.SourceRuns.from_params({"run.extract": "e1", "run.train_mc": "t", "run.data": "d"}) == \
-        evaluate.SourceRuns.parse("d", "mlp_mc=t | caa=e1")
+    assert SourceRuns.from_params({"run.extract": "e1", "run.train_mc": "t", "run.data": "d"}) == \
+        SourceRuns.parse("d", "mlp_mc=t | caa=e1")
     for bad, message in (("caa", "is not variant=RUN"), ("baseline=x", "reads no run"), ("ica=x", "not a steering")):
         with pytest.raises(ConfigError, match=message):
-            evaluate.SourceRuns.parse("", bad)
+            SourceRuns.parse("", bad)
     assert evaluate.ordered_variants(["caa", "mlp_gen", "baseline", "caa"]) == ["baseline", "caa", "mlp_gen"]
 
 
@@ -222,8 +224,8 @@ def test_the_main_model_is_the_judge_when_alias_and_device_match(cfg: Config) ->
 
     main = dataclasses.replace(tiny_loaded("llama"), spec=model_spec("smollm2-135m"))
     cpu_cfg = load_config("smollm2-135m", "runtime.judge_device=cpu,judge.model=smollm2-135m")
-    assert evaluate.load_judge_model(cpu_cfg, ["bleu", "llm_logprob"], main) is main
-    assert evaluate.load_judge_model(cpu_cfg, ["bleu", "semantic", "mc"], main) is None  # no LLM judge
+    assert judge_loading.load_judge_model(cpu_cfg, ["bleu", "llm_logprob"], main) is main
+    assert judge_loading.load_judge_model(cpu_cfg, ["bleu", "semantic", "mc"], main) is None  # no LLM judge
 
 
 def test_run_fails_before_loading_when_a_source_run_is_missing(tracking: str, cfg: Config) -> None:
@@ -326,7 +328,7 @@ def test_score_rescores_saved_answers_into_a_new_tagged_run(tracking: str, cfg: 
         assert child.data.tags["variant"] == variant and child.data.tags[artifacts.TAG_SOURCE_RUN]
         assert "bleu_acc_delta" in child.data.metrics and "rouge1_max" not in child.data.metrics
     bleu = BleuJudge()
-    expected = bleu.aggregate(bleu.score([evaluate.judge_item(r) for r in rows["caa"]]))["bleu_max"]
+    expected = bleu.aggregate(bleu.score([variant_metrics.judge_item(r) for r in rows["caa"]]))["bleu_max"]
     assert result.metrics["caa"]["bleu_max"] == pytest.approx(expected)
 
     local = mlflow.artifacts.download_artifacts(run_id=source.info.run_id, artifact_path=artifacts.GENERATIONS)
@@ -453,7 +455,7 @@ def test_all_variants_from_real_stage_runs_then_score(tracking: str, tmp_path: P
     with stage_run("train", cfg) as train_run:
         train.run(cfg, bank_run=bank_run.info.run_id)
     with stage_run("evaluate", cfg) as parent:
-        sources = evaluate.SourceRuns("", {"extract": extract_run.info.run_id, "train_mc": train_run.info.run_id,
+        sources = SourceRuns("", {"extract": extract_run.info.run_id, "train_mc": train_run.info.run_id,
                                            "train_gen": train_run.info.run_id})
         result = evaluate.run(cfg, sources=sources, progress=False)
     assert list(result.run_ids) == ["baseline", "caa", "mlp_mc", "mlp_gen"]

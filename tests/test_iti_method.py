@@ -11,6 +11,7 @@ import torch
 from core.config import ConfigError, load_config
 from core.tracking import stage_run
 from stages import evaluate, iti, pipeline
+from stages.source_runs import SourceRuns
 from steering.iti import ItiDirections
 from steering.methods import method
 from steering.methods.iti import ItiSteering, top_heads
@@ -52,7 +53,7 @@ def test_the_iti_stage_then_its_variant_in_evaluate(tracking: str, data_csv: Pat
     assert heads.layers.shape == (n_heads,) and bool((heads.accuracies[:-1] >= heads.accuracies[1:]).all())
     logged = mlflow.get_run(run.info.run_id).data.metrics
     assert logged["n_examples"] == 2 * 2 * 6 and 0.5 <= logged["best_accuracy"] <= 1.0
-    sources = evaluate.SourceRuns.parse("", f"iti={run.info.run_id}")
+    sources = SourceRuns.parse("", f"iti={run.info.run_id}")
     with stage_run("evaluate", cfg):
         result = evaluate.run(cfg, sources=sources, progress=False)
     assert list(result.run_ids) == ["baseline", "iti"]

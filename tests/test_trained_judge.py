@@ -21,6 +21,7 @@ import pytest
 from core.config import ConfigError, load_config
 from core.data import Question, question_id
 from core.tracking import stage_run
+from evaluation import judge_loading
 from evaluation.human_labels import Labelled, agreement, grouped_folds, read_labels
 from evaluation.judge_features import FEATURES, Featurizer, content_words, polarity
 from evaluation.judges import JudgeError, JudgeItem, make_judge
@@ -199,7 +200,7 @@ def test_evaluate_refuses_a_judge_trained_on_one_of_its_test_questions(tracking:
         evaluate.run(cfg)
     unset = load_config("smollm2-135m", f"data.source={DATA_CSV},eval.judges=[judge]")
     with pytest.raises(ConfigError, match="judge.trained is empty"):
-        evaluate.check_trained_judge(unset, [test_question.id])
+        judge_loading.check_trained_judge(unset, [test_question.id])
 
 
 def test_the_registry_builds_the_judge_from_its_uri(tmp_path: Path) -> None:
