@@ -20,7 +20,8 @@ import mlflow
 import pandas as pd
 
 from core.artifacts import ANALYZE_STAGE, TAG_MODEL, TAG_PARENT, TAG_STAGE
-from core.config import ConfigError, load_config, model_spec
+from core.config import ConfigError
+from core.config_io import load_config, model_spec
 from core.tracking import ensure_store, tracking_uri
 
 FINISHED = "FINISHED"

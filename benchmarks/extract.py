@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from benchmarks import DATA_CSV, RESULTS_DIR, write_report
-from core.config import load_config
+from core.config_io import load_config
 from core.data import splits_for
 from core.models import LoadedModel, load_model
 from steering.extract import (

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from benchmarks import DATA_CSV, RESULTS_DIR, write_report
-from core.config import load_config
+from core.config_io import load_config
 from core.data import load_questions, split_questions
 from core.models import load_model
 from steering.mlp import MLPSteering, MLPSteeringConfig

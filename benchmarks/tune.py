@@ -36,7 +36,7 @@ import optuna
 import torch
 
 from benchmarks import DATA_CSV, RESULTS_DIR, write_report
-from core.config import load_config
+from core.config_io import load_config
 from core.data import splits_for
 from core.models import load_from_config
 from core.tracking import stage_run

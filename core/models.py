@@ -28,7 +28,8 @@ from typing import Any, Literal
 
 import torch
 
-from core.config import Config, ConfigError, ModelSpec, model_spec
+from core.config import Config, ConfigError, ModelSpec
+from core.config_io import model_spec
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OFFLINE_ALIASES = ("smollm2-135m", "gemma-3-270m")

@@ -15,7 +15,8 @@ import mlflow
 from mlflow.entities import RunStatus
 
 from core.artifacts import TAG_CODE, TAG_HOST, TAG_MODEL, TAG_PID, TAG_STAGE
-from core.config import Config, ConfigError, config_yaml, flat_params
+from core.config import Config, ConfigError
+from core.config_io import config_yaml, flat_params
 
 CONFIG_ARTIFACT = "config.yaml"
 PROJECT_DIR = Path(__file__).resolve().parents[1]

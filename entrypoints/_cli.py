@@ -14,7 +14,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from core.config import Config, ConfigError, config_yaml, load_config, preset_names, split_overrides
+from core.config import Config, ConfigError
+from core.config_io import config_yaml, load_config, preset_names, split_overrides
 
 
 def _bool(text: str) -> bool:

@@ -24,7 +24,8 @@ from core.artifacts import (
     TAG_STAGE,
     load_tensors,
 )
-from core.config import Config, ConfigError, config_to_dict
+from core.config import Config, ConfigError
+from core.config_io import config_to_dict
 from core.tracking import download, log_params_once, tracking_uri
 from steering.vector_bank import (
     LAYER_METRICS,

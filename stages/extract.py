@@ -20,7 +20,8 @@ import torch
 from mlflow.entities import Metric
 
 from core import artifacts, tracking
-from core.config import Config, ConfigError, config_to_dict
+from core.config import Config, ConfigError
+from core.config_io import config_to_dict
 from core.data import splits_for
 from core.models import LoadedModel, describe_source, load_from_config
 from steering.extract import (

@@ -28,7 +28,8 @@ from mlflow.entities import RunStatus
 
 from core import artifacts
 from core.artifacts import TAG_HOST, TAG_KEY, TAG_PID, TAG_REUSED, TAG_STAGE
-from core.config import Config, ConfigError, config_to_dict
+from core.config import Config, ConfigError
+from core.config_io import config_to_dict
 from core.tracking import code_version, download, stage_run
 from steering.methods import check_variants, method
 

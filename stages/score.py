@@ -22,7 +22,8 @@ from typing import Any
 import mlflow
 
 from core import artifacts
-from core.config import Config, ConfigError, config_from_dict, read_yaml
+from core.config import Config, ConfigError
+from core.config_io import config_from_dict, read_yaml
 from core.models import LoadedModel, load_from_config
 from core.tracking import CONFIG_ARTIFACT, download
 from evaluation import judge_loading

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from core.artifacts import MLP_DIR, TAG_BRANCH, TAG_BRANCH_RUN
-from core.config import Config, ConfigError, config_to_dict
+from core.config import Config, ConfigError
+from core.config_io import config_to_dict
 from core.data import Question
 from steering.layers import d_model
 from steering.mlp import BRANCHES, Branch, MLPSteering, MLPSteeringConfig, save_mlp

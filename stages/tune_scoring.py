@@ -30,7 +30,8 @@ from core.artifacts import (
     TAG_STUDY,
     TRIAL_STAGE,
 )
-from core.config import Config, ConfigError, config_to_dict
+from core.config import Config, ConfigError
+from core.config_io import config_to_dict
 from core.data import Question, file_sha256, is_local_source
 from core.models import TORCH_DTYPES, LoadedModel, load_from_config
 from stages.extract import load_extraction

@@ -179,7 +179,7 @@ class AnswerJudge:
 
 def evaluate_with_the_real_writer() -> Any:
     """An evaluate run of REAL as the evaluate stage logs it; its ``EvaluationResult``."""
-    from core.config import load_config
+    from core.config_io import load_config
     from core.tracking import stage_run
     from stages import evaluate
 

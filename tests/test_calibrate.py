@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score
 
-from core.config import ConfigError, load_config
+from core.config import ConfigError
+from core.config_io import load_config
 from core.data import splits_for
 from core.tracking import stage_run
 from evaluation.human_labels import read_labels

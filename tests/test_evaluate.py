@@ -27,7 +27,8 @@ import pytest
 import torch
 
 from core import artifacts
-from core.config import Config, ConfigError, load_config
+from core.config import Config, ConfigError
+from core.config_io import load_config
 from core.data import Question, question_id
 from core.tracking import stage_run
 from evaluation import judge_loading, variant_metrics
@@ -220,7 +221,7 @@ def test_source_runs_fail_early_naming_the_flag() -> None:
 def test_the_main_model_is_the_judge_when_alias_and_device_match(cfg: Config) -> None:
     import dataclasses
 
-    from core.config import model_spec
+    from core.config_io import model_spec
 
     main = dataclasses.replace(tiny_loaded("llama"), spec=model_spec("smollm2-135m"))
     cpu_cfg = load_config("smollm2-135m", "runtime.judge_device=cpu,judge.model=smollm2-135m")

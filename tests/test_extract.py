@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from core import artifacts
-from core.config import ModelSpec, load_config
+from core.config import ModelSpec
+from core.config_io import load_config
 from core.data import Question, load_questions, question_id
 from core.models import LoadedModel
 from core.tracking import stage_run

@@ -8,7 +8,8 @@ import mlflow
 import pytest
 import torch
 
-from core.config import ConfigError, load_config
+from core.config import ConfigError
+from core.config_io import load_config
 from core.tracking import stage_run
 from stages import evaluate, iti, pipeline
 from stages.source_runs import SourceRuns

@@ -12,7 +12,8 @@ import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from core.config import JUDGES, Config, load_config
+from core.config import JUDGES, Config
+from core.config_io import load_config
 from core.data import Question, question_id
 from evaluation.judges import (
     JUDGE_NAMES,

@@ -47,7 +47,8 @@ def test_the_parser_sees_an_import_hidden_in_a_function(tmp_path: Path) -> None:
 
 
 def test_the_registry_is_the_variant_list() -> None:
-    from core.config import VARIANTS, load_config
+    from core.config import VARIANTS
+    from core.config_io import load_config
     from stages.pipeline import STAGES, UPSTREAM, stages_of
     from steering.methods import methods
 

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from core.config import load_config, model_spec
+from core.config_io import load_config, model_spec
 from core.models import LoadedModel, load_model
 from evaluation.judges import JudgeError, JudgeItem, make_judge
 from evaluation.llm_judge import (

@@ -9,7 +9,8 @@ import time
 import pytest
 import torch
 
-from core.config import ConfigError, model_aliases, model_spec
+from core.config import ConfigError
+from core.config_io import model_aliases, model_spec
 from core.models import (
     ModelUnavailable,
     check_available,

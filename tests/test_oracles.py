@@ -32,7 +32,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from core.config import load_config
+from core.config_io import load_config
 from core.data import Question, question_id
 from core.models import LoadedModel, load_model
 from core.tracking import stage_run

@@ -14,7 +14,7 @@ import pytest
 
 from core import artifacts
 from core.artifacts import TAG_HOST, TAG_PID
-from core.config import load_config, model_aliases, model_spec
+from core.config_io import load_config, model_aliases, model_spec
 from stages import pipeline
 from tests.conftest import DATA_CSV, PROJECT_DIR, kill_once_stored
 

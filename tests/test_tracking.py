@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from core.artifacts import TAG_STAGE
-from core.config import ConfigError, config_from_dict, load_config
+from core.config import ConfigError
+from core.config_io import config_from_dict, load_config
 from core.tracking import CONFIG_ARTIFACT, log_params_once, stage_run
 from tests.conftest import PROJECT_DIR
 

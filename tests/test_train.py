@@ -21,7 +21,8 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from core.artifacts import MLP_DIR, TAG_BRANCH_RUN
-from core.config import ConfigError, MLPConfig, load_config
+from core.config import ConfigError, MLPConfig
+from core.config_io import load_config
 from core.data import Question, load_questions, question_id
 from steering.hooks import active_hooks, masked_mean, record_residuals
 from steering.layers import d_model, decoder_layers

@@ -18,7 +18,8 @@ import mlflow
 import numpy as np
 import pytest
 
-from core.config import ConfigError, load_config
+from core.config import ConfigError
+from core.config_io import load_config
 from core.data import Question, question_id
 from core.tracking import stage_run
 from evaluation import judge_loading

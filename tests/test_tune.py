@@ -41,7 +41,8 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from core import artifacts
 from core.artifacts import TAG_STAGE
-from core.config import Config, ConfigError, load_config
+from core.config import Config, ConfigError
+from core.config_io import load_config
 from core.data import splits_for
 from core.models import LoadedModel
 from core.tracking import stage_run

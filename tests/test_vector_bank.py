@@ -15,7 +15,8 @@ import torch
 
 from core import artifacts
 from core.artifacts import BANK_META, BANK_TENSORS, CAA_META, CAA_TENSORS, save_tensors
-from core.config import Config, ConfigError, config_from_dict, load_config
+from core.config import Config, ConfigError
+from core.config_io import config_from_dict, load_config
 from core.tracking import stage_run
 from entrypoints import _cli
 from entrypoints import bank as bank_entry
