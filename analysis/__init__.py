@@ -10,28 +10,16 @@ from analysis.figures import (
     scale_sweep_figure,
     training_curves_figure,
 )
-from analysis.report import (
-    FIGURES,
-    Analysis,
-    FigureSpec,
-    MlflowReader,
-    StoreReader,
-    analysis_run,
-    analyze,
-    plan,
-    run,
-)
+from analysis.frames import FIGURES, FigureSpec, MlflowReader, StoreReader
+from analysis.report import Analysis, analysis_run, analyze, plan, run
 from analysis.runs import Missing, Selection, SelectionError, connect, select_runs
+from analysis.sweeps import best_settings_table, layer_scale_table, scale_sweep_table, tune_trials
 from analysis.tables import (
     agreement_table,
-    best_settings_table,
     category_delta_table,
     cohen_kappa,
     cross_model_table,
-    layer_scale_table,
-    scale_sweep_table,
     training_curves_table,
-    tune_trials,
     variant_metrics_table,
     variant_runs,
 )

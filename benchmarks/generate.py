@@ -34,13 +34,8 @@ from benchmarks import DATA_CSV, RESULTS_DIR, write_report
 from core.config_io import load_config
 from core.data import load_questions, split_questions
 from core.models import load_model
-from evaluation.generate import (
-    DecodingParams,
-    GenerationStore,
-    generate_batch,
-    generate_missing,
-    variant_hash,
-)
+from evaluation.generate import generate_batch, generate_missing
+from evaluation.generation_store import DecodingParams, GenerationStore, variant_hash
 from steering.extract import contrastive_pairs, extract_caa
 from steering.methods.intervention import Steering
 

@@ -16,17 +16,11 @@ from evaluation.judges import (
     registered_judges,
     truthfulqa_references,
 )
-from evaluation.llm_judge import (
-    InvalidRateExceeded,
-    LLMJudge,
-    LogprobJudge,
-    Verdict,
-    check_invalid_ceiling,
-    parse_verdict,
-)
+from evaluation.llm_judge import LLMJudge, LogprobJudge
 from evaluation.metrics import BleuJudge, RougeJudge
 from evaluation.semantic_judge import SemanticJudge, minilm_encoder
 from evaluation.statistics import bootstrap_ci, mcnemar, paired_difference, per_category
+from evaluation.verdicts import InvalidRateExceeded, Verdict, check_invalid_ceiling, parse_verdict
 
 __all__ = [
     "JUDGE_NAMES",

@@ -1,4 +1,4 @@
-"""Batched, left-padded, steered generation, and the resumable store of its answers.
+"""Batched, left-padded, steered generation.
 
 ``generate_batch`` answers a batch of questions in one ``model.generate`` call: prompts are
 left-padded (``steering.prompts.encode_prompts``) so that every row's prompt ends at the same
@@ -7,219 +7,33 @@ Decoding is greedy unless ``eval.do_sample``; sampling is seeded per batch. An a
 decoded new tokens, cut at the first end-of-turn token (and, for ``Q:/A:`` prompts, before the
 model starts a next ``Q:``), stripped.
 
-``GenerationStore`` is a JSONL file with one record per answer, keyed by (question id, variant,
-variant hash). The variant hash (``variant_hash``) covers everything that changes an answer; each
-finished batch is appended in one write, flushed and fsynced, so an evaluation killed at any
-point restarts with ``generate_missing`` and regenerates nothing that was written. A torn last
-line (killed mid-write) is ignored, and cut off by the next append. Its default place is
-``$TRUTHSTEER_OUTPUTS/evaluate/<store hash>/generations.jsonl`` (``outputs`` by default), where
-the store hash covers the model and the decoding: a restart with the same config finds it.
+Answers go to a ``evaluation.generation_store.GenerationStore``; ``generate_missing`` generates only the
+answers it lacks, so a killed evaluation restarts without regenerating anything it wrote.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import hashlib
-import json
-import os
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from core.config import Config, ModelSpec
 from core.data import Question
 from core.models import LoadedModel
+from evaluation.generation_store import DecodingParams, GenerationStore
 from steering.hooks import check_steered
 from steering.methods.intervention import Steering
 from steering.prompts import PromptFormat, encode_prompts, format_prompt
 
-OUTPUTS_ENV = "TRUTHSTEER_OUTPUTS"
-DEFAULT_OUTPUTS = "outputs"
-STORE_FILE = "generations.jsonl"
 # Tokens that end an assistant turn in the chat templates of the supported families (Gemma,
 # SmolLM2/ChatML, Llama-3), whichever of them the tokenizer knows; its EOS always counts.
 END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<eos>")
 QA_NEXT_TURN = "\nQ:"  # a base model answering `Q: ...\nA:` goes on to invent the next question
 
 
-@dataclasses.dataclass(frozen=True)
-class DecodingParams:
-    """How answers are decoded.
-
-    Args:
-        max_new_tokens: generated tokens per answer at most.
-        do_sample: sample (seeded per batch) instead of greedy decoding.
-        temperature: sampling temperature (only with ``do_sample``).
-        top_p: nucleus sampling mass (only with ``do_sample``).
-        seed: base seed of the per-batch sampling seeds (only with ``do_sample``).
-        batch_size: questions per ``generate`` call.
-    """
-
-    max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    batch_size: int = 16
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens <= 0 or self.batch_size <= 0:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens} and batch_size={self.batch_size} must be > 0")
-        if self.temperature <= 0 or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"temperature={self.temperature} must be > 0 and top_p={self.top_p} in (0, 1]")
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> DecodingParams:
-        """The ``eval`` section's decoding settings."""
-        e = cfg.eval
-        return cls(max_new_tokens=e.max_new_tokens, do_sample=e.do_sample, temperature=e.temperature,
-                   top_p=e.top_p, seed=e.seed, batch_size=e.batch_size)
-
-    def key_fields(self) -> dict[str, Any]:
-        """What changes an answer. Greedy answers do not depend on the seed, temperature or top_p;
-        sampled ones also depend on the batching, because the seed is drawn per batch."""
-        if not self.do_sample:
-            return {"max_new_tokens": self.max_new_tokens, "do_sample": False}
-        return dataclasses.asdict(self)
-
-
-def model_key_fields(spec: ModelSpec, dtype: str) -> dict[str, Any]:
-    """What identifies the model's answers: its weights, compute dtype and prompt format.
-
-    Args:
-        spec: the model's registry entry.
-        dtype: the compute dtype name.
-    """
-    return {"model": spec.alias, "hf_id": spec.hf_id, "gguf": f"{spec.gguf_package}/{spec.gguf_file}",
-            "dtype": dtype, "prompt_format": spec.prompt_format}
-
-
-def _digest(fields: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def store_hash(spec: ModelSpec, dtype: str, decoding: DecodingParams) -> str:
-    """Hash of the model and decoding: names the default store folder, shared by every variant.
-
-    Args:
-        spec: the model's registry entry.
-        dtype: the compute dtype name.
-        decoding: the decoding settings.
-    """
-    return _digest({**model_key_fields(spec, dtype), **decoding.key_fields()})
-
-
-def variant_hash(spec: ModelSpec, dtype: str, decoding: DecodingParams, steering_fields: Mapping[str, Any]) -> str:
-    """Hash of everything that changes a variant's answers.
-
-    Args:
-        spec: the model (alias, weights source, prompt format).
-        dtype: the compute dtype name.
-        decoding: the decoding settings.
-        steering_fields: ``Steering.key_fields()`` (or ``steering_key_fields``) of the variant.
-    """
-    return _digest({**model_key_fields(spec, dtype), **decoding.key_fields(), **steering_fields})
-
-
-def default_store_path(spec: ModelSpec, dtype: str, decoding: DecodingParams) -> Path:
-    """``$TRUTHSTEER_OUTPUTS/evaluate/<store hash>/generations.jsonl`` (``outputs/`` by default).
-
-    Args:
-        spec: the model's registry entry.
-        dtype: the compute dtype name.
-        decoding: the decoding settings.
-    """
-    root = Path(os.environ.get(OUTPUTS_ENV) or DEFAULT_OUTPUTS)
-    return root / "evaluate" / store_hash(spec, dtype, decoding) / STORE_FILE
-
-
-StoreKey = tuple[str, str, str]  # (question id, variant, variant hash)
-
-
-class GenerationStore:
-    """Answers on disk, one JSON record a line, appended batch by batch.
-
-    Writers hold an exclusive lock while they append, flush and fsync, so a line without its
-    newline is either another process's write in flight or what a killed process left. Reading
-    ignores it; the next append (under the lock, so no write is in flight) cuts it off first. A
-    torn line anywhere else means the file was edited or corrupted, and is an error naming it.
-
-    Args:
-        path: the JSONL file; created (with its folder) on the first append.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._records: dict[StoreKey, dict[str, Any]] = {}
-        self.torn_tail = False  # whether the file ended in a line without newline when read
-        self._load()
-
-    @staticmethod
-    def key(record: Mapping[str, Any]) -> StoreKey:
-        return (str(record["qid"]), str(record["variant"]), str(record["variant_hash"]))
-
-    def _load(self) -> None:
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        complete = data.rfind(b"\n") + 1
-        self.torn_tail = complete < len(data)
-        for number, line in enumerate(data[:complete].decode("utf-8", errors="replace").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                key = self.key(record)
-            except (ValueError, KeyError, TypeError) as err:
-                raise ValueError(
-                    f"{self.path}: line {number} is not a generation record ({err}): {line[:120]!r}; "
-                    "delete that line (its answer is regenerated) or the file"
-                ) from None
-            self._records.setdefault(key, record)  # the first answer of a key wins
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._records
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def get(self, key: StoreKey) -> dict[str, Any] | None:
-        return self._records.get(key)
-
-    def records(self) -> list[dict[str, Any]]:
-        """Every record, in the order first written."""
-        return list(self._records.values())
-
-    def append(self, records: Sequence[Mapping[str, Any]]) -> None:
-        """Append ``records`` in one write, then flush and fsync, under an exclusive file lock; a torn
-        last line left by a killed writer is cut off first.
-
-        Args:
-            records: dicts with at least ``qid``, ``variant`` and ``variant_hash``.
-        """
-        if not records:
-            return
-        data = "".join(json.dumps(dict(r), ensure_ascii=False, sort_keys=True) + "\n" for r in records).encode()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a+b") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                f.seek(0)
-                existing = f.read()
-                if existing and not existing.endswith(b"\n"):
-                    f.truncate(existing.rfind(b"\n") + 1)
-                f.write(data)  # O_APPEND: at the (new) end of the file
-                f.flush()
-                os.fsync(f.fileno())
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-        for record in records:
-            self._records.setdefault(self.key(record), dict(record))
 
 
 def stop_token_ids(tokenizer: Any, model: nn.Module | None = None) -> list[int]:
@@ -405,4 +219,4 @@ def generate_missing(
     return records, n_generated
 
 
-__all__ = ['Answer', 'DecodingParams', 'GenerationStore', 'decode_answer', 'default_store_path', 'generate_batch', 'generate_missing', 'generation_order', 'model_key_fields', 'stop_token_ids', 'store_hash', 'variant_hash']
+__all__ = ['Answer', 'decode_answer', 'generate_batch', 'generate_missing', 'generation_order', 'stop_token_ids']

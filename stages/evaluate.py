@@ -52,16 +52,10 @@ from core.models import (
 )
 from core.tracking import log_params_once, stage_run
 from evaluation import mc as _mc  # registers the "mc" judge
-from evaluation.generate import (
-    DecodingParams,
-    GenerationStore,
-    default_store_path,
-    generate_missing,
-    variant_hash,
-)
+from evaluation.generate import generate_missing
+from evaluation.generation_store import DecodingParams, GenerationStore, default_store_path, variant_hash
 from evaluation.judge_loading import LLM_JUDGES, check_trained_judge, load_judge_model, make_judges
 from evaluation.judges import Judge
-from evaluation.llm_judge import check_invalid_ceiling
 from evaluation.variant_metrics import (
     category_table,
     check_variant_steered,
@@ -72,6 +66,7 @@ from evaluation.variant_metrics import (
     summary_markdown,
     variant_metrics,
 )
+from evaluation.verdicts import check_invalid_ceiling
 from stages.source_runs import SourceRuns
 from steering.methods import method
 from steering.methods.intervention import Steering

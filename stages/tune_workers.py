@@ -157,7 +157,7 @@ def study_setup(cfg: Config, objective: Objective, val: Sequence[Question], sour
         val: the val questions.
         source: where the vectors come from (``shared_extraction``).
     """
-    from evaluation.generate import DecodingParams
+    from evaluation.generation_store import DecodingParams
 
     return {"model": cfg.model.alias, "dtype": cfg.model.dtype, "objective": objective.name,
             "metric": objective.metric, "val": hashlib.sha256(",".join(q.id for q in val).encode()).hexdigest()[:16],

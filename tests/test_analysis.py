@@ -28,7 +28,7 @@ import pandas as pd
 import pytest
 from mlflow.entities import Metric, Param
 
-from analysis import report, tables
+from analysis import frames, report, sweeps, tables
 from analysis.runs import Missing, Selection, SelectionError, select_runs
 from core import artifacts
 from core.artifacts import TAG_MODEL, TAG_STAGE
@@ -471,7 +471,7 @@ def test_training_curves_take_the_latest_run_per_branch(store: Store) -> None:
 
 
 def test_every_figure_is_written_as_png_pdf_and_csv_and_is_not_blank(store: Store) -> None:
-    for spec in report.FIGURES:
+    for spec in frames.FIGURES:
         for ext in (".png", ".pdf", ".csv"):
             assert (store.out / f"{spec.stem}{ext}").stat().st_size > 0, f"{spec.stem}{ext}"
         assert (store.out / f"{spec.stem}.pdf").read_bytes().startswith(b"%PDF")
@@ -501,7 +501,7 @@ def test_missing_pieces_are_listed_not_raised(store: Store) -> None:
 
 def test_report_embeds_figures_and_tables(store: Store) -> None:
     text = (store.out / artifacts.ANALYSIS_REPORT).read_text()
-    for spec in report.FIGURES:
+    for spec in frames.FIGURES:
         assert f"![{spec.title}]({spec.stem}.png)" in text
         assert f"[{spec.stem}.csv]({spec.stem}.csv)" in text
     assert "| caa | 0.550 [0.450, 0.650] | 0.500 [0.400, 0.600] | 0.850 [0.750, 0.930] |" in text
@@ -513,7 +513,7 @@ def test_the_analyze_run_logs_every_file_and_is_never_analysed(at_store: Store) 
     assert run.info.status == "FINISHED"
     assert run.data.params == {"selection.experiment": EXPERIMENT, "selection.models": "", "selection.tags": "",
                                "selection.parent_run": ""}
-    assert run.data.metrics["n_figures"] == len(report.FIGURES)
+    assert run.data.metrics["n_figures"] == len(frames.FIGURES)
     logged = {Path(f.path).name for f in mlflow.MlflowClient().list_artifacts(run.info.run_id, artifacts.ANALYSIS_DIR)}
     assert logged == {p.name for p in at_store.out.iterdir()}
     assert (at_store.out / artifacts.ANALYSIS_REPORT).read_text() == mlflow.artifacts.load_text(
@@ -597,8 +597,8 @@ def test_layer_scale_table_bins_continuous_scales() -> None:
     trials = pd.DataFrame({"model": "m", "study": "s", "run_id": [f"r{i}" for i in range(20)], "variant": "caa",
                            "layer": 4.0, "scale": scales, "metric": "objective", "value": [float(i) for i in range(20)],
                            "ci_low": math.nan, "ci_high": math.nan, "higher_is_better": True, "start_time": None})
-    heat = tables.layer_scale_table(trials)
-    assert len(heat) == tables.SCALE_BINS
+    heat = sweeps.layer_scale_table(trials)
+    assert len(heat) == sweeps.SCALE_BINS
     assert list(heat["n_trials"]) == [2] * 10
     assert list(heat["value"]) == [0.5 + 2 * i for i in range(10)]  # the mean of each pair
 

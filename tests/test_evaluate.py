@@ -32,12 +32,13 @@ from core.config_io import load_config
 from core.data import Question, question_id
 from core.tracking import stage_run
 from evaluation import judge_loading, variant_metrics
-from evaluation.generate import DecodingParams, generate_batch
+from evaluation.generate import generate_batch
+from evaluation.generation_store import DecodingParams
 from evaluation.judges import JudgeError, JudgeItem, make_judge
-from evaluation.llm_judge import InvalidRateExceeded
 from evaluation.mc import MCJudge, answer_logprobs, mc_choices, mc_metrics
 from evaluation.metrics import BleuJudge
 from evaluation.statistics import bootstrap_ci, mcnemar, paired_difference
+from evaluation.verdicts import InvalidRateExceeded
 from stages import evaluate, score
 from stages.source_runs import SourceRuns
 from steering.hooks import active_hooks, steer

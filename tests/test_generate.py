@@ -23,14 +23,11 @@ from torch import Tensor
 from core.config import ModelSpec
 from core.data import Question, question_id
 from core.models import LoadedModel
-from evaluation.generate import (
+from evaluation.generate import decode_answer, generate_batch, generate_missing, stop_token_ids
+from evaluation.generation_store import (
     DecodingParams,
     GenerationStore,
-    decode_answer,
     default_store_path,
-    generate_batch,
-    generate_missing,
-    stop_token_ids,
     store_hash,
     variant_hash,
 )

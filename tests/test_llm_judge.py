@@ -15,19 +15,15 @@ import torch
 from core.config_io import load_config, model_spec
 from core.models import LoadedModel, load_model
 from evaluation.judges import JudgeError, JudgeItem, make_judge
-from evaluation.llm_judge import (
+from evaluation.llm_judge import LLMJudge, LogprobJudge, judge_prompt, logprob_prompt, shared_prefix_lengths
+from evaluation.verdicts import (
     PREFILL,
     InvalidRateExceeded,
-    LLMJudge,
-    LogprobJudge,
     Verdict,
     check_invalid_ceiling,
     coerce_flag,
-    judge_prompt,
-    logprob_prompt,
     parse_verdict,
     reply_finished,
-    shared_prefix_lengths,
 )
 from steering.prompts import encode_text
 from tests.tiny_models import make_tiny

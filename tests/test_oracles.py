@@ -36,7 +36,8 @@ from core.config_io import load_config
 from core.data import Question, question_id
 from core.models import LoadedModel, load_model
 from core.tracking import stage_run
-from evaluation.generate import DecodingParams, decode_answer, generate_batch, stop_token_ids
+from evaluation.generate import decode_answer, generate_batch, stop_token_ids
+from evaluation.generation_store import DecodingParams
 from evaluation.judges import JudgeItem
 from evaluation.mc import MCJudge, answer_logprobs, mc_choices
 from stages import evaluate

@@ -1,0 +1,253 @@
+"""What the analysis reads from the tracking store: the figures it draws (``FIGURES``), a reader of run
+artifacts and metric histories (``MlflowReader``, or any ``StoreReader``), and every table built from the
+selected runs (``frame_tables``), with what was missing recorded."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import json
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import mlflow
+import pandas as pd
+
+from analysis import sweeps, tables
+from analysis.runs import Missing, model_of, model_sizes, order_models
+from core import artifacts
+
+
+@dataclasses.dataclass(frozen=True)
+class FigureSpec:
+    """One figure of the report.
+
+    Args:
+        stem: file name without extension (an ``artifacts.ANALYSIS_*`` constant).
+        title: the report's heading for it.
+        caption: what it shows.
+        needs: why it can be empty (said in the missing list when it is).
+    """
+
+    stem: str
+    title: str
+    caption: str
+    needs: str
+
+
+FIGURES = (
+    FigureSpec(artifacts.ANALYSIS_SCALE_SWEEP, "Truthfulness against steering scale",
+               "Per model: each steered variant's metric against the steering scale at one layer (evaluate "
+               "runs: solid; tune trials at the best layer: dotted), with its interval as a band; the "
+               "baseline dashed.",
+               "evaluate runs of one variant at two or more scales of a layer, or tune trials"),
+    FigureSpec(artifacts.ANALYSIS_LAYER_SCALE, "Tuning objective over layer and scale",
+               "Per tune study: the mean objective of the trials at each layer and scale (blank: not tried).",
+               "tune studies with trials"),
+    FigureSpec(artifacts.ANALYSIS_CROSS_MODEL, "Models compared",
+               "Per model (smallest first): each variant's truthfulness (and informativeness) in the model's "
+               "latest evaluation, with intervals as error bars.",
+               "evaluate.variant runs with judge metrics"),
+    FigureSpec(artifacts.ANALYSIS_JUDGE_AGREEMENT, "LLM judge against semantic judge",
+               "Per model and variant: counts of the LLM judge's truthfulness verdict (rows) against the "
+               "semantic judge's (columns) over the same answers, with Cohen's kappa.",
+               f"an evaluation's {artifacts.GENERATIONS} with LLM and semantic verdicts"),
+    FigureSpec(artifacts.ANALYSIS_CATEGORY_DELTA, "Change per category, best variant",
+               "Per model: the change of its best steered variant against baseline in each TruthfulQA category.",
+               f"an evaluation with a baseline, a steered variant and {artifacts.PER_CATEGORY}"),
+    FigureSpec(artifacts.ANALYSIS_TRAINING_CURVES, "MLP training curves",
+               "Per model: train (solid) and val (dashed) loss per step of each branch's latest train run.",
+               "train runs (mc or gen) with train_loss and val_loss histories"),
+)
+
+
+class StoreReader(Protocol):
+    """What the analysis reads besides the run frame (a fake in tests, ``MlflowReader`` otherwise)."""
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """``[(step, value), ...]`` of a metric; empty when it was never logged."""
+        ...
+
+    def artifact_text(self, run_id: str, path: str) -> str | None:
+        """An artifact's text; None when the run has no such artifact."""
+        ...
+
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        """A run's tags; empty when the run is not there."""
+        ...
+
+    def has_artifact(self, run_id: str, path: str) -> bool:
+        """Whether a run has an artifact, without downloading it."""
+        ...
+
+
+class MlflowReader:
+    """``StoreReader`` over the current MLflow tracking store."""
+
+    def __init__(self, client: mlflow.MlflowClient | None = None) -> None:
+        self.client = client or mlflow.MlflowClient()
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """``[(step, value), ...]`` of a metric; empty when it was never logged.
+
+        Args:
+            run_id: the run.
+            key: the metric name.
+        """
+        try:
+            return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
+        except mlflow.exceptions.MlflowException:
+            return []
+
+    def artifact_text(self, run_id: str, path: str) -> str | None:
+        """An artifact's text; None when the run has no such artifact.
+
+        Args:
+            run_id: the run.
+            path: the artifact path, e.g. ``evaluate/generations.jsonl``.
+        """
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp)
+                return Path(local).read_text(encoding="utf-8")
+            except (mlflow.exceptions.MlflowException, OSError):
+                return None
+
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        """A run's tags; empty when the run is not there.
+
+        Args:
+            run_id: the run.
+        """
+        try:
+            return dict(self.client.get_run(run_id).data.tags)
+        except mlflow.exceptions.MlflowException:
+            return {}
+
+    def has_artifact(self, run_id: str, path: str) -> bool:
+        """Whether a run has an artifact (one listing of its folder, no download).
+
+        Args:
+            run_id: the run.
+            path: the artifact path.
+        """
+        folder = str(Path(path).parent) if "/" in path else None
+        try:
+            return any(f.path == path for f in self.client.list_artifacts(run_id, folder))
+        except (mlflow.exceptions.MlflowException, OSError):
+            return False
+
+
+@functools.cache
+def registered_directions() -> dict[str, bool]:
+    """Every registered judge metric -> higher_is_better (imports the judge registry once)."""
+    from evaluation.judges import metric_directions
+
+    return metric_directions()
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameTables:
+    """The tables computed from the run frame alone (no artifacts, no histories).
+
+    Args:
+        models: every model of the frame, smallest first.
+        sizes: model -> billions of parameters.
+        metric: the truthfulness metric of the figures (None: no judge metric anywhere).
+        metric_names: the judge metrics of the variant runs.
+        evaluations: model -> its latest evaluation run.
+        variants: ``tables.variant_runs``.
+        trials: ``sweeps.tune_trials``.
+        variant_metrics: ``tables.variant_metrics_table``.
+        best_variants: model -> its best steered variant.
+        cross_model: ``tables.cross_model_table``.
+        scale_sweep: ``sweeps.scale_sweep_table``.
+        layer_scale: ``sweeps.layer_scale_table``.
+        best_settings: ``sweeps.best_settings_table``.
+        trained: ``tables.train_runs``.
+    """
+
+    models: list[str]
+    sizes: dict[str, float]
+    metric: str | None
+    metric_names: list[str]
+    evaluations: dict[str, str]
+    variants: pd.DataFrame
+    trials: pd.DataFrame
+    variant_metrics: pd.DataFrame
+    best_variants: dict[str, str]
+    cross_model: pd.DataFrame
+    scale_sweep: pd.DataFrame
+    layer_scale: pd.DataFrame
+    best_settings: pd.DataFrame
+    trained: pd.DataFrame
+
+
+def frame_tables(runs: pd.DataFrame, missing: Missing, directions: Mapping[str, bool],
+                 study_tags: Callable[[str], Mapping[str, str]] | None = None) -> FrameTables:
+    """Every table that needs only the run frame.
+
+    Args:
+        runs: the run frame (``runs.select_runs``).
+        missing: collects what is missing.
+        directions: metric -> higher_is_better.
+        study_tags: the tags of a tune study that is not in ``runs``.
+    """
+    sizes = model_sizes(runs, missing)
+    models = order_models(model_of(runs).dropna(), sizes)
+    trials = sweeps.tune_trials(runs, missing, directions, study_tags)
+    variants = tables.variant_runs(runs, exclude_parents=set(trials["run_id"]))
+    names = tables.judge_metric_names(variants)
+    metric = tables.primary_metric(names)
+    evaluations = tables.latest_evaluations(variants)
+    vtable = tables.variant_metrics_table(variants, evaluations, names, missing, models)
+    best = tables.best_variants(vtable, metric, tables.higher_is_better(metric, directions)) if metric else {}
+    shown = [m for m in (metric, tables.INFORMATIVE_METRIC) if m in names]
+    return FrameTables(
+        models=models, sizes=sizes, metric=metric, metric_names=names, evaluations=evaluations, variants=variants,
+        trials=trials, variant_metrics=vtable, best_variants=best,
+        cross_model=tables.cross_model_table(vtable, list(dict.fromkeys(shown)), sizes),
+        scale_sweep=sweeps.scale_sweep_table(variants, trials, evaluations, metric),
+        layer_scale=sweeps.layer_scale_table(trials),
+        best_settings=sweeps.best_settings_table(variants, trials, metric, directions, sizes),
+        trained=tables.train_runs(runs, missing),
+    )
+
+
+def read_jsonl(text: str) -> list[dict[str, Any]]:
+    """The rows of a JSONL text (blank lines skipped)."""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _generations(found: FrameTables, reader: StoreReader, missing: Missing) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for model, evaluation in found.evaluations.items():
+        text = reader.artifact_text(evaluation, artifacts.GENERATIONS) if evaluation else None
+        if text is None:
+            missing.add(f"no artifact {artifacts.GENERATIONS}: no judge agreement", model=model, run_id=evaluation)
+            continue
+        out[model] = read_jsonl(text)
+    return out
+
+
+def _categories(found: FrameTables, reader: StoreReader, missing: Missing) -> dict[str, pd.DataFrame]:
+    """Per model its evaluation's per-category table, else the best variant run's own."""
+    out: dict[str, pd.DataFrame] = {}
+    for model, variant in found.best_variants.items():
+        rows = found.variant_metrics[(found.variant_metrics["model"] == model)
+                                     & (found.variant_metrics["variant"] == variant)]
+        candidates = [found.evaluations.get(model, ""), *rows["run_id"].head(1)]
+        text = next((t for t in (reader.artifact_text(r, artifacts.PER_CATEGORY) for r in candidates if r)
+                     if t is not None), None)
+        if text is None:
+            missing.add(f"no artifact {artifacts.PER_CATEGORY}: no per-category figure", model=model,
+                        run_id=found.evaluations.get(model, ""))
+            continue
+        out[model] = pd.read_csv(io.StringIO(text))
+    return out
+
+
+__all__ = ['FIGURES', 'FigureSpec', 'FrameTables', 'MlflowReader', 'StoreReader', 'frame_tables', 'read_jsonl', 'registered_directions']

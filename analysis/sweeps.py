@@ -1,0 +1,238 @@
+"""The analysis tables of settings: tune trials by study, the layer x scale heatmap, the scale sweep over
+evaluations and trials, and the best layer and scale per model."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pandas as pd
+
+from analysis.runs import Missing, as_float, of_stage, order_models, tag
+from analysis.tables import (
+    _empty,
+    _get,
+    _latest,
+    higher_is_better,
+)
+from core.artifacts import (
+    TAG_MODEL,
+    TAG_OBJECTIVE_DIRECTION,
+    TAG_OBJECTIVE_METRIC,
+    TAG_PARENT,
+    TAG_STAGE,
+    TAG_STUDY,
+    TRIAL_METRIC,
+    TRIAL_STAGE,
+    TUNE_STAGE,
+)
+
+MAX_SCALE_COLUMNS = 12  # more distinct tuned scales than this are binned for the heatmap
+
+
+SCALE_BINS = 10
+
+
+SWEEP_COLUMNS = ["model", "source", "variant", "layer", "scale", "metric", "value", "ci_low", "ci_high", "run_id"]
+
+
+TRIAL_COLUMNS = ["model", "study", "run_id", "variant", "layer", "scale", "metric", "value", "ci_low",
+                 "ci_high", "higher_is_better", "start_time"]
+
+
+HEATMAP_COLUMNS = ["model", "study", "metric", "layer", "scale", "value", "n_trials"]
+
+
+BEST_COLUMNS = ["model", "n_params_b", "source", "run_id", "variant", "layer", "scale", "metric", "value",
+                "ci_low", "ci_high"]
+
+
+def tune_trials(runs: pd.DataFrame, missing: Missing, directions: Mapping[str, bool],
+                study_tags: Callable[[str], Mapping[str, str]] | None = None) -> pd.DataFrame:
+    """One row per trial of every tune study: its model, study, layer, scale and objective value.
+
+    A trial is a run with stage ``tune.trial`` or a child of a ``tune`` run (a worker). Its study is
+    its tag ``truthsteer.study`` (every worker of a study shares it), else its worker run's id.
+
+    Args:
+        runs: the run frame.
+        missing: records trials without layer, scale or objective, and studies without usable trials.
+        directions: metric -> higher_is_better, for studies that declare no direction.
+        study_tags: the tags of a worker run that is not in ``runs`` (None: such workers have none).
+    """
+    workers = of_stage(runs, TUNE_STAGE)
+    tags_of: dict[str, dict[str, str]] = {}
+    for worker in workers.to_dict("records"):
+        tags_of[str(worker["run_id"])] = {k.removeprefix("tags."): str(v) for k, v in worker.items()
+                                          if k.startswith("tags.") and v is not None and not pd.isna(v)}
+    parents = tag(runs, TAG_PARENT)
+    stages = tag(runs, TAG_STAGE).fillna("")
+    trials = runs[(parents.isin(set(tags_of)) | (stages == TRIAL_STAGE)) & (stages != TUNE_STAGE)]
+    records = []
+    for trial in trials.to_dict("records"):
+        worker = _text(trial.get(f"tags.{TAG_PARENT}"))
+        if worker not in tags_of:
+            tags_of[worker] = dict(study_tags(worker)) if worker and study_tags else {}
+        worker_tags = tags_of[worker]
+        study = _text(trial.get(f"tags.{TAG_STUDY}")) or worker_tags.get(TAG_STUDY) or worker
+        name = worker_tags.get(TAG_OBJECTIVE_METRIC) or TRIAL_METRIC
+        direction = worker_tags.get(TAG_OBJECTIVE_DIRECTION, "")
+        higher = direction != "minimize" if direction else higher_is_better(name, directions)
+        model = _text(trial.get(f"tags.{TAG_MODEL}")) or worker_tags.get(TAG_MODEL, "")
+        layer, scale = as_float(trial.get("params.layer")), as_float(trial.get("params.scale"))
+        value = as_float(trial.get(f"metrics.{name}"))
+        if math.isnan(value):  # MLflowCallback's name for the same value
+            value = as_float(trial.get(f"metrics.{TRIAL_METRIC}"))
+        if math.isnan(layer) or math.isnan(scale) or math.isnan(value):
+            lacks = [what for what, v in (("param layer", layer), ("param scale", scale), (f"metric {name}", value))
+                     if math.isnan(v)]
+            missing.add(f"tune trial without {', '.join(lacks)} (pruned or failed?): left out", model=model,
+                        run_id=str(trial["run_id"]))
+            continue
+        records.append({
+            "model": model, "study": study, "run_id": str(trial["run_id"]),
+            "variant": _text(trial.get("tags.variant")) or "caa", "layer": layer, "scale": scale, "metric": name,
+            "value": value, "ci_low": as_float(trial.get(f"metrics.{name}_ci_low")),
+            "ci_high": as_float(trial.get(f"metrics.{name}_ci_high")), "higher_is_better": higher,
+            "start_time": trial.get("start_time"),
+        })
+    usable = {r["study"] for r in records}
+    for worker in workers.to_dict("records"):
+        worker_id = str(worker["run_id"])
+        if (tags_of[worker_id].get(TAG_STUDY) or worker_id) not in usable:
+            missing.add("tune run without usable trials: no heatmap for its study",
+                        model=tags_of[worker_id].get(TAG_MODEL, ""), run_id=worker_id)
+    return pd.DataFrame(records, columns=TRIAL_COLUMNS) if records else _empty(TRIAL_COLUMNS)
+
+
+def _text(value: Any) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
+def _best_row(frame: pd.DataFrame, higher: bool) -> dict[str, Any]:
+    ordered = frame.sort_values(["value", "start_time"], ascending=[not higher, False], kind="stable")
+    return dict(ordered.iloc[0].to_dict())
+
+
+def _bin_scales(scales: pd.Series) -> pd.Series:
+    """Scale bin midpoints, for a heatmap of continuously sampled scales."""
+    bins = pd.cut(scales, SCALE_BINS)
+    return bins.map(lambda b: round(float(b.mid), 4)).astype(float)
+
+
+def layer_scale_table(trials: pd.DataFrame) -> pd.DataFrame:
+    """Per study, layer and scale: the mean objective over its trials and how many there were.
+
+    More than ``MAX_SCALE_COLUMNS`` distinct scales in a study are binned into ``SCALE_BINS`` bins,
+    each labelled by its midpoint.
+
+    Args:
+        trials: ``tune_trials`` output.
+    """
+    frames = []
+    for (model, study), group in trials.groupby(["model", "study"], sort=True):
+        scales = group["scale"] if group["scale"].nunique() <= MAX_SCALE_COLUMNS else _bin_scales(group["scale"])
+        cells = group.assign(scale=scales).groupby(["layer", "scale"], sort=True)["value"].agg(["mean", "size"])
+        cells = cells.reset_index().rename(columns={"mean": "value", "size": "n_trials"})
+        cells.insert(0, "metric", group["metric"].iloc[0])
+        cells.insert(0, "study", study)
+        cells.insert(0, "model", model)
+        frames.append(cells)
+    if not frames:
+        return _empty(HEATMAP_COLUMNS)
+    out = pd.concat(frames, ignore_index=True)[HEATMAP_COLUMNS]
+    return out.astype({"layer": int, "n_trials": int})
+
+
+def scale_sweep_table(variants: pd.DataFrame, trials: pd.DataFrame, evaluations: Mapping[str, str],
+                      metric_name: str | None) -> pd.DataFrame:
+    """The metric against the steering scale, per model and steered variant.
+
+    From evaluations: each (model, variant) evaluated at two or more scales of one layer (the layer
+    with the most scales), the latest run per scale; with it the baseline of the model's chosen
+    evaluation (scale NaN: a horizontal reference). From tune studies: the trials at the best
+    trial's layer, the latest per scale, with the objective as metric.
+
+    Args:
+        variants: ``variant_runs`` output.
+        trials: ``tune_trials`` output.
+        evaluations: model -> chosen evaluation (for the baseline).
+        metric_name: the evaluate metric to plot; None skips evaluations.
+    """
+    records: list[dict[str, Any]] = []
+    swept_models = set()
+    steered = variants[variants["variant"] != "baseline"] if metric_name else variants.iloc[0:0]
+    for (model, variant), group in steered.groupby(["model", "variant"], sort=True):
+        counts = group.dropna(subset=["scale"]).groupby("layer")["scale"].nunique()
+        if counts.empty or counts.max() < 2:
+            continue
+        layer = float(counts[counts == counts.max()].index.min())
+        at_layer = _latest(group[(group["layer"] == layer) & group["scale"].notna()], ["scale"])
+        for row in at_layer.sort_values("scale").to_dict("records"):
+            records.append({"model": model, "source": "evaluate", "variant": variant, "layer": layer,
+                            "scale": row["scale"], "metric": metric_name, "value": _get(row, str(metric_name)),
+                            "ci_low": _get(row, f"{metric_name}_ci_low"),
+                            "ci_high": _get(row, f"{metric_name}_ci_high"), "run_id": row["run_id"]})
+        swept_models.add(str(model))
+    for model in sorted(swept_models):
+        base = variants[(variants["model"] == model) & (variants["variant"] == "baseline")
+                        & (variants["evaluation"] == evaluations.get(model, ""))]
+        if base.empty:
+            continue
+        row = _latest(base, ["variant"]).to_dict("records")[0]
+        records.append({"model": model, "source": "evaluate", "variant": "baseline", "layer": math.nan,
+                        "scale": math.nan, "metric": metric_name, "value": _get(row, str(metric_name)),
+                        "ci_low": _get(row, f"{metric_name}_ci_low"), "ci_high": _get(row, f"{metric_name}_ci_high"),
+                        "run_id": row["run_id"]})
+    for (model, _study), group in trials.groupby(["model", "study"], sort=True):
+        best = _best_row(group, bool(group["higher_is_better"].iloc[0]))
+        at_layer = _latest(group[group["layer"] == best["layer"]], ["variant", "scale"])
+        for row in at_layer.sort_values(["variant", "scale"]).to_dict("records"):
+            records.append({"model": model, "source": "tune", "variant": row["variant"], "layer": row["layer"],
+                            "scale": row["scale"], "metric": row["metric"], "value": row["value"],
+                            "ci_low": row["ci_low"], "ci_high": row["ci_high"], "run_id": row["run_id"]})
+    records = [r for r in records if not math.isnan(r["value"])]
+    return pd.DataFrame(records, columns=SWEEP_COLUMNS) if records else _empty(SWEEP_COLUMNS)
+
+
+def best_settings_table(variants: pd.DataFrame, trials: pd.DataFrame, metric_name: str | None,
+                        directions: Mapping[str, bool], sizes: Mapping[str, float]) -> pd.DataFrame:
+    """Per model, the best layer and scale: the best trial of each tune study, and the best steered
+    variant run over all its evaluations (by ``metric_name``).
+
+    Args:
+        variants: ``variant_runs`` output.
+        trials: ``tune_trials`` output.
+        metric_name: the evaluate metric to rank variant runs by; None skips evaluations.
+        directions: metric -> higher_is_better.
+        sizes: model -> billions of parameters (the row order).
+    """
+    records = []
+    for (model, study), group in trials.groupby(["model", "study"], sort=True):
+        best = _best_row(group, bool(group["higher_is_better"].iloc[0]))
+        records.append({"model": model, "source": f"tune {study}", "run_id": best["run_id"],
+                        "variant": best["variant"], "layer": best["layer"], "scale": best["scale"],
+                        "metric": best["metric"], "value": best["value"], "ci_low": best["ci_low"],
+                        "ci_high": best["ci_high"]})
+    if metric_name and f"metrics.{metric_name}" in variants:
+        steered = variants[(variants["variant"] != "baseline") & variants["layer"].notna()
+                           & variants[f"metrics.{metric_name}"].notna()]
+        for model, group in steered.groupby("model", sort=True):
+            best = _best_row(group.assign(value=group[f"metrics.{metric_name}"]),
+                             higher_is_better(metric_name, directions))
+            records.append({"model": model, "source": "evaluate", "run_id": best["run_id"],
+                             "variant": best["variant"], "layer": best["layer"], "scale": best["scale"],
+                             "metric": metric_name, "value": best["value"],
+                             "ci_low": _get(best, f"{metric_name}_ci_low"),
+                             "ci_high": _get(best, f"{metric_name}_ci_high")})
+    if not records:
+        return _empty(BEST_COLUMNS)
+    out = pd.DataFrame(records)
+    models = order_models(out["model"], sizes)
+    out = out.assign(n_params_b=out["model"].map(lambda m: sizes.get(m, math.nan)),
+                     _order=out["model"].map(models.index)).sort_values(["_order", "source"], kind="stable")
+    return out[BEST_COLUMNS].reset_index(drop=True)
+
+
+__all__ = ['BEST_COLUMNS', 'HEATMAP_COLUMNS', 'MAX_SCALE_COLUMNS', 'SCALE_BINS', 'SWEEP_COLUMNS', 'TRIAL_COLUMNS', 'best_settings_table', 'layer_scale_table', 'scale_sweep_table', 'tune_trials']
