@@ -41,7 +41,8 @@ from core.config import JudgeConfig
 from core.data import load_questions
 from core.models import load_model
 from evaluation.judges import JudgeItem, truthfulqa_references
-from evaluation.llm_judge import LLMJudge, LogprobJudge
+from evaluation.llm_judge import LLMJudge
+from evaluation.logprob_judge import LogprobJudge
 from evaluation.metrics import BleuJudge, RougeJudge
 from evaluation.semantic_judge import SemanticJudge, minilm_encoder
 

@@ -16,7 +16,8 @@ from evaluation.judges import (
     registered_judges,
     truthfulqa_references,
 )
-from evaluation.llm_judge import LLMJudge, LogprobJudge
+from evaluation.llm_judge import LLMJudge
+from evaluation.logprob_judge import LogprobJudge
 from evaluation.metrics import BleuJudge, RougeJudge
 from evaluation.semantic_judge import SemanticJudge, minilm_encoder
 from evaluation.statistics import bootstrap_ci, mcnemar, paired_difference, per_category

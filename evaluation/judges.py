@@ -39,7 +39,7 @@ NO_COMMENT = "I have no comment."
 # mc judge) is skipped while it does not exist.
 JUDGE_MODULES = {
     "llm": "evaluation.llm_judge",
-    "llm_logprob": "evaluation.llm_judge",
+    "llm_logprob": "evaluation.logprob_judge",
     "semantic": "evaluation.semantic_judge",
     "bleu": "evaluation.metrics",
     "rouge": "evaluation.metrics",

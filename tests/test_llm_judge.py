@@ -15,7 +15,8 @@ import torch
 from core.config_io import load_config, model_spec
 from core.models import LoadedModel, load_model
 from evaluation.judges import JudgeError, JudgeItem, make_judge
-from evaluation.llm_judge import LLMJudge, LogprobJudge, judge_prompt, logprob_prompt, shared_prefix_lengths
+from evaluation.llm_judge import LLMJudge, judge_prompt, shared_prefix_lengths
+from evaluation.logprob_judge import LogprobJudge, logprob_prompt
 from evaluation.verdicts import (
     PREFILL,
     InvalidRateExceeded,
