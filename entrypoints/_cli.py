@@ -1,17 +1,19 @@
 """What every entry point shares: its arguments, the config they resolve to, and error handling.
 
-Each ``entrypoints/<step>.py`` declares its own parameters with the helpers here, builds a frozen
-Config and hands it to a library function. Known errors (bad config, bad data, a model that cannot
-be reached) print one line and exit 2; anything else propagates with its traceback.
+Each ``entrypoints/<step>.py`` declares an ``Entry``: its flags, the config overrides they stand for,
+its dry-run plan and its run (a ``stages`` function), and exposes ``ENTRY.main``. Known errors (bad
+config, bad data, a model that cannot be reached) print one line and exit 2; anything else
+propagates with its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from core.config import Config, ConfigError
@@ -86,6 +88,85 @@ def print_plan(step: str, cfg: Config, lines: Sequence[str] = ()) -> None:
         print(f"  {line}")
     print("resolved config:")
     print(config_yaml(cfg))
+
+
+Option = tuple[str, Any, Any, str]  # (flag without --, type, default, help)
+
+
+def stage(name: str) -> Any:
+    """The module ``stages.<name>``, imported when a run needs it (``--help`` imports no torch)."""
+    import importlib
+
+    return importlib.import_module(f"stages.{name}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """An entry point, declared: parse, build the config, check, then print the plan (``--dry-run``) or run
+    the stage inside its MLflow run (``core.tracking.stage_run``).
+
+    Args:
+        stage: the entry point's name (``python -m entrypoints.<stage>``, the run's stage tag).
+        doc: the module docstring (``--help``).
+        plan: ``(cfg, args) -> lines`` of the dry run; loads no weights.
+        run: ``(cfg, args) -> ...``: the stage, inside the active run.
+        model: take ``--model``.
+        data: take ``--data`` and ``--split``.
+        runs: ``--<flag>`` MLflow run ids, flag -> help.
+        options: further flags as (flag, type, default, help).
+        sets: flag -> the config key its value overrides when given, e.g. ``{"judge": "judge.model"}``.
+        trained_judge: take ``--trained-judge`` (``judge.trained``).
+        run_name: ``(cfg, args) -> name``; None: ``<model>-<stage>``.
+        tags: ``(cfg, args) -> tags`` of the run.
+        check: ``(cfg, args) -> None``: fails before any run starts (also in a dry run).
+    """
+
+    stage: str
+    doc: str | None
+    plan: Callable[[Config, argparse.Namespace], Sequence[str]]
+    run: Callable[[Config, argparse.Namespace], Any]
+    model: bool = True
+    data: bool = True
+    runs: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    options: Sequence[Option] = ()
+    sets: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    trained_judge: bool = False
+    run_name: Callable[[Config, argparse.Namespace], str | None] = lambda cfg, args: None
+    tags: Callable[[Config, argparse.Namespace], Mapping[str, str] | None] = lambda cfg, args: None
+    check: Callable[[Config, argparse.Namespace], None] = lambda cfg, args: None
+
+    def parser(self) -> argparse.ArgumentParser:
+        p = parser(self.stage, self.doc)
+        if self.model:
+            add_model(p)
+        if self.data:
+            add_data(p)
+        for name, help_text in self.runs.items():
+            run_arg(p, name, help_text)
+        for name, kind, default, help_text in self.options:
+            p.add_argument(f"--{name}", type=kind, default=default, help=help_text)
+        if self.trained_judge:
+            add_trained_judge(p)
+        add_config(p)
+        return p
+
+    def config(self, args: argparse.Namespace) -> Config:
+        """The config of ``args``: the flags in ``sets`` and ``--trained-judge`` before ``--overrides``."""
+        extra = [f"{key}={getattr(args, flag.replace('-', '_'))}" for flag, key in self.sets.items()
+                 if getattr(args, flag.replace("-", "_"))]
+        return build_config(args, [*extra, *trained_judge_override(args)])
+
+    def main(self) -> None:
+        from core.tracking import stage_run
+
+        args = self.parser().parse_args()
+        cfg = self.config(args)
+        self.check(cfg, args)
+        if args.dry_run:
+            print_plan(self.stage, cfg, self.plan(cfg, args))
+            return
+        with stage_run(self.stage, cfg, run_name=self.run_name(cfg, args), tags=self.tags(cfg, args)):
+            self.run(cfg, args)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> NoReturn:

@@ -10,38 +10,17 @@ over questions) and _n; artifacts calibrate/agreement.csv (also an MLflow table)
 per_category.csv, agreement.md.
 """
 
-import argparse
-
 from entrypoints import _cli
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _cli.parser("calibrate", __doc__)
-    _cli.add_model(p)
-    _cli.add_data(p)
-    _cli.run_arg(p, "data-run", "MLflow run id of a data stage run (its eval.split questions are scored)")
-    p.add_argument("--judges", default="", help='judges separated by "|", e.g. "judge|semantic"')
-    _cli.add_trained_judge(p)
-    _cli.add_config(p)
-    return p
-
-
-def main() -> None:
-    from core.tracking import stage_run
-    from stages import calibrate
-
-    args = build_parser().parse_args()
-    extra = []
-    if args.judges:
-        extra.append(f"calibrate.judges=[{','.join(j.strip() for j in args.judges.split('|') if j.strip())}]")
-    extra += _cli.trained_judge_override(args)
-    cfg = _cli.build_config(args, extra)
-    if args.dry_run:
-        _cli.print_plan("calibrate", cfg, calibrate.plan(cfg, args.data_run))
-        return
-    with stage_run("calibrate", cfg, run_name=f"calibrate-{cfg.eval.split}", tags={"truthsteer.data_run": args.data_run}):
-        calibrate.run(cfg, data_run=args.data_run)
-
+ENTRY = _cli.Entry(
+    "calibrate", __doc__, lambda cfg, args: _cli.stage("calibrate").plan(cfg, args.data_run),
+    lambda cfg, args: _cli.stage("calibrate").run(cfg, data_run=args.data_run),
+    runs={"data-run": "MLflow run id of a data stage run (its eval.split questions are scored)"},
+    options=[("judges", str, "", 'judges separated by "|", e.g. "judge|semantic"')],
+    sets={"judges": "calibrate.judges"}, trained_judge=True,
+    run_name=lambda cfg, args: f"calibrate-{cfg.eval.split}", tags=lambda cfg, args: {"truthsteer.data_run": args.data_run},
+)
+main = ENTRY.main
 
 if __name__ == "__main__":
     _cli.main(main)

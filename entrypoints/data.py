@@ -7,34 +7,24 @@ Logs: one MLflow dataset input per split (truthfulqa-pool, ...), metrics n_pool,
 n_test, n_categories, n_questions, and the artifact data/splits.json (ids and records per split).
 """
 
-import argparse
+from argparse import Namespace
 
+from core.config import Config
 from entrypoints import _cli
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _cli.parser("data", __doc__)
-    _cli.add_data(p)
-    _cli.add_config(p)
-    return p
-
-
-def main() -> None:
+def _plan(cfg: Config, args: Namespace) -> list[str]:
     from core import data
-    from core.tracking import stage_run
-    from stages import data as data_stage
 
-    args = build_parser().parse_args()
-    cfg = _cli.build_config(args)
-    if args.dry_run:
-        questions = data.load_questions(cfg.data.source)
-        data.check_sizes(cfg.data.sizes, len(questions))
-        _cli.print_plan("data", cfg, [f"source: {cfg.data.source} ({len(questions)} questions)",
-                                      f"split sizes: {cfg.data.sizes}, seed {cfg.data.seed}"])
-        return
-    with stage_run("data", cfg, run_name=f"data-{cfg.data.split}"):
-        data_stage.run(cfg)
+    questions = data.load_questions(cfg.data.source)
+    data.check_sizes(cfg.data.sizes, len(questions))
+    return [f"source: {cfg.data.source} ({len(questions)} questions)",
+            f"split sizes: {cfg.data.sizes}, seed {cfg.data.seed}"]
 
+
+ENTRY = _cli.Entry("data", __doc__, _plan, lambda cfg, args: _cli.stage("data").run(cfg), model=False,
+                   run_name=lambda cfg, args: f"data-{cfg.data.split}")
+main = ENTRY.main
 
 if __name__ == "__main__":
     _cli.main(main)

@@ -17,42 +17,29 @@ generations table (evaluate/generations.jsonl, .csv and an MLflow table), evalua
 and the summary evaluate/summary.md and .csv.
 """
 
-import argparse
+from argparse import Namespace
+from typing import Any
 
 from entrypoints import _cli
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _cli.parser("evaluate", __doc__)
-    _cli.add_model(p)
-    _cli.add_data(p)
-    _cli.run_arg(p, "data-run", "MLflow run id of a data stage whose splits to use")
-    p.add_argument("--sources", default="", help="each steered variant's source run, variant=RUN separated by |")
-    p.add_argument("--variants", default="", help="variants separated by |; default: eval.variants")
-    p.add_argument("--judge", default="", help="judge model alias; default: judge.model")
-    _cli.add_trained_judge(p)
-    _cli.add_config(p)
-    return p
-
-
-def main() -> None:
-    from core.tracking import stage_run
-    from stages import evaluate
+def _sources(args: Namespace) -> Any:  # a stages.source_runs.SourceRuns
     from stages.source_runs import SourceRuns
 
-    args = build_parser().parse_args()
-    extra = [f"eval.variants={args.variants}"] if args.variants else []
-    extra += [f"judge.model={args.judge}"] if args.judge else []
-    extra += _cli.trained_judge_override(args)
-    cfg = _cli.build_config(args, extra)
-    sources = SourceRuns.parse(args.data_run, args.sources)
-    sources.check(cfg.eval.variants)  # before any run starts
-    if args.dry_run:
-        _cli.print_plan("evaluate", cfg, evaluate.plan(cfg, sources))
-        return
-    with stage_run("evaluate", cfg):
-        evaluate.run(cfg, sources=sources)
+    return SourceRuns.parse(args.data_run, args.sources)
 
+
+ENTRY = _cli.Entry(
+    "evaluate", __doc__, lambda cfg, args: _cli.stage("evaluate").plan(cfg, _sources(args)),
+    lambda cfg, args: _cli.stage("evaluate").run(cfg, sources=_sources(args)),
+    runs={"data-run": "MLflow run id of a data stage whose splits to use"},
+    options=[("sources", str, "", "each steered variant's source run, variant=RUN separated by |"),
+             ("variants", str, "", "variants separated by |; default: eval.variants"),
+             ("judge", str, "", "judge model alias; default: judge.model")],
+    sets={"variants": "eval.variants", "judge": "judge.model"}, trained_judge=True,
+    check=lambda cfg, args: _sources(args).check(cfg.eval.variants),
+)
+main = ENTRY.main
 
 if __name__ == "__main__":
     _cli.main(main)

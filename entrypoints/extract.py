@@ -17,32 +17,12 @@ extract.device, extract.pair_seed, extract.data_run; artifacts extract/caa.safet
 its JSON sidecar extract/caa.json (model, layers, norms, counts, question ids, dtype, config).
 """
 
-import argparse
-
 from entrypoints import _cli
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _cli.parser("extract", __doc__)
-    _cli.add_model(p)
-    _cli.add_data(p)
-    _cli.run_arg(p, "data-run", "MLflow run id of a data stage whose splits to use")
-    _cli.add_config(p)
-    return p
-
-
-def main() -> None:
-    from core.tracking import stage_run
-    from stages import extract as extract_stage
-
-    args = build_parser().parse_args()
-    cfg = _cli.build_config(args)
-    if args.dry_run:
-        _cli.print_plan("extract", cfg, extract_stage.plan(cfg, args.data_run))
-        return
-    with stage_run("extract", cfg):
-        extract_stage.run(cfg, data_run=args.data_run)
-
+ENTRY = _cli.Entry("extract", __doc__, lambda cfg, args: _cli.stage("extract").plan(cfg, args.data_run),
+                   lambda cfg, args: _cli.stage("extract").run(cfg, data_run=args.data_run),
+                   runs={"data-run": "MLflow run id of a data stage whose splits to use"})
+main = ENTRY.main
 
 if __name__ == "__main__":
     _cli.main(main)

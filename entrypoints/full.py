@@ -8,38 +8,33 @@ Parameters: --model, --data, --split, --judge, --tuned (a tune run id whose best
 Logs: a parent run with the summary table.
 """
 
-import argparse
+from argparse import Namespace
 
+from core.config import Config
 from entrypoints import _cli
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _cli.parser("full", __doc__)
-    _cli.add_model(p)
-    _cli.add_data(p)
-    p.add_argument("--judge", default="", help="judge model alias; default: judge.model")
-    _cli.run_arg(p, "tuned", "MLflow run id of a tune study whose best layer and scale to use")
-    _cli.add_config(p)
-    return p
+class FullEntry(_cli.Entry):
+    def config(self, args: Namespace) -> Config:
+        """With ``--tuned``, the study's best layer and scale under the user's own overrides."""
+        cfg = super().config(args)
+        if not args.tuned:
+            return cfg
+        from core.tracking import ensure_store, tracking_uri
 
-
-def main() -> None:
-    from core.tracking import ensure_store, stage_run, tracking_uri
-    from stages import pipeline
-
-    args = build_parser().parse_args()
-    extra = [f"judge.model={args.judge}"] if args.judge else []
-    cfg = _cli.build_config(args, extra)
-    if args.tuned:  # the study's best layer and scale, under the user's own overrides
         ensure_store(tracking_uri(cfg))
-        cfg = _cli.build_config(args, [*extra, *pipeline.tuned_overrides(args.tuned)])
-    if args.dry_run:
-        _cli.print_plan("full", cfg, pipeline.plan(cfg))
-        return
-    with stage_run("full", cfg, run_name=f"{cfg.model.alias}-full-{cfg.data.split}",
-                   tags={"truthsteer.tuned_from": args.tuned} if args.tuned else None):
-        pipeline.run(cfg)
+        extra = [f"judge.model={args.judge}"] if args.judge else []
+        return _cli.build_config(args, [*extra, *_cli.stage("pipeline").tuned_overrides(args.tuned)])
 
+
+ENTRY = FullEntry(
+    "full", __doc__, lambda cfg, args: _cli.stage("pipeline").plan(cfg), lambda cfg, args: _cli.stage("pipeline").run(cfg),
+    runs={"tuned": "MLflow run id of a tune study whose best layer and scale to use"},
+    options=[("judge", str, "", "judge model alias; default: judge.model")], sets={"judge": "judge.model"},
+    run_name=lambda cfg, args: f"{cfg.model.alias}-full-{cfg.data.split}",
+    tags=lambda cfg, args: {"truthsteer.tuned_from": args.tuned} if args.tuned else None,
+)
+main = ENTRY.main
 
 if __name__ == "__main__":
     _cli.main(main)

@@ -12,32 +12,12 @@ Logs: metrics n_examples, best_accuracy, top_k_accuracy, best_accuracy_by_layer 
 artifacts iti/heads.safetensors (layers, heads, directions, sigmas, accuracies) and iti/heads.json.
 """
 
-import argparse
-
 from entrypoints import _cli
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _cli.parser("iti", __doc__)
-    _cli.add_model(p)
-    _cli.add_data(p)
-    _cli.run_arg(p, "data-run", "MLflow run id of a data stage whose splits to use")
-    _cli.add_config(p)
-    return p
-
-
-def main() -> None:
-    from core.tracking import stage_run
-    from stages import iti
-
-    args = build_parser().parse_args()
-    cfg = _cli.build_config(args)
-    if args.dry_run:
-        _cli.print_plan("iti", cfg, iti.plan(cfg, args.data_run))
-        return
-    with stage_run("iti", cfg):
-        iti.run(cfg, data_run=args.data_run)
-
+ENTRY = _cli.Entry("iti", __doc__, lambda cfg, args: _cli.stage("iti").plan(cfg, args.data_run),
+                   lambda cfg, args: _cli.stage("iti").run(cfg, data_run=args.data_run),
+                   runs={"data-run": "MLflow run id of a data stage whose splits to use"})
+main = ENTRY.main
 
 if __name__ == "__main__":
     _cli.main(main)

@@ -10,31 +10,13 @@ questions); the MLflow model judge_model, registered as truthsteer-judge; the ta
 which evaluate, score and calibrate take as judge.trained.
 """
 
-import argparse
-
 from entrypoints import _cli
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _cli.parser("train_judge", __doc__)
-    _cli.add_data(p)
-    _cli.run_arg(p, "data-run", "MLflow run id of a data stage run whose val and test questions are held out")
-    _cli.add_config(p)
-    return p
-
-
-def main() -> None:
-    from core.tracking import stage_run
-    from stages import train_judge
-
-    args = build_parser().parse_args()
-    cfg = _cli.build_config(args)
-    if args.dry_run:
-        _cli.print_plan("train_judge", cfg, train_judge.plan(cfg, args.data_run))
-        return
-    with stage_run("train_judge", cfg, run_name="train-judge", tags={"truthsteer.data_run": args.data_run}):
-        train_judge.run(cfg, data_run=args.data_run)
-
+ENTRY = _cli.Entry("train_judge", __doc__, lambda cfg, args: _cli.stage("train_judge").plan(cfg, args.data_run),
+                   lambda cfg, args: _cli.stage("train_judge").run(cfg, data_run=args.data_run), model=False,
+                   runs={"data-run": "MLflow run id of a data stage run whose val and test questions are held out"},
+                   run_name=lambda cfg, args: "train-judge", tags=lambda cfg, args: {"truthsteer.data_run": args.data_run})
+main = ENTRY.main
 
 if __name__ == "__main__":
     _cli.main(main)

@@ -23,51 +23,40 @@ scale, metrics objective and <metric>); artifacts tune/best_config.yaml ({steeri
 for `full --tuned <run id>`), tune/trials.csv, tune/history.png, tune/importance.png.
 """
 
-import argparse
+from argparse import Namespace
+from typing import Any
 
 from entrypoints import _cli
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _cli.parser("tune", __doc__)
-    _cli.add_model(p)
-    _cli.add_data(p)
-    p.add_argument("--objective", default="mc", help="mc or judge")
-    p.add_argument("--n-trials", type=int, default=24, help="trials this worker runs (0: no limit)")
-    p.add_argument("--total-trials", type=int, default=0,
-                   help="COMPLETE trials of the study, over all workers, at which every worker stops (0: no limit)")
-    p.add_argument("--timeout", type=float, default=0.0, help="seconds this worker runs at most (0: no limit)")
-    p.add_argument("--storage", default="", help="Optuna storage URL or journal file; default: a local sqlite file")
-    p.add_argument("--study-name", default="", help="default: truthsteer-<model>-<objective>")
-    p.add_argument("--sampler", default="tpe", help="tpe or grid")
-    p.add_argument("--layers", default="", help="layer range or list: 8:20, 8:20:2 or 6,9,12")
-    p.add_argument("--scales", default="", help="scale range or list: 0.5:8, 0:8:2 or 1,2,4")
-    p.add_argument("--seed", type=int, default=0, help="sampler seed")
-    p.add_argument("--pruner", default="auto", help="auto, wilcoxon, median or none")
-    p.add_argument("--heartbeat", type=int, default=60, help="seconds between RDB storage heartbeats (0: off)")
-    _cli.run_arg(p, "extract-run", "MLflow run id of an extract stage whose vectors to use instead of the cache")
-    _cli.add_config(p)
-    return p
+FLAGS = {  # the tune settings: flag -> (type, default, help)
+    "objective": (str, "mc", "mc or judge"), "n-trials": (int, 24, "trials this worker runs (0: no limit)"),
+    "total-trials": (int, 0, "COMPLETE trials of the study, over all workers, at which every worker stops (0: none)"),
+    "timeout": (float, 0.0, "seconds this worker runs at most (0: no limit)"),
+    "storage": (str, "", "Optuna storage URL or journal file; default: a local sqlite file"),
+    "study-name": (str, "", "default: truthsteer-<model>-<objective>"), "sampler": (str, "tpe", "tpe or grid"),
+    "layers": (str, "", "layer range or list: 8:20, 8:20:2 or 6,9,12"),
+    "scales": (str, "", "scale range or list: 0.5:8, 0:8:2 or 1,2,4"), "seed": (int, 0, "sampler seed"),
+    "pruner": (str, "auto", "auto, wilcoxon, median or none"),
+    "heartbeat": (int, 60, "seconds between RDB storage heartbeats (0: off)"),
+}
 
 
-def main() -> None:
-    from core.tracking import stage_run
-    from stages import tune, tune_storage
+def settings(args: Namespace) -> Any:
+    """The ``stages.tune_storage.TuneSettings`` of the flags."""
+    from stages.tune_storage import TuneSettings
 
-    args = build_parser().parse_args()
-    cfg = _cli.build_config(args)
-    settings = tune_storage.TuneSettings(
-        objective=args.objective, sampler=args.sampler, n_trials=args.n_trials, total_trials=args.total_trials,
-        timeout=args.timeout, storage=args.storage, study_name=args.study_name, layers=args.layers,
-        scales=args.scales, seed=args.seed, pruner=args.pruner, heartbeat=args.heartbeat,
-        extract_run=args.extract_run,
-    )
-    if args.dry_run:
-        _cli.print_plan("tune", cfg, tune.plan(cfg, settings))
-        return
-    with stage_run("tune", cfg, run_name=f"{cfg.model.alias}-tune-{settings.objective}"):
-        tune.run(cfg, settings)
+    return TuneSettings(**{f.replace("-", "_"): getattr(args, f.replace("-", "_")) for f in FLAGS},
+                        extract_run=args.extract_run)
 
+
+ENTRY = _cli.Entry(
+    "tune", __doc__, lambda cfg, args: _cli.stage("tune").plan(cfg, settings(args)),
+    lambda cfg, args: _cli.stage("tune").run(cfg, settings(args)),
+    runs={"extract-run": "MLflow run id of an extract stage whose vectors to use instead of the cache"},
+    options=[(flag, kind, default, help_text) for flag, (kind, default, help_text) in FLAGS.items()],
+    run_name=lambda cfg, args: f"{cfg.model.alias}-tune-{args.objective}",
+)
+main = ENTRY.main
 
 if __name__ == "__main__":
     _cli.main(main)
