@@ -135,6 +135,13 @@ class Entry:
     tags: Callable[[Config, argparse.Namespace], Mapping[str, str] | None] = lambda cfg, args: None
     check: Callable[[Config, argparse.Namespace], None] = lambda cfg, args: None
 
+    @classmethod
+    def pool_stage(cls, stage_name: str, doc: str | None) -> Entry:
+        """A stage that reads the data split's pool (``--data-run``): ``stages.<name>.plan`` and ``run``."""
+        return cls(stage_name, doc, lambda cfg, args: stage(stage_name).plan(cfg, args.data_run),
+                   lambda cfg, args: stage(stage_name).run(cfg, data_run=args.data_run),
+                   runs={"data-run": "MLflow run id of a data stage whose splits to use"})
+
     def parser(self) -> argparse.ArgumentParser:
         p = parser(self.stage, self.doc)
         if self.model:

@@ -19,9 +19,7 @@ its JSON sidecar extract/caa.json (model, layers, norms, counts, question ids, d
 
 from entrypoints import _cli
 
-ENTRY = _cli.Entry("extract", __doc__, lambda cfg, args: _cli.stage("extract").plan(cfg, args.data_run),
-                   lambda cfg, args: _cli.stage("extract").run(cfg, data_run=args.data_run),
-                   runs={"data-run": "MLflow run id of a data stage whose splits to use"})
+ENTRY = _cli.Entry.pool_stage("extract", __doc__)
 main = ENTRY.main
 
 if __name__ == "__main__":

@@ -14,9 +14,7 @@ artifacts iti/heads.safetensors (layers, heads, directions, sigmas, accuracies) 
 
 from entrypoints import _cli
 
-ENTRY = _cli.Entry("iti", __doc__, lambda cfg, args: _cli.stage("iti").plan(cfg, args.data_run),
-                   lambda cfg, args: _cli.stage("iti").run(cfg, data_run=args.data_run),
-                   runs={"data-run": "MLflow run id of a data stage whose splits to use"})
+ENTRY = _cli.Entry.pool_stage("iti", __doc__)
 main = ENTRY.main
 
 if __name__ == "__main__":
