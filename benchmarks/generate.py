@@ -31,11 +31,12 @@ from typing import Any
 import torch
 
 from benchmarks import DATA_CSV, RESULTS_DIR, write_report
+from core.config import EvalConfig
 from core.config_io import load_config
 from core.data import load_questions, split_questions
 from core.models import load_model
 from evaluation.generate import generate_batch, generate_missing
-from evaluation.generation_store import DecodingParams, GenerationStore, variant_hash
+from evaluation.generation_store import GenerationStore, variant_hash
 from steering.extract import contrastive_pairs, extract_caa
 from steering.methods.intervention import Steering
 
@@ -68,9 +69,9 @@ def main() -> None:
     extract_seconds = time.perf_counter() - tick
     steering = Steering("caa", layer=cfg.layer, scale=cfg.steering.scale, vector=caa.vectors[cfg.layer],
                         positions=cfg.steering.positions, source_run="benchmark")
-    decoding = DecodingParams.from_config(cfg)
+    decoding = cfg.eval
     key = variant_hash(cfg.model, "float32", decoding, steering.key_fields())
-    generate_batch(loaded, [questions[0].question], steering, DecodingParams(max_new_tokens=4))  # warm-up
+    generate_batch(loaded, [questions[0].question], steering, EvalConfig(max_new_tokens=4))  # warm-up
 
     with tempfile.TemporaryDirectory() as tmp:
         tick = time.perf_counter()
@@ -98,7 +99,7 @@ def main() -> None:
     if args.bf16:
         half = load_model(cfg.model, dtype="bfloat16", device=args.device)
         half_key = variant_hash(cfg.model, "bfloat16", decoding, steering.key_fields())
-        generate_batch(half, [questions[0].question], steering, DecodingParams(max_new_tokens=4))  # warm-up
+        generate_batch(half, [questions[0].question], steering, EvalConfig(max_new_tokens=4))  # warm-up
         with tempfile.TemporaryDirectory() as tmp:
             tick = time.perf_counter()
             half_records, _ = generate_missing(half, questions, steering, decoding,

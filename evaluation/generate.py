@@ -21,9 +21,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from core.config import EvalConfig
 from core.data import Question
 from core.models import LoadedModel
-from evaluation.generation_store import DecodingParams, GenerationStore
+from evaluation.generation_store import GenerationStore
 from steering.hooks import check_steered
 from steering.methods.intervention import Steering
 from steering.prompts import PromptFormat, encode_prompts, format_prompt
@@ -103,7 +104,7 @@ def generate_batch(
     loaded: LoadedModel,
     questions: Sequence[str],
     steering: Steering,
-    decoding: DecodingParams,
+    decoding: EvalConfig,
     *,
     batch_index: int = 0,
 ) -> list[Answer]:
@@ -165,7 +166,7 @@ def generate_missing(
     loaded: LoadedModel,
     questions: Sequence[Question],
     steering: Steering,
-    decoding: DecodingParams,
+    decoding: EvalConfig,
     store: GenerationStore,
     key_hash: str,
     *,

@@ -2,7 +2,7 @@
 
 ``GenerationStore`` is a JSONL file with one record per answer, keyed by (question id, variant,
 variant hash). The variant hash (``variant_hash``) covers everything that changes an answer: the
-model, the decoding (``DecodingParams``) and the steering's key fields. Each finished batch is
+model, the decoding (the ``eval`` section's ``decoding_key_fields``) and the steering's key fields. Each finished batch is
 appended in one write, flushed and fsynced, so an evaluation killed at any point regenerates nothing
 that was written; a torn last line is ignored, and cut off by the next append. Its default place is
 ``$TRUTHSTEER_OUTPUTS/evaluate/<store hash>/generations.jsonl``, the store hash covering the model and
@@ -11,7 +11,6 @@ the decoding.
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import hashlib
 import json
@@ -20,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from core.config import Config, ModelSpec
+from core.config import EvalConfig, ModelSpec
 
 OUTPUTS_ENV = "TRUTHSTEER_OUTPUTS"
 DEFAULT_OUTPUTS = "outputs"
@@ -28,45 +27,19 @@ StoreKey = tuple[str, str, str]  # (question id, variant, variant hash)
 STORE_FILE = "generations.jsonl"
 
 
-@dataclasses.dataclass(frozen=True)
-class DecodingParams:
-    """How answers are decoded.
+DECODING_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_p", "seed", "batch_size")
+
+
+def decoding_key_fields(decoding: EvalConfig) -> dict[str, Any]:
+    """What of the ``eval`` section changes an answer. Greedy answers do not depend on the seed,
+    temperature or top_p; sampled ones also depend on the batching, because the seed is drawn per batch.
 
     Args:
-        max_new_tokens: generated tokens per answer at most.
-        do_sample: sample (seeded per batch) instead of greedy decoding.
-        temperature: sampling temperature (only with ``do_sample``).
-        top_p: nucleus sampling mass (only with ``do_sample``).
-        seed: base seed of the per-batch sampling seeds (only with ``do_sample``).
-        batch_size: questions per ``generate`` call.
+        decoding: the ``eval`` section (``cfg.eval``).
     """
-
-    max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    batch_size: int = 16
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens <= 0 or self.batch_size <= 0:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens} and batch_size={self.batch_size} must be > 0")
-        if self.temperature <= 0 or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"temperature={self.temperature} must be > 0 and top_p={self.top_p} in (0, 1]")
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> DecodingParams:
-        """The ``eval`` section's decoding settings."""
-        e = cfg.eval
-        return cls(max_new_tokens=e.max_new_tokens, do_sample=e.do_sample, temperature=e.temperature,
-                   top_p=e.top_p, seed=e.seed, batch_size=e.batch_size)
-
-    def key_fields(self) -> dict[str, Any]:
-        """What changes an answer. Greedy answers do not depend on the seed, temperature or top_p;
-        sampled ones also depend on the batching, because the seed is drawn per batch."""
-        if not self.do_sample:
-            return {"max_new_tokens": self.max_new_tokens, "do_sample": False}
-        return dataclasses.asdict(self)
+    if not decoding.do_sample:
+        return {"max_new_tokens": decoding.max_new_tokens, "do_sample": False}
+    return {name: getattr(decoding, name) for name in DECODING_FIELDS}
 
 
 def model_key_fields(spec: ModelSpec, dtype: str) -> dict[str, Any]:
@@ -84,7 +57,7 @@ def _digest(fields: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def store_hash(spec: ModelSpec, dtype: str, decoding: DecodingParams) -> str:
+def store_hash(spec: ModelSpec, dtype: str, decoding: EvalConfig) -> str:
     """Hash of the model and decoding: names the default store folder, shared by every variant.
 
     Args:
@@ -92,10 +65,10 @@ def store_hash(spec: ModelSpec, dtype: str, decoding: DecodingParams) -> str:
         dtype: the compute dtype name.
         decoding: the decoding settings.
     """
-    return _digest({**model_key_fields(spec, dtype), **decoding.key_fields()})
+    return _digest({**model_key_fields(spec, dtype), **decoding_key_fields(decoding)})
 
 
-def variant_hash(spec: ModelSpec, dtype: str, decoding: DecodingParams, steering_fields: Mapping[str, Any]) -> str:
+def variant_hash(spec: ModelSpec, dtype: str, decoding: EvalConfig, steering_fields: Mapping[str, Any]) -> str:
     """Hash of everything that changes a variant's answers.
 
     Args:
@@ -104,10 +77,10 @@ def variant_hash(spec: ModelSpec, dtype: str, decoding: DecodingParams, steering
         decoding: the decoding settings.
         steering_fields: ``Steering.key_fields()`` (or ``steering_key_fields``) of the variant.
     """
-    return _digest({**model_key_fields(spec, dtype), **decoding.key_fields(), **steering_fields})
+    return _digest({**model_key_fields(spec, dtype), **decoding_key_fields(decoding), **steering_fields})
 
 
-def default_store_path(spec: ModelSpec, dtype: str, decoding: DecodingParams) -> Path:
+def default_store_path(spec: ModelSpec, dtype: str, decoding: EvalConfig) -> Path:
     """``$TRUTHSTEER_OUTPUTS/evaluate/<store hash>/generations.jsonl`` (``outputs/`` by default).
 
     Args:
@@ -200,4 +173,4 @@ class GenerationStore:
             self._records.setdefault(self.key(record), dict(record))
 
 
-__all__ = ['DEFAULT_OUTPUTS', 'DecodingParams', 'GenerationStore', 'OUTPUTS_ENV', 'STORE_FILE', 'default_store_path', 'model_key_fields', 'store_hash', 'variant_hash']
+__all__ = ['DEFAULT_OUTPUTS', 'DECODING_FIELDS', 'GenerationStore', 'OUTPUTS_ENV', 'STORE_FILE', 'decoding_key_fields', 'default_store_path', 'model_key_fields', 'store_hash', 'variant_hash']

@@ -53,7 +53,7 @@ from core.models import (
 from core.tracking import log_params_once, stage_run
 from evaluation import mc as _mc  # registers the "mc" judge
 from evaluation.generate import generate_missing
-from evaluation.generation_store import DecodingParams, GenerationStore, default_store_path, variant_hash
+from evaluation.generation_store import GenerationStore, default_store_path, variant_hash
 from evaluation.judge_loading import LLM_JUDGES, check_trained_judge, load_judge_model, make_judges
 from evaluation.judges import Judge
 from evaluation.variant_metrics import (
@@ -132,7 +132,7 @@ def variant_key(cfg: Config, variant: str, sources: SourceRuns) -> str:
         sources: the source runs.
     """
     fields = method(variant).key_fields(cfg, sources.for_variant(variant))
-    return variant_hash(cfg.model, cfg.model.dtype, DecodingParams.from_config(cfg), fields)
+    return variant_hash(cfg.model, cfg.model.dtype, cfg.eval, fields)
 
 
 def dtype_name(loaded: LoadedModel) -> str:
@@ -286,7 +286,7 @@ def plan(cfg: Config, sources: SourceRuns, store_path: str | Path | None = None)
     """
     variants = ordered_variants(cfg.eval.variants)
     sources.check(variants)
-    decoding = DecodingParams.from_config(cfg)
+    decoding = cfg.eval
     path = Path(store_path) if store_path else default_store_path(cfg.model, cfg.model.dtype, decoding)
     store = GenerationStore(path) if path.exists() else None
     n_questions = cfg.data.sizes[cfg.eval.split]
@@ -342,7 +342,7 @@ def run(
     steerings = {v: build_steering(cfg, v, sources, loaded) for v in variants}
     judge_model = load_judge_model(cfg, cfg.eval.judges, loaded)
     judges = make_judges(cfg, cfg.eval.judges, judge_model)
-    decoding = DecodingParams.from_config(cfg)
+    decoding = cfg.eval
     store = GenerationStore(Path(store_path) if store_path else default_store_path(cfg.model, dtype, decoding))
     log_params_once({**sources.params(), "eval.prompt_format": loaded.prompt_format, "eval.dtype": dtype})
     mlflow.set_tag(TAG_STORE, str(store.path.resolve()))

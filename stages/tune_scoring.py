@@ -197,10 +197,9 @@ class TrialScorer:
             judge = MCJudge.from_config(self.cfg).bind(self.loaded, steering)
             return judge.score([JudgeItem.from_question(q, "") for q in questions])
         from evaluation.generate import generate_batch
-        from evaluation.generation_store import DecodingParams
 
         answers = generate_batch(self.loaded, [q.question for q in questions], steering,
-                                 DecodingParams.from_config(self.cfg), batch_index=batch_index)
+                                 self.cfg.eval, batch_index=batch_index)
         return self.judge.score([JudgeItem.from_question(q, a.text) for q, a in zip(questions, answers, strict=True)])
 
 

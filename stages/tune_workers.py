@@ -157,13 +157,13 @@ def study_setup(cfg: Config, objective: Objective, val: Sequence[Question], sour
         val: the val questions.
         source: where the vectors come from (``shared_extraction``).
     """
-    from evaluation.generation_store import DecodingParams
+    from evaluation.generation_store import decoding_key_fields
 
     return {"model": cfg.model.alias, "dtype": cfg.model.dtype, "objective": objective.name,
             "metric": objective.metric, "val": hashlib.sha256(",".join(q.id for q in val).encode()).hexdigest()[:16],
             "vectors": source if source.startswith("run:") else extraction_key(cfg),
             "positions": cfg.steering.positions, "max_length": cfg.extract.max_length,
-            "decoding": DecodingParams.from_config(cfg).key_fields() if objective.generates else {}}
+            "decoding": decoding_key_fields(cfg.eval) if objective.generates else {}}
 
 
 def open_study(cfg: Config, settings: TuneSettings, space: SearchSpace, storage: BaseStorage,

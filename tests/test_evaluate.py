@@ -27,13 +27,12 @@ import pytest
 import torch
 
 from core import artifacts
-from core.config import Config, ConfigError
+from core.config import Config, ConfigError, EvalConfig
 from core.config_io import load_config
 from core.data import Question, question_id
 from core.tracking import stage_run
 from evaluation import judge_loading, variant_metrics
 from evaluation.generate import generate_batch
-from evaluation.generation_store import DecodingParams
 from evaluation.judges import JudgeError, JudgeItem, make_judge
 from evaluation.mc import MCJudge, answer_logprobs, mc_choices, mc_metrics
 from evaluation.metrics import BleuJudge
@@ -242,7 +241,7 @@ def tiny_rows(cfg: Config) -> tuple[dict[str, list[dict[str, Any]]], dict[str, S
     loaded = tiny_loaded("llama")
     steerings = {"baseline": Steering.baseline(),
                  "caa": Steering("caa", layer=LAYER, scale=1.0, vector=vector(loaded), source_run="r")}
-    decoding = DecodingParams(max_new_tokens=6, batch_size=4)
+    decoding = EvalConfig(max_new_tokens=6, batch_size=4)
     rows = {}
     for variant, steering in steerings.items():
         answers = generate_batch(loaded, [q.question for q in questions()], steering, decoding)

@@ -20,12 +20,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from core.config import ModelSpec
+from core.config import EvalConfig, ModelSpec
 from core.data import Question, question_id
 from core.models import LoadedModel
 from evaluation.generate import decode_answer, generate_batch, generate_missing, stop_token_ids
 from evaluation.generation_store import (
-    DecodingParams,
     GenerationStore,
     default_store_path,
     store_hash,
@@ -33,6 +32,7 @@ from evaluation.generation_store import (
 )
 from steering.hooks import active_hooks, steer
 from steering.layers import d_model
+from steering.methods import method
 from steering.methods.intervention import Steering, steering_key_fields
 from steering.mlp import MLPSteering, MLPSteeringConfig
 from steering.prompts import encode_text, format_prompt
@@ -45,7 +45,7 @@ QUESTIONS = [
     "Why?",
     "Where do fortune cookies come from?",
 ]
-GREEDY = DecodingParams(max_new_tokens=10, batch_size=2)
+GREEDY = EvalConfig(max_new_tokens=10, batch_size=2)
 LAYER = 1
 
 
@@ -138,7 +138,7 @@ def test_cached_steered_generation_equals_a_full_recompute_loop(positions: str) 
 
 def test_sampling_is_seeded_per_batch() -> None:
     loaded = tiny_loaded("llama")
-    sampled = DecodingParams(max_new_tokens=10, do_sample=True, temperature=1.5, top_p=0.9, seed=3)
+    sampled = EvalConfig(max_new_tokens=10, do_sample=True, temperature=1.5, top_p=0.9, seed=3)
     first = generate_batch(loaded, QUESTIONS, Steering.baseline(), sampled, batch_index=1)
     assert generate_batch(loaded, QUESTIONS, Steering.baseline(), sampled, batch_index=1) == first
     assert generate_batch(loaded, QUESTIONS, Steering.baseline(), sampled, batch_index=2) != first
@@ -284,7 +284,7 @@ SPEC = ModelSpec(alias="m", source="hub", hf_id="org/m", architecture="llama", n
                  n_params_b=0.1, dtype="float32")
 
 
-def key(spec: ModelSpec = SPEC, dtype: str = "float32", decoding: DecodingParams = GREEDY, variant: str = "caa",
+def key(spec: ModelSpec = SPEC, dtype: str = "float32", decoding: EvalConfig = GREEDY, variant: str = "caa",
         layer: int | None = 1, scale: float = 4.0, positions: str = "from_prompt_end", source: str = "r") -> str:
     return variant_hash(spec, dtype, decoding, steering_key_fields(variant, layer=layer, scale=scale,
                                                                    positions=positions, source_run=source))
@@ -329,7 +329,7 @@ def test_steering_rejects_inconsistent_settings() -> None:
         Steering("baseline", layer=1, vector=torch.ones(4))
     with pytest.raises(ValueError, match="every other variant exactly one"):
         Steering("caa", layer=1)
-    with pytest.raises(ValueError, match=r"variant='cca' is not one of baseline, caa"):
-        Steering("cca")
+    with pytest.raises(ValueError, match=r"variant 'cca' is not a steering method; choose from baseline, caa"):
+        method("cca")
     with pytest.raises(ValueError, match="positions='end' must be from_prompt_end or all"):
         Steering("caa", layer=1, vector=torch.ones(4), positions="end")

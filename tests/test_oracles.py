@@ -32,12 +32,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from core.config import EvalConfig
 from core.config_io import load_config
 from core.data import Question, question_id
 from core.models import LoadedModel, load_model
 from core.tracking import stage_run
 from evaluation.generate import decode_answer, generate_batch, stop_token_ids
-from evaluation.generation_store import DecodingParams
 from evaluation.judges import JudgeItem
 from evaluation.mc import MCJudge, answer_logprobs, mc_choices
 from stages import evaluate
@@ -150,7 +150,7 @@ def tiny_steerings(loaded: LoadedModel, layer: int = LAYER) -> dict[str, Steerin
 def test_cached_batched_generation_equals_a_recompute_with_an_independent_hook(arch: str, kind: str) -> None:
     loaded = tiny_loaded(arch)
     steering = tiny_steerings(loaded)[kind]
-    decoding = DecodingParams(max_new_tokens=MAX_NEW, batch_size=len(QUESTIONS))
+    decoding = EvalConfig(max_new_tokens=MAX_NEW, batch_size=len(QUESTIONS))
     answers = generate_batch(loaded, QUESTIONS, steering, decoding)  # one left-padded batch, as evaluate runs it
     expected = recompute_greedy(loaded, QUESTIONS, delta_of(steering), LAYER,
                                 "all" if steering.positions == "all" else "prompt_end", MAX_NEW)
@@ -214,11 +214,11 @@ def test_the_guard_stops_a_generation_that_steers_only_the_prompt() -> None:
     loaded = tiny_loaded("llama")
     steering = tiny_steerings(loaded)["caa"]
     with pytest.raises(SteeringNotApplied, match=r"edited 2 of the 20 positions of the generation of 2 answers"):
-        generate_batch(loaded, QUESTIONS[:2], steering, DecodingParams(max_new_tokens=MAX_NEW))
+        generate_batch(loaded, QUESTIONS[:2], steering, EvalConfig(max_new_tokens=MAX_NEW))
     assert active_hooks(loaded.model) == 0
     # positions=all never needed the offset, and baseline steers nothing: both still answer
-    generate_batch(loaded, QUESTIONS[:2], tiny_steerings(loaded)["caa_all"], DecodingParams(max_new_tokens=3))
-    generate_batch(loaded, QUESTIONS[:2], Steering.baseline(), DecodingParams(max_new_tokens=3))
+    generate_batch(loaded, QUESTIONS[:2], tiny_steerings(loaded)["caa_all"], EvalConfig(max_new_tokens=3))
+    generate_batch(loaded, QUESTIONS[:2], Steering.baseline(), EvalConfig(max_new_tokens=3))
 
 
 @pytest.mark.usefixtures("cache_hidden")
@@ -289,7 +289,7 @@ def smol_steering(loaded: LoadedModel, scale: float) -> Steering:
 def test_smollm2_cached_steered_generation_equals_the_recompute_oracle() -> None:
     loaded = smollm2()
     steering = smol_steering(loaded, scale=2.0)
-    answers = generate_batch(loaded, SMOL_QUESTIONS, steering, DecodingParams(max_new_tokens=12))
+    answers = generate_batch(loaded, SMOL_QUESTIONS, steering, EvalConfig(max_new_tokens=12))
     expected = recompute_greedy(loaded, SMOL_QUESTIONS, delta_of(steering), SMOL_LAYER, "prompt_end", 12)
     assert [a.text for a in answers] == expected
     prompt_only = recompute_greedy(loaded, SMOL_QUESTIONS, delta_of(steering), SMOL_LAYER, "prompt_only", 12)
