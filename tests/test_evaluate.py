@@ -207,7 +207,7 @@ def test_source_runs_fail_early_naming_the_flag() -> None:
     with pytest.raises(ConfigError, match=r"mlp_mc needs a train stage run with branch mc or both; mlp_gen needs a "
                                           r"train stage run .*--sources 'mlp_mc=<run id>\|mlp_gen=<run id>'"):
         sources.check(["caa", "mlp_mc", "mlp_gen"])
-    with pytest.raises(ConfigError, match=r"'ica' is not a steering method; choose from baseline, caa, mlp_mc"):
+    with pytest.raises(ConfigError, match=r"has 'ica', which is not a steering method; choose from baseline, caa, mlp_mc"):
         sources.check(["baseline", "ica"])
     assert sources.params() == {"run.data": "d1", "run.extract": "e1"}
     assert SourceRuns.from_params({"run.extract": "e1", "run.train_mc": "t", "run.data": "d"}) == \
@@ -373,7 +373,7 @@ def test_dry_run_prints_the_plan_and_missing_sources_fail_in_one_line(
     assert "variant caa: hash" in out and "source run e1; 0 answers stored" in out
     assert "judge model gemma-3-270m" in out and "variants:\n  - baseline\n  - caa" in out
     code, _, err = run_entrypoint("evaluate", ["--variants", "baseline|mlp_gen", "--dry-run"], capsys)
-    assert code == 2 and "mlp_gen needs --mlp-gen-run" in err
+    assert code == 2 and "mlp_gen needs a train stage run" in err and "--sources 'mlp_gen=<run id>'" in err
     (tmp_path / "g.jsonl").write_text("{}\n")
     code, out, _ = run_entrypoint("score", ["--generations", str(tmp_path / "g.jsonl"), "--judges", "semantic|bleu",
                                             "--dry-run"], capsys)

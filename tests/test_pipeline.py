@@ -57,7 +57,7 @@ def test_dry_run_of_every_hub_alias_resolves_its_preset_offline_without_weights(
     assert f"hf download {spec.hf_id}" in lines[0]
     assert lines[1].startswith(f"dtype {cfg.model.dtype}, device {cfg.runtime.device}")
     assert 0 <= cfg.layer < spec.n_layers and lines[2].startswith(f"steering layer {cfg.layer},")
-    assert [line.split(":")[0] for line in lines[3:]] == list(pipeline.STAGES)
+    assert [line.split(":")[0] for line in lines[3:]] == list(pipeline.stages_of(cfg))  # iti only on request
 
 
 def test_runs_of_dead_processes_are_marked_killed(tracking: str) -> None:
@@ -110,9 +110,10 @@ def test_full_runs_every_stage_then_reuses_them(tracking: str, tmp_path: Path) -
     overrides += f",judge.labels={small_labels(tmp_path / 'labels', SMALL)},judge.hidden=[8],judge.folds=2,judge.min_kappa=0"
     first = _full(tmp_path, tracking, overrides=overrides)
     assert first.returncode == 0, first.stderr[-4000:]
+    expected = [s for s in pipeline.STAGES if s != "iti"]  # the default variants need every stage but iti
     runs = mlflow.search_runs(experiment_names=["truthsteer"], output_format="list")
     stages = sorted(r.data.tags.get("truthsteer.pipeline_stage", "") for r in runs if r.info.status == "FINISHED")
-    assert [s for s in stages if s] == sorted(pipeline.STAGES)
+    assert [s for s in stages if s] == sorted(expected)
     variants = [r for r in runs if r.data.tags.get("truthsteer.stage") == "evaluate.variant"]
     assert {r.data.tags.get("variant") for r in variants} == {"baseline", "caa", "mlp_mc", "mlp_gen"}
     assert all({"judge_truthful", "judge_truthful_informative_ci_low"} <= set(r.data.metrics) for r in variants)
@@ -124,12 +125,12 @@ def test_full_runs_every_stage_then_reuses_them(tracking: str, tmp_path: Path) -
     plan = subprocess.run([sys.executable, "-m", "entrypoints.full", "--data", str(DATA_CSV), "--overrides", overrides,
                            "--dry-run"], cwd=PROJECT_DIR, env={**os.environ, "MLFLOW_TRACKING_URI": tracking},
                           capture_output=True, text=True, timeout=300)
-    assert plan.returncode == 0 and plan.stdout.count("would reuse run") == len(pipeline.STAGES), plan.stdout
+    assert plan.returncode == 0 and plan.stdout.count("would reuse run") == len(expected), plan.stdout
     second = _full(tmp_path, tracking, overrides=overrides)
     assert second.returncode == 0, second.stderr[-4000:]
     parents = mlflow.search_runs(experiment_names=["truthsteer"], output_format="list",
                                  filter_string="tags.`truthsteer.stage` = 'full'", order_by=["attributes.start_time DESC"])
-    assert parents[0].data.tags[artifacts.TAG_REUSED] == ",".join(pipeline.STAGES)
+    assert parents[0].data.tags[artifacts.TAG_REUSED] == ",".join(expected)
     assert parents[1].data.tags[artifacts.TAG_REUSED] == "none"
 
 

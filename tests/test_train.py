@@ -347,7 +347,7 @@ def test_run_without_bank_run_is_a_config_error_that_says_the_fix(
 @pytest.mark.slow
 def test_train_stage_on_smollm2_both_branches(tracking: str, tmp_path: Path) -> None:
     from core.tracking import stage_run
-    from steering import train
+    from stages import train
 
     layer, steps = 15, 10
     # 6 train and 3 val questions, 3 per step: on 2 CPU cores one sequence through the 14 layers
