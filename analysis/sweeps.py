@@ -1,5 +1,5 @@
-"""The analysis tables of settings: tune trials by study, the layer x scale heatmap, the scale sweep over
-evaluations and trials, and the best layer and scale per model."""
+"""The analysis tables of settings: tune trials by study (CAA's layer and scale, ITI's k and alpha), the layer x
+scale heatmap, the scale sweep over evaluations and trials, and the best setting per model."""
 
 from __future__ import annotations
 
@@ -37,27 +37,29 @@ SCALE_BINS = 10
 SWEEP_COLUMNS = ["model", "source", "variant", "layer", "scale", "metric", "value", "ci_low", "ci_high", "run_id"]
 
 
-TRIAL_COLUMNS = ["model", "study", "run_id", "variant", "layer", "scale", "metric", "value", "ci_low",
+TRIAL_COLUMNS = ["model", "study", "run_id", "variant", "layer", "scale", "k", "alpha", "metric", "value", "ci_low",
                  "ci_high", "higher_is_better", "start_time"]
 
 
 HEATMAP_COLUMNS = ["model", "study", "metric", "layer", "scale", "value", "n_trials"]
 
 
-BEST_COLUMNS = ["model", "n_params_b", "source", "run_id", "variant", "layer", "scale", "metric", "value",
-                "ci_low", "ci_high"]
+BEST_COLUMNS = ["model", "n_params_b", "source", "run_id", "variant", "layer", "scale", "k", "alpha", "metric",
+                "value", "ci_low", "ci_high"]
 
 
 def tune_trials(runs: pd.DataFrame, missing: Missing, directions: Mapping[str, bool],
                 study_tags: Callable[[str], Mapping[str, str]] | None = None) -> pd.DataFrame:
-    """One row per trial of every tune study: its model, study, layer, scale and objective value.
+    """One row per trial of every tune study: its model, study, setting and objective value.
 
     A trial is a run with stage ``tune.trial`` or a child of a ``tune`` run (a worker). Its study is
-    its tag ``truthsteer.study`` (every worker of a study shares it), else its worker run's id.
+    its tag ``truthsteer.study`` (every worker of a study shares it), else its worker run's id. A CAA
+    trial (variant ``caa``) has a layer and a scale, ``k`` and ``alpha`` NaN; an ITI trial (variant
+    ``iti``, params ``k`` and ``alpha``) has a k and an alpha, ``layer`` and ``scale`` NaN.
 
     Args:
         runs: the run frame.
-        missing: records trials without layer, scale or objective, and studies without usable trials.
+        missing: records trials without their setting or objective, and studies without usable trials.
         directions: metric -> higher_is_better, for studies that declare no direction.
         study_tags: the tags of a worker run that is not in ``runs`` (None: such workers have none).
     """
@@ -80,19 +82,20 @@ def tune_trials(runs: pd.DataFrame, missing: Missing, directions: Mapping[str, b
         direction = worker_tags.get(TAG_OBJECTIVE_DIRECTION, "")
         higher = direction != "minimize" if direction else higher_is_better(name, directions)
         model = _text(trial.get(f"tags.{TAG_MODEL}")) or worker_tags.get(TAG_MODEL, "")
-        layer, scale = as_float(trial.get("params.layer")), as_float(trial.get("params.scale"))
+        setting = {p: as_float(trial.get(f"params.{p}")) for p in ("layer", "scale", "k", "alpha")}
+        variant = _text(trial.get("tags.variant")) or ("iti" if not math.isnan(setting["k"]) else "caa")
         value = as_float(trial.get(f"metrics.{name}"))
         if math.isnan(value):  # MLflowCallback's name for the same value
             value = as_float(trial.get(f"metrics.{TRIAL_METRIC}"))
-        if math.isnan(layer) or math.isnan(scale) or math.isnan(value):
-            lacks = [what for what, v in (("param layer", layer), ("param scale", scale), (f"metric {name}", value))
-                     if math.isnan(v)]
+        needed = ("k", "alpha") if variant == "iti" else ("layer", "scale")
+        lacks = [f"param {p}" for p in needed if math.isnan(setting[p])] + ([f"metric {name}"] if math.isnan(value) else [])
+        if lacks:
             missing.add(f"tune trial without {', '.join(lacks)} (pruned or failed?): left out", model=model,
                         run_id=str(trial["run_id"]))
             continue
         records.append({
             "model": model, "study": study, "run_id": str(trial["run_id"]),
-            "variant": _text(trial.get("tags.variant")) or "caa", "layer": layer, "scale": scale, "metric": name,
+            "variant": variant, **{p: v if p in needed else math.nan for p, v in setting.items()}, "metric": name,
             "value": value, "ci_low": as_float(trial.get(f"metrics.{name}_ci_low")),
             "ci_high": as_float(trial.get(f"metrics.{name}_ci_high")), "higher_is_better": higher,
             "start_time": trial.get("start_time"),
@@ -128,9 +131,10 @@ def layer_scale_table(trials: pd.DataFrame) -> pd.DataFrame:
     each labelled by its midpoint.
 
     Args:
-        trials: ``tune_trials`` output.
+        trials: ``tune_trials`` output (ITI trials, without a layer, are left out).
     """
     frames = []
+    trials = trials[trials["layer"].notna() & trials["scale"].notna()]
     for (model, study), group in trials.groupby(["model", "study"], sort=True):
         scales = group["scale"] if group["scale"].nunique() <= MAX_SCALE_COLUMNS else _bin_scales(group["scale"])
         cells = group.assign(scale=scales).groupby(["layer", "scale"], sort=True)["value"].agg(["mean", "size"])
@@ -185,7 +189,8 @@ def scale_sweep_table(variants: pd.DataFrame, trials: pd.DataFrame, evaluations:
                         "scale": math.nan, "metric": metric_name, "value": _get(row, str(metric_name)),
                         "ci_low": _get(row, f"{metric_name}_ci_low"), "ci_high": _get(row, f"{metric_name}_ci_high"),
                         "run_id": row["run_id"]})
-    for (model, _study), group in trials.groupby(["model", "study"], sort=True):
+    caa_trials = trials[trials["layer"].notna() & trials["scale"].notna()]  # ITI trials have no layer to sweep at
+    for (model, _study), group in caa_trials.groupby(["model", "study"], sort=True):
         best = _best_row(group, bool(group["higher_is_better"].iloc[0]))
         at_layer = _latest(group[group["layer"] == best["layer"]], ["variant", "scale"])
         for row in at_layer.sort_values(["variant", "scale"]).to_dict("records"):
@@ -198,8 +203,8 @@ def scale_sweep_table(variants: pd.DataFrame, trials: pd.DataFrame, evaluations:
 
 def best_settings_table(variants: pd.DataFrame, trials: pd.DataFrame, metric_name: str | None,
                         directions: Mapping[str, bool], sizes: Mapping[str, float]) -> pd.DataFrame:
-    """Per model, the best layer and scale: the best trial of each tune study, and the best steered
-    variant run over all its evaluations (by ``metric_name``).
+    """Per model, the best setting (layer and scale; k and alpha for an ITI study): the best trial of each
+    tune study, and the best steered variant run over all its evaluations (by ``metric_name``).
 
     Args:
         variants: ``variant_runs`` output.
@@ -213,7 +218,7 @@ def best_settings_table(variants: pd.DataFrame, trials: pd.DataFrame, metric_nam
         best = _best_row(group, bool(group["higher_is_better"].iloc[0]))
         records.append({"model": model, "source": f"tune {study}", "run_id": best["run_id"],
                         "variant": best["variant"], "layer": best["layer"], "scale": best["scale"],
-                        "metric": best["metric"], "value": best["value"], "ci_low": best["ci_low"],
+                        "k": best["k"], "alpha": best["alpha"], "metric": best["metric"], "value": best["value"], "ci_low": best["ci_low"],
                         "ci_high": best["ci_high"]})
     if metric_name and f"metrics.{metric_name}" in variants:
         steered = variants[(variants["variant"] != "baseline") & variants["layer"].notna()
@@ -223,7 +228,7 @@ def best_settings_table(variants: pd.DataFrame, trials: pd.DataFrame, metric_nam
                              higher_is_better(metric_name, directions))
             records.append({"model": model, "source": "evaluate", "run_id": best["run_id"],
                              "variant": best["variant"], "layer": best["layer"], "scale": best["scale"],
-                             "metric": metric_name, "value": best["value"],
+                             "k": math.nan, "alpha": math.nan, "metric": metric_name, "value": best["value"],
                              "ci_low": _get(best, f"{metric_name}_ci_low"),
                              "ci_high": _get(best, f"{metric_name}_ci_high")})
     if not records:

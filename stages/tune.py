@@ -1,4 +1,5 @@
-"""The tune stage: Optuna studies of the CAA steering layer and scale, one study per (model, objective).
+"""The tune stage: Optuna studies of the CAA steering layer and scale (or ITI's k and alpha), one study per
+(model, method, objective).
 
 The search space, samplers and pruners are in ``stages.tune_space``, the storages and settings in
 ``stages.tune_storage``, scoring a setting (and the shared extraction) in ``stages.tune_scoring``, the
@@ -27,6 +28,12 @@ stepped range ``low:high:step`` or a list ``a,b,c``; the layers default to a ban
 model's default layer, the scales to ``0:8`` (``0:8:2`` for the grid). Samplers: TPE (default,
 multivariate, seeded per trial number so that concurrent workers do not repeat each other) and
 ``grid`` (``GridSampler``: every layer x scale cell exactly once, over all workers).
+
+``method=iti`` tunes ITI instead: the number of steered heads ``k`` (ints, default ``1:48``, grid
+``4,8,16,32``, at most the model's n_layers x n_heads) and the shift ``alpha`` (default ``0:30``, grid
+``0:30:5``); each trial steers the best ``k`` of the shared head ranking (an iti run's, ``source_run``,
+or the cache ``$TRUTHSTEER_OUTPUTS/tune/iti/``, see ``stages.tune_iti``) by ``alpha``. Its study is
+``truthsteer-<model>-iti-<objective>``, its params ``k`` and ``alpha``, its best ``{"iti": {"k", "alpha"}}``.
 
 Objectives (``OBJECTIVES``), scored on the val split under CAA steering ``vectors[layer] * scale``:
 
@@ -72,6 +79,8 @@ from optuna.trial import TrialState
 
 from core import artifacts, tracking
 from core.artifacts import (
+    TAG_BEST_ALPHA,
+    TAG_BEST_K,
     TAG_BEST_LAYER,
     TAG_BEST_RUN,
     TAG_BEST_SCALE,
@@ -86,12 +95,12 @@ from core.artifacts import (
 from core.config import Config, ConfigError
 from core.data import splits_for
 from core.models import LoadedModel, describe_source, load_from_config
+from stages.tune_iti import heads_cache_path, heads_key, shared_source
 from stages.tune_scoring import (
     StopRequest,
     TrialScorer,
     extraction_cache_dir,
     make_objective,
-    shared_extraction,
 )
 from stages.tune_space import (
     Objective,
@@ -126,7 +135,8 @@ class TuneOutcome:
     Args:
         study_name: the study.
         storage: the storage, password hidden.
-        best_params: ``{"layer": L, "scale": S}`` of the best COMPLETE trial; None without one.
+        best_params: ``{"layer": L, "scale": S}`` (``{"k": K, "alpha": A}``) of the best COMPLETE trial;
+            None without one.
         best_value: its objective value.
         best_trial: its number.
         best_run_id: its MLflow run.
@@ -147,12 +157,22 @@ class TuneOutcome:
 
 
 def tuned_fragment(best_params: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The config fragment ``full --tuned`` applies: ``{"steering": {"layer": L, "scale": S}}``.
+    """The config fragment ``full --tuned`` applies: ``{"steering": {"layer": L, "scale": S}}``, or
+    ``{"iti": {"k": K, "alpha": A}}`` for an ITI study.
 
     Args:
         best_params: the best trial's params.
     """
+    if "k" in best_params:
+        return {"iti": {"k": int(best_params["k"]), "alpha": float(best_params["alpha"])}}
     return {"steering": {"layer": int(best_params["layer"]), "scale": float(best_params["scale"])}}
+
+
+def best_tags(best_params: dict[str, Any]) -> dict[str, str]:
+    """``TAG_BEST_LAYER`` and ``TAG_BEST_SCALE``, or ``TAG_BEST_K`` and ``TAG_BEST_ALPHA`` for an ITI study."""
+    if "k" in best_params:
+        return {TAG_BEST_K: str(best_params["k"]), TAG_BEST_ALPHA: str(best_params["alpha"])}
+    return {TAG_BEST_LAYER: str(best_params["layer"]), TAG_BEST_SCALE: str(best_params["scale"])}
 
 
 def _log_figures(study: Study) -> dict[str, str]:
@@ -174,7 +194,8 @@ def _log_figures(study: Study) -> dict[str, str]:
             plt.close(figure)
         else:
             skipped["history"] = "no completed trial"
-        fixed = [p for p in ("layer", "scale") if len({t.params.get(p) for t in complete}) < 2]
+        names = sorted({p for t in complete for p in t.params})
+        fixed = [p for p in names if len({t.params.get(p) for t in complete}) < 2]
         if len(complete) < 2 or fixed:
             skipped["importance"] = (f"{len(complete)} completed trial(s); importance needs >= 2"
                                      if len(complete) < 2 else f"{', '.join(fixed)} took one value only")
@@ -194,7 +215,7 @@ def summarise(study: Study, objective: Objective, n_worker_trials: int, storage:
               extraction_source: str, stopped: bool = False) -> TuneOutcome:
     """Tag the active (parent) run with the study's best and log its artifacts.
 
-    Tags ``TAG_BEST_RUN``, ``TAG_BEST_TRIAL``, ``TAG_BEST_LAYER``, ``TAG_BEST_SCALE``; metrics
+    Tags ``TAG_BEST_RUN``, ``TAG_BEST_TRIAL`` and ``best_tags`` (best layer and scale, or k and alpha); metrics
     ``best_<metric>``, ``n_complete``, ``n_pruned``, ``n_failed``, ``n_worker_trials``; artifacts
     ``TUNED``, ``TUNE_TRIALS``, ``TUNE_HISTORY``, ``TUNE_IMPORTANCE``.
 
@@ -228,8 +249,7 @@ def summarise(study: Study, objective: Objective, n_worker_trials: int, storage:
                           f"{counts.pruned} pruned): {'; '.join(reasons[:3]) or 'no trial ran'}")
     best = study.best_trial
     best_run = str(best.system_attrs.get(MLFLOW_RUN_ATTR, ""))
-    mlflow.set_tags({TAG_BEST_TRIAL: str(best.number), TAG_BEST_RUN: best_run,
-                     TAG_BEST_LAYER: str(best.params["layer"]), TAG_BEST_SCALE: str(best.params["scale"])})
+    mlflow.set_tags({TAG_BEST_TRIAL: str(best.number), TAG_BEST_RUN: best_run, **best_tags(best.params)})
     mlflow.log_metric(f"best_{objective.metric}", float(best.value))  # type: ignore[arg-type]  # COMPLETE: a value
     mlflow.log_text(yaml.safe_dump(tuned_fragment(best.params), sort_keys=False), artifacts.TUNED)
     return TuneOutcome(study.study_name, storage, dict(best.params), best.value, best.number, best_run or None,
@@ -252,20 +272,26 @@ def plan(cfg: Config, settings: TuneSettings) -> list[str]:
     if not val:
         raise ConfigError("the val split is empty; tune scores on it: set data.val > 0 (e.g. --overrides data.val=20)")
     total = settings.total_for(space)
-    cache = extraction_cache_dir(cfg)
-    extraction = (f"extract run {settings.extract_run}" if settings.extract_run else
-                  f"cache {cache} ({'present' if (cache / artifacts.CAA_TENSORS).exists() else 'computed on first use'})")
+    if settings.method == "iti":
+        cache = heads_cache_path(cfg)
+        extraction = (f"ranked heads of iti run {settings.source}" if settings.source else
+                      f"ranked heads cache {cache} ({'present' if cache.exists() else 'computed on first use'}); "
+                      "k at most the model's n_layers x n_heads")
+    else:
+        cache = extraction_cache_dir(cfg) / artifacts.CAA_TENSORS
+        extraction = (f"extract run {settings.source}" if settings.source else
+                      f"cache {cache.parent} ({'present' if cache.exists() else 'computed on first use'})")
     return [
         f"model: {cfg.model.alias} ({cfg.model.n_layers} layers) from {describe_source(cfg.model, cfg.runtime.cache_dir)}",
         f"study: {settings.study_name_for(cfg)} in {redacted(storage_url(settings.storage))}",
         f"objective: {objective.name} = {objective.metric} ({objective.judge} judge), {objective.direction}, "
         f"on {len(val)} val questions",
-        f"search space: {space.describe()}"
+        f"search space ({settings.method}): {space.describe()}"
         + (f" = {space.n_cells} grid cells" if settings.sampler == "grid" else ""),
         f"sampler: {settings.sampler} (seed {settings.seed}); pruner: {settings.resolved_pruner()}",
         f"trials: {settings.n_trials or 'no limit'} in this worker; study total: "
         f"{f'{total} COMPLETE' if total else 'no limit'}; timeout: {f'{settings.timeout:g} s' if settings.timeout else 'none'}",
-        f"vectors: {extraction}",
+        f"{'heads' if settings.method == 'iti' else 'vectors'}: {extraction}",
         f"artifacts: {artifacts.TUNED}, {artifacts.TUNE_TRIALS}, {artifacts.TUNE_HISTORY}, {artifacts.TUNE_IMPORTANCE}",
     ]
 
@@ -277,7 +303,7 @@ def run(cfg: Config, settings: TuneSettings, *, loaded: LoadedModel | None = Non
     this worker's trial runs. See the module docstring for the storage, sampler, budget and objectives.
 
     Args:
-        cfg: the resolved config (model, data for the splits, extract, eval, steering.positions).
+        cfg: the resolved config (model, data for the splits, extract or iti, eval, steering.positions).
         settings: the tune settings.
         loaded: the model, when the caller has it loaded; else loaded from ``cfg``.
     """
@@ -300,11 +326,13 @@ def run(cfg: Config, settings: TuneSettings, *, loaded: LoadedModel | None = Non
     total = settings.total_for(space)
     tracking.log_params_once({
         "tune.objective": objective.name, "tune.metric": objective.metric, "tune.sampler": settings.sampler,
-        "tune.pruner": settings.resolved_pruner(), "tune.layers": space.layer.describe(),
-        "tune.scales": space.scale.describe(), "tune.n_trials": str(settings.n_trials), "tune.total_trials": str(total),
+        "tune.pruner": settings.resolved_pruner(), "tune.method": settings.method,
+        **{f"tune.{name}s": axis.describe() for name, axis in space.axes.items()},
+        "tune.n_trials": str(settings.n_trials), "tune.total_trials": str(total),
         "tune.timeout": str(settings.timeout), "tune.seed": str(settings.seed), "tune.study_name": name,
         "tune.storage": redacted(url), "tune.heartbeat": str(settings.heartbeat),
-        "tune.extract_run": settings.extract_run or "none", "tune.n_val": str(len(val)),
+        f"tune.{'source' if settings.method == 'iti' else 'extract'}_run": settings.source or "none",
+        "tune.n_val": str(len(val)),
     })
     loaded = loaded or load_from_config(cfg)
     from steering.layers import n_layers
@@ -312,21 +340,28 @@ def run(cfg: Config, settings: TuneSettings, *, loaded: LoadedModel | None = Non
     if n_layers(loaded.model) != cfg.model.n_layers:
         raise ConfigError(f"model {cfg.model.alias!r} has {n_layers(loaded.model)} layers, but its registry entry "
                           f"says n_layers={cfg.model.n_layers}; fix configs/models/{cfg.model.alias}.yaml")
-    extraction, source = shared_extraction(cfg, splits["pool"], loaded, extract_run=settings.extract_run)
-    overlap = set(extraction.question_ids) & {q.id for q in val}
+    vectors, question_ids, source, what = shared_source(cfg, settings.method, splits["pool"], loaded,
+                                                        source_run=settings.source)
+    overlap = set(question_ids) & {q.id for q in val}
     if overlap:
         raise ConfigError(f"{len(overlap)} val questions were used to extract the vectors ({source}); pass an "
-                          "extract run made with the same data settings (--data, --split, --overrides data.*)")
+                          f"{settings.method if settings.method == 'iti' else 'extract'} run made with the same data "
+                          "settings (--data, --split, --overrides data.*)")
+    if settings.method == "iti":
+        space.check_heads(int(vectors.layers.shape[0]), f"{cfg.model.alias} has ({source})")
     mlflow.set_tag(TAG_EXTRACTION, source)
-    print(f"vectors: {source} ({extraction.n_examples} pairs, {extraction.n_layers} layers)")
+    print(f"{'heads' if settings.method == 'iti' else 'vectors'}: {source} ({what})")
     judge = None
     if objective.generates:
         from evaluation.judges import make_judge
 
         judge = make_judge(objective.judge, cfg)
-    scorer = TrialScorer(cfg, objective, loaded, extraction.vectors, source, judge)  # (n_layers, d_model)
+    scorer = TrialScorer(cfg, objective, loaded, vectors, source, judge, method=settings.method)
     storage = open_storage(url, settings.heartbeat)
-    study = open_study(cfg, settings, space, storage, study_setup(cfg, objective, val, source))
+    setup = study_setup(cfg, objective, val, source)
+    if settings.method != "caa":  # caa studies keep the setup (and key) they had before methods
+        setup |= {"method": settings.method, "vectors": source if source.startswith("run:") else heads_key(cfg)}
+    study = open_study(cfg, settings, space, storage, setup)
     budget = TrialBudget(total, space.grid() if settings.sampler == "grid" else None,
                          space.n_cells if settings.sampler == "grid" else 0)
     callback, callbacks = mlflow_callbacks(parent.info.experiment_id)
@@ -354,4 +389,4 @@ def run(cfg: Config, settings: TuneSettings, *, loaded: LoadedModel | None = Non
     return outcome
 
 
-__all__ = ['TuneOutcome', 'plan', 'run', 'summarise', 'tuned_fragment']
+__all__ = ['TuneOutcome', 'best_tags', 'plan', 'run', 'summarise', 'tuned_fragment']

@@ -1,5 +1,5 @@
-"""Scoring one (layer, scale) setting for the tune stage: the shared all-layer extraction, the trial scorer and
-the Optuna objective with pruning and the stop request."""
+"""Scoring one setting for the tune stage (CAA's layer and scale, or ITI's k and alpha): the shared all-layer
+extraction, the trial scorer and the Optuna objective with pruning and the stop request."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -154,43 +154,57 @@ def shared_extraction(
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TrialScorer:
-    """Scores a (layer, scale) setting on questions, with the model and judge loaded once.
+    """Scores a setting (a trial's params) on questions, with the model and judge loaded once.
 
     Args:
         cfg: the run's config (eval batch size and decoding, extract max_length, steering positions).
         objective: what is scored.
         loaded: the main model.
-        vectors: ``(n_layers, d_model)`` CAA vectors.
+        vectors: ``(n_layers, d_model)`` CAA vectors (``caa``), or the ranked heads, an ``ItiDirections`` (``iti``).
         source: where the vectors came from (enters the steering's identity).
         judge: the judge of a generating objective (``make_judge(objective.judge, cfg)``); None for ``mc``.
+        method: ``caa`` (params ``layer``, ``scale``) or ``iti`` (params ``k``, ``alpha``).
     """
 
     cfg: Config
     objective: Objective
     loaded: LoadedModel
-    vectors: torch.Tensor
+    vectors: Any
     source: str
     judge: Any = None
+    method: str = "caa"
 
-    def steering(self, layer: int, scale: float) -> Any:
-        """The CAA steering ``vectors[layer] * scale`` from each row's last prompt token (or as configured)."""
+    def steering(self, params: Mapping[str, float]) -> Any:
+        """CAA: ``vectors[layer] * scale``; ITI: the best ``k`` heads shifted by ``alpha``; from each row's
+        last prompt token (or as configured).
+
+        Args:
+            params: the trial's params.
+        """
+        if self.method == "iti":
+            from steering.methods.iti import ItiSteering, top_heads
+
+            heads = top_heads(self.vectors, int(params["k"]))
+            return ItiSteering("iti", layer=int(torch.min(heads.layers)), scale=float(params["alpha"]),
+                               directions=heads, positions=self.cfg.steering.positions, source_run=self.source)
         from steering.methods.intervention import Steering
 
-        return Steering("caa", layer=layer, scale=scale, vector=self.vectors[layer],  # (d_model,)
+        layer = int(params["layer"])
+        return Steering("caa", layer=layer, scale=float(params["scale"]), vector=self.vectors[layer],  # (d_model,)
                         positions=self.cfg.steering.positions, source_run=self.source)
 
-    def score(self, questions: Sequence[Question], layer: int, scale: float, batch_index: int = 0) -> list[dict[str, Any]]:
+    def score(self, questions: Sequence[Question], params: Mapping[str, float],
+              batch_index: int = 0) -> list[dict[str, Any]]:
         """One judge row per question (the objective metric among its fields).
 
         Args:
             questions: the questions to score.
-            layer: the steered decoder layer.
-            scale: the steering scale.
+            params: the trial's params (``layer``/``scale`` or ``k``/``alpha``).
             batch_index: the chunk's index, which seeds sampling when ``eval.do_sample``.
         """
         from evaluation.judges import JudgeItem
 
-        steering = self.steering(layer, scale)
+        steering = self.steering(params)
         if not self.objective.generates:
             from evaluation.mc import MCJudge
 
@@ -209,12 +223,13 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 
 def _finite_or_fail(trial: Trial, values: Sequence[float], order: Sequence[int], questions: Sequence[Question],
-                    metric: str, layer: int, scale: float) -> None:
+                    metric: str, params: Mapping[str, float]) -> None:
     bad = [questions[i].id for i, v in zip(order, values, strict=True) if not math.isfinite(v)]
     if bad:
-        reason = (f"{metric} is not finite for {len(bad)} of {len(values)} questions (first: {bad[0]}) at layer "
-                  f"{layer}, scale {scale:g}: the steered activations overflowed; lower the scale range or use a "
-                  "wider dtype (float32/bfloat16)")
+        where, scale = ", ".join(f"{name} {value:g}" for name, value in params.items()), list(params)[-1]
+        reason = (f"{metric} is not finite for {len(bad)} of {len(values)} questions (first: {bad[0]}) at {where}: "
+                  f"the steered activations overflowed; lower the {scale} range or use a wider dtype "
+                  "(float32/bfloat16)")
         trial.set_user_attr(ATTR_FAIL_REASON, reason)
         raise NonFiniteObjective(reason)
 
@@ -229,7 +244,8 @@ def make_objective(
     study_name: str,
     stop: StopRequest | None = None,
 ) -> Callable[[Trial], float]:
-    """The Optuna objective: suggest (layer, scale), score every question, return the mean.
+    """The Optuna objective: suggest every axis of ``space`` (layer and scale, or k and alpha), score every
+    question, return the mean.
 
     With a pruner, questions are scored in chunks of ``PRUNING_CHUNK`` in an order shuffled per
     trial (``WilcoxonPruner``'s advice); each question's value is reported at the step of its index
@@ -252,9 +268,8 @@ def make_objective(
         tick = time.perf_counter()
         mlflow.set_tags({artifacts.TAG_STAGE: TRIAL_STAGE, artifacts.TAG_MODEL: scorer.cfg.model.alias,
                          artifacts.TAG_HOST: socket.gethostname(), artifacts.TAG_PID: str(os.getpid()),
-                         TAG_STUDY: study_name, "variant": "caa"})
-        layer = int(space.layer.suggest(trial))
-        scale = float(space.scale.suggest(trial))
+                         TAG_STUDY: study_name, "variant": scorer.method})
+        params = {name: axis.suggest(trial) for name, axis in space.axes.items()}
         order = list(range(len(questions)))
         if pruner != "none":
             random.Random(f"{seed}/{trial.number}").shuffle(order)
@@ -263,9 +278,9 @@ def make_objective(
         values: list[float] = []
         for index, chunk in enumerate(_chunks(order, size)):
             stop.check()
-            chunk_rows = scorer.score([questions[i] for i in chunk], layer, scale, batch_index=index)
+            chunk_rows = scorer.score([questions[i] for i in chunk], params, batch_index=index)
             chunk_values = [float(r[metric]) for r in chunk_rows]
-            _finite_or_fail(trial, chunk_values, chunk, questions, metric, layer, scale)
+            _finite_or_fail(trial, chunk_values, chunk, questions, metric, params)
             rows += chunk_rows
             values += chunk_values
             if pruner == "none":

@@ -1,4 +1,5 @@
-"""The tune stage's search space (steering layer and scale axes), its objectives, samplers and pruners."""
+"""The tune stage's search space (named axes: CAA's layer and scale, or ITI's k and alpha), its objectives,
+samplers and pruners."""
 
 from __future__ import annotations
 
@@ -24,6 +25,13 @@ SAMPLERS = ("tpe", "grid")
 PRUNING_CHUNK = 8  # questions scored between two pruning checks
 PRUNERS = ("auto", "wilcoxon", "median", "none")
 DEFAULT_SCALES = {"tpe": "0:8", "grid": "0:8:2"}
+DEFAULT_KS = {"tpe": "1:48", "grid": "4,8,16,32"}  # ITI: heads steered
+DEFAULT_ALPHAS = {"tpe": "0:30", "grid": "0:30:5"}  # ITI: shift in sigmas
+METHODS = ("caa", "iti")
+EXAMPLES = {  # axis -> (example specs, what an integer value is)
+    "layer": ("8:20 or 6,9,12", "an integer layer index"), "scale": ("0.5:8 or 1,2,4", ""),
+    "k": ("1:48 or 4,8,16,32", "an integer number of heads"), "alpha": ("0:30 or 5,10,15", ""),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,15 +73,15 @@ OBJECTIVES = {
 
 
 def _number(name: str, text: str, integer: bool) -> float:
+    example, what = EXAMPLES.get(name, EXAMPLES["layer" if integer else "scale"])
     try:
         value = float(text)
     except ValueError:
-        raise ConfigError(f"{name} value {text!r} is not a number; write e.g. "
-                          f"{'8:20 or 6,9,12' if integer else '0.5:8 or 1,2,4'}") from None
+        raise ConfigError(f"{name} value {text!r} is not a number; write e.g. {example}") from None
     if not math.isfinite(value):
         raise ConfigError(f"{name} value {text!r} must be finite")
     if integer and not value.is_integer():
-        raise ConfigError(f"{name} value {text!r} must be an integer layer index, e.g. 8:20 or 6,9,12")
+        raise ConfigError(f"{name} value {text!r} must be {what or 'an integer'}, e.g. {example}")
     return value
 
 
@@ -82,8 +90,8 @@ class Axis:
     """One searched parameter: a range (``low:high``, optionally ``:step``) or a list of values.
 
     Args:
-        name: the Optuna param name (``layer`` or ``scale``).
-        integer: whether values are ints (layers).
+        name: the Optuna param name (``layer``, ``scale``, ``k`` or ``alpha``).
+        integer: whether values are ints (layers, heads).
         low: range start (inclusive); None for a list.
         high: range end (inclusive); None for a list.
         step: range step; None for a continuous float range (ints step by 1).
@@ -197,34 +205,49 @@ def default_layers(spec: ModelSpec) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class SearchSpace:
-    """The layer and scale axes of a study.
+    """The named axes of a study: ``layer`` and ``scale`` (CAA) or ``k`` and ``alpha`` (ITI); the
+    axis names are the trials' param names.
 
     Args:
-        layer: the steering layer axis (ints in ``[0, n_layers)``).
-        scale: the steering scale axis (floats).
+        axes: param name -> axis, in the order trials suggest them.
     """
 
-    layer: Axis
-    scale: Axis
+    axes: dict[str, Axis]
+
+    def __getitem__(self, name: str) -> Axis:
+        return self.axes[name]
+
+    @property
+    def method(self) -> str:
+        """``iti`` for the k and alpha axes, else ``caa``."""
+        return "iti" if "k" in self.axes else "caa"
 
     def check(self, spec: ModelSpec) -> None:
-        """Every layer must exist in ``spec``'s model."""
-        low, high = self.layer.bounds()
-        if low < 0 or high >= spec.n_layers:
-            raise ConfigError(f"layers={self.layer.describe()} must lie in [0, {spec.n_layers}) for {spec.alias}, "
-                              f"which has {spec.n_layers} decoder layers; e.g. layers={default_layers(spec)}")
+        """Every layer must exist in ``spec``'s model; every k must be at least one head."""
+        if "layer" in self.axes:
+            low, high = self.axes["layer"].bounds()
+            if low < 0 or high >= spec.n_layers:
+                raise ConfigError(f"layers={self.axes['layer'].describe()} must lie in [0, {spec.n_layers}) for "
+                                  f"{spec.alias}, which has {spec.n_layers} decoder layers; e.g. layers={default_layers(spec)}")
+        if "k" in self.axes and self.axes["k"].bounds()[0] < 1:
+            raise ConfigError(f"ks={self.axes['k'].describe()} must be >= 1 head; e.g. ks=1:48 (or ks=4,8,16,32)")
+
+    def check_heads(self, n_heads: int, what: str) -> None:
+        """Every k must be at most ``n_heads``, the heads ``what`` ranked (n_layers x n_heads)."""
+        if "k" in self.axes and self.axes["k"].bounds()[1] > n_heads:
+            raise ConfigError(f"ks={self.axes['k'].describe()} exceeds the {n_heads} heads {what} ranked; "
+                              f"give ks <= {n_heads}, e.g. ks=1:{min(48, n_heads)}")
 
     def grid(self) -> dict[str, list[float | int]]:
-        """``{"layer": [...], "scale": [...]}``, sorted by name as ``GridSampler`` stores it."""
-        return {"layer": self.layer.values(), "scale": self.scale.values()}
+        """``{name: [...]}`` of every axis, as ``GridSampler`` takes it."""
+        return {name: axis.values() for name, axis in self.axes.items()}
 
     @property
     def n_cells(self) -> int:
-        grid = self.grid()
-        return len(grid["layer"]) * len(grid["scale"])
+        return math.prod(len(values) for values in self.grid().values())
 
     def describe(self) -> str:
-        return f"layer {self.layer.describe()} x scale {self.scale.describe()}"
+        return " x ".join(f"{name} {axis.describe()}" for name, axis in self.axes.items())
 
 
 class TrialSeededTPESampler(TPESampler):
@@ -279,4 +302,4 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-__all__ = ['Axis', 'DEFAULT_SCALES', 'OBJECTIVES', 'Objective', 'PRUNERS', 'SAMPLERS', 'SearchSpace', 'TrialSeededTPESampler', 'default_layers', 'make_pruner', 'make_sampler']
+__all__ = ['Axis', 'DEFAULT_ALPHAS', 'DEFAULT_KS', 'DEFAULT_SCALES', 'METHODS', 'OBJECTIVES', 'Objective', 'PRUNERS', 'SAMPLERS', 'SearchSpace', 'TrialSeededTPESampler', 'default_layers', 'make_pruner', 'make_sampler']

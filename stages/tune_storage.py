@@ -19,7 +19,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from core.config import Config, ConfigError
 from stages.tune_space import (
+    DEFAULT_ALPHAS,
+    DEFAULT_KS,
     DEFAULT_SCALES,
+    METHODS,
     OBJECTIVES,
     PRUNERS,
     SAMPLERS,
@@ -174,6 +177,8 @@ class TuneSettings:
 
     Args:
         objective: a name in ``OBJECTIVES``: ``mc`` or ``judge``.
+        method: what is tuned: ``caa`` (the steering layer and scale) or ``iti`` (the number of heads k
+            and the shift alpha).
         sampler: ``tpe`` or ``grid``.
         n_trials: trials this worker runs at most; 0: no per-worker limit (needs ``total_trials``,
             the grid or ``timeout`` to end).
@@ -182,16 +187,21 @@ class TuneSettings:
         timeout: seconds after which this worker starts no new trial; 0: no limit.
         storage: an RDB URL, ``journal:PATH``, a ``.log`` path (journal) or a ``.db`` path (sqlite);
             "" for ``$TRUTHSTEER_OUTPUTS/tune/optuna.db``.
-        study_name: "" for ``truthsteer-<model>-<objective>``.
-        layers: the layer spec (``8:20``, ``8:20:2``, ``6,9,12``); "" for ``default_layers``.
-        scales: the scale spec (``0.5:8``, ``0:8:2``, ``1,2,4``); "" for ``DEFAULT_SCALES``.
+        study_name: "" for ``truthsteer-<model>-<objective>`` (``truthsteer-<model>-iti-<objective>`` for iti).
+        layers: the layer spec (``8:20``, ``8:20:2``, ``6,9,12``); "" for ``default_layers`` (caa).
+        scales: the scale spec (``0.5:8``, ``0:8:2``, ``1,2,4``); "" for ``DEFAULT_SCALES`` (caa).
+        ks: the heads spec (``1:48``, ``4,8,16,32``); "" for ``DEFAULT_KS`` (iti).
+        alphas: the alpha spec (``0:30``, ``0:30:5``); "" for ``DEFAULT_ALPHAS`` (iti).
         seed: seeds the sampler (TPE per trial number, the grid's order).
         pruner: ``auto`` (``wilcoxon`` for ``judge`` with TPE, else none), ``wilcoxon``, ``median``, ``none``.
         heartbeat: seconds between RDB heartbeats (grace period: twice that); 0 turns them off.
-        extract_run: an extract stage run whose vectors to use instead of the cache.
+        extract_run: an extract stage run whose vectors to use instead of the cache (caa).
+        source_run: the run of the shared source instead of the cache: an iti stage run's ranked heads
+            (iti), or an extract run (caa: the same as ``extract_run``).
     """
 
     objective: str = "mc"
+    method: str = "caa"
     sampler: str = "tpe"
     n_trials: int = 24
     total_trials: int = 0
@@ -204,10 +214,25 @@ class TuneSettings:
     pruner: str = "auto"
     heartbeat: int = 60
     extract_run: str = ""
+    ks: str = ""
+    alphas: str = ""
+    source_run: str = ""
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective={self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if self.method not in METHODS:
+            raise ConfigError(f"method={self.method!r} is not one of {', '.join(METHODS)}")
+        other = {"caa": ("ks", "alphas", "iti"), "iti": ("layers", "scales", "caa")}[self.method]
+        if any(getattr(self, key) for key in other[:2]):
+            raise ConfigError(f"{' and '.join(other[:2])} are {other[2]}'s axes, but method={self.method}; "
+                              f"pass --method {other[2]}, or drop --{other[0]}/--{other[1]}")
+        if self.method == "iti" and self.extract_run:
+            raise ConfigError("extract_run holds CAA vectors, but method=iti steers heads; pass the iti stage run "
+                              "as --source-run <run id> (or neither, to rank the heads in the tune cache)")
+        if self.extract_run and self.source_run and self.extract_run != self.source_run:
+            raise ConfigError(f"extract_run={self.extract_run} and source_run={self.source_run} differ; for caa "
+                              "they name the same extract run: pass one of them")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"sampler={self.sampler!r} is not one of {', '.join(SAMPLERS)}")
         if self.pruner not in PRUNERS:
@@ -235,19 +260,30 @@ class TuneSettings:
             return self.pruner
         return "wilcoxon" if self.objective == "judge" and self.sampler == "tpe" else "none"
 
+    @property
+    def source(self) -> str:
+        """The run of the shared source (an extract run for caa, an iti run for iti); "" for the cache."""
+        return self.source_run or self.extract_run
+
     def study_name_for(self, cfg: Config) -> str:
-        return self.study_name or f"{STUDY_PREFIX}-{cfg.model.alias}-{self.objective}"
+        method = "" if self.method == "caa" else f"{self.method}-"
+        return self.study_name or f"{STUDY_PREFIX}-{cfg.model.alias}-{method}{self.objective}"
 
     def search_space(self, cfg: Config) -> SearchSpace:
-        """The layer and scale axes, checked against the model (and for the grid, finite).
+        """The layer and scale axes (caa) or the k and alpha axes (iti), checked against the model (and
+        for the grid, finite); k's upper bound, the model's heads, is checked once the heads are ranked.
 
         Args:
             cfg: the run's config (its model's depth and default layer).
         """
-        space = SearchSpace(
-            Axis.parse("layer", self.layers or default_layers(cfg.model), integer=True),
-            Axis.parse("scale", self.scales or DEFAULT_SCALES[self.sampler], integer=False),
-        )
+        if self.method == "iti":
+            space = SearchSpace({"k": Axis.parse("k", self.ks or DEFAULT_KS[self.sampler], integer=True),
+                                 "alpha": Axis.parse("alpha", self.alphas or DEFAULT_ALPHAS[self.sampler],
+                                                     integer=False)})
+        else:
+            space = SearchSpace({"layer": Axis.parse("layer", self.layers or default_layers(cfg.model), integer=True),
+                                 "scale": Axis.parse("scale", self.scales or DEFAULT_SCALES[self.sampler],
+                                                     integer=False)})
         space.check(cfg.model)
         if self.sampler == "grid":
             space.grid()  # raises for a continuous axis

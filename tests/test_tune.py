@@ -381,7 +381,7 @@ def running_trial_of(worker: subprocess.Popen[str], study_name: str, storage_spe
         if study_name in optuna.get_all_study_names(storage):
             running = [t for t in optuna.load_study(study_name=study_name, storage=storage).get_trials(
                 deepcopy=False, states=(TrialState.RUNNING,))
-                if t.user_attrs.get(tune_storage.ATTR_WORKER) == tag and "layer" in t.params]
+                if t.user_attrs.get(tune_storage.ATTR_WORKER) == tag and {"layer", "scale"} <= set(t.params)]
             if running:
                 return running[0]
         time.sleep(0.02)

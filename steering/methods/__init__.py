@@ -4,8 +4,8 @@ A ``Method`` says which stage's run holds its source (the param ``run.<stage>`` 
 which config section it reads, how to load its intervention (``steering.methods.intervention``)
 from that run, and the fields of its generation cache key without loading anything. The variant
 list, the ``full`` pipeline's stages, ``evaluate``'s sources and the analysis orderings all come
-from here. A new method is a module in this package that calls ``register`` and one line in
-``METHOD_MODULES``.
+from here. A new method is a module in this package whose ``METHOD`` is ``register``'s result, and one
+line in ``METHOD_MODULES``.
 """
 
 from __future__ import annotations
@@ -53,10 +53,10 @@ def register(method: Method) -> Method:
 
 
 def methods() -> dict[str, Method]:
-    """Every registered method by name, in ``METHOD_MODULES`` order."""
-    for module in METHOD_MODULES:
-        import_module(f"{__name__}.{module}")
-    return dict(_REGISTRY)
+    """Every registered method by name, in ``METHOD_MODULES`` order (whatever order they were imported in);
+    each module's ``METHOD``."""
+    ordered = [import_module(f"{__name__}.{module}").METHOD for module in METHOD_MODULES]
+    return {m.name: m for m in ordered}
 
 
 def method(name: str) -> Method:
