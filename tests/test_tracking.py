@@ -59,7 +59,7 @@ def test_sigterm_ends_a_stage_run_killed(tracking: str, tmp_path) -> None:
     script.write_text(
         "import time, signal\n"
         "from entrypoints import _cli\n"
-        "from core.config import load_config\n"
+        "from core.config_io import load_config\n"
         "from core.tracking import stage_run\n"
         "def main():\n"
         "    with stage_run('data', load_config()):\n"
