@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from core import artifacts, tracking
-from core.config import Config
-from core.data import splits_for
+from core.config import Config, ConfigError
+from core.data import Question, splits_for
 from core.models import LoadedModel, describe_source, load_from_config
 from steering.extract import Pair, contrastive_pairs, encode_pairs, length_sorted_batches
 from steering.iti import ItiDirections, attention_heads, record_head_inputs, select_heads
@@ -64,6 +64,26 @@ def plan(cfg: Config, data_run: str = "") -> list[str]:
     ]
 
 
+def rank_heads(cfg: Config, pool: list[Question], loaded: LoadedModel) -> tuple[ItiDirections, list[Pair], np.ndarray]:
+    """Every head of ``loaded`` ranked best first on ``pool``'s answer pairs (the iti stage's, and tune's
+    cached ranking), with the pairs and the ``(2 * n_pairs, n_layers, n_heads, head_dim)`` activations.
+
+    Args:
+        cfg: the run's config (``iti`` section).
+        pool: the pool split's questions.
+        loaded: the model.
+    """
+    pairs = contrastive_pairs(pool, cfg.iti.pairs_per_question, cfg.iti.seed)
+    if not pairs:
+        raise ConfigError("the pool split gives no (correct, incorrect) pair to rank the ITI heads on; "
+                          "set data.pool > 0 (e.g. --overrides data.pool=40)")
+    acts, labels = head_activations(loaded, pairs, cfg.iti.batch_size, cfg.iti.max_length)
+    layers = n_layers(loaded.model)
+    ranked = select_heads(acts, labels, k=layers * acts.shape[2], layers=list(range(layers)), seed=cfg.iti.seed,
+                          val_fraction=cfg.iti.val_fraction)
+    return ranked, pairs, acts
+
+
 def run(cfg: Config, data_run: str = "") -> ItiDirections:
     """The ``iti`` stage, inside the active MLflow run: logs ``n_examples``, ``best_accuracy``,
     ``top_k_accuracy`` (mean of the best ``iti.k``), ``best_accuracy_by_layer`` (step = layer) and the
@@ -75,15 +95,11 @@ def run(cfg: Config, data_run: str = "") -> ItiDirections:
     """
     if mlflow.active_run() is None:
         raise RuntimeError("iti.run needs an active MLflow run: call it inside tracking.stage_run")
-    pool = splits_for(cfg, data_run)["pool"]
-    pairs = contrastive_pairs(pool, cfg.iti.pairs_per_question, cfg.iti.seed)
     loaded = load_from_config(cfg)
-    acts, labels = head_activations(loaded, pairs, cfg.iti.batch_size, cfg.iti.max_length)
-    layers = n_layers(loaded.model)
-    ranked = select_heads(acts, labels, k=layers * acts.shape[2], layers=list(range(layers)), seed=cfg.iti.seed,
-                          val_fraction=cfg.iti.val_fraction)
+    ranked, pairs, acts = rank_heads(cfg, splits_for(cfg, data_run)["pool"], loaded)
+    layers = acts.shape[1]
     accuracy = ranked.accuracies.numpy()
-    mlflow.log_metrics({"n_examples": float(len(labels)), "best_accuracy": float(accuracy[0]),
+    mlflow.log_metrics({"n_examples": float(len(acts)), "best_accuracy": float(accuracy[0]),
                         "top_k_accuracy": float(accuracy[:cfg.iti.k].mean())})
     for layer in range(layers):
         mlflow.log_metric("best_accuracy_by_layer", float(accuracy[ranked.layers.numpy() == layer].max()), step=layer)
@@ -93,10 +109,10 @@ def run(cfg: Config, data_run: str = "") -> ItiDirections:
         ranked.save(folder / Path(artifacts.ITI_HEADS).name)
         (folder / Path(artifacts.ITI_META).name).write_text(json.dumps({
             "model": cfg.model.alias, "n_layers": layers, "n_heads": int(acts.shape[2]),
-            "head_dim": int(acts.shape[3]), "n_examples": len(labels), "data_run": data_run,
+            "head_dim": int(acts.shape[3]), "n_examples": len(acts), "data_run": data_run,
             "question_ids": [p.question.id for p in pairs]}, indent=1))
         mlflow.log_artifacts(tmp, str(Path(artifacts.ITI_HEADS).parent))
     return ranked
 
 
-__all__ = ["head_activations", "plan", "run"]
+__all__ = ["head_activations", "plan", "rank_heads", "run"]

@@ -17,15 +17,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from core import artifacts
-from core.config import Config, ConfigError
+from core.config import Config
 from core.config_io import config_to_dict
 from core.data import Question, file_sha256, is_local_source
 from core.models import LoadedModel
-from core.tracking import download
+from stages.iti import rank_heads
 from stages.tune_scoring import _file_lock, shared_extraction
 from stages.tune_storage import outputs_root
 from steering.iti import ItiDirections
+from steering.methods.iti import read_ranked
 
 ITI_CACHE_VERSION = 1
 
@@ -53,30 +53,6 @@ def heads_cache_path(cfg: Config) -> Path:
     return outputs_root() / "tune" / "iti" / f"{cfg.model.alias}-{heads_key(cfg)}.safetensors"
 
 
-def rank_heads(cfg: Config, pool: Sequence[Question], loaded: LoadedModel) -> tuple[ItiDirections, list[str]]:
-    """Every head of ``loaded`` ranked best first, as the iti stage ranks them, and the pool questions used.
-
-    Args:
-        cfg: the run's config (``iti`` section, ``data.seed``).
-        pool: the pool split's questions.
-        loaded: the model.
-    """
-    from stages.iti import head_activations
-    from steering.extract import contrastive_pairs
-    from steering.iti import select_heads
-    from steering.layers import n_layers
-
-    pairs = contrastive_pairs(list(pool), cfg.iti.pairs_per_question, cfg.iti.seed)
-    if not pairs:
-        raise ConfigError("the pool split gives no (correct, incorrect) pair to rank the ITI heads on; "
-                          "set data.pool > 0 (e.g. --overrides data.pool=40)")
-    acts, labels = head_activations(loaded, pairs, cfg.iti.batch_size, cfg.iti.max_length)
-    layers = n_layers(loaded.model)
-    ranked = select_heads(acts, labels, k=layers * acts.shape[2], layers=list(range(layers)), seed=cfg.iti.seed,
-                          val_fraction=cfg.iti.val_fraction)
-    return ranked, list(dict.fromkeys(p.question.id for p in pairs))
-
-
 def shared_heads(cfg: Config, pool: Sequence[Question], loaded: LoadedModel, *,
                  source_run: str = "") -> tuple[ItiDirections, list[str], str]:
     """The ranked heads every trial steers with, the questions they were ranked on, and their source.
@@ -95,18 +71,15 @@ def shared_heads(cfg: Config, pool: Sequence[Question], loaded: LoadedModel, *,
         The heads, the question ids and the source: ``run:<id>``, ``cache`` (read) or ``computed`` (written now).
     """
     if source_run:
-        meta = json.loads(download(source_run, artifacts.ITI_META).read_text())
-        if meta.get("model") != cfg.model.alias:
-            raise ConfigError(f"iti run {source_run} ranked the heads of {meta.get('model')!r}, not "
-                              f"{cfg.model.alias!r}; pass an iti run of {cfg.model.alias} as --source-run")
-        heads = ItiDirections.load(download(source_run, artifacts.ITI_HEADS))
+        heads, meta = read_ranked(source_run, cfg.model.alias)
         return heads, [str(q) for q in meta.get("question_ids", [])], f"run:{source_run}"
     path = heads_cache_path(cfg)
     meta_path = path.with_suffix(".json")
     with _file_lock(path.with_suffix(".lock")):
         if path.exists() and meta_path.exists():
             return ItiDirections.load(path), json.loads(meta_path.read_text())["question_ids"], "cache"
-        ranked, ids = rank_heads(cfg, pool, loaded)
+        ranked, pairs, _ = rank_heads(cfg, list(pool), loaded)
+        ids = list(dict.fromkeys(p.question.id for p in pairs))
         meta_path.write_text(json.dumps({"model": cfg.model.alias, "heads_key": heads_key(cfg), "question_ids": ids}))
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         ranked.save(tmp)
@@ -135,4 +108,4 @@ def shared_source(cfg: Config, method: str, pool: Sequence[Question], loaded: Lo
             f"{extraction.n_examples} pairs, {extraction.n_layers} layers")
 
 
-__all__ = ["ITI_CACHE_VERSION", "heads_cache_path", "heads_key", "rank_heads", "shared_heads", "shared_source"]
+__all__ = ["ITI_CACHE_VERSION", "heads_cache_path", "heads_key", "shared_heads", "shared_source"]

@@ -30,6 +30,7 @@ from core.models import load_from_config
 from core.tracking import stage_run
 from evaluation.judges import JudgeItem
 from evaluation.mc import MCJudge
+from stages import iti as iti_stage
 from stages import pipeline, tune, tune_iti, tune_storage
 from steering.iti import attention_heads
 from steering.methods.intervention import Steering
@@ -101,7 +102,7 @@ def test_an_iti_study_on_the_tiny_model(tracking: str, outputs: Path) -> None:
         run_tiny(cfg, Settings(method="iti", ks="1:999", n_trials=1, heartbeat=0))
     cached = tune_iti.heads_cache_path(cfg)
     assert cached.exists() and cached.parent == outputs / "tune" / "iti"
-    fresh, ids = tune_iti.rank_heads(cfg, splits_for(cfg)["pool"], loaded)
+    fresh, _, _ = iti_stage.rank_heads(cfg, splits_for(cfg)["pool"], loaded)
     assert torch.equal(tune_iti.shared_heads(cfg, [], loaded)[0].directions, fresh.directions)  # read, not recomputed
     assert tune_iti.heads_key(cfg) == tune_iti.heads_key(tiny_cfg("iti.k=3", "iti.alpha=2"))  # steering only
     settings = Settings(method="iti", ks=f"1:{n_heads}", alphas="0:10", n_trials=2, heartbeat=0)

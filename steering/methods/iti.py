@@ -56,13 +56,18 @@ def top_heads(ranked: ItiDirections, k: int) -> ItiDirections:
     return ItiDirections(**{f: getattr(ranked, f)[:k] for f in FIELDS})
 
 
+def read_ranked(source: str, model: str) -> tuple[ItiDirections, dict[str, Any]]:
+    """Every head the iti run ``source`` ranked (best first) and its ``ITI_META``, checked to be of ``model``."""
+    meta: dict[str, Any] = json.loads(download(source, artifacts.ITI_META).read_text())
+    if meta.get("model") != model:
+        raise ConfigError(f"iti run {source} probed {meta.get('model')!r}, not {model!r}; pass an iti run of "
+                          f"{model} (evaluate --sources iti=<run id>, tune --source-run <run id>)")
+    return ItiDirections.load(download(source, artifacts.ITI_HEADS)), meta
+
+
 def load(cfg: Config, source: str, model: Any = None) -> ItiSteering:
     """The best ``iti.k`` heads of the iti run ``source``, shifted by ``iti.alpha``."""
-    found = json.loads(download(source, artifacts.ITI_META).read_text()).get("model")
-    if found != cfg.model.alias:
-        raise ConfigError(f"iti run {source} probed {found!r}, not {cfg.model.alias!r}; pass an iti run of "
-                          f"{cfg.model.alias} (--sources iti=<run id>)")
-    heads = top_heads(ItiDirections.load(download(source, artifacts.ITI_HEADS)), cfg.iti.k)
+    heads = top_heads(read_ranked(source, cfg.model.alias)[0], cfg.iti.k)
     return ItiSteering("iti", layer=int(torch.min(heads.layers)), scale=cfg.iti.alpha, directions=heads,
                        positions=cfg.steering.positions, source_run=source)
 
