@@ -5,7 +5,7 @@ For each pool question, ``iti.pairs_per_question`` (correct, incorrect) answer p
 first, ``steering.extract.contrastive_pairs`` seeded by ``iti.seed``) run through the frozen model in
 batches; each head's output (the input of ``o_proj``) at the answer's last token is one example,
 labelled 1 for the correct answer and 0 for the incorrect one. ``steering.iti.select_heads`` fits a
-logistic probe per head on a seeded stratified split and ranks all heads by held-out accuracy. The
+logistic probe per head on a seeded split by question (no question on both sides) and ranks all heads by held-out accuracy. The
 ``iti`` method steers the best ``iti.k`` of them at evaluation, so K is chosen without running this again.
 """
 
@@ -30,15 +30,15 @@ from steering.layers import n_layers
 
 
 def head_activations(loaded: LoadedModel, pairs: list[Pair], batch_size: int,
-                     max_length: int) -> tuple[np.ndarray, np.ndarray]:
+                     max_length: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Every head's output at the last answer token, for the correct and the incorrect answer of each pair.
 
     Returns:
-        ``(2 * n_pairs, n_layers, n_heads, head_dim)`` float32 activations and ``(2 * n_pairs,)`` labels
-        (1 correct, 0 incorrect).
+        ``(2 * n_pairs, n_layers, n_heads, head_dim)`` float32 activations, ``(2 * n_pairs,)`` labels
+        (1 correct, 0 incorrect) and each example's question id.
     """
     model, (n_heads, head_dim) = loaded.model, attention_heads(loaded.model)
-    acts, labels = [], []
+    acts, labels, questions = [], [], []
     for indices in length_sorted_batches(loaded, pairs, batch_size, max_length):
         batch = encode_pairs(loaded, [pairs[i] for i in indices], max_length)  # left-padded: answers end at -1
         with torch.no_grad(), record_head_inputs(model) as recorded:
@@ -47,7 +47,8 @@ def head_activations(loaded: LoadedModel, pairs: list[Pair], batch_size: int,
         last = torch.stack([recorded[layer][:, -1] for layer in sorted(recorded)], dim=1)  # (2B, n_layers, H*D)
         acts.append(last.float().cpu().reshape(len(last), len(recorded), n_heads, head_dim).numpy())
         labels += [1] * len(indices) + [0] * len(indices)
-    return np.concatenate(acts), np.array(labels)
+        questions += [pairs[i].question.id for i in indices] * 2
+    return np.concatenate(acts), np.array(labels), questions
 
 
 def plan(cfg: Config, data_run: str = "") -> list[str]:
@@ -77,10 +78,10 @@ def rank_heads(cfg: Config, pool: list[Question], loaded: LoadedModel) -> tuple[
     if not pairs:
         raise ConfigError("the pool split gives no (correct, incorrect) pair to rank the ITI heads on; "
                           "set data.pool > 0 (e.g. --overrides data.pool=40)")
-    acts, labels = head_activations(loaded, pairs, cfg.iti.batch_size, cfg.iti.max_length)
+    acts, labels, questions = head_activations(loaded, pairs, cfg.iti.batch_size, cfg.iti.max_length)
     layers = n_layers(loaded.model)
     ranked = select_heads(acts, labels, k=layers * acts.shape[2], layers=list(range(layers)), seed=cfg.iti.seed,
-                          val_fraction=cfg.iti.val_fraction)
+                          val_fraction=cfg.iti.val_fraction, groups=questions)
     return ranked, pairs, acts
 
 

@@ -1,8 +1,8 @@
 """Inference-Time Intervention (ITI; Li et al. 2023): shift a few attention heads toward truthfulness.
 
 Head h's output is columns `[h * head_dim, (h + 1) * head_dim)` of the input of `self_attn.o_proj`.
-ITI fits a logistic-regression probe per head on answers labelled true (1) / false (0) (seeded stratified
-80/20 split), keeps the K heads most accurate on the held-out part, and gives each the mass-mean direction
+ITI fits a logistic-regression probe per head on answers labelled true (1) / false (0) (a seeded 80/20 split,
+by question when the examples' questions are given, else stratified by label), keeps the K heads most accurate on the held-out part, and gives each the mass-mean direction
 (mean true minus mean false, unit norm, all examples) and sigma, the std of all examples' projections on
 it. `iti_applied` adds `alpha * sigma * direction` to the head's slice of o_proj's input (so
 `o_proj.weight[:, slice] @ (alpha * sigma * direction)` to the attention output; weights untouched), at
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import GroupShuffleSplit, train_test_split
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -104,6 +104,21 @@ def _check_probe_data(activations: Arrays, labels: Arrays) -> tuple[np.ndarray, 
     return acts.float().numpy(), y.long().numpy()
 
 
+def _grouped_split(y: np.ndarray, groups: Sequence[Any], val_fraction: float, seed: int) -> tuple[Any, Any]:
+    """`GroupShuffleSplit`'s seeded train and held-out indices, each side holding both labels."""
+    if len(groups) != len(y):
+        raise ValueError(f"groups has {len(groups)} entries for {len(y)} examples; give one question per example")
+    if len(set(groups)) < 2:
+        raise ValueError(f"the examples come from {len(set(groups))} question(s); a split by question needs >= 2")
+    train, val = next(GroupShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
+                      .split(np.zeros(len(y)), y, groups=list(groups)))
+    for side, idx in (("training", train), ("held-out", val)):
+        if len(set(y[idx].tolist())) < 2:
+            raise ValueError(f"the {side} questions of the split (seed {seed}) hold only one label; add questions "
+                             "with true and false answers, or change iti.seed")
+    return train, val
+
+
 @dataclass(frozen=True, eq=False)
 class HeadProbes:
     """Held-out accuracy of one logistic-regression probe per recorded head (ITI's selection score)."""
@@ -113,15 +128,18 @@ class HeadProbes:
 
     @classmethod
     def fit(cls, activations: Arrays, labels: Arrays, layers: Sequence[int] | None = None, *, seed: int = 0,
-            val_fraction: float = 0.2) -> HeadProbes:
-        """Fit a probe per head on a seeded stratified split and score it on the held-out part.
+            val_fraction: float = 0.2, groups: Sequence[Any] | None = None) -> HeadProbes:
+        """Fit a probe per head on a seeded split and score it on the held-out part.
 
         Args:
             activations: `(n_examples, n_layers_recorded, n_heads, head_dim)` float head outputs.
             labels: `(n_examples,)` 1 for a true answer, 0 for a false one; both classes needed.
             layers: Decoder layer index of each recorded layer; None means `0..n_layers_recorded - 1`.
             seed: Seed of the split and of the probes.
-            val_fraction: Held-out fraction (ITI: 0.2).
+            val_fraction: Held-out fraction (ITI: 0.2): of the questions when `groups` is given, else of
+                the examples, stratified by label.
+            groups: `(n_examples,)` the question of each example: no question is on both sides (a held-out
+                answer whose question's other answers were trained on would flatter the probe); None: by example.
         """
         acts, y = _check_probe_data(activations, labels)
         n, n_recorded, n_heads, _ = acts.shape
@@ -133,7 +151,10 @@ class HeadProbes:
         if n_val < 2 or n - n_val < 2:
             raise ValueError(f"val_fraction={val_fraction!r} of {n} examples holds out {n_val}, trains on "
                              f"{n - n_val}; both need >= 2: use a fraction in (0, 1) like 0.2, or more examples")
-        train, val = train_test_split(np.arange(n), test_size=val_fraction, random_state=seed, stratify=y)
+        if groups is None:
+            train, val = train_test_split(np.arange(n), test_size=val_fraction, random_state=seed, stratify=y)
+        else:
+            train, val = _grouped_split(y, groups, val_fraction, seed)
         accuracies = np.zeros((n_recorded, n_heads))  # (n_layers_recorded, n_heads)
         for i in range(n_recorded):
             for h in range(n_heads):
@@ -204,18 +225,19 @@ class ItiDirections:
 
 
 def select_heads(activations: Arrays, labels: Arrays, k: int, layers: Sequence[int] | None = None, *,
-                 seed: int = 0, val_fraction: float = 0.2) -> ItiDirections:
+                 seed: int = 0, val_fraction: float = 0.2, groups: Sequence[Any] | None = None) -> ItiDirections:
     """ITI's selection: the top-`k` heads of `HeadProbes.fit`, with mass-mean directions and sigmas.
 
     Args:
         activations: `(n_examples, n_layers_recorded, n_heads, head_dim)` float head outputs.
         labels: `(n_examples,)` 1 for a true answer, 0 for a false one.
         k: Number of heads to steer, in `[1, n_layers_recorded * n_heads]`.
-        layers: Decoder layer index of each recorded layer (see `HeadProbes.fit`, with seed, val_fraction).
+        layers: Decoder layer index of each recorded layer (see `HeadProbes.fit`, with seed, val_fraction,
+            groups).
     """
     acts, y = _check_probe_data(activations, labels)
     HeadProbes(tuple(range(acts.shape[1])), torch.zeros(acts.shape[1:3])).top(k)  # a bad k fails before fitting
-    probes = HeadProbes.fit(acts, y, layers, seed=seed, val_fraction=val_fraction)
+    probes = HeadProbes.fit(acts, y, layers, seed=seed, val_fraction=val_fraction, groups=groups)
     chosen, directions, sigmas = probes.top(k), [], []
     for layer, head in chosen:
         x = acts[:, probes.layers.index(layer), head].astype(np.float64)  # (n_examples, head_dim)

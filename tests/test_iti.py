@@ -432,3 +432,21 @@ def test_hooks_leave_on_exceptions_and_weights_stay_untouched(arch: str) -> None
         raise RuntimeError("boom")
     assert active_hooks(model) == 0
     assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())
+
+
+@pytest.mark.oracle
+def test_probes_hold_out_whole_questions_so_a_repeated_answer_cannot_leak() -> None:
+    """Answers without any shared true/false structure, each question's pair seen twice (as
+    ``pairs_per_question=2`` repeats answers): split by example, the held-out copies are memorised; split by
+    question, the probe is at chance, as it should be."""
+    rng = np.random.default_rng(0)
+    n_questions, dim = 60, 96
+    answers = rng.normal(size=(n_questions, 2, dim)).astype(np.float32)  # (question, true/false, dim)
+    acts = np.concatenate([answers[:, 0], answers[:, 1]] * 2)[:, None, None, :]  # (4 * n_questions, 1, 1, dim)
+    labels = np.array(([1] * n_questions + [0] * n_questions) * 2)
+    questions = [f"q{i}" for i in range(n_questions)] * 4
+    by_example = float(HeadProbes.fit(acts, labels, seed=1).accuracies[0, 0])
+    by_question = float(HeadProbes.fit(acts, labels, seed=1, groups=questions).accuracies[0, 0])
+    assert by_example > 0.8 and 0.25 < by_question < 0.75, (by_example, by_question)
+    with pytest.raises(ValueError, match="groups has 3 entries for 240 examples"):
+        HeadProbes.fit(acts, labels, groups=["a", "b", "c"])
