@@ -27,6 +27,9 @@ from core.artifacts import (
     TRIAL_STAGE,
     TUNE_STAGE,
 )
+from steering.methods import method, method_of_params, tuned_params
+
+PARAMS = tuned_params()  # every tunable method's axes: layer, scale (caa), k, alpha (iti)
 
 MAX_SCALE_COLUMNS = 12  # more distinct tuned scales than this are binned for the heatmap
 
@@ -37,15 +40,14 @@ SCALE_BINS = 10
 SWEEP_COLUMNS = ["model", "source", "variant", "layer", "scale", "metric", "value", "ci_low", "ci_high", "run_id"]
 
 
-TRIAL_COLUMNS = ["model", "study", "run_id", "variant", "layer", "scale", "k", "alpha", "metric", "value", "ci_low",
-                 "ci_high", "higher_is_better", "start_time"]
+TRIAL_COLUMNS = ["model", "study", "run_id", "variant", *PARAMS, "metric", "value", "ci_low", "ci_high",
+                 "higher_is_better", "start_time"]
 
 
 HEATMAP_COLUMNS = ["model", "study", "metric", "layer", "scale", "value", "n_trials"]
 
 
-BEST_COLUMNS = ["model", "n_params_b", "source", "run_id", "variant", "layer", "scale", "k", "alpha", "metric",
-                "value", "ci_low", "ci_high"]
+BEST_COLUMNS = ["model", "n_params_b", "source", "run_id", "variant", *PARAMS, "metric", "value", "ci_low", "ci_high"]
 
 
 def tune_trials(runs: pd.DataFrame, missing: Missing, directions: Mapping[str, bool],
@@ -54,8 +56,9 @@ def tune_trials(runs: pd.DataFrame, missing: Missing, directions: Mapping[str, b
 
     A trial is a run with stage ``tune.trial`` or a child of a ``tune`` run (a worker). Its study is
     its tag ``truthsteer.study`` (every worker of a study shares it), else its worker run's id. A CAA
-    trial (variant ``caa``) has a layer and a scale, ``k`` and ``alpha`` NaN; an ITI trial (variant
-    ``iti``, params ``k`` and ``alpha``) has a k and an alpha, ``layer`` and ``scale`` NaN.
+    trial has its method's axes (``steering.methods``; variant ``caa``: a layer and a scale) and NaN for the
+    other methods' (an ITI trial, variant ``iti``, has a k and an alpha, ``layer`` and ``scale`` NaN). A trial
+    without a variant tag is of the method whose axes its params are.
 
     Args:
         runs: the run frame.
@@ -82,12 +85,14 @@ def tune_trials(runs: pd.DataFrame, missing: Missing, directions: Mapping[str, b
         direction = worker_tags.get(TAG_OBJECTIVE_DIRECTION, "")
         higher = direction != "minimize" if direction else higher_is_better(name, directions)
         model = _text(trial.get(f"tags.{TAG_MODEL}")) or worker_tags.get(TAG_MODEL, "")
-        setting = {p: as_float(trial.get(f"params.{p}")) for p in ("layer", "scale", "k", "alpha")}
-        variant = _text(trial.get("tags.variant")) or ("iti" if not math.isnan(setting["k"]) else "caa")
+        setting = {p: as_float(trial.get(f"params.{p}")) for p in PARAMS}
+        given = method_of_params({p for p, v in setting.items() if not math.isnan(v)})
+        variant = _text(trial.get("tags.variant")) or (given.name if given else "caa")
         value = as_float(trial.get(f"metrics.{name}"))
         if math.isnan(value):  # MLflowCallback's name for the same value
             value = as_float(trial.get(f"metrics.{TRIAL_METRIC}"))
-        needed = ("k", "alpha") if variant == "iti" else ("layer", "scale")
+        tuned = method(variant).tune
+        needed = [a.name for a in tuned.axes] if tuned else PARAMS
         lacks = [f"param {p}" for p in needed if math.isnan(setting[p])] + ([f"metric {name}"] if math.isnan(value) else [])
         if lacks:
             missing.add(f"tune trial without {', '.join(lacks)} (pruned or failed?): left out", model=model,
@@ -217,9 +222,8 @@ def best_settings_table(variants: pd.DataFrame, trials: pd.DataFrame, metric_nam
     for (model, study), group in trials.groupby(["model", "study"], sort=True):
         best = _best_row(group, bool(group["higher_is_better"].iloc[0]))
         records.append({"model": model, "source": f"tune {study}", "run_id": best["run_id"],
-                        "variant": best["variant"], "layer": best["layer"], "scale": best["scale"],
-                        "k": best["k"], "alpha": best["alpha"], "metric": best["metric"], "value": best["value"], "ci_low": best["ci_low"],
-                        "ci_high": best["ci_high"]})
+                        "variant": best["variant"], **{p: best[p] for p in PARAMS}, "metric": best["metric"],
+                        "value": best["value"], "ci_low": best["ci_low"], "ci_high": best["ci_high"]})
     if metric_name and f"metrics.{metric_name}" in variants:
         steered = variants[(variants["variant"] != "baseline") & variants["layer"].notna()
                            & variants[f"metrics.{metric_name}"].notna()]
@@ -227,8 +231,8 @@ def best_settings_table(variants: pd.DataFrame, trials: pd.DataFrame, metric_nam
             best = _best_row(group.assign(value=group[f"metrics.{metric_name}"]),
                              higher_is_better(metric_name, directions))
             records.append({"model": model, "source": "evaluate", "run_id": best["run_id"],
-                             "variant": best["variant"], "layer": best["layer"], "scale": best["scale"],
-                             "k": math.nan, "alpha": math.nan, "metric": metric_name, "value": best["value"],
+                             "variant": best["variant"], **{p: math.nan for p in PARAMS},
+                             "layer": best["layer"], "scale": best["scale"], "metric": metric_name, "value": best["value"],
                              "ci_low": _get(best, f"{metric_name}_ci_low"),
                              "ci_high": _get(best, f"{metric_name}_ci_high")})
     if not records:

@@ -76,7 +76,7 @@ def main() -> None:
     cfg = load_config(args.model, [f"data.source={args.data}", "data.split=smoke", f"data.val={args.val}",
                                    f"runtime.device={args.device}"])
     storage = f"sqlite:///{tmp}/optuna.db"
-    common = {"layers": args.layers, "scales": args.scales, "seed": args.seed, "storage": storage, "heartbeat": 0}
+    common = {"axes": {"layers": args.layers, "scales": args.scales}, "seed": args.seed, "storage": storage, "heartbeat": 0}
     tpe_settings = tune_storage.TuneSettings(sampler="tpe", n_trials=args.trials, study_name="bench-tpe", **common)
     grid_settings = tune_storage.TuneSettings(sampler="grid", n_trials=0, study_name="bench-grid", **common)
     space = grid_settings.search_space(cfg)

@@ -108,6 +108,11 @@ TAG_BEST_LAYER = "truthsteer.best_layer"
 TAG_BEST_SCALE = "truthsteer.best_scale"
 TAG_BEST_K = "truthsteer.best_k"  # an ITI study's best number of heads
 TAG_BEST_ALPHA = "truthsteer.best_alpha"  # and its best alpha
+
+
+def best_tag(param: str) -> str:
+    """The tag of a study's best value of ``param`` (``TAG_BEST_LAYER`` for ``layer``)."""
+    return f"truthsteer.best_{param}"
 TAG_STOPPED = "truthsteer.stopped"  # a signal stopped the worker before its trials were done
 VARIANT_STAGE = "evaluate.variant"  # TAG_STAGE of the nested per-variant runs
 TAG_STORE = "truthsteer.generation_store"

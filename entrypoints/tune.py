@@ -6,13 +6,11 @@ run's, or cached under $TRUTHSTEER_OUTPUTS/tune/extractions/), or (--method iti)
 (teacher-forced MC2) or judge (greedy answers scored by semantic_diff, pruned by Wilcoxon). The same study
 name resumes the study; several workers may share one study: see docs/tune.md.
 
-Parameters: --model, --data, --split, --method (caa|iti), --objective (mc|judge), --n-trials (0: no limit),
---total-trials (exactly this many COMPLETE trials over all workers; 0: none, the grid stops at its size),
---timeout, --storage (default sqlite $TRUTHSTEER_OUTPUTS/tune/optuna.db; an RDB URL; journal:PATH or PATH.log),
---study-name (default truthsteer-<model>-<objective>, truthsteer-<model>-iti-<objective> for iti), --sampler,
---layers (caa: default a band around the default layer), --scales (caa: default 0:8, grid 0:8:2), --ks (iti:
-default 1:48, grid 4,8,16,32), --alphas (iti: default 0:30, grid 0:30:5), --seed, --pruner, --heartbeat,
---extract-run (caa), --source-run (an iti run; for caa an extract run), --overrides, --preset, --dry-run.
+Parameters: --model, --data, --split, --method (caa|iti), --objective (mc|judge), --n-trials, --total-trials
+(COMPLETE trials over all workers), --timeout, --storage (default sqlite $TRUTHSTEER_OUTPUTS/tune/optuna.db),
+--study-name (default truthsteer-<model>[-iti]-<objective>), --sampler, each tunable method's axes (from the
+registry: caa --layers, --scales; iti --ks, --alphas), --seed, --pruner, --heartbeat, --extract-run (caa),
+--source-run (a run of the method's source stage), --overrides, --preset, --dry-run.
 Logs: a `tune` run (tags truthsteer.study, best_layer and best_scale or best_k and best_alpha, best_trial,
 best_run; metrics best_<metric>, n_complete, n_pruned, n_failed) with a nested run per trial (params layer and
 scale, or k and alpha; metrics objective, <metric>); artifacts tune/best_config.yaml ({steering: {layer, scale}}
@@ -23,36 +21,38 @@ from argparse import Namespace
 from typing import Any
 
 from entrypoints import _cli
+from steering.methods import tunable_methods
 
 FLAGS = {  # the tune settings: flag -> (type, default, help)
-    "method": (str, "caa", "caa (layer, scale) or iti (k, alpha)"), "objective": (str, "mc", "mc or judge"),
+    "method": (str, "caa", "a tunable method: caa (layer, scale) or iti (k, alpha)"),
+    "objective": (str, "mc", "mc or judge"),
     "n-trials": (int, 24, "trials this worker runs (0: no limit)"), "sampler": (str, "tpe", "tpe or grid"),
     "total-trials": (int, 0, "COMPLETE trials of the study, over all workers, at which every worker stops (0: none)"),
     "timeout": (float, 0.0, "seconds this worker runs at most (0: no limit)"),
     "storage": (str, "", "Optuna storage URL or journal file; default: a local sqlite file"),
     "study-name": (str, "", "default: truthsteer-<model>[-iti]-<objective>"),
-    "layers": (str, "", "caa: layer range or list: 8:20, 8:20:2 or 6,9,12"),
-    "scales": (str, "", "caa: scale range or list: 0.5:8, 0:8:2 or 1,2,4"),
-    "ks": (str, "", "iti: heads, range or list: 1:48 or 4,8,16,32"), "alphas": (str, "", "iti: 0:30, 0:30:5 or 5,15"),
     "seed": (int, 0, "sampler seed"), "pruner": (str, "auto", "auto, wilcoxon, median or none"),
     "heartbeat": (int, 60, "seconds between RDB storage heartbeats (0: off)"),
 }
 RUNS = {"extract-run": "caa: MLflow run id of an extract stage whose vectors to use instead of the cache",
-        "source-run": "iti: MLflow run id of an iti stage whose ranked heads to use (caa: an extract run)"}
+        "source-run": "MLflow run id of the method's source stage (iti: an iti run's ranked heads; caa: extract)"}
+AXES = {a.flag: a.help for m in tunable_methods().values() for a in m.tune.axes}  # type: ignore[union-attr]
 
 
 def settings(args: Namespace) -> Any:
     """The ``stages.tune_storage.TuneSettings`` of the flags."""
     from stages.tune_storage import TuneSettings
 
-    return TuneSettings(**{f.replace("-", "_"): getattr(args, f.replace("-", "_")) for f in [*FLAGS, *RUNS]})
+    return TuneSettings(**{f.replace("-", "_"): getattr(args, f.replace("-", "_")) for f in [*FLAGS, *RUNS]},
+                        axes={flag: getattr(args, flag) for flag in AXES if getattr(args, flag)})
 
 
 ENTRY = _cli.Entry(
     "tune", __doc__, lambda cfg, args: _cli.stage("tune").plan(cfg, settings(args)),
     lambda cfg, args: _cli.stage("tune").run(cfg, settings(args)), runs=RUNS,
-    options=[(flag, kind, default, help_text) for flag, (kind, default, help_text) in FLAGS.items()],
-    run_name=lambda cfg, args: f"{cfg.model.alias}-tune-{'' if args.method == 'caa' else 'iti-'}{args.objective}",
+    options=[(flag, kind, default, help_text) for flag, (kind, default, help_text) in FLAGS.items()]
+    + [(flag, str, "", help_text) for flag, help_text in AXES.items()],
+    run_name=lambda cfg, args: f"{cfg.model.alias}-tune-{settings(args).label}",
 )
 main = ENTRY.main
 

@@ -79,11 +79,7 @@ from optuna.trial import TrialState
 
 from core import artifacts, tracking
 from core.artifacts import (
-    TAG_BEST_ALPHA,
-    TAG_BEST_K,
-    TAG_BEST_LAYER,
     TAG_BEST_RUN,
-    TAG_BEST_SCALE,
     TAG_BEST_TRIAL,
     TAG_EXTRACTION,
     TAG_OBJECTIVE_DIRECTION,
@@ -95,13 +91,8 @@ from core.artifacts import (
 from core.config import Config, ConfigError
 from core.data import splits_for
 from core.models import LoadedModel, describe_source, load_from_config
-from stages.tune_iti import heads_cache_path, heads_key, shared_source
-from stages.tune_scoring import (
-    StopRequest,
-    TrialScorer,
-    extraction_cache_dir,
-    make_objective,
-)
+from stages.tune_scoring import StopRequest, TrialScorer, make_objective
+from stages.tune_sources import shared_source
 from stages.tune_space import (
     Objective,
 )
@@ -124,6 +115,7 @@ from stages.tune_workers import (
     run_worker,
     study_setup,
 )
+from steering.methods import method_of_params, tunable
 
 # ---------------------------------------------------------------- results
 
@@ -156,23 +148,28 @@ class TuneOutcome:
     extraction_source: str
 
 
-def tuned_fragment(best_params: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The config fragment ``full --tuned`` applies: ``{"steering": {"layer": L, "scale": S}}``, or
-    ``{"iti": {"k": K, "alpha": A}}`` for an ITI study.
+def _tuned(best_params: dict[str, Any], method: str) -> Any:
+    chosen = tunable(method) if method else method_of_params(best_params)
+    if chosen is None or chosen.tune is None:
+        raise ConfigError(f"params {sorted(best_params)} are not the axes of any tunable method")
+    return chosen.tune
+
+
+def tuned_fragment(best_params: dict[str, Any], method: str = "") -> dict[str, dict[str, Any]]:
+    """The config fragment ``full --tuned`` applies: the method's section with its axes' values,
+    ``{"steering": {"layer": L, "scale": S}}`` for CAA, ``{"iti": {"k": K, "alpha": A}}`` for ITI.
 
     Args:
         best_params: the best trial's params.
+        method: the tuned method; "" for the one whose axes the params are.
     """
-    if "k" in best_params:
-        return {"iti": {"k": int(best_params["k"]), "alpha": float(best_params["alpha"])}}
-    return {"steering": {"layer": int(best_params["layer"]), "scale": float(best_params["scale"])}}
+    return _tuned(best_params, method).fragment(best_params)
 
 
-def best_tags(best_params: dict[str, Any]) -> dict[str, str]:
-    """``TAG_BEST_LAYER`` and ``TAG_BEST_SCALE``, or ``TAG_BEST_K`` and ``TAG_BEST_ALPHA`` for an ITI study."""
-    if "k" in best_params:
-        return {TAG_BEST_K: str(best_params["k"]), TAG_BEST_ALPHA: str(best_params["alpha"])}
-    return {TAG_BEST_LAYER: str(best_params["layer"]), TAG_BEST_SCALE: str(best_params["scale"])}
+def best_tags(best_params: dict[str, Any], method: str = "") -> dict[str, str]:
+    """``truthsteer.best_<axis>`` of each axis (``TAG_BEST_LAYER`` and ``TAG_BEST_SCALE``, ``TAG_BEST_K`` and
+    ``TAG_BEST_ALPHA``)."""
+    return {artifacts.best_tag(a.name): str(best_params[a.name]) for a in _tuned(best_params, method).axes}
 
 
 def _log_figures(study: Study) -> dict[str, str]:
@@ -212,7 +209,7 @@ def _log_figures(study: Study) -> dict[str, str]:
 
 
 def summarise(study: Study, objective: Objective, n_worker_trials: int, storage: str,
-              extraction_source: str, stopped: bool = False) -> TuneOutcome:
+              extraction_source: str, stopped: bool = False, method: str = "") -> TuneOutcome:
     """Tag the active (parent) run with the study's best and log its artifacts.
 
     Tags ``TAG_BEST_RUN``, ``TAG_BEST_TRIAL`` and ``best_tags`` (best layer and scale, or k and alpha); metrics
@@ -226,6 +223,7 @@ def summarise(study: Study, objective: Objective, n_worker_trials: int, storage:
         storage: the storage, password hidden.
         extraction_source: where the vectors came from.
         stopped: a signal stopped the worker: a study without a completed trial is then no error.
+        method: the tuned method; "" for the one whose axes the best params are.
 
     Raises:
         ConfigError: the study has no completed trial (and the worker was not stopped).
@@ -249,9 +247,10 @@ def summarise(study: Study, objective: Objective, n_worker_trials: int, storage:
                           f"{counts.pruned} pruned): {'; '.join(reasons[:3]) or 'no trial ran'}")
     best = study.best_trial
     best_run = str(best.system_attrs.get(MLFLOW_RUN_ATTR, ""))
-    mlflow.set_tags({TAG_BEST_TRIAL: str(best.number), TAG_BEST_RUN: best_run, **best_tags(best.params)})
+    mlflow.set_tags({TAG_BEST_TRIAL: str(best.number), TAG_BEST_RUN: best_run,
+                    **best_tags(best.params, method)})
     mlflow.log_metric(f"best_{objective.metric}", float(best.value))  # type: ignore[arg-type]  # COMPLETE: a value
-    mlflow.log_text(yaml.safe_dump(tuned_fragment(best.params), sort_keys=False), artifacts.TUNED)
+    mlflow.log_text(yaml.safe_dump(tuned_fragment(best.params, method), sort_keys=False), artifacts.TUNED)
     return TuneOutcome(study.study_name, storage, dict(best.params), best.value, best.number, best_run or None,
                        counts, n_worker_trials, extraction_source)
 
@@ -272,15 +271,10 @@ def plan(cfg: Config, settings: TuneSettings) -> list[str]:
     if not val:
         raise ConfigError("the val split is empty; tune scores on it: set data.val > 0 (e.g. --overrides data.val=20)")
     total = settings.total_for(space)
-    if settings.method == "iti":
-        cache = heads_cache_path(cfg)
-        extraction = (f"ranked heads of iti run {settings.source}" if settings.source else
-                      f"ranked heads cache {cache} ({'present' if cache.exists() else 'computed on first use'}); "
-                      "k at most the model's n_layers x n_heads")
-    else:
-        cache = extraction_cache_dir(cfg) / artifacts.CAA_TENSORS
-        extraction = (f"extract run {settings.source}" if settings.source else
-                      f"cache {cache.parent} ({'present' if cache.exists() else 'computed on first use'})")
+    stage = tunable(settings.method).stage
+    cache = shared_source(stage).cache(cfg)
+    extraction = (f"{stage} run {settings.source}" if settings.source else
+                  f"cache {cache} ({'present' if cache.exists() else 'computed on first use'})")
     return [
         f"model: {cfg.model.alias} ({cfg.model.n_layers} layers) from {describe_source(cfg.model, cfg.runtime.cache_dir)}",
         f"study: {settings.study_name_for(cfg)} in {redacted(storage_url(settings.storage))}",
@@ -291,7 +285,7 @@ def plan(cfg: Config, settings: TuneSettings) -> list[str]:
         f"sampler: {settings.sampler} (seed {settings.seed}); pruner: {settings.resolved_pruner()}",
         f"trials: {settings.n_trials or 'no limit'} in this worker; study total: "
         f"{f'{total} COMPLETE' if total else 'no limit'}; timeout: {f'{settings.timeout:g} s' if settings.timeout else 'none'}",
-        f"{'heads' if settings.method == 'iti' else 'vectors'}: {extraction}",
+        f"{settings.tune.noun}: {extraction}",
         f"artifacts: {artifacts.TUNED}, {artifacts.TUNE_TRIALS}, {artifacts.TUNE_HISTORY}, {artifacts.TUNE_IMPORTANCE}",
     ]
 
@@ -331,7 +325,7 @@ def run(cfg: Config, settings: TuneSettings, *, loaded: LoadedModel | None = Non
         "tune.n_trials": str(settings.n_trials), "tune.total_trials": str(total),
         "tune.timeout": str(settings.timeout), "tune.seed": str(settings.seed), "tune.study_name": name,
         "tune.storage": redacted(url), "tune.heartbeat": str(settings.heartbeat),
-        f"tune.{'source' if settings.method == 'iti' else 'extract'}_run": settings.source or "none",
+        f"tune.{'source' if settings.tune.named else 'extract'}_run": settings.source or "none",
         "tune.n_val": str(len(val)),
     })
     loaded = loaded or load_from_config(cfg)
@@ -340,17 +334,16 @@ def run(cfg: Config, settings: TuneSettings, *, loaded: LoadedModel | None = Non
     if n_layers(loaded.model) != cfg.model.n_layers:
         raise ConfigError(f"model {cfg.model.alias!r} has {n_layers(loaded.model)} layers, but its registry entry "
                           f"says n_layers={cfg.model.n_layers}; fix configs/models/{cfg.model.alias}.yaml")
-    vectors, question_ids, source, what = shared_source(cfg, settings.method, splits["pool"], loaded,
-                                                        source_run=settings.source)
-    overlap = set(question_ids) & {q.id for q in val}
+    stage = tunable(settings.method).stage
+    shared = shared_source(stage).read(cfg, splits["pool"], loaded, settings.source)
+    vectors, source = shared.value, shared.source
+    overlap = set(shared.question_ids) & {q.id for q in val}
     if overlap:
-        raise ConfigError(f"{len(overlap)} val questions were used to extract the vectors ({source}); pass an "
-                          f"{settings.method if settings.method == 'iti' else 'extract'} run made with the same data "
-                          "settings (--data, --split, --overrides data.*)")
-    if settings.method == "iti":
-        space.check_heads(int(vectors.layers.shape[0]), f"{cfg.model.alias} has ({source})")
+        raise ConfigError(f"{len(overlap)} val questions were used to make the {settings.tune.noun} ({source}); pass "
+                          f"an {stage} run made with the same data settings (--data, --split, --overrides data.*)")
+    space.check_source(vectors, f"{cfg.model.alias} has ({source})")
     mlflow.set_tag(TAG_EXTRACTION, source)
-    print(f"{'heads' if settings.method == 'iti' else 'vectors'}: {source} ({what})")
+    print(f"{settings.tune.noun}: {source} ({shared.what})")
     judge = None
     if objective.generates:
         from evaluation.judges import make_judge
@@ -359,8 +352,9 @@ def run(cfg: Config, settings: TuneSettings, *, loaded: LoadedModel | None = Non
     scorer = TrialScorer(cfg, objective, loaded, vectors, source, judge, method=settings.method)
     storage = open_storage(url, settings.heartbeat)
     setup = study_setup(cfg, objective, val, source)
-    if settings.method != "caa":  # caa studies keep the setup (and key) they had before methods
-        setup |= {"method": settings.method, "vectors": source if source.startswith("run:") else heads_key(cfg)}
+    if settings.tune.named:  # caa studies keep the setup (and key) they had before methods
+        setup |= {"method": settings.method,
+                  "vectors": source if source.startswith("run:") else shared_source(stage).key(cfg)}
     study = open_study(cfg, settings, space, storage, setup)
     budget = TrialBudget(total, space.grid() if settings.sampler == "grid" else None,
                          space.n_cells if settings.sampler == "grid" else 0)
@@ -381,7 +375,8 @@ def run(cfg: Config, settings: TuneSettings, *, loaded: LoadedModel | None = Non
                          poll_seconds=min(max(settings.heartbeat / 4, 0.25), 10.0), stop=stop)
     if stop.signum is not None:
         mlflow.set_tag(TAG_STOPPED, f"signal {stop.signum}")
-    outcome = summarise(study, objective, ran, redacted(url), source, stopped=stop.signum is not None)
+    outcome = summarise(study, objective, ran, redacted(url), source, stopped=stop.signum is not None,
+                        method=settings.method)
     best = (f"best {objective.metric} {outcome.best_value:.4f} at {outcome.best_params} (trial {outcome.best_trial}, "
             f"run {outcome.best_run_id})" if outcome.best_value is not None else "no completed trial yet")
     print(f"study {name}: {outcome.counts.complete} complete ({ran} by this worker), {outcome.counts.pruned} pruned, "

@@ -1,6 +1,6 @@
-"""The tune stage's shared source (``shared_source``: CAA's all-layer extraction, or ITI's ranked heads) and,
-for ``method=iti``, every attention head ranked best first (``ItiDirections``), from an iti stage run or the
-on-disk cache ``$TRUTHSTEER_OUTPUTS/tune/iti/<model>-<key>.safetensors``.
+"""The tune stage's shared source for ``method=iti``: every attention head ranked best first
+(``ItiDirections``), from an iti stage run or the on-disk cache
+``$TRUTHSTEER_OUTPUTS/tune/iti/<model>-<key>.safetensors``.
 
 Each trial steers the first ``k`` of the ranked heads (``steering.methods.iti.top_heads``) shifted by ``alpha``,
 so the ranking is computed once per cache key (the model, the data and iti sections, the data's sha256), as
@@ -15,19 +15,18 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from core.config import Config
 from core.config_io import config_to_dict
 from core.data import Question, file_sha256, is_local_source
 from core.models import LoadedModel
 from stages.iti import rank_heads
-from stages.tune_scoring import _file_lock, shared_extraction
+from stages.tune_scoring import _file_lock
 from stages.tune_storage import outputs_root
 from steering.iti import ItiDirections
 from steering.methods.iti import read_ranked
 
-ITI_CACHE_VERSION = 1
+ITI_CACHE_VERSION = 2  # 2: the probes hold out whole questions
 
 
 def heads_key(cfg: Config) -> str:
@@ -87,25 +86,4 @@ def shared_heads(cfg: Config, pool: Sequence[Question], loaded: LoadedModel, *,
         return ranked, ids, "computed"
 
 
-def shared_source(cfg: Config, method: str, pool: Sequence[Question], loaded: LoadedModel, *,
-                  source_run: str = "") -> tuple[Any, list[str], str, str]:
-    """What every trial of a ``method`` study steers with: ``(n_layers, d_model)`` CAA vectors
-    (``shared_extraction``) or the ranked ITI heads (``shared_heads``); the questions it was made from,
-    its source (``run:<id>``, ``cache``, ``computed``) and a description.
-
-    Args:
-        cfg: the run's config.
-        method: ``caa`` or ``iti``.
-        pool: the pool split's questions.
-        loaded: the model.
-        source_run: an extract run (caa) or an iti run (iti); "" for the cache.
-    """
-    if method == "iti":
-        heads, ids, source = shared_heads(cfg, pool, loaded, source_run=source_run)
-        return heads, ids, source, f"{heads.layers.shape[0]} heads ranked"
-    extraction, source = shared_extraction(cfg, pool, loaded, extract_run=source_run)
-    return (extraction.vectors, list(extraction.question_ids), source,
-            f"{extraction.n_examples} pairs, {extraction.n_layers} layers")
-
-
-__all__ = ["ITI_CACHE_VERSION", "heads_cache_path", "heads_key", "shared_heads", "shared_source"]
+__all__ = ["ITI_CACHE_VERSION", "heads_cache_path", "heads_key", "shared_heads"]

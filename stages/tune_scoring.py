@@ -45,6 +45,7 @@ from stages.tune_storage import (
     outputs_root,
 )
 from steering.extract import Extraction, contrastive_pairs, extract_caa
+from steering.methods import tunable
 
 EXTRACTION_CACHE_VERSION = 1
 
@@ -160,10 +161,11 @@ class TrialScorer:
         cfg: the run's config (eval batch size and decoding, extract max_length, steering positions).
         objective: what is scored.
         loaded: the main model.
-        vectors: ``(n_layers, d_model)`` CAA vectors (``caa``), or the ranked heads, an ``ItiDirections`` (``iti``).
+        vectors: the method's shared source: ``(n_layers, d_model)`` CAA vectors (``caa``), the ranked heads,
+            an ``ItiDirections`` (``iti``).
         source: where the vectors came from (enters the steering's identity).
         judge: the judge of a generating objective (``make_judge(objective.judge, cfg)``); None for ``mc``.
-        method: ``caa`` (params ``layer``, ``scale``) or ``iti`` (params ``k``, ``alpha``).
+        method: the tunable method: ``caa`` (params ``layer``, ``scale``) or ``iti`` (params ``k``, ``alpha``).
     """
 
     cfg: Config
@@ -175,23 +177,15 @@ class TrialScorer:
     method: str = "caa"
 
     def steering(self, params: Mapping[str, float]) -> Any:
-        """CAA: ``vectors[layer] * scale``; ITI: the best ``k`` heads shifted by ``alpha``; from each row's
-        last prompt token (or as configured).
+        """The method's intervention for ``params`` (``Tunable.steer``): CAA's ``vectors[layer] * scale``,
+        ITI's best ``k`` heads shifted by ``alpha``; from each row's last prompt token (or as configured).
 
         Args:
             params: the trial's params.
         """
-        if self.method == "iti":
-            from steering.methods.iti import ItiSteering, top_heads
-
-            heads = top_heads(self.vectors, int(params["k"]))
-            return ItiSteering("iti", layer=int(torch.min(heads.layers)), scale=float(params["alpha"]),
-                               directions=heads, positions=self.cfg.steering.positions, source_run=self.source)
-        from steering.methods.intervention import Steering
-
-        layer = int(params["layer"])
-        return Steering("caa", layer=layer, scale=float(params["scale"]), vector=self.vectors[layer],  # (d_model,)
-                        positions=self.cfg.steering.positions, source_run=self.source)
+        tune = tunable(self.method).tune
+        assert tune is not None  # tunable() made sure
+        return tune.steer(self.cfg, self.vectors, self.source, params)
 
     def score(self, questions: Sequence[Question], params: Mapping[str, float],
               batch_index: int = 0) -> list[dict[str, Any]]:

@@ -7,7 +7,8 @@ import dataclasses
 import hashlib
 import math
 import warnings
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 import optuna
 from optuna.exceptions import ExperimentalWarning
@@ -17,6 +18,7 @@ from optuna.study import Study
 from optuna.trial import FrozenTrial, Trial
 
 from core.config import ConfigError, ModelSpec
+from steering.methods import tunable
 
 if TYPE_CHECKING:
     from stages.tune_storage import TuneSettings
@@ -24,16 +26,6 @@ if TYPE_CHECKING:
 SAMPLERS = ("tpe", "grid")
 PRUNING_CHUNK = 8  # questions scored between two pruning checks
 PRUNERS = ("auto", "wilcoxon", "median", "none")
-DEFAULT_SCALES = {"tpe": "0:8", "grid": "0:8:2"}
-DEFAULT_KS = {"tpe": "1:48", "grid": "4,8,16,32"}  # ITI: heads steered
-DEFAULT_ALPHAS = {"tpe": "0:30", "grid": "0:30:5"}  # ITI: shift in sigmas
-METHODS = ("caa", "iti")
-EXAMPLES = {  # axis -> (example specs, what an integer value is)
-    "layer": ("8:20 or 6,9,12", "an integer layer index"), "scale": ("0.5:8 or 1,2,4", ""),
-    "k": ("1:48 or 4,8,16,32", "an integer number of heads"), "alpha": ("0:30 or 5,10,15", ""),
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class Objective:
     """What a study optimises: a judge's metric on the val split, per question.
@@ -72,8 +64,7 @@ OBJECTIVES = {
 }
 
 
-def _number(name: str, text: str, integer: bool) -> float:
-    example, what = EXAMPLES.get(name, EXAMPLES["layer" if integer else "scale"])
+def _number(name: str, text: str, integer: bool, example: str, unit: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -81,7 +72,7 @@ def _number(name: str, text: str, integer: bool) -> float:
     if not math.isfinite(value):
         raise ConfigError(f"{name} value {text!r} must be finite")
     if integer and not value.is_integer():
-        raise ConfigError(f"{name} value {text!r} must be {what or 'an integer'}, e.g. {example}")
+        raise ConfigError(f"{name} value {text!r} must be an integer{f' {unit}' if unit else ''}, e.g. {example}")
     return value
 
 
@@ -118,13 +109,16 @@ class Axis:
             raise ConfigError(f"{self.name} step {self.step:g} must be > 0")
 
     @classmethod
-    def parse(cls, name: str, text: str, *, integer: bool) -> Axis:
+    def parse(cls, name: str, text: str, *, integer: bool, example: str = "8:20 or 6,9,12",
+              unit: str = "layer index") -> Axis:
         """``low:high``, ``low:high:step``, ``a,b,c`` or one value.
 
         Args:
             name: the param name.
             text: the spec.
             integer: ints only (layers).
+            example: specs to show in errors.
+            unit: what an integer value is, for errors (``layer index``).
         """
         text = text.strip()
         if not text:
@@ -133,10 +127,10 @@ class Axis:
             parts = text.split(":")
             if len(parts) not in (2, 3):
                 raise ConfigError(f"{name} spec {text!r} must be low:high or low:high:step")
-            low, high = (_number(name, p, integer) for p in parts[:2])
-            step = _number(name, parts[2], integer) if len(parts) == 3 else None
+            low, high = (_number(name, p, integer, example, unit) for p in parts[:2])
+            step = _number(name, parts[2], integer, example, unit) if len(parts) == 3 else None
             return cls(name, integer, low, high, step)
-        values = tuple(dict.fromkeys(_number(name, p, integer) for p in text.split(",") if p.strip()))
+        values = tuple(dict.fromkeys(_number(name, p, integer, example, unit) for p in text.split(",") if p.strip()))
         if not values:
             raise ConfigError(f"{name} spec {text!r} holds no value")
         return cls(name, integer, choices=values)
@@ -192,51 +186,44 @@ class Axis:
         return f"{low:g}:{high:g}" + (f":{self.step:g}" if self.step is not None else "")
 
 
-def default_layers(spec: ModelSpec) -> str:
-    """A band of about half the depth, centred on the model's default layer (its
-    ``layer_fraction`` of the depth), clipped to the model: ``8:22`` for a 30-layer model.
-
-    Args:
-        spec: the model's registry entry.
-    """
-    centre, half = spec.default_layer, max(1, spec.n_layers // 4)
-    return f"{max(0, centre - half)}:{min(spec.n_layers - 1, centre + half)}"
-
-
 @dataclasses.dataclass(frozen=True)
 class SearchSpace:
-    """The named axes of a study: ``layer`` and ``scale`` (CAA) or ``k`` and ``alpha`` (ITI); the
-    axis names are the trials' param names.
+    """The named axes of a study of ``method`` (``caa``: ``layer`` and ``scale``; ``iti``: ``k`` and ``alpha``);
+    the axis names are the trials' param names.
 
     Args:
         axes: param name -> axis, in the order trials suggest them.
+        method: the tunable method (``steering.methods.tunable``) whose axes these are.
     """
 
     axes: dict[str, Axis]
+    method: str = "caa"
 
     def __getitem__(self, name: str) -> Axis:
         return self.axes[name]
 
-    @property
-    def method(self) -> str:
-        """``iti`` for the k and alpha axes, else ``caa``."""
-        return "iti" if "k" in self.axes else "caa"
+    @classmethod
+    def of(cls, method: str, specs: Mapping[str, str], spec: ModelSpec, sampler: str) -> SearchSpace:
+        """``method``'s axes from ``specs`` (flag -> spec; a missing or empty flag takes the axis default for
+        the model and sampler), each checked against the model."""
+        tune = tunable(method).tune
+        assert tune is not None  # tunable() made sure
+        space = cls({a.name: Axis.parse(a.name, specs.get(a.flag) or a.default(spec, sampler), integer=a.integer,
+                                        example=a.example, unit=a.unit) for a in tune.axes}, method)
+        for a in tune.axes:
+            error = a.check(*space[a.name].bounds(), spec)
+            if error:
+                raise ConfigError(f"{a.flag}={space[a.name].describe()} {error}")
+        return space
 
-    def check(self, spec: ModelSpec) -> None:
-        """Every layer must exist in ``spec``'s model; every k must be at least one head."""
-        if "layer" in self.axes:
-            low, high = self.axes["layer"].bounds()
-            if low < 0 or high >= spec.n_layers:
-                raise ConfigError(f"layers={self.axes['layer'].describe()} must lie in [0, {spec.n_layers}) for "
-                                  f"{spec.alias}, which has {spec.n_layers} decoder layers; e.g. layers={default_layers(spec)}")
-        if "k" in self.axes and self.axes["k"].bounds()[0] < 1:
-            raise ConfigError(f"ks={self.axes['k'].describe()} must be >= 1 head; e.g. ks=1:48 (or ks=4,8,16,32)")
-
-    def check_heads(self, n_heads: int, what: str) -> None:
-        """Every k must be at most ``n_heads``, the heads ``what`` ranked (n_layers x n_heads)."""
-        if "k" in self.axes and self.axes["k"].bounds()[1] > n_heads:
-            raise ConfigError(f"ks={self.axes['k'].describe()} exceeds the {n_heads} heads {what} ranked; "
-                              f"give ks <= {n_heads}, e.g. ks=1:{min(48, n_heads)}")
+    def check_source(self, source: Any, where: str) -> None:
+        """The method's shared ``source`` (e.g. ITI's ranked heads, from ``where``) must allow every value."""
+        tune = tunable(self.method).tune
+        assert tune is not None
+        errors = tune.check_source(source, {name: axis.bounds() for name, axis in self.axes.items()}, where)
+        for a in tune.axes:
+            if errors.get(a.name):
+                raise ConfigError(f"{a.flag}={self[a.name].describe()} {errors[a.name]}")
 
     def grid(self) -> dict[str, list[float | int]]:
         """``{name: [...]}`` of every axis, as ``GridSampler`` takes it."""
@@ -302,4 +289,4 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-__all__ = ['Axis', 'DEFAULT_ALPHAS', 'DEFAULT_KS', 'DEFAULT_SCALES', 'METHODS', 'OBJECTIVES', 'Objective', 'PRUNERS', 'SAMPLERS', 'SearchSpace', 'TrialSeededTPESampler', 'default_layers', 'make_pruner', 'make_sampler']
+__all__ = ['Axis', 'OBJECTIVES', 'Objective', 'PRUNERS', 'SAMPLERS', 'SearchSpace', 'TrialSeededTPESampler', 'make_pruner', 'make_sampler']

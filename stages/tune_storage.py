@@ -7,6 +7,7 @@ import dataclasses
 import math
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +19,9 @@ from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
 from core.config import Config, ConfigError
-from stages.tune_space import (
-    DEFAULT_ALPHAS,
-    DEFAULT_KS,
-    DEFAULT_SCALES,
-    METHODS,
-    OBJECTIVES,
-    PRUNERS,
-    SAMPLERS,
-    Axis,
-    Objective,
-    SearchSpace,
-    default_layers,
-)
+from stages.tune_space import OBJECTIVES, PRUNERS, SAMPLERS, Objective, SearchSpace
+from steering.methods import tunable, tunable_methods
+from steering.methods.tuning import Tunable
 
 OUTPUTS_ENV = "TRUTHSTEER_OUTPUTS"  # evaluation.generate's store lives under it as well
 
@@ -177,8 +168,8 @@ class TuneSettings:
 
     Args:
         objective: a name in ``OBJECTIVES``: ``mc`` or ``judge``.
-        method: what is tuned: ``caa`` (the steering layer and scale) or ``iti`` (the number of heads k
-            and the shift alpha).
+        method: a tunable steering method (``steering.methods.tunable_methods``): ``caa`` (the steering
+            layer and scale) or ``iti`` (the number of heads k and the shift alpha).
         sampler: ``tpe`` or ``grid``.
         n_trials: trials this worker runs at most; 0: no per-worker limit (needs ``total_trials``,
             the grid or ``timeout`` to end).
@@ -188,16 +179,14 @@ class TuneSettings:
         storage: an RDB URL, ``journal:PATH``, a ``.log`` path (journal) or a ``.db`` path (sqlite);
             "" for ``$TRUTHSTEER_OUTPUTS/tune/optuna.db``.
         study_name: "" for ``truthsteer-<model>-<objective>`` (``truthsteer-<model>-iti-<objective>`` for iti).
-        layers: the layer spec (``8:20``, ``8:20:2``, ``6,9,12``); "" for ``default_layers`` (caa).
-        scales: the scale spec (``0.5:8``, ``0:8:2``, ``1,2,4``); "" for ``DEFAULT_SCALES`` (caa).
-        ks: the heads spec (``1:48``, ``4,8,16,32``); "" for ``DEFAULT_KS`` (iti).
-        alphas: the alpha spec (``0:30``, ``0:30:5``); "" for ``DEFAULT_ALPHAS`` (iti).
+        axes: the method's axis flags and their specs (``{"layers": "8:20", "scales": "0:8:2"}``,
+            ``{"ks": "4,8,16,32"}``); a missing or empty flag searches the axis's default.
         seed: seeds the sampler (TPE per trial number, the grid's order).
         pruner: ``auto`` (``wilcoxon`` for ``judge`` with TPE, else none), ``wilcoxon``, ``median``, ``none``.
         heartbeat: seconds between RDB heartbeats (grace period: twice that); 0 turns them off.
         extract_run: an extract stage run whose vectors to use instead of the cache (caa).
-        source_run: the run of the shared source instead of the cache: an iti stage run's ranked heads
-            (iti), or an extract run (caa: the same as ``extract_run``).
+        source_run: the run of the shared source instead of the cache: a run of the method's stage (an
+            iti stage run's ranked heads for iti; for caa an extract run, the same as ``extract_run``).
     """
 
     objective: str = "mc"
@@ -208,28 +197,29 @@ class TuneSettings:
     timeout: float = 0.0
     storage: str = ""
     study_name: str = ""
-    layers: str = ""
-    scales: str = ""
+    axes: Mapping[str, str] = dataclasses.field(default_factory=dict)
     seed: int = 0
     pruner: str = "auto"
     heartbeat: int = 60
     extract_run: str = ""
-    ks: str = ""
-    alphas: str = ""
     source_run: str = ""
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective={self.objective!r} is not one of {', '.join(OBJECTIVES)}")
-        if self.method not in METHODS:
-            raise ConfigError(f"method={self.method!r} is not one of {', '.join(METHODS)}")
-        other = {"caa": ("ks", "alphas", "iti"), "iti": ("layers", "scales", "caa")}[self.method]
-        if any(getattr(self, key) for key in other[:2]):
-            raise ConfigError(f"{' and '.join(other[:2])} are {other[2]}'s axes, but method={self.method}; "
-                              f"pass --method {other[2]}, or drop --{other[0]}/--{other[1]}")
-        if self.method == "iti" and self.extract_run:
-            raise ConfigError("extract_run holds CAA vectors, but method=iti steers heads; pass the iti stage run "
-                              "as --source-run <run id> (or neither, to rank the heads in the tune cache)")
+        chosen = tunable(self.method)
+        for name, other in tunable_methods().items():
+            flags = [a.flag for a in other.tune.axes]  # type: ignore[union-attr]  # tunable
+            if name != self.method and any(self.axes.get(flag) for flag in flags):
+                raise ConfigError(f"{' and '.join(flags)} are {name}'s axes, but method={self.method}; "
+                                  f"pass --method {name}, or drop {'/'.join(f'--{f}' for f in flags)}")
+        unknown = set(self.axes) - {a.flag for m in tunable_methods().values() for a in m.tune.axes}  # type: ignore[union-attr]
+        if unknown:
+            raise ConfigError(f"{', '.join(sorted(unknown))} is not an axis of any tunable method")
+        if chosen.stage != "extract" and self.extract_run:
+            raise ConfigError(f"extract_run holds CAA vectors, but method={self.method} steers "
+                              f"{chosen.tune.noun}; pass the {chosen.stage} stage run as "  # type: ignore[union-attr]
+                              f"--source-run <run id> (or neither, to make them in the tune cache)")
         if self.extract_run and self.source_run and self.extract_run != self.source_run:
             raise ConfigError(f"extract_run={self.extract_run} and source_run={self.source_run} differ; for caa "
                               "they name the same extract run: pass one of them")
@@ -265,26 +255,30 @@ class TuneSettings:
         """The run of the shared source (an extract run for caa, an iti run for iti); "" for the cache."""
         return self.source_run or self.extract_run
 
+    @property
+    def tune(self) -> Tunable:
+        """How the method is searched (``steering.methods.tuning``)."""
+        tune = tunable(self.method).tune
+        assert tune is not None  # tunable() made sure
+        return tune
+
+    @property
+    def label(self) -> str:
+        """``<method>-<objective>`` (``<objective>`` for caa, whose studies predate methods)."""
+        return f"{self.method}-{self.objective}" if self.tune.named else self.objective
+
     def study_name_for(self, cfg: Config) -> str:
-        method = "" if self.method == "caa" else f"{self.method}-"
-        return self.study_name or f"{STUDY_PREFIX}-{cfg.model.alias}-{method}{self.objective}"
+        return self.study_name or f"{STUDY_PREFIX}-{cfg.model.alias}-{self.label}"
 
     def search_space(self, cfg: Config) -> SearchSpace:
-        """The layer and scale axes (caa) or the k and alpha axes (iti), checked against the model (and
-        for the grid, finite); k's upper bound, the model's heads, is checked once the heads are ranked.
+        """The method's axes (caa: layer and scale; iti: k and alpha), checked against the model (and for
+        the grid, finite); a bound that depends on the shared source (ITI's ranked heads) is checked once
+        it is read (``SearchSpace.check_source``).
 
         Args:
             cfg: the run's config (its model's depth and default layer).
         """
-        if self.method == "iti":
-            space = SearchSpace({"k": Axis.parse("k", self.ks or DEFAULT_KS[self.sampler], integer=True),
-                                 "alpha": Axis.parse("alpha", self.alphas or DEFAULT_ALPHAS[self.sampler],
-                                                     integer=False)})
-        else:
-            space = SearchSpace({"layer": Axis.parse("layer", self.layers or default_layers(cfg.model), integer=True),
-                                 "scale": Axis.parse("scale", self.scales or DEFAULT_SCALES[self.sampler],
-                                                     integer=False)})
-        space.check(cfg.model)
+        space = SearchSpace.of(self.method, self.axes, cfg.model, self.sampler)
         if self.sampler == "grid":
             space.grid()  # raises for a continuous axis
         return space

@@ -50,6 +50,7 @@ from evaluation.judges import JudgeItem
 from evaluation.mc import MCJudge
 from stages import pipeline, tune, tune_scoring, tune_space, tune_storage, tune_workers
 from steering.extract import contrastive_pairs, extract_caa
+from steering.methods.caa import default_layers
 from steering.methods.intervention import Steering
 from tests.conftest import DATA_CSV, PROJECT_DIR
 from tests.tiny_models import make_tiny
@@ -106,7 +107,7 @@ def test_axis_specs_give_the_values_they_name() -> None:
     assert tune_space.Axis.parse("scale", "-2", integer=False).values() == [-2.0]
     assert not tune_space.Axis.parse("scale", "0.5:8", integer=False).finite
     # smollm2-135m: 30 layers, default layer 15 (0.5 of the depth): a band of 15 around it.
-    assert tune_space.default_layers(load_config("smollm2-135m").model) == "8:22"
+    assert default_layers(load_config("smollm2-135m").model) == "8:22"
 
 
 @pytest.mark.parametrize(("name", "text", "integer", "message"), [
@@ -129,12 +130,12 @@ def test_settings_refuse_what_cannot_work() -> None:
     with pytest.raises(ConfigError, match="would run forever"):
         tune_storage.TuneSettings(n_trials=0)
     with pytest.raises(ConfigError, match=r"must lie in \[0, 30\) for smollm2-135m.*layers=8:22"):
-        tune_storage.TuneSettings(layers="20:30").search_space(cfg)
+        tune_storage.TuneSettings(axes={"layers": "20:30"}).search_space(cfg)
     with pytest.raises(ConfigError, match="the grid needs finitely many scale values.*0.5:8:1"):
-        tune_storage.TuneSettings(sampler="grid", scales="0.5:8").search_space(cfg)
+        tune_storage.TuneSettings(sampler="grid", axes={"scales": "0.5:8"}).search_space(cfg)
     with pytest.raises(ConfigError, match="use --pruner none"):
         tune_storage.TuneSettings(sampler="grid", pruner="wilcoxon")
-    grid = tune_storage.TuneSettings(sampler="grid", layers="10:12", total_trials=100)
+    grid = tune_storage.TuneSettings(sampler="grid", total_trials=100, axes={"layers": "10:12"})
     assert grid.total_for(grid.search_space(cfg)) == 15  # 3 layers x 5 scales (0:8:2): the grid caps the total
     assert tune_storage.TuneSettings(objective="judge").resolved_pruner() == "wilcoxon"
     assert tune_storage.TuneSettings(objective="mc").resolved_pruner() == "none"
@@ -245,9 +246,9 @@ def test_trial_seeded_tpe_does_not_depend_on_which_worker_asks() -> None:
 
 def test_resume_adds_trials_to_the_same_study(tracking: str, outputs: Path) -> None:
     cfg = tiny_cfg()
-    settings = tune_storage.TuneSettings(n_trials=1, layers="0:2", scales="0:4", heartbeat=0)
+    settings = tune_storage.TuneSettings(n_trials=1, heartbeat=0, axes={"layers": "0:2", "scales": "0:4"})
     first, first_run = run_tiny(cfg, settings)
-    second, second_run = run_tiny(cfg, tune_storage.TuneSettings(n_trials=2, layers="0:2", scales="0:4", heartbeat=0))
+    second, second_run = run_tiny(cfg, tune_storage.TuneSettings(n_trials=2, heartbeat=0, axes={"layers": "0:2", "scales": "0:4"}))
     assert (first.counts.complete, second.counts.complete, second.n_worker_trials) == (1, 3, 2)
     assert first.study_name == second.study_name == "truthsteer-tiny-llama-mc"
     study = load_study(settings, cfg)
@@ -259,14 +260,14 @@ def test_resume_adds_trials_to_the_same_study(tracking: str, outputs: Path) -> N
 
 
 def test_a_resumed_study_must_score_the_same_way(tracking: str, outputs: Path) -> None:
-    run_tiny(tiny_cfg(), tune_storage.TuneSettings(n_trials=1, layers="0:2", heartbeat=0))
+    run_tiny(tiny_cfg(), tune_storage.TuneSettings(n_trials=1, heartbeat=0, axes={"layers": "0:2"}))
     with pytest.raises(ConfigError, match="different val.*pass another --study-name"):
-        run_tiny(tiny_cfg("data.val=5"), tune_storage.TuneSettings(n_trials=1, layers="0:2", heartbeat=0))
+        run_tiny(tiny_cfg("data.val=5"), tune_storage.TuneSettings(n_trials=1, heartbeat=0, axes={"layers": "0:2"}))
 
 
 def test_grid_scores_every_cell_exactly_once(tracking: str, outputs: Path) -> None:
     cfg = tiny_cfg()
-    settings = tune_storage.TuneSettings(sampler="grid", n_trials=3, layers="1:2", scales="0,4", heartbeat=0)
+    settings = tune_storage.TuneSettings(sampler="grid", n_trials=3, heartbeat=0, axes={"layers": "1:2", "scales": "0,4"})
     first, _ = run_tiny(cfg, settings)
     rest, _ = run_tiny(cfg, dataclasses.replace(settings, n_trials=0))  # resume: until the grid is done
     again, _ = run_tiny(cfg, dataclasses.replace(settings, n_trials=0))
@@ -279,7 +280,7 @@ def test_grid_scores_every_cell_exactly_once(tracking: str, outputs: Path) -> No
 @pytest.mark.oracle
 def test_trials_score_the_cached_vectors_exactly(tracking: str, outputs: Path) -> None:
     cfg = tiny_cfg()
-    run_tiny(cfg, tune_storage.TuneSettings(n_trials=2, layers="0:2", scales="0.5:8", heartbeat=0))
+    run_tiny(cfg, tune_storage.TuneSettings(n_trials=2, heartbeat=0, axes={"layers": "0:2", "scales": "0.5:8"}))
     loaded, splits = tiny_loaded(cfg), splits_for(cfg)
     cached, source = tune_scoring.shared_extraction(cfg, splits["pool"], loaded)
     assert source == "cache"  # computed by the study, read here
@@ -297,7 +298,7 @@ def test_trials_score_the_cached_vectors_exactly(tracking: str, outputs: Path) -
 @pytest.mark.oracle
 def test_a_nan_objective_fails_the_trial_with_its_reason(tracking: str, outputs: Path) -> None:
     cfg = tiny_cfg()
-    settings = tune_storage.TuneSettings(n_trials=2, layers="1", scales="1e39", heartbeat=0)  # overflows fp32 to inf
+    settings = tune_storage.TuneSettings(n_trials=2, heartbeat=0, axes={"layers": "1", "scales": "1e39"})  # overflows fp32 to inf
     with pytest.raises(ConfigError, match="has no completed trial .2 failed"):
         run_tiny(cfg, settings)
     failed = load_study(settings, cfg).trials
@@ -314,7 +315,7 @@ def test_a_nan_objective_fails_the_trial_with_its_reason(tracking: str, outputs:
 
 def test_best_params_round_trip_into_full(tracking: str, outputs: Path) -> None:
     cfg = tiny_cfg()
-    outcome, parent_id = run_tiny(cfg, tune_storage.TuneSettings(n_trials=3, layers="0:2", scales="0.5:8", heartbeat=0))
+    outcome, parent_id = run_tiny(cfg, tune_storage.TuneSettings(n_trials=3, heartbeat=0, axes={"layers": "0:2", "scales": "0.5:8"}))
     assert outcome.best_params is not None
     parent = mlflow.get_run(parent_id)
     fragment = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(run_id=parent_id,
@@ -339,7 +340,7 @@ def test_best_params_round_trip_into_full(tracking: str, outputs: Path) -> None:
 
 def test_judge_objective_reports_every_question_at_its_index(tracking: str, outputs: Path) -> None:
     cfg = tiny_cfg("data.val=10")
-    settings = tune_storage.TuneSettings(objective="judge", n_trials=3, layers="0:2", scales="0:4", heartbeat=0)
+    settings = tune_storage.TuneSettings(objective="judge", n_trials=3, heartbeat=0, axes={"layers": "0:2", "scales": "0:4"})
     outcome, _ = run_tiny(cfg, settings)
     study = load_study(settings, cfg)
     for trial in study.trials:
@@ -400,7 +401,7 @@ def worker_env(outputs: Path) -> dict[str, str]:
 
 def test_two_workers_on_one_journal_complete_exactly_the_total(tracking: str, outputs: Path, tmp_path: Path) -> None:
     storage = f"journal:{tmp_path / 'study.log'}"
-    settings = {"n_trials": 0, "total_trials": 5, "storage": storage, "layers": "0:2", "scales": "0:8",
+    settings = {"n_trials": 0, "total_trials": 5, "storage": storage, "axes": {"layers": "0:2", "scales": "0:8"},
                 "heartbeat": 0}
     workers = [start_worker(settings, worker_env(outputs)) for _ in range(2)]
     logs = [w.communicate(timeout=600)[0] for w in workers]
@@ -421,7 +422,7 @@ def test_two_workers_on_one_journal_complete_exactly_the_total(tracking: str, ou
 
 def test_a_terminated_worker_requeues_its_trial(tracking: str, outputs: Path, tmp_path: Path) -> None:
     storage = str(tmp_path / "study.db")
-    settings = {"n_trials": 50, "storage": storage, "layers": "0:2", "scales": "0:8", "heartbeat": 0}
+    settings = {"n_trials": 50, "storage": storage, "axes": {"layers": "0:2", "scales": "0:8"}, "heartbeat": 0}
     worker = start_worker(settings, worker_env(outputs), ["data.val=60"])  # 4 chunks of 16: stopped in the first
     cut = running_trial_of(worker, "truthsteer-tiny-llama-mc", storage)
     worker.send_signal(signal.SIGTERM)
@@ -437,15 +438,14 @@ def test_a_terminated_worker_requeues_its_trial(tracking: str, outputs: Path, tm
     (parent,) = mlflow.search_runs(experiment_names=["truthsteer"], output_format="list",
                                    filter_string=f"tags.`{TAG_STAGE}` = 'tune'")
     assert parent.info.status == "FINISHED" and parent.data.tags[artifacts.TAG_STOPPED] == f"signal {signal.SIGTERM}"
-    run_tiny(cfg, tune_storage.TuneSettings(n_trials=1, storage=storage, layers="0:2", scales="0:8", heartbeat=0))
+    run_tiny(cfg, tune_storage.TuneSettings(n_trials=1, storage=storage, heartbeat=0, axes={"layers": "0:2", "scales": "0:8"}))
     rerun = load_study(tune_storage.TuneSettings(storage=storage), cfg).trials[queued.number]
     assert rerun.state == TrialState.COMPLETE and rerun.params == stopped.params  # resuming ran the queued trial
 
 
 def test_a_killed_journal_worker_is_requeued_on_the_same_machine(tracking: str, outputs: Path,
                                                                  tmp_path: Path) -> None:
-    settings = tune_storage.TuneSettings(n_trials=0, total_trials=3, storage=f"journal:{tmp_path / 'study.log'}",
-                                 layers="0:2", scales="0:8", heartbeat=0)
+    settings = tune_storage.TuneSettings(n_trials=0, total_trials=3, storage=f"journal:{tmp_path / 'study.log'}", heartbeat=0, axes={"layers": "0:2", "scales": "0:8"})
     worker = start_worker(dataclasses.asdict(settings), worker_env(outputs), ["data.val=60"])
     cut = running_trial_of(worker, "truthsteer-tiny-llama-mc", settings.storage)
     worker.send_signal(signal.SIGKILL)
@@ -487,8 +487,8 @@ def test_three_postgres_workers_survive_a_sigkill(tracking: str, outputs: Path) 
     if not url:
         pytest.skip("TRUTHSTEER_TEST_PG_URL is not set; run .ci/postgres.sh and export its URL")
     name = f"test-kill-{uuid.uuid4().hex[:8]}"
-    settings = {"n_trials": 0, "total_trials": 8, "storage": url, "study_name": name, "layers": "0:2",
-                "scales": "0:8", "heartbeat": 1}
+    settings = {"n_trials": 0, "total_trials": 8, "storage": url, "study_name": name,
+                "axes": {"layers": "0:2", "scales": "0:8"}, "heartbeat": 1}
     env = worker_env(outputs)
     overrides = ["data.val=60", "data.pool=12"]  # trials long enough to be killed in the middle of one
     workers = [start_worker(settings, env, overrides) for _ in range(3)]

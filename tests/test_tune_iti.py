@@ -11,7 +11,11 @@ baseline's MC2 exactly, its best written as ``{"iti": {"k", "alpha"}}`` that ``f
 from __future__ import annotations
 
 import math
+import sys
+import types
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import optuna
@@ -32,7 +36,7 @@ from evaluation.judges import JudgeItem
 from evaluation.mc import MCJudge
 from stages import iti as iti_stage
 from stages import pipeline, tune, tune_iti, tune_storage
-from steering.iti import attention_heads
+from steering.iti import ItiDirections, attention_heads
 from steering.methods.intervention import Steering
 from tests.conftest import DATA_CSV
 from tests.test_tune import children, load_study, run_tiny, tiny_cfg, tiny_loaded
@@ -72,19 +76,21 @@ def test_iti_axes_have_defaults_per_sampler() -> None:
 ])
 def test_bad_iti_settings_name_the_value_and_the_fix(settings: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        Settings(method="iti", **settings).search_space(load_config("smollm2-135m"))
+        axes = {flag: settings.pop(flag) for flag in ("layers", "ks", "alphas") if flag in settings}
+        Settings(method="iti", axes=axes, **settings).search_space(load_config("smollm2-135m"))
 
 
 def test_the_other_settings_errors() -> None:
-    with pytest.raises(ConfigError, match="method='mlp' is not one of caa, iti"):
+    with pytest.raises(ConfigError, match="method='mlp' cannot be tuned; choose from caa, iti"):
         Settings(method="mlp")
     with pytest.raises(ConfigError, match="ks and alphas are iti's axes, but method=caa; pass --method iti"):
-        Settings(ks="1:8")
+        Settings(axes={"ks": "1:8"})
     with pytest.raises(ConfigError, match="extract_run=a and source_run=b differ"):
         Settings(extract_run="a", source_run="b")
-    space = Settings(method="iti", ks="1:300").search_space(load_config("smollm2-135m"))
+    space = Settings(method="iti", axes={"ks": "1:300"}).search_space(load_config("smollm2-135m"))
     with pytest.raises(ConfigError, match=r"ks=1:300 exceeds the 270 heads m ranked; give ks <= 270, e.g. ks=1:48"):
-        space.check_heads(270, "m")
+        space.check_source(ItiDirections(torch.arange(270) // 9, torch.arange(270) % 9,
+                                         torch.zeros(270, 4), torch.ones(270), torch.ones(270)), "m")
 
 
 def test_best_iti_params_become_the_iti_section_and_tags() -> None:
@@ -99,13 +105,13 @@ def test_an_iti_study_on_the_tiny_model(tracking: str, outputs: Path) -> None:
     loaded = tiny_loaded(cfg)
     n_heads = cfg.model.n_layers * attention_heads(loaded.model)[0]
     with pytest.raises(ConfigError, match=rf"ks=1:999 exceeds the {n_heads} heads tiny-llama has \(computed\)"):
-        run_tiny(cfg, Settings(method="iti", ks="1:999", n_trials=1, heartbeat=0))
+        run_tiny(cfg, Settings(method="iti", n_trials=1, heartbeat=0, axes={"ks": "1:999"}))
     cached = tune_iti.heads_cache_path(cfg)
     assert cached.exists() and cached.parent == outputs / "tune" / "iti"
     fresh, _, _ = iti_stage.rank_heads(cfg, splits_for(cfg)["pool"], loaded)
     assert torch.equal(tune_iti.shared_heads(cfg, [], loaded)[0].directions, fresh.directions)  # read, not recomputed
     assert tune_iti.heads_key(cfg) == tune_iti.heads_key(tiny_cfg("iti.k=3", "iti.alpha=2"))  # steering only
-    settings = Settings(method="iti", ks=f"1:{n_heads}", alphas="0:10", n_trials=2, heartbeat=0)
+    settings = Settings(method="iti", n_trials=2, heartbeat=0, axes={"ks": f"1:{n_heads}", "alphas": "0:10"})
     outcome, parent_id = run_tiny(cfg, settings)
     assert outcome.study_name == "truthsteer-tiny-llama-iti-mc" and outcome.extraction_source == "cache"
     trials = load_study(settings, cfg).trials
@@ -125,7 +131,7 @@ def test_an_iti_study_on_the_tiny_model(tracking: str, outputs: Path) -> None:
     best = sweeps.best_settings_table(frame.iloc[0:0], table, None, {}, {})
     assert list(best["variant"]) == ["iti"] and best["k"].iloc[0] == outcome.best_params["k"]
     with pytest.raises(ConfigError, match=r"different method.*pass another --study-name"):  # a CAA worker
-        run_tiny(cfg, Settings(study_name=outcome.study_name, n_trials=1, layers="0:2", heartbeat=0))
+        run_tiny(cfg, Settings(study_name=outcome.study_name, n_trials=1, heartbeat=0, axes={"layers": "0:2"}))
 
 
 @pytest.mark.slow
@@ -133,7 +139,7 @@ def test_an_iti_grid_worker_on_smollm2_scores_alpha_0_as_the_baseline(tracking: 
     cfg = load_config("smollm2-135m", [f"data.source={DATA_CSV}", "data.pool=6", "data.val=2", "data.train=2",
                                        "data.test=2", "iti.pairs_per_question=2"])
     loaded = load_from_config(cfg)
-    settings = Settings(method="iti", sampler="grid", ks="4", alphas="0,30", n_trials=2, heartbeat=0)
+    settings = Settings(method="iti", sampler="grid", n_trials=2, heartbeat=0, axes={"ks": "4", "alphas": "0,30"})
     with stage_run("tune", cfg) as parent:
         outcome = tune.run(cfg, settings, loaded=loaded)
     trials = sorted(load_study(settings, cfg).trials, key=lambda t: t.params["alpha"])
@@ -150,3 +156,37 @@ def test_an_iti_grid_worker_on_smollm2_scores_alpha_0_as_the_baseline(tracking: 
     assert fragment == {"iti": {"k": 4, "alpha": outcome.best_params["alpha"]}}
     tuned = load_config("smollm2-135m", pipeline.tuned_overrides(parent.info.run_id))
     assert (tuned.iti.k, tuned.iti.alpha) == (4, outcome.best_params["alpha"])
+
+
+def test_a_method_that_declares_a_tunable_is_tuned_without_an_edit_to_the_tune_stage(
+        tracking: str, outputs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tune stage asks the registry: a new method module (here one that steers the last layer with
+    the CAA extraction, searching only its ``gain``) is tuned, tagged and summarised like caa and iti."""
+    import steering.methods as registry
+    from steering.methods.tuning import Tunable, TuneAxis
+
+    def steer(cfg: Any, vectors: Any, source: str, params: Mapping[str, float]) -> Steering:
+        last = cfg.model.n_layers - 1
+        return Steering("last", layer=last, scale=float(params["gain"]), vector=vectors[last], source_run=source)
+
+    module = types.ModuleType("steering.methods.last")
+    module.METHOD = registry.Method(  # type: ignore[attr-defined]
+        "last", stage="extract", section="", needs="an extract run", load=lambda *a: None, key_fields=lambda *a: {},
+        tune=Tunable(axes=(TuneAxis("gain", "gains", False, lambda spec, sampler: "0:4", "0:4", "gain"),),
+                     section="last", noun="vectors", steer=steer))
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(registry, "METHOD_MODULES", (*registry.METHOD_MODULES, "last"))
+    cfg = tiny_cfg()
+    with pytest.raises(ConfigError, match="gains are last's axes, but method=caa; pass --method last"):
+        Settings(axes={"gains": "1"})
+    settings = Settings(method="last", sampler="grid", n_trials=0, heartbeat=0, axes={"gains": "0,3"})
+    outcome, parent_id = run_tiny(cfg, settings)
+    assert outcome.study_name == "truthsteer-tiny-llama-last-mc" and outcome.best_params is not None
+    trials = sorted(load_study(settings, cfg).trials, key=lambda t: t.params["gain"])
+    assert [t.params for t in trials] == [{"gain": 0.0}, {"gain": 3.0}] and trials[0].value != trials[1].value
+    tags = mlflow.get_run(parent_id).data.tags
+    assert float(tags[artifacts.best_tag("gain")]) == outcome.best_params["gain"]
+    fragment = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(
+        run_id=parent_id, artifact_path=artifacts.TUNED)).read_text())
+    assert fragment == {"last": {"gain": outcome.best_params["gain"]}}
+    assert {r.data.tags["variant"] for r in children(parent_id)} == {"last"}

@@ -11,11 +11,12 @@ line in ``METHOD_MODULES``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib import import_module
 from typing import Any
 
 from core.config import Config, ConfigError
+from steering.methods.tuning import Tunable
 
 METHOD_MODULES = ("baseline", "caa", "mlp_mc", "mlp_gen", "iti")  # registration order: the variants' order everywhere
 _REGISTRY: dict[str, Method] = {}
@@ -34,6 +35,7 @@ class Method:
         needs: what the source run must be, for error messages.
         load: ``(cfg, source run, model or None) -> Steering``; the model places a module on its layer's device.
         key_fields: ``(cfg, source run) -> dict``: the intervention's ``key_fields()`` without loading it.
+        tune: how ``tune`` searches it (``steering.methods.tuning``); None when it is not tuned.
     """
 
     name: str
@@ -42,6 +44,7 @@ class Method:
     needs: str
     load: Callable[[Config, str, Any], Any]
     key_fields: Callable[[Config, str], dict[str, Any]]
+    tune: Tunable | None = None
 
 
 def register(method: Method) -> Method:
@@ -82,4 +85,29 @@ def variant_order(variants: list[str] | set[str] | tuple[str, ...]) -> list[str]
     return [v for v in known if v in variants] + sorted(set(variants) - set(known))
 
 
-__all__ = ["METHOD_MODULES", "Method", "check_variants", "method", "methods", "register", "variant_order"]
+def tunable(name: str) -> Method:
+    """The method called ``name``, which ``tune`` can search; a ConfigError lists those it can."""
+    known = {n: m for n, m in methods().items() if m.tune is not None}
+    if name not in known:
+        raise ConfigError(f"method={name!r} cannot be tuned; choose from {', '.join(known)}")
+    return known[name]
+
+
+def tunable_methods() -> dict[str, Method]:
+    """Every method ``tune`` can search, in registration order."""
+    return {n: m for n, m in methods().items() if m.tune is not None}
+
+
+def tuned_params() -> list[str]:
+    """Every searched param name of every tunable method, in registration order (the trials tables' columns)."""
+    return list(dict.fromkeys(a.name for m in tunable_methods().values() for a in m.tune.axes))  # type: ignore[union-attr]
+
+
+def method_of_params(params: Mapping[str, Any] | set[str]) -> Method | None:
+    """The tunable method whose axes are exactly ``params``' names (a trial's params, a best config); None if none."""
+    names = set(params)
+    return next((m for m in tunable_methods().values() if {a.name for a in m.tune.axes} == names), None)  # type: ignore[union-attr]
+
+
+__all__ = ["METHOD_MODULES", "Method", "check_variants", "method", "methods", "method_of_params", "register", "tunable", "tunable_methods", "tuned_params",
+           "variant_order"]

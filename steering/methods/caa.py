@@ -3,13 +3,15 @@ added to that layer's output times ``steering.scale`` (Rimsky et al., 2024)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from core import artifacts
-from core.config import Config, ConfigError
+from core.config import Config, ConfigError, ModelSpec
 from core.tracking import download
 from steering.methods import Method, register
 from steering.methods.intervention import Steering, steering_key_fields
+from steering.methods.tuning import Tunable, TuneAxis
 
 
 def load(cfg: Config, source: str, model: Any = None) -> Steering:
@@ -29,5 +31,39 @@ def key_fields(cfg: Config, source: str) -> dict[str, Any]:
                                source_run=source)
 
 
+def default_layers(spec: ModelSpec, sampler: str = "") -> str:
+    """A band of about half the depth, centred on the model's default layer (its
+    ``layer_fraction`` of the depth), clipped to the model: ``8:22`` for a 30-layer model.
+
+    Args:
+        spec: the model's registry entry.
+        sampler: unused (the band is the same for every sampler).
+    """
+    centre, half = spec.default_layer, max(1, spec.n_layers // 4)
+    return f"{max(0, centre - half)}:{min(spec.n_layers - 1, centre + half)}"
+
+
+def _check_layers(low: float, high: float, spec: ModelSpec) -> str:
+    if low < 0 or high >= spec.n_layers:
+        return (f"must lie in [0, {spec.n_layers}) for {spec.alias}, which has {spec.n_layers} decoder layers; "
+                f"e.g. layers={default_layers(spec)}")
+    return ""
+
+
+def steer(cfg: Config, vectors: Any, source: str, params: Mapping[str, float]) -> Steering:
+    """One trial: ``vectors[layer] * scale`` of the ``(n_layers, d_model)`` extraction ``vectors``."""
+    layer = int(params["layer"])
+    return Steering("caa", layer=layer, scale=float(params["scale"]), vector=vectors[layer],  # (d_model,)
+                    positions=cfg.steering.positions, source_run=source)
+
+
+TUNE = Tunable(
+    axes=(TuneAxis("layer", "layers", True, default_layers, "8:20 or 6,9,12",
+                   "caa: layer range or list: 8:20, 8:20:2 or 6,9,12", check=_check_layers, unit="layer index"),
+          TuneAxis("scale", "scales", False, lambda spec, sampler: {"grid": "0:8:2"}.get(sampler, "0:8"),
+                   "0.5:8 or 1,2,4", "caa: scale range or list: 0.5:8, 0:8:2 or 1,2,4")),
+    section="steering", noun="vectors", steer=steer, named=False)
+
 METHOD = register(Method(name="caa", stage="extract", section="",
-                         needs="an extract stage run (its extract/caa.safetensors)", load=load, key_fields=key_fields))
+                         needs="an extract stage run (its extract/caa.safetensors)", load=load, key_fields=key_fields,
+                         tune=TUNE))

@@ -11,18 +11,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from core import artifacts
-from core.config import Config, ConfigError
+from core.config import Config, ConfigError, ModelSpec
 from core.tracking import download
 from steering.hooks import SteeredCount
 from steering.iti import FIELDS, ItiDirections, iti_applied
 from steering.methods import Method, register
 from steering.methods.intervention import Steering, steering_key_fields
+from steering.methods.tuning import Tunable, TuneAxis
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -77,5 +79,31 @@ def key_fields(cfg: Config, source: str) -> dict[str, Any]:
                                   source_run=source), "k": cfg.iti.k}
 
 
+def steer(cfg: Config, ranked: ItiDirections, source: str, params: Mapping[str, float]) -> ItiSteering:
+    """One trial: the best ``k`` of the ``ranked`` heads shifted by ``alpha``."""
+    heads = top_heads(ranked, int(params["k"]))
+    return ItiSteering("iti", layer=int(torch.min(heads.layers)), scale=float(params["alpha"]), directions=heads,
+                       positions=cfg.steering.positions, source_run=source)
+
+
+def _check_ks(low: float, high: float, spec: ModelSpec) -> str:
+    return "must be >= 1 head; e.g. ks=1:48 (or ks=4,8,16,32)" if low < 1 else ""
+
+
+def _check_ranked(ranked: ItiDirections, bounds: Mapping[str, tuple[float, float]], where: str) -> dict[str, str]:
+    n_heads = int(ranked.layers.shape[0])
+    if bounds["k"][1] > n_heads:
+        return {"k": f"exceeds the {n_heads} heads {where} ranked; give ks <= {n_heads}, e.g. ks=1:{min(48, n_heads)}"}
+    return {}
+
+
+TUNE = Tunable(
+    axes=(TuneAxis("k", "ks", True, lambda spec, sampler: {"grid": "4,8,16,32"}.get(sampler, "1:48"),
+                   "1:48 or 4,8,16,32", "iti: heads, range or list: 1:48 or 4,8,16,32", check=_check_ks, unit="number of heads"),
+          TuneAxis("alpha", "alphas", False, lambda spec, sampler: {"grid": "0:30:5"}.get(sampler, "0:30"),
+                   "0:30 or 5,10,15", "iti: shift in sigmas: 0:30, 0:30:5 or 5,15")),
+    section="iti", noun="heads", steer=steer, check_source=_check_ranked)
+
 METHOD = register(Method(name="iti", stage="iti", section="iti",
-                         needs="an iti stage run (its iti/heads.safetensors)", load=load, key_fields=key_fields))
+                         needs="an iti stage run (its iti/heads.safetensors)", load=load, key_fields=key_fields,
+                         tune=TUNE))
