@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -13,6 +14,20 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 DATA_DIR = (PROJECT_DIR / ".." / "shared" / "data" / "truthfulqa").resolve()
 DATA_CSV = DATA_DIR / "TruthfulQA.csv"
 RESULTS_DIR = PROJECT_DIR / "benchmarks" / "results"
+
+
+def parser(name: str, doc: str | None, *, flags: tuple[str, ...] = ("model", "data", "device", "threads")
+           ) -> argparse.ArgumentParser:
+    """The argument parser of ``python -m benchmarks.<name>``, with the shared ``flags`` among ``--model``
+    (smollm2-135m), ``--data`` (the TruthfulQA CSV), ``--device`` (auto) and ``--threads`` (0: torch's default)."""
+    p = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    shared: dict[str, dict[str, Any]] = {
+        "model": {"default": "smollm2-135m"}, "data": {"default": str(DATA_CSV), "help": "TruthfulQA CSV"},
+        "device": {"default": "auto"}, "threads": {"type": int, "default": 0, "help": "torch CPU threads; 0: torch's default"}}
+    for flag in flags:
+        p.add_argument(f"--{flag}", **shared[flag])
+    return p
 
 
 def machine() -> dict[str, Any]:

@@ -13,7 +13,6 @@ Run: ``python -m benchmarks.extract`` (options: ``--help``); writes ``benchmarks
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import DATA_CSV, RESULTS_DIR, write_report
+from benchmarks import RESULTS_DIR, parser, write_report
 from core.config_io import load_config
 from core.data import splits_for
 from core.models import LoadedModel, load_model
@@ -60,14 +59,9 @@ def padding_share(loaded: LoadedModel, pairs: list[Pair], batches: list[list[int
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.extract", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--data", default=str(DATA_CSV), help="TruthfulQA CSV")
+    p = parser("extract", __doc__)
     p.add_argument("--batch-size", type=int, default=0, help="pairs per batched forward; 0: extract.batch_size")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per mode (median reported)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0: torch's default")
     p.add_argument("--output", type=Path, default=RESULTS)
     args = p.parse_args()
 

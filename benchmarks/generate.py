@@ -21,7 +21,6 @@ writes ``benchmarks/results/generate.json``.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -30,7 +29,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import DATA_CSV, RESULTS_DIR, write_report
+from benchmarks import DATA_CSV, RESULTS_DIR, parser, write_report
 from core.config import EvalConfig
 from core.config_io import load_config
 from core.data import load_questions, split_questions
@@ -44,14 +43,10 @@ RESULTS = RESULTS_DIR / "generate.json"
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
+    p = parser("generate", __doc__, flags=('model', 'device', 'threads'))
     p.add_argument("--overrides", default="", help='config overrides, e.g. "eval.max_new_tokens=32"')
     p.add_argument("--sequential", type=int, default=10,
                    help="questions timed one at a time (0: all of the split)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 batched run")
     p.add_argument("--output", type=Path, default=RESULTS)
     args = p.parse_args()

@@ -18,14 +18,13 @@ writes ``benchmarks/results/judge_designs.json``.
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks import DATA_CSV, RESULTS_DIR, write_report
+from benchmarks import DATA_CSV, RESULTS_DIR, parser, write_report
 from core.data import load_questions
 from evaluation.human_labels import LABEL_FILES, agreement, grouped_folds, read_labels
 from evaluation.judge_features import FEATURES, Featurizer
@@ -64,8 +63,7 @@ def designs(seed: int) -> dict[str, Predict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.judge_designs", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("judge_designs", __doc__, flags=())
     p.add_argument("--data", default=str(DATA_CSV), help="TruthfulQA CSV; the label files lie beside it")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)

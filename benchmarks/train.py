@@ -19,7 +19,6 @@ Run: ``python -m benchmarks.train`` (options: ``--help``); writes ``benchmarks/r
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
@@ -28,7 +27,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import DATA_CSV, RESULTS_DIR, write_report
+from benchmarks import DATA_CSV, RESULTS_DIR, parser, write_report
 from core.config_io import load_config
 from core.data import load_questions, split_questions
 from core.models import load_model
@@ -60,14 +59,11 @@ def timed_step(scorer: SplitScorer, optimizer: torch.optim.Optimizer, examples: 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
+    p = parser("train", __doc__, flags=('model', 'device'))
     p.add_argument("--layer", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=16, help="examples per step")
     p.add_argument("--steps", type=int, default=3, help="timed steps per mode (after one warm-up step)")
     p.add_argument("--branches", default="mc,gen")
-    p.add_argument("--device", default="auto")
     p.add_argument("--output", type=Path, default=RESULTS)
     args = p.parse_args()
 

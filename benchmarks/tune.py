@@ -23,7 +23,6 @@ Run: ``python -m benchmarks.tune`` (options: ``--help``); writes ``benchmarks/re
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import statistics
@@ -35,7 +34,7 @@ from typing import Any
 import optuna
 import torch
 
-from benchmarks import DATA_CSV, RESULTS_DIR, write_report
+from benchmarks import RESULTS_DIR, parser, write_report
 from core.config_io import load_config
 from core.data import splits_for
 from core.models import load_from_config
@@ -52,18 +51,13 @@ def _sync(device: torch.device) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.tune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--data", default=str(DATA_CSV), help="TruthfulQA CSV")
+    p = parser("tune", __doc__)
     p.add_argument("--val", type=int, default=4, help="val questions (data.val)")
     p.add_argument("--trials", type=int, default=24, help="TPE trials")
     p.add_argument("--no-cache-trials", type=int, default=2, help="timed trials that re-extract (extrapolated)")
     p.add_argument("--layers", default="10:20:2")
     p.add_argument("--scales", default="0:8:2")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0: torch's default")
     p.add_argument("--output", type=Path, default=RESULTS)
     args = p.parse_args()
 

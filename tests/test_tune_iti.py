@@ -163,7 +163,7 @@ def test_a_method_that_declares_a_tunable_is_tuned_without_an_edit_to_the_tune_s
     """The tune stage asks the registry: a new method module (here one that steers the last layer with
     the CAA extraction, searching only its ``gain``) is tuned, tagged and summarised like caa and iti."""
     import steering.methods as registry
-    from steering.methods.tuning import Tunable, TuneAxis
+    from steering.methods.tuning import Tunable, TuneAxis, per_sampler
 
     def steer(cfg: Any, vectors: Any, source: str, params: Mapping[str, float]) -> Steering:
         last = cfg.model.n_layers - 1
@@ -172,7 +172,7 @@ def test_a_method_that_declares_a_tunable_is_tuned_without_an_edit_to_the_tune_s
     module = types.ModuleType("steering.methods.last")
     module.METHOD = registry.Method(  # type: ignore[attr-defined]
         "last", stage="extract", section="", needs="an extract run", load=lambda *a: None, key_fields=lambda *a: {},
-        tune=Tunable(axes=(TuneAxis("gain", "gains", False, lambda spec, sampler: "0:4", "0:4", "gain"),),
+        tune=Tunable(axes=(TuneAxis("gain", "gains", False, per_sampler("0:4", "0:4"), example="0:4", help="gain"),),
                      section="last", noun="vectors", steer=steer))
     monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setattr(registry, "METHOD_MODULES", (*registry.METHOD_MODULES, "last"))

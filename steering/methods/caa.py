@@ -11,7 +11,7 @@ from core.config import Config, ConfigError, ModelSpec
 from core.tracking import download
 from steering.methods import Method, register
 from steering.methods.intervention import Steering, steering_key_fields
-from steering.methods.tuning import Tunable, TuneAxis
+from steering.methods.tuning import Tunable, TuneAxis, per_sampler
 
 
 def load(cfg: Config, source: str, model: Any = None) -> Steering:
@@ -57,12 +57,12 @@ def steer(cfg: Config, vectors: Any, source: str, params: Mapping[str, float]) -
                     positions=cfg.steering.positions, source_run=source)
 
 
-TUNE = Tunable(
-    axes=(TuneAxis("layer", "layers", True, default_layers, "8:20 or 6,9,12",
-                   "caa: layer range or list: 8:20, 8:20:2 or 6,9,12", check=_check_layers, unit="layer index"),
-          TuneAxis("scale", "scales", False, lambda spec, sampler: {"grid": "0:8:2"}.get(sampler, "0:8"),
-                   "0.5:8 or 1,2,4", "caa: scale range or list: 0.5:8, 0:8:2 or 1,2,4")),
-    section="steering", noun="vectors", steer=steer, named=False)
+LAYER = TuneAxis("layer", "layers", True, default_layers, example="8:20 or 6,9,12", check=_check_layers,
+                 unit="layer index", help="caa: layer range or list: 8:20, 8:20:2 or 6,9,12")
+SCALE = TuneAxis("scale", "scales", False, per_sampler("0:8", "0:8:2"), example="0.5:8 or 1,2,4",
+                 help="caa: scale range or list: 0.5:8, 0:8:2 or 1,2,4")
+# caa's studies predate methods: they keep their names (truthsteer-<model>-<objective>) and setups
+TUNE = Tunable(axes=(LAYER, SCALE), section="steering", noun="vectors", steer=steer, named=False)
 
 METHOD = register(Method(name="caa", stage="extract", section="",
                          needs="an extract stage run (its extract/caa.safetensors)", load=load, key_fields=key_fields,

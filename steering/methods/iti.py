@@ -24,7 +24,7 @@ from steering.hooks import SteeredCount
 from steering.iti import FIELDS, ItiDirections, iti_applied
 from steering.methods import Method, register
 from steering.methods.intervention import Steering, steering_key_fields
-from steering.methods.tuning import Tunable, TuneAxis
+from steering.methods.tuning import Tunable, TuneAxis, per_sampler
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -97,12 +97,11 @@ def _check_ranked(ranked: ItiDirections, bounds: Mapping[str, tuple[float, float
     return {}
 
 
-TUNE = Tunable(
-    axes=(TuneAxis("k", "ks", True, lambda spec, sampler: {"grid": "4,8,16,32"}.get(sampler, "1:48"),
-                   "1:48 or 4,8,16,32", "iti: heads, range or list: 1:48 or 4,8,16,32", check=_check_ks, unit="number of heads"),
-          TuneAxis("alpha", "alphas", False, lambda spec, sampler: {"grid": "0:30:5"}.get(sampler, "0:30"),
-                   "0:30 or 5,10,15", "iti: shift in sigmas: 0:30, 0:30:5 or 5,15")),
-    section="iti", noun="heads", steer=steer, check_source=_check_ranked)
+K = TuneAxis("k", "ks", True, per_sampler("1:48", "4,8,16,32"), example="1:48 or 4,8,16,32", check=_check_ks,
+             unit="number of heads", help="iti: heads, range or list: 1:48 or 4,8,16,32")
+ALPHA = TuneAxis("alpha", "alphas", False, per_sampler("0:30", "0:30:5"), example="0:30 or 5,10,15",
+                 help="iti: shift in sigmas: 0:30, 0:30:5 or 5,15")
+TUNE = Tunable(axes=(K, ALPHA), section="iti", noun="heads", steer=steer, check_source=_check_ranked)
 
 METHOD = register(Method(name="iti", stage="iti", section="iti",
                          needs="an iti stage run (its iti/heads.safetensors)", load=load, key_fields=key_fields,

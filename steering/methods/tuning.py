@@ -16,6 +16,11 @@ from typing import Any
 from core.config import Config, ModelSpec
 
 
+def per_sampler(tpe: str, grid: str) -> Callable[[ModelSpec, str], str]:
+    """A default spec that depends only on the sampler: ``grid`` for the grid (finitely many values), else ``tpe``."""
+    return lambda spec, sampler: grid if sampler == "grid" else tpe
+
+
 def no_check(low: float, high: float, spec: ModelSpec) -> str:
     """Every value is allowed (a scale, an alpha)."""
     return ""
@@ -75,4 +80,4 @@ class Tunable:
                                for a in self.axes}}
 
 
-__all__ = ["TuneAxis", "Tunable", "no_check"]
+__all__ = ["TuneAxis", "Tunable", "no_check", "per_sampler"]
