@@ -205,7 +205,8 @@ def frame_tables(runs: pd.DataFrame, missing: Missing, directions: Mapping[str, 
     evaluations = tables.latest_evaluations(variants)
     vtable = tables.variant_metrics_table(variants, evaluations, names, missing, models)
     best = tables.best_variants(vtable, metric, tables.higher_is_better(metric, directions)) if metric else {}
-    shown = [m for m in (metric, tables.INFORMATIVE_METRIC) if m in names]
+    informative = next((m for m in tables.INFORMATIVE_METRICS if m in names), None)
+    shown = [m for m in (metric, informative, "kl_neutral") if m and m in names]
     return FrameTables(
         models=models, sizes=sizes, metric=metric, metric_names=names, evaluations=evaluations, variants=variants,
         trials=trials, variant_metrics=vtable, best_variants=best,

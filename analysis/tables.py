@@ -38,12 +38,14 @@ from core.artifacts import (
     VARIANT_STAGE,
 )
 from evaluation.statistics import binary_agreement
+from evaluation.variant_metrics import COST_METRICS
 from steering.methods import variant_order as methods_order
 
-# Judge metrics in the order they are preferred as "the" truthfulness metric of a figure.
-PREFERRED_METRICS = ("llm_truthful", "llm_logprob_truthful", "semantic_acc", "mc1", "mc2", "bleu_acc",
+# Judge metrics in the order they are preferred as "the" truthfulness metric of a figure: True*Info of the
+# trained judge first (TruthfulQA's headline metric, and the judge that agrees best with people: calibrate).
+PREFERRED_METRICS = ("judge_truthful_informative", "judge_truthful", "llm_truthful", "llm_logprob_truthful", "semantic_acc", "mc1", "mc2", "bleu_acc",
                      "rouge1_acc")
-INFORMATIVE_METRIC = "llm_informative"
+INFORMATIVE_METRICS = ("judge_informative", "llm_informative")  # preferred first
 LLM_VERDICTS = ("llm_truthful", "llm_logprob_truthful")  # the LLM judge's 0/1 field, preferred first
 SEMANTIC_VERDICT = "semantic_acc"
 LOSS_METRICS = ("train_loss", "val_loss")
@@ -113,12 +115,12 @@ def judge_metric_names(variants: pd.DataFrame) -> list[str]:
 
 def primary_metric(names: Iterable[str]) -> str | None:
     """The truthfulness metric figures plot: the first of ``PREFERRED_METRICS`` present, else the
-    first name, else None.
+    first name that is not a side-effect metric (``COST_METRICS``: KL, cross-entropy), else None.
 
     Args:
         names: the available metric names.
     """
-    available = list(names)
+    available = [m for m in names if m not in COST_METRICS]
     return next((m for m in PREFERRED_METRICS if m in available), available[0] if available else None)
 
 

@@ -226,6 +226,22 @@ class ItiConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EffectsConfig:
+    """What steering costs (``evaluation.side_effects``): KL and cross-entropy on neutral text, KL on the answers."""
+
+    enabled: bool = True
+    corpus: str = ""  # a JSONL of passages ({"id", "title", "text"}); "" for the shipped WikiText-2 passages
+    n_passages: int = 32
+    max_tokens: int = 64
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        _positive("effects", n_passages=self.n_passages, max_tokens=self.max_tokens, batch_size=self.batch_size)
+        if self.max_tokens < 2:
+            raise ConfigError(f"effects.max_tokens={self.max_tokens} must be >= 2: a passage needs a token to predict")
+
+
+@dataclasses.dataclass(frozen=True)
 class MLPConfig:
     branch: Literal["mc", "gen", "both"] = "both"
     expansion: int = 2
@@ -335,6 +351,7 @@ class Config:
     mlp: MLPConfig = MLPConfig()
     iti: ItiConfig = ItiConfig()
     eval: EvalConfig = EvalConfig()
+    effects: EffectsConfig = EffectsConfig()
     judge: JudgeConfig = JudgeConfig()
     calibrate: CalibrateConfig = CalibrateConfig()
     tracking: TrackingConfig = TrackingConfig()

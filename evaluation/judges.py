@@ -371,8 +371,10 @@ def registered_judges() -> tuple[str, ...]:
 
 
 def metric_directions() -> dict[str, bool]:
-    """Every registered metric -> higher_is_better."""
-    out: dict[str, bool] = {}
+    """Every registered metric -> higher_is_better, and the side-effect metrics (lower is better)."""
+    from evaluation.side_effects import EFFECT_DIRECTIONS
+
+    out: dict[str, bool] = dict(EFFECT_DIRECTIONS)
     for name in REGISTRY.names():
         out.update(REGISTRY.get(name).metrics)
     return out

@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 
 from evaluation.judges import Judge, JudgeItem
+from evaluation.side_effects import EFFECT_DIRECTIONS
 from evaluation.statistics import bootstrap_ci, mcnemar, paired_difference, per_category
 from steering.hooks import SteeringNotApplied
 
@@ -218,9 +219,13 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+COST_METRICS = tuple(EFFECT_DIRECTIONS)  # kl_neutral, ce_neutral_delta, kl_answers, ce_neutral
+
+
 def summary_markdown(summary: pd.DataFrame, metric_names: Sequence[str]) -> str:
     """The summary as markdown: metrics x variants, ``mean [low, high]``; then the deltas against
-    baseline, ``delta [low, high]`` with McNemar's p for binary metrics; then rates and counts.
+    baseline, ``delta [low, high]`` with McNemar's p for binary metrics; then what steering costs (the
+    side-effect metrics), a note when no judge measures informativeness; then rates and counts.
 
     Args:
         summary: ``summary_frame`` output.
@@ -229,11 +234,12 @@ def summary_markdown(summary: pd.DataFrame, metric_names: Sequence[str]) -> str:
     variants = list(summary["variant"])
     by_variant = {v: summary[summary["variant"] == v].iloc[0].to_dict() for v in variants}
 
-    def table(title: str, cells: Callable[[dict[str, Any], str], str | None]) -> list[str]:
+    def table(title: str, cells: Callable[[dict[str, Any], str], str | None],
+              names: Sequence[str] = metric_names) -> list[str]:
         lines = [f"## {title}", "", "| metric | " + " | ".join(variants) + " |",
                  "| --- |" + " --- |" * len(variants)]
         body = []
-        for metric in metric_names:
+        for metric in names:
             row = [cells(by_variant[v], metric) for v in variants]
             if any(c is not None for c in row):
                 body.append(f"| {metric} | " + " | ".join(c or "" for c in row) + " |")
@@ -258,8 +264,14 @@ def summary_markdown(summary: pd.DataFrame, metric_names: Sequence[str]) -> str:
     plain = ["## Counts", "", "| metric | " + " | ".join(variants) + " |", "| --- |" + " --- |" * len(variants)]
     plain += [f"| {c} | " + " | ".join(_fmt(by_variant[v].get(c)) for v in variants) + " |" for c in rates
               if c in summary.columns]
+    costs = [m for m in COST_METRICS if m in summary.columns]
+    cost = table("What steering costs (mean [CI]; 0 for baseline)", mean_cell, costs)
+    informative = [m for m in summary.columns if m.endswith("_informative") and not m.endswith("_truthful_informative")]
+    note = ([] if informative else
+            ["Informativeness and True*Info: not measured, no judge of this run gives them (add `judge`, the "
+             "trained judge, to eval.judges).", ""])
     return "\n".join([*header, *table("Metrics (mean [CI])", mean_cell),
-                      *table("Against baseline (delta [CI], McNemar p)", delta_cell), *plain, ""])
+                      *table("Against baseline (delta [CI], McNemar p)", delta_cell), *cost, *note, *plain, ""])
 
 
-__all__ = ['BINARY_METRIC', 'STEERED_FIELDS', 'category_table', 'check_variant_steered', 'flat_frame', 'judge_item', 'judge_metric_names', 'judge_values', 'score_rows', 'summary_frame', 'summary_markdown', 'variant_metrics']
+__all__ = ['BINARY_METRIC', 'COST_METRICS', 'STEERED_FIELDS', 'category_table', 'check_variant_steered', 'flat_frame', 'judge_item', 'judge_metric_names', 'judge_values', 'score_rows', 'summary_frame', 'summary_markdown', 'variant_metrics']

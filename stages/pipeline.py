@@ -45,7 +45,7 @@ _SECTIONS = {
     "train_mc": ("model", "mlp", "steering"),
     "train_gen": ("model", "mlp", "steering"),
     "iti": ("model", "data", "iti"),
-    "evaluate": ("model", "eval", "judge", "steering"),  # and the sections of its variants' methods
+    "evaluate": ("model", "eval", "effects", "judge", "steering"),  # and the sections of its variants' methods
 }
 # The upstream runs each stage consumes, by stage name.
 UPSTREAM = {

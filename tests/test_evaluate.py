@@ -474,6 +474,13 @@ def test_all_variants_from_real_stage_runs_then_score(tracking: str, tmp_path: P
         assert run.data.tags["layer"] == ("None" if variant == "baseline" else str(cfg.layer))
     steered = {v: [r["answer"] for r in result.rows if r["variant"] == v] for v in result.run_ids}
     assert steered["caa"] != steered["baseline"]
+    for metric in ("kl_neutral", "ce_neutral_delta", "kl_answers"):  # what steering costs, every variant
+        assert {metric, f"{metric}_ci_low", f"{metric}_ci_high"} <= names["baseline"]
+        assert result.metrics["baseline"][metric] == 0.0
+        assert all(result.metrics[v][metric] != 0.0 for v in ("caa", "mlp_mc", "mlp_gen")), metric
+    assert all(result.metrics[v]["kl_neutral"] > 0 and result.metrics[v]["kl_answers"] > 0 for v in result.run_ids
+               if v != "baseline")
+    assert all(r["kl_answers"] == (0.0 if r["variant"] == "baseline" else r["kl_answers"]) for r in result.rows)
     assert mlflow.get_run(parent.info.run_id).data.params["run.extract"] == extract_run.info.run_id
 
     rescore_cfg = load_config("smollm2-135m", "eval.judges=[semantic,bleu],eval.n_bootstrap=200")
