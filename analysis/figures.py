@@ -282,6 +282,33 @@ def training_curves_figure(table: pd.DataFrame, models: Sequence[str] | None = N
     return fig
 
 
+@_styled
+def pareto_figure(table: pd.DataFrame, models: Sequence[str] | None = None) -> Figure:
+    """What tuning buys against what it costs: one panel per study with a measured cost, each trial a point
+    (its objective against its cost of steering), the Pareto front joined, the chosen trial starred.
+
+    Args:
+        table: ``sweeps.pareto_table`` output.
+        models: panel order (by model, then study); default the table's.
+    """
+    order = [m for m in (models or dict.fromkeys(table["model"])) if m in set(table["model"])]
+    studies = [(m, s) for m in order for s in dict.fromkeys(table[table["model"] == m]["study"])]
+    fig, axes = _panels(len(studies))
+    for ax, (model, study) in zip(axes, studies, strict=True):
+        mine = table[(table["model"] == model) & (table["study"] == study)]
+        colour = color(str(mine["variant"].iloc[0]))
+        ax.scatter(mine["cost"], mine["value"], s=14, color="0.6", label="trial")
+        front = mine[mine["on_front"].astype(bool)].sort_values("cost")
+        ax.plot(front["cost"], front["value"], "-o", color=colour, markersize=4, label="Pareto front")
+        chosen = mine[mine["chosen"].astype(bool)]
+        ax.scatter(chosen["cost"], chosen["value"], marker="*", s=120, color=colour, edgecolor="k", zorder=3,
+                   label="chosen")
+        ax.set(title=f"{model}: {study}", xlabel=f"{mine['cost_metric'].iloc[0]} (cost)",
+               ylabel=f"{mine['metric'].iloc[0]} (gain)")
+        ax.legend(loc="best")
+    return fig
+
+
 def save_figure(fig: Figure, table: pd.DataFrame, out_dir: Path, stem: str) -> list[Path]:
     """Write ``<stem>.png`` (``DPI``), ``<stem>.pdf`` and the table as ``<stem>.csv``.
 
@@ -302,5 +329,5 @@ def save_figure(fig: Figure, table: pd.DataFrame, out_dir: Path, stem: str) -> l
 
 __all__ = [
     "DPI", "PAPER_STYLE", "category_delta_figure", "color", "cross_model_figure", "judge_agreement_figure",
-    "layer_scale_figure", "paper_style", "save_figure", "scale_sweep_figure", "training_curves_figure",
+    "layer_scale_figure", "paper_style", "pareto_figure", "save_figure", "scale_sweep_figure", "training_curves_figure",
 ]

@@ -58,6 +58,11 @@ FIGURES = (
     FigureSpec(artifacts.ANALYSIS_CATEGORY_DELTA, "Change per category, best variant",
                "Per model: the change of its best steered variant against baseline in each TruthfulQA category.",
                f"an evaluation with a baseline, a steered variant and {artifacts.PER_CATEGORY}"),
+    FigureSpec(artifacts.ANALYSIS_PARETO, "What tuning buys against what steering costs",
+               "Per tune study with a measured cost (a constraint or two directions): each trial's objective "
+               "against its cost of steering on neutral text (kl_neutral), the Pareto front joined, the chosen "
+               "(best feasible, or best on the front) trial starred.",
+               "tune studies run with --constraint or --directions"),
     FigureSpec(artifacts.ANALYSIS_TRAINING_CURVES, "MLP training curves",
                "Per model: train (solid) and val (dashed) loss per step of each branch's latest train run.",
                "train runs (mc or gen) with train_loss and val_loss histories"),
@@ -167,6 +172,7 @@ class FrameTables:
         scale_sweep: ``sweeps.scale_sweep_table``.
         layer_scale: ``sweeps.layer_scale_table``.
         best_settings: ``sweeps.best_settings_table``.
+        pareto: ``sweeps.pareto_table``.
         trained: ``tables.train_runs``.
     """
 
@@ -183,6 +189,7 @@ class FrameTables:
     scale_sweep: pd.DataFrame
     layer_scale: pd.DataFrame
     best_settings: pd.DataFrame
+    pareto: pd.DataFrame
     trained: pd.DataFrame
 
 
@@ -214,6 +221,7 @@ def frame_tables(runs: pd.DataFrame, missing: Missing, directions: Mapping[str, 
         scale_sweep=sweeps.scale_sweep_table(variants, trials, evaluations, metric),
         layer_scale=sweeps.layer_scale_table(trials),
         best_settings=sweeps.best_settings_table(variants, trials, metric, directions, sizes),
+        pareto=sweeps.pareto_table(trials),
         trained=tables.train_runs(runs, missing),
     )
 

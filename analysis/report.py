@@ -129,6 +129,7 @@ def analyze(runs: pd.DataFrame, out_dir: str | Path, *, reader: StoreReader | No
             agreement, found.models)),
         artifacts.ANALYSIS_CATEGORY_DELTA: (categories, lambda: figures.category_delta_figure(
             categories, found.models)),
+        artifacts.ANALYSIS_PARETO: (found.pareto, lambda: figures.pareto_figure(found.pareto, found.models)),
         artifacts.ANALYSIS_TRAINING_CURVES: (curves, lambda: figures.training_curves_figure(curves, found.models)),
     }
     files: list[Path] = []
@@ -237,6 +238,7 @@ def plan(runs: pd.DataFrame, selection: Selection, *, reader: StoreReader | None
         artifacts.ANALYSIS_CROSS_MODEL: (len(found.cross_model), "bars"),
         artifacts.ANALYSIS_JUDGE_AGREEMENT: (len(with_generations), f"evaluations' {artifacts.GENERATIONS}"),
         artifacts.ANALYSIS_CATEGORY_DELTA: (len(with_categories), f"evaluations' {artifacts.PER_CATEGORY}"),
+        artifacts.ANALYSIS_PARETO: (len(found.pareto), "trials with a cost"),
         artifacts.ANALYSIS_TRAINING_CURVES: (len(found.trained), "train runs' loss histories"),
     }
     lines.append("figures (each as .png, .pdf and the .csv it plots), and report.md:")

@@ -4,7 +4,7 @@ scale heatmap, the scale sweep over evaluations and trials, and the best setting
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -17,6 +17,7 @@ from analysis.tables import (
     higher_is_better,
 )
 from core.artifacts import (
+    TAG_BEST_RUN,
     TAG_MODEL,
     TAG_OBJECTIVE_DIRECTION,
     TAG_OBJECTIVE_METRIC,
@@ -28,6 +29,8 @@ from core.artifacts import (
     TUNE_STAGE,
 )
 from steering.methods import method, method_of_params, tuned_params
+
+COSTS = ("kl_neutral", "ce_neutral_delta")  # a trial's measured cost of steering (stages.tune_space.COSTS)
 
 PARAMS = tuned_params()  # every tunable method's axes: layer, scale (caa), k, alpha (iti)
 
@@ -41,7 +44,7 @@ SWEEP_COLUMNS = ["model", "source", "variant", "layer", "scale", "metric", "valu
 
 
 TRIAL_COLUMNS = ["model", "study", "run_id", "variant", *PARAMS, "metric", "value", "ci_low", "ci_high",
-                 "higher_is_better", "start_time"]
+                 "higher_is_better", "cost_metric", "cost", "chosen", "start_time"]
 
 
 HEATMAP_COLUMNS = ["model", "study", "metric", "layer", "scale", "value", "n_trials"]
@@ -91,6 +94,7 @@ def tune_trials(runs: pd.DataFrame, missing: Missing, directions: Mapping[str, b
         value = as_float(trial.get(f"metrics.{name}"))
         if math.isnan(value):  # MLflowCallback's name for the same value
             value = as_float(trial.get(f"metrics.{TRIAL_METRIC}"))
+        cost_metric = next((c for c in COSTS if not math.isnan(as_float(trial.get(f"metrics.{c}")))), "")
         tuned = method(variant).tune
         needed = [a.name for a in tuned.axes] if tuned else PARAMS
         lacks = [f"param {p}" for p in needed if math.isnan(setting[p])] + ([f"metric {name}"] if math.isnan(value) else [])
@@ -103,7 +107,8 @@ def tune_trials(runs: pd.DataFrame, missing: Missing, directions: Mapping[str, b
             "variant": variant, **{p: v if p in needed else math.nan for p, v in setting.items()}, "metric": name,
             "value": value, "ci_low": as_float(trial.get(f"metrics.{name}_ci_low")),
             "ci_high": as_float(trial.get(f"metrics.{name}_ci_high")), "higher_is_better": higher,
-            "start_time": trial.get("start_time"),
+            "cost_metric": cost_metric, "cost": as_float(trial.get(f"metrics.{cost_metric}")) if cost_metric else math.nan,
+            "chosen": str(trial["run_id"]) == worker_tags.get(TAG_BEST_RUN, ""), "start_time": trial.get("start_time"),
         })
     usable = {r["study"] for r in records}
     for worker in workers.to_dict("records"):
@@ -244,4 +249,32 @@ def best_settings_table(variants: pd.DataFrame, trials: pd.DataFrame, metric_nam
     return out[BEST_COLUMNS].reset_index(drop=True)
 
 
-__all__ = ['BEST_COLUMNS', 'HEATMAP_COLUMNS', 'MAX_SCALE_COLUMNS', 'SCALE_BINS', 'SWEEP_COLUMNS', 'TRIAL_COLUMNS', 'best_settings_table', 'layer_scale_table', 'scale_sweep_table', 'tune_trials']
+__all__ = ['PARETO_COLUMNS', 'on_front', 'pareto_table', 'BEST_COLUMNS', 'HEATMAP_COLUMNS', 'MAX_SCALE_COLUMNS', 'SCALE_BINS', 'SWEEP_COLUMNS', 'TRIAL_COLUMNS', 'best_settings_table', 'layer_scale_table', 'scale_sweep_table', 'tune_trials']
+
+
+PARETO_COLUMNS = ["model", "study", "run_id", "variant", "metric", "value", "cost_metric", "cost", "on_front",
+                  "chosen"]
+
+
+def on_front(values: Sequence[float], costs: Sequence[float], higher_is_better: bool) -> list[bool]:
+    """Whether each (value, cost) point is on the Pareto front: no other point is at least as good on both
+    (value by ``higher_is_better``, cost lower) and better on one."""
+    sign = 1.0 if higher_is_better else -1.0
+    points = [(sign * v, -c) for v, c in zip(values, costs, strict=True)]  # both to maximise
+    return [not any(o[0] >= p[0] and o[1] >= p[1] and o != p for o in points) for p in points]
+
+
+def pareto_table(trials: pd.DataFrame) -> pd.DataFrame:
+    """The trials of every study that measured a cost of steering (``cost``): value, cost, whether on the
+    study's Pareto front, and whether it is the study's chosen (best, or best feasible) trial.
+
+    Args:
+        trials: ``tune_trials`` output.
+    """
+    costed = trials[trials["cost"].notna()] if len(trials) else trials
+    records = []
+    for _, group in costed.groupby(["model", "study"], sort=True):
+        front = on_front(list(group["value"]), list(group["cost"]), bool(group["higher_is_better"].iloc[0]))
+        for row, on in zip(group.to_dict("records"), front, strict=True):
+            records.append({**{c: row[c] for c in PARETO_COLUMNS if c in row}, "on_front": on})
+    return pd.DataFrame(records, columns=PARETO_COLUMNS) if records else _empty(PARETO_COLUMNS)

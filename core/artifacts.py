@@ -25,6 +25,8 @@ TUNED = "tune/best_config.yaml"  # {section: {key: value}}: the best params of a
 TUNE_TRIALS = "tune/trials.csv"  # every trial of the study (all workers): number, state, value, params, attrs
 TUNE_HISTORY = "tune/history.png"  # optuna's optimisation history
 TUNE_IMPORTANCE = "tune/importance.png"  # optuna's param importances (absent with < 2 completed trials)
+TUNE_PARETO = "tune/pareto.csv"  # a study with a cost: every complete trial's value and cost, its front, the chosen one
+TUNE_PARETO_FIGURE = "tune/pareto.png"  # the same as a figure (gain against cost)
 
 # evaluate and score: the same files, so that `score` can re-score a `score` run too
 GENERATIONS = "evaluate/generations.jsonl"  # one row per (question, variant): answer, references, verdicts
@@ -52,6 +54,7 @@ ANALYSIS_BEST_SETTINGS = "best_settings.csv"  # per model: best layer and scale 
 ANALYSIS_SCALE_SWEEP = "scale_sweep"
 ANALYSIS_LAYER_SCALE = "layer_scale"
 ANALYSIS_CROSS_MODEL = "cross_model"
+ANALYSIS_PARETO = "pareto"  # tune studies with a cost: each trial's gain against its cost, the front, the chosen one
 ANALYSIS_JUDGE_AGREEMENT = "judge_agreement"
 ANALYSIS_CATEGORY_DELTA = "category_delta"
 ANALYSIS_TRAINING_CURVES = "training_curves"

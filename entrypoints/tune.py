@@ -3,18 +3,18 @@
 Trials score a setting on the val split: CAA's vectors[layer] * scale from one all-layer extraction (an extract
 run's, or cached under $TRUTHSTEER_OUTPUTS/tune/extractions/), or (--method iti) the best k heads of one ranking
 (an iti run's, --source-run, or cached under $TRUTHSTEER_OUTPUTS/tune/iti/) shifted by alpha. Objectives: mc
-(teacher-forced MC2) or judge (greedy answers scored by semantic_diff, pruned by Wilcoxon). The same study
-name resumes the study; several workers may share one study: see docs/tune.md.
+(MC2), judge (semantic_diff), truth_info; a cost (--constraint, --directions) is measured per trial on neutral
+text. The same study name resumes the study; several workers may share one study: see docs/tune.md.
 
-Parameters: --model, --data, --split, --method (caa|iti), --objective (mc|judge), --n-trials, --total-trials
+Parameters: --model, --data, --split, --method, --objective, --constraint, --directions, --n-trials, --total-trials
 (COMPLETE trials over all workers), --timeout, --storage (default sqlite $TRUTHSTEER_OUTPUTS/tune/optuna.db),
 --study-name (default truthsteer-<model>[-iti]-<objective>), --sampler, each tunable method's axes (from the
 registry: caa --layers, --scales; iti --ks, --alphas), --seed, --pruner, --heartbeat, --extract-run (caa),
 --source-run (a run of the method's source stage), --overrides, --preset, --dry-run.
 Logs: a `tune` run (tags truthsteer.study, best_layer and best_scale or best_k and best_alpha, best_trial,
 best_run; metrics best_<metric>, n_complete, n_pruned, n_failed) with a nested run per trial (params layer and
-scale, or k and alpha; metrics objective, <metric>); artifacts tune/best_config.yaml ({steering: {layer, scale}}
-or {iti: {k, alpha}}, for `full --tuned <id>`), tune/trials.csv, tune/history.png, tune/importance.png.
+scale, or k and alpha; metrics objective, <metric>); artifacts tune/best_config.yaml (for `full --tuned <id>`),
+tune/trials.csv, tune/history.png, tune/importance.png, with a cost tune/pareto.csv and tune/pareto.png.
 """
 
 from argparse import Namespace
@@ -25,15 +25,15 @@ from steering.methods import tunable_methods
 
 FLAGS = {  # the tune settings: flag -> (type, default, help)
     "method": (str, "caa", "a tunable method: caa (layer, scale) or iti (k, alpha)"),
-    "objective": (str, "mc", "mc or judge"),
+    "objective": (str, "mc", "mc (= mc2), judge (semantic_diff) or truth_info (the trained judge's True*Info)"),
+    "constraint": (str, "", "a bound on a cost of steering per trial, e.g. kl_neutral<=0.5: best feasible trial"),
+    "directions": (str, "", "two objectives for a Pareto front, e.g. truth_info:max,kl_neutral:min"),
     "n-trials": (int, 24, "trials this worker runs (0: no limit)"), "sampler": (str, "tpe", "tpe or grid"),
     "total-trials": (int, 0, "COMPLETE trials of the study, over all workers, at which every worker stops (0: none)"),
-    "timeout": (float, 0.0, "seconds this worker runs at most (0: no limit)"),
-    "storage": (str, "", "Optuna storage URL or journal file; default: a local sqlite file"),
-    "study-name": (str, "", "default: truthsteer-<model>[-iti]-<objective>"),
-    "seed": (int, 0, "sampler seed"), "pruner": (str, "auto", "auto, wilcoxon, median or none"),
-    "heartbeat": (int, 60, "seconds between RDB storage heartbeats (0: off)"),
-}
+    "timeout": (float, 0.0, "seconds this worker runs at most (0: no limit)"), "storage": (str, "", "Optuna storage"),
+    "study-name": (str, "", "default: truthsteer-<model>[-iti]-<objective>"), "seed": (int, 0, "sampler seed"),
+    "pruner": (str, "auto", "auto, wilcoxon, median or none"),
+    "heartbeat": (int, 60, "seconds between RDB storage heartbeats (0: off)")}
 RUNS = {"extract-run": "caa: MLflow run id of an extract stage whose vectors to use instead of the cache",
         "source-run": "MLflow run id of the method's source stage (iti: an iti run's ranked heads; caa: extract)"}
 AXES = {a.flag: a.help for m in tunable_methods().values() for a in m.tune.axes}  # type: ignore[union-attr]

@@ -68,19 +68,13 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any
 
 import mlflow
-import yaml
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RetryHeartbeatStaleTrialCallback
-from optuna.study import Study
-from optuna.trial import TrialState
 
 from core import artifacts, tracking
 from core.artifacts import (
-    TAG_BEST_RUN,
-    TAG_BEST_TRIAL,
     TAG_EXTRACTION,
     TAG_OBJECTIVE_DIRECTION,
     TAG_OBJECTIVE_METRIC,
@@ -93,19 +87,14 @@ from core.data import splits_for
 from core.models import LoadedModel, describe_source, load_from_config
 from stages.tune_scoring import StopRequest, TrialScorer, make_objective
 from stages.tune_sources import shared_source
-from stages.tune_space import (
-    Objective,
-)
 from stages.tune_storage import (
-    ATTR_FAIL_REASON,
-    ATTR_SURPLUS,
     MAX_RETRY,
-    MLFLOW_RUN_ATTR,
     TuneSettings,
     open_storage,
     redacted,
     storage_url,
 )
+from stages.tune_summary import TuneOutcome, best_tags, summarise, tuned_fragment
 from stages.tune_workers import (
     StudyCounts,
     TrialBudget,
@@ -115,145 +104,7 @@ from stages.tune_workers import (
     run_worker,
     study_setup,
 )
-from steering.methods import method_of_params, tunable
-
-# ---------------------------------------------------------------- results
-
-
-@dataclasses.dataclass(frozen=True)
-class TuneOutcome:
-    """What a worker leaves: the study's best (over every worker) and the counts.
-
-    Args:
-        study_name: the study.
-        storage: the storage, password hidden.
-        best_params: ``{"layer": L, "scale": S}`` (``{"k": K, "alpha": A}``) of the best COMPLETE trial;
-            None without one.
-        best_value: its objective value.
-        best_trial: its number.
-        best_run_id: its MLflow run.
-        counts: the study's trials by state (surplus trials left out).
-        n_worker_trials: the trials this worker ran.
-        extraction_source: ``run:<id>``, ``cache`` or ``computed``.
-    """
-
-    study_name: str
-    storage: str
-    best_params: dict[str, Any] | None
-    best_value: float | None
-    best_trial: int | None
-    best_run_id: str | None
-    counts: StudyCounts
-    n_worker_trials: int
-    extraction_source: str
-
-
-def _tuned(best_params: dict[str, Any], method: str) -> Any:
-    chosen = tunable(method) if method else method_of_params(best_params)
-    if chosen is None or chosen.tune is None:
-        raise ConfigError(f"params {sorted(best_params)} are not the axes of any tunable method")
-    return chosen.tune
-
-
-def tuned_fragment(best_params: dict[str, Any], method: str = "") -> dict[str, dict[str, Any]]:
-    """The config fragment ``full --tuned`` applies: the method's section with its axes' values,
-    ``{"steering": {"layer": L, "scale": S}}`` for CAA, ``{"iti": {"k": K, "alpha": A}}`` for ITI.
-
-    Args:
-        best_params: the best trial's params.
-        method: the tuned method; "" for the one whose axes the params are.
-    """
-    return _tuned(best_params, method).fragment(best_params)
-
-
-def best_tags(best_params: dict[str, Any], method: str = "") -> dict[str, str]:
-    """``truthsteer.best_<axis>`` of each axis (``TAG_BEST_LAYER`` and ``TAG_BEST_SCALE``, ``TAG_BEST_K`` and
-    ``TAG_BEST_ALPHA``)."""
-    return {artifacts.best_tag(a.name): str(best_params[a.name]) for a in _tuned(best_params, method).axes}
-
-
-def _log_figures(study: Study) -> dict[str, str]:
-    """The optimisation history and the param importances as figures; the reason where one is skipped."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as optuna_plots
-
-    skipped: dict[str, str] = {}
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        if complete:
-            axes = optuna_plots.plot_optimization_history(study, target_name=TRIAL_METRIC)
-            figure = axes.get_figure(root=True)
-            mlflow.log_figure(figure, artifacts.TUNE_HISTORY)
-            plt.close(figure)
-        else:
-            skipped["history"] = "no completed trial"
-        names = sorted({p for t in complete for p in t.params})
-        fixed = [p for p in names if len({t.params.get(p) for t in complete}) < 2]
-        if len(complete) < 2 or fixed:
-            skipped["importance"] = (f"{len(complete)} completed trial(s); importance needs >= 2"
-                                     if len(complete) < 2 else f"{', '.join(fixed)} took one value only")
-        else:
-            try:
-                axes = optuna_plots.plot_param_importances(study)
-            except (ValueError, RuntimeError) as err:  # e.g. all completed values equal
-                skipped["importance"] = f"optuna could not compute importances: {err}"
-            else:
-                figure = axes.get_figure(root=True)
-                mlflow.log_figure(figure, artifacts.TUNE_IMPORTANCE)
-                plt.close(figure)
-    return skipped
-
-
-def summarise(study: Study, objective: Objective, n_worker_trials: int, storage: str,
-              extraction_source: str, stopped: bool = False, method: str = "") -> TuneOutcome:
-    """Tag the active (parent) run with the study's best and log its artifacts.
-
-    Tags ``TAG_BEST_RUN``, ``TAG_BEST_TRIAL`` and ``best_tags`` (best layer and scale, or k and alpha); metrics
-    ``best_<metric>``, ``n_complete``, ``n_pruned``, ``n_failed``, ``n_worker_trials``; artifacts
-    ``TUNED``, ``TUNE_TRIALS``, ``TUNE_HISTORY``, ``TUNE_IMPORTANCE``.
-
-    Args:
-        study: the study, after this worker's trials.
-        objective: the objective.
-        n_worker_trials: trials this worker ran.
-        storage: the storage, password hidden.
-        extraction_source: where the vectors came from.
-        stopped: a signal stopped the worker: a study without a completed trial is then no error.
-        method: the tuned method; "" for the one whose axes the best params are.
-
-    Raises:
-        ConfigError: the study has no completed trial (and the worker was not stopped).
-    """
-    trials = study.get_trials(deepcopy=False)
-    counts = StudyCounts.of(trials)
-    mlflow.log_metrics({"n_complete": counts.complete, "n_pruned": counts.pruned, "n_failed": counts.failed,
-                        "n_worker_trials": n_worker_trials})
-    mlflow.log_text(study.trials_dataframe().to_csv(index=False), artifacts.TUNE_TRIALS)
-    for what, reason in _log_figures(study).items():
-        mlflow.set_tag(f"truthsteer.{what}_skipped", reason)
-        print(f"{what} plot skipped: {reason}")
-    if not counts.complete and stopped:
-        print(f"study {study.study_name!r} has no completed trial yet; nothing to tag")
-        return TuneOutcome(study.study_name, storage, None, None, None, None, counts, n_worker_trials,
-                           extraction_source)
-    if not counts.complete:
-        reasons = sorted({str(t.user_attrs.get(ATTR_FAIL_REASON, t.state.name)) for t in trials
-                          if t.state != TrialState.COMPLETE and not t.user_attrs.get(ATTR_SURPLUS)})
-        raise ConfigError(f"study {study.study_name!r} has no completed trial ({counts.failed} failed, "
-                          f"{counts.pruned} pruned): {'; '.join(reasons[:3]) or 'no trial ran'}")
-    best = study.best_trial
-    best_run = str(best.system_attrs.get(MLFLOW_RUN_ATTR, ""))
-    mlflow.set_tags({TAG_BEST_TRIAL: str(best.number), TAG_BEST_RUN: best_run,
-                    **best_tags(best.params, method)})
-    mlflow.log_metric(f"best_{objective.metric}", float(best.value))  # type: ignore[arg-type]  # COMPLETE: a value
-    mlflow.log_text(yaml.safe_dump(tuned_fragment(best.params, method), sort_keys=False), artifacts.TUNED)
-    return TuneOutcome(study.study_name, storage, dict(best.params), best.value, best.number, best_run or None,
-                       counts, n_worker_trials, extraction_source)
-
+from steering.methods import tunable
 
 # ---------------------------------------------------------------- the stage
 
@@ -326,7 +177,8 @@ def run(cfg: Config, settings: TuneSettings, *, loaded: LoadedModel | None = Non
         "tune.timeout": str(settings.timeout), "tune.seed": str(settings.seed), "tune.study_name": name,
         "tune.storage": redacted(url), "tune.heartbeat": str(settings.heartbeat),
         f"tune.{'source' if settings.tune.named else 'extract'}_run": settings.source or "none",
-        "tune.n_val": str(len(val)),
+        "tune.n_val": str(len(val)), "tune.constraint": settings.constraint or "none",
+        "tune.directions": settings.directions or "none",
     })
     loaded = loaded or load_from_config(cfg)
     from steering.layers import n_layers
@@ -346,24 +198,37 @@ def run(cfg: Config, settings: TuneSettings, *, loaded: LoadedModel | None = Non
     print(f"{settings.tune.noun}: {source} ({shared.what})")
     judge = None
     if objective.generates:
+        from evaluation.judge_loading import check_trained_judge
         from evaluation.judges import make_judge
 
+        if objective.judge == "judge":  # the trained judge must not have learned a val question
+            check_trained_judge(cfg, [q.id for q in val])
         judge = make_judge(objective.judge, cfg)
-    scorer = TrialScorer(cfg, objective, loaded, vectors, source, judge, method=settings.method)
+    passages: tuple[str, ...] = ()
+    if settings.cost:
+        from core.corpus import NEUTRAL_CORPUS, load_passages
+
+        passages = tuple(p.text for p in load_passages(cfg.effects.corpus or NEUTRAL_CORPUS, cfg.effects.n_passages))
+    scorer = TrialScorer(cfg, objective, loaded, vectors, source, judge, method=settings.method, passages=passages)
     storage = open_storage(url, settings.heartbeat)
     setup = study_setup(cfg, objective, val, source)
     if settings.tune.named:  # caa studies keep the setup (and key) they had before methods
         setup |= {"method": settings.method,
                   "vectors": source if source.startswith("run:") else shared_source(stage).key(cfg)}
+    if settings.cost:  # what a cost is measured on, and what makes a trial count
+        setup |= {"cost": settings.cost, "constraint": settings.constraint, "directions": settings.directions,
+                  "effects": {k: v for k, v in dataclasses.asdict(cfg.effects).items() if k != "enabled"}}
     study = open_study(cfg, settings, space, storage, setup)
     budget = TrialBudget(total, space.grid() if settings.sampler == "grid" else None,
                          space.n_cells if settings.sampler == "grid" else 0)
-    callback, callbacks = mlflow_callbacks(parent.info.experiment_id)
+    callback, callbacks = mlflow_callbacks(parent.info.experiment_id,
+                                           [TRIAL_METRIC, settings.cost] if settings.directions else [TRIAL_METRIC])
     stop = StopRequest()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         objective_fn = make_objective(scorer, space, val, pruner=settings.resolved_pruner(), seed=settings.seed,
-                                      study_name=name, stop=stop)
+                                      study_name=name, stop=stop, cost=settings.cost,
+                                      constraint=settings.constraint_spec, two_objectives=bool(settings.directions))
         tracked = callback.track_in_mlflow()(objective_fn)
         retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
     before = StudyCounts.of(study.get_trials(deepcopy=False))
@@ -376,7 +241,7 @@ def run(cfg: Config, settings: TuneSettings, *, loaded: LoadedModel | None = Non
     if stop.signum is not None:
         mlflow.set_tag(TAG_STOPPED, f"signal {stop.signum}")
     outcome = summarise(study, objective, ran, redacted(url), source, stopped=stop.signum is not None,
-                        method=settings.method)
+                        method=settings.method, constraint=settings.constraint_spec)
     best = (f"best {objective.metric} {outcome.best_value:.4f} at {outcome.best_params} (trial {outcome.best_trial}, "
             f"run {outcome.best_run_id})" if outcome.best_value is not None else "no completed trial yet")
     print(f"study {name}: {outcome.counts.complete} complete ({ran} by this worker), {outcome.counts.pruned} pruned, "

@@ -35,11 +35,7 @@ from core.config_io import config_to_dict
 from core.data import Question, file_sha256, is_local_source
 from core.models import TORCH_DTYPES, LoadedModel, load_from_config
 from stages.extract import load_extraction
-from stages.tune_space import (
-    PRUNING_CHUNK,
-    Objective,
-    SearchSpace,
-)
+from stages.tune_space import ATTR_CONSTRAINTS, PRUNING_CHUNK, Constraint, Objective, SearchSpace
 from stages.tune_storage import (
     ATTR_FAIL_REASON,
     outputs_root,
@@ -166,6 +162,7 @@ class TrialScorer:
         source: where the vectors came from (enters the steering's identity).
         judge: the judge of a generating objective (``make_judge(objective.judge, cfg)``); None for ``mc``.
         method: the tunable method: ``caa`` (params ``layer``, ``scale``) or ``iti`` (params ``k``, ``alpha``).
+        passages: the neutral texts a trial's cost of steering is measured on (``costs``); empty for none.
     """
 
     cfg: Config
@@ -175,6 +172,17 @@ class TrialScorer:
     source: str
     judge: Any = None
     method: str = "caa"
+    passages: tuple[str, ...] = ()
+
+    def costs(self, params: Mapping[str, float]) -> dict[str, float]:
+        """What the setting costs on the neutral passages (``evaluation.side_effects``): ``kl_neutral`` and
+        ``ce_neutral_delta``, means over passages as ``evaluate`` logs them."""
+        from evaluation.side_effects import effect_metrics, neutral_effects
+
+        rows = neutral_effects(self.loaded, {"trial": self.steering(params)}, self.passages,
+                               batch_size=self.cfg.effects.batch_size, max_tokens=self.cfg.effects.max_tokens)["trial"]
+        values = effect_metrics(rows, [], n_bootstrap=1, confidence=0.95, seed=0)
+        return {name: values[name] for name in ("kl_neutral", "ce_neutral_delta")}
 
     def steering(self, params: Mapping[str, float]) -> Any:
         """The method's intervention for ``params`` (``Tunable.steer``): CAA's ``vectors[layer] * scale``,
@@ -237,9 +245,16 @@ def make_objective(
     seed: int,
     study_name: str,
     stop: StopRequest | None = None,
-) -> Callable[[Trial], float]:
+    cost: str = "",
+    constraint: Constraint | None = None,
+    two_objectives: bool = False,
+) -> Callable[[Trial], float | tuple[float, float]]:
     """The Optuna objective: suggest every axis of ``space`` (layer and scale, or k and alpha), score every
-    question, return the mean.
+    question, return the mean (and, for two objectives, the ``cost``).
+
+    With a ``cost`` (``kl_neutral``, ``ce_neutral_delta``) the scored trial also measures what its steering
+    costs on neutral text (``TrialScorer.costs``; user attrs and metrics of the trial), and with a
+    ``constraint`` records its violation (``ATTR_CONSTRAINTS``) for the sampler and the summary.
 
     With a pruner, questions are scored in chunks of ``PRUNING_CHUNK`` in an order shuffled per
     trial (``WilcoxonPruner``'s advice); each question's value is reported at the step of its index
@@ -254,11 +269,14 @@ def make_objective(
         seed: seeds the per-trial question order.
         study_name: tagged on the trial's run.
         stop: checked before the first and between chunks (a stopped trial is re-queued by ``guarded``).
+        cost: the cost each trial measures; "" for none.
+        constraint: the bound on a cost that makes a trial feasible; None for none.
+        two_objectives: return ``(value, cost)`` for a two-objective study.
     """
     metric = scorer.objective.metric
     stop = stop or StopRequest()
 
-    def objective(trial: Trial) -> float:
+    def objective(trial: Trial) -> float | tuple[float, float]:
         tick = time.perf_counter()
         mlflow.set_tags({artifacts.TAG_STAGE: TRIAL_STAGE, artifacts.TAG_MODEL: scorer.cfg.model.alias,
                          artifacts.TAG_HOST: socket.gethostname(), artifacts.TAG_PID: str(os.getpid()),
@@ -295,8 +313,13 @@ def make_objective(
         metrics = {metric: value, "n_questions": float(len(values)), "trial_seconds": time.perf_counter() - tick}
         if "mc1" in rows[0] and metric != "mc1":
             metrics["mc1"] = math.fsum(float(r["mc1"]) for r in rows) / len(rows)
-        mlflow.log_metrics(metrics)
-        return value
+        costs = scorer.costs(params) if cost else {}
+        for name, spent in costs.items():
+            trial.set_user_attr(name, spent)
+        if constraint is not None:
+            trial.set_user_attr(ATTR_CONSTRAINTS, [constraint.violation(costs[constraint.metric])])
+        mlflow.log_metrics({**metrics, **costs})
+        return (value, costs[cost]) if two_objectives else value
 
     return objective
 

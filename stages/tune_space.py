@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import re
 import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
@@ -60,8 +61,67 @@ class Objective:
 
 OBJECTIVES = {
     "mc": Objective("mc", judge="mc", metric="mc2", generates=False),
+    "mc2": Objective("mc2", judge="mc", metric="mc2", generates=False),
     "judge": Objective("judge", judge="semantic", metric="semantic_diff", generates=True),
+    "truth_info": Objective("truth_info", judge="judge", metric="judge_truthful_informative", generates=True),
 }
+COSTS = ("kl_neutral", "ce_neutral_delta")  # what a trial can measure steering to cost, on neutral text
+
+
+@dataclasses.dataclass(frozen=True)
+class Constraint:
+    """A bound on a cost of steering, e.g. ``kl_neutral<=0.5``: trials above it are infeasible (Optuna's
+    ``constraints_func``), and the study reports its best *feasible* trial.
+
+    Args:
+        metric: one of ``COSTS``.
+        op: ``<=`` or ``>=``.
+        bound: the bound.
+    """
+
+    metric: str
+    op: str
+    bound: float
+
+    @classmethod
+    def parse(cls, text: str) -> Constraint:
+        """``metric<=bound`` or ``metric>=bound``."""
+        match = re.fullmatch(r"\s*(\w+)\s*(<=|>=)\s*([-+]?[0-9.]+(?:[eE][-+]?[0-9]+)?)\s*", text)
+        if not match:
+            raise ConfigError(f"constraint={text!r} must read metric<=bound or metric>=bound, e.g. kl_neutral<=0.5")
+        metric, op, bound = match.group(1), match.group(2), float(match.group(3))
+        if metric not in COSTS:
+            raise ConfigError(f"constraint={text!r}: {metric} is not a cost a trial measures; use one of "
+                              f"{', '.join(COSTS)}, e.g. kl_neutral<=0.5")
+        return cls(metric, op, bound)
+
+    def violation(self, value: float) -> float:
+        """How far ``value`` is past the bound (<= 0: feasible), as ``constraints_func`` wants it."""
+        return value - self.bound if self.op == "<=" else self.bound - value
+
+    def describe(self) -> str:
+        return f"{self.metric}{self.op}{self.bound:g}"
+
+
+def parse_directions(text: str) -> tuple[Objective, str]:
+    """``<objective>:max,<cost>:min`` (e.g. ``truth_info:max,kl_neutral:min``): a two-objective study of
+    an objective (its direction must be the metric's) and a cost of steering (minimised); the Pareto front."""
+    parts = [p.strip().split(":") for p in text.split(",") if p.strip()]
+    if len(parts) != 2 or any(len(p) != 2 or p[1] not in ("max", "min") for p in parts):
+        raise ConfigError(f"directions={text!r} must read <objective>:max|min,<cost>:min, e.g. "
+                          "truth_info:max,kl_neutral:min")
+    (name, way), (cost, cost_way) = parts
+    if name not in OBJECTIVES:
+        raise ConfigError(f"directions={text!r}: {name} is not an objective; choose from {', '.join(OBJECTIVES)}")
+    objective = OBJECTIVES[name]
+    if ("max" if objective.higher_is_better else "min") != way:
+        raise ConfigError(f"directions={text!r}: {objective.metric} ({name}) is "
+                          f"{'maximised' if objective.higher_is_better else 'minimised'}; write {name}:"
+                          f"{'max' if objective.higher_is_better else 'min'}")
+    if cost not in COSTS or cost_way != "min":
+        raise ConfigError(f"directions={text!r}: the second must be a cost to minimise, one of "
+                          f"{', '.join(f'{c}:min' for c in COSTS)}")
+    return objective, cost
 
 
 def _number(name: str, text: str, integer: bool, example: str, unit: str) -> float:
@@ -237,6 +297,14 @@ class SearchSpace:
         return " x ".join(f"{name} {axis.describe()}" for name, axis in self.axes.items())
 
 
+ATTR_CONSTRAINTS = "constraints"  # a trial's user attr: its violations (<= 0: feasible), Optuna's convention
+
+
+def trial_constraints(trial: FrozenTrial) -> list[float]:
+    """A finished trial's constraint violations (``Constraint.violation``), as ``constraints_func`` wants."""
+    return [float(v) for v in trial.user_attrs.get(ATTR_CONSTRAINTS, [math.inf])]
+
+
 class TrialSeededTPESampler(TPESampler):
     """TPE (multivariate, constant liar) whose randomness in trial ``n`` depends only on ``(seed, n)``.
 
@@ -245,12 +313,14 @@ class TrialSeededTPESampler(TPESampler):
 
     Args:
         seed: the study's seed.
+        constrained: trials carry constraint violations (``trial_constraints``): TPE favours feasible ones.
     """
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, constrained: bool = False) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
-            super().__init__(seed=seed, multivariate=True, constant_liar=True)
+            super().__init__(seed=seed, multivariate=True, constant_liar=True,
+                             constraints_func=trial_constraints if constrained else None)
         self._base_seed = seed
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
@@ -271,7 +341,7 @@ def make_sampler(settings: TuneSettings, space: SearchSpace) -> optuna.samplers.
     """
     if settings.sampler == "grid":
         return GridSampler(space.grid(), seed=settings.seed)
-    return TrialSeededTPESampler(settings.seed)
+    return TrialSeededTPESampler(settings.seed, constrained=bool(settings.constraint))
 
 
 def make_pruner(name: str) -> optuna.pruners.BasePruner:
@@ -289,4 +359,4 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-__all__ = ['Axis', 'OBJECTIVES', 'Objective', 'PRUNERS', 'SAMPLERS', 'SearchSpace', 'TrialSeededTPESampler', 'make_pruner', 'make_sampler']
+__all__ = ['ATTR_CONSTRAINTS', 'COSTS', 'trial_constraints', 'Axis', 'Constraint', 'OBJECTIVES', 'parse_directions', 'Objective', 'PRUNERS', 'SAMPLERS', 'SearchSpace', 'TrialSeededTPESampler', 'make_pruner', 'make_sampler']

@@ -19,7 +19,15 @@ from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
 from core.config import Config, ConfigError
-from stages.tune_space import OBJECTIVES, PRUNERS, SAMPLERS, Objective, SearchSpace
+from stages.tune_space import (
+    OBJECTIVES,
+    PRUNERS,
+    SAMPLERS,
+    Constraint,
+    Objective,
+    SearchSpace,
+    parse_directions,
+)
 from steering.methods import tunable, tunable_methods
 from steering.methods.tuning import Tunable
 
@@ -187,6 +195,10 @@ class TuneSettings:
         extract_run: an extract stage run whose vectors to use instead of the cache (caa).
         source_run: the run of the shared source instead of the cache: a run of the method's stage (an
             iti stage run's ranked heads for iti; for caa an extract run, the same as ``extract_run``).
+        constraint: a bound on a cost of steering measured per trial on neutral text, e.g.
+            ``kl_neutral<=0.5``; the study reports its best feasible trial. "" for none.
+        directions: ``<objective>:max,<cost>:min`` for a two-objective study (the Pareto front), e.g.
+            ``truth_info:max,kl_neutral:min``; its objective replaces ``objective``. "" for one objective.
     """
 
     objective: str = "mc"
@@ -203,6 +215,8 @@ class TuneSettings:
     heartbeat: int = 60
     extract_run: str = ""
     source_run: str = ""
+    constraint: str = ""
+    directions: str = ""
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -236,19 +250,43 @@ class TuneSettings:
         if self.n_trials == 0 and self.total_trials == 0 and self.sampler != "grid" and self.timeout == 0:
             raise ConfigError("n_trials=0 (no per-worker limit) would run forever: give --total-trials, "
                               "--timeout or --sampler grid, or n_trials > 0")
+        if self.constraint:
+            Constraint.parse(self.constraint)
+        if self.directions:
+            objective, _ = parse_directions(self.directions)
+            if self.objective not in ("mc", objective.name):
+                raise ConfigError(f"objective={self.objective} and directions={self.directions} name two objectives; "
+                                  f"drop --objective (directions names it: {objective.name})")
+            if self.pruner in ("wilcoxon", "median"):
+                raise ConfigError(f"pruner={self.pruner}: Optuna prunes single-objective studies only; "
+                                  "use --pruner none (or auto) with --directions")
         if self.sampler == "grid" and self.pruner in ("wilcoxon", "median"):
             raise ConfigError(f"pruner={self.pruner} with the grid sampler would leave pruned cells unscored; "
                               "use --pruner none (or auto) with --sampler grid")
 
     @property
     def objective_spec(self) -> Objective:
-        return OBJECTIVES[self.objective]
+        """The objective: the first of ``directions`` when given, else ``objective``."""
+        return parse_directions(self.directions)[0] if self.directions else OBJECTIVES[self.objective]
+
+    @property
+    def cost(self) -> str:
+        """The cost of steering each trial measures (the second direction, or the constraint's); "" for none."""
+        if self.directions:
+            return parse_directions(self.directions)[1]
+        return Constraint.parse(self.constraint).metric if self.constraint else ""
+
+    @property
+    def constraint_spec(self) -> Constraint | None:
+        return Constraint.parse(self.constraint) if self.constraint else None
 
     def resolved_pruner(self) -> str:
-        """The pruner in use: ``auto`` is ``wilcoxon`` for the judge objective under TPE, else ``none``."""
+        """The pruner in use: ``auto`` is ``wilcoxon`` for a generating objective under TPE with one direction,
+        else ``none``."""
         if self.pruner != "auto":
             return self.pruner
-        return "wilcoxon" if self.objective == "judge" and self.sampler == "tpe" else "none"
+        generating = self.objective_spec.generates and not self.directions
+        return "wilcoxon" if generating and self.sampler == "tpe" else "none"
 
     @property
     def source(self) -> str:
@@ -264,8 +302,13 @@ class TuneSettings:
 
     @property
     def label(self) -> str:
-        """``<method>-<objective>`` (``<objective>`` for caa, whose studies predate methods)."""
-        return f"{self.method}-{self.objective}" if self.tune.named else self.objective
+        """``<method>-<objective>`` (``<objective>`` for caa, whose studies predate methods), then
+        ``-pareto-<cost>`` for two directions or ``-<constraint>`` for a constraint."""
+        objective = self.objective_spec.name
+        label = f"{self.method}-{objective}" if self.tune.named else objective
+        if self.directions:
+            return f"{label}-pareto-{self.cost}"
+        return f"{label}-{self.constraint_spec.describe()}" if self.constraint_spec else label
 
     def study_name_for(self, cfg: Config) -> str:
         return self.study_name or f"{STUDY_PREFIX}-{cfg.model.alias}-{self.label}"

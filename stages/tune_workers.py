@@ -180,12 +180,14 @@ def open_study(cfg: Config, settings: TuneSettings, space: SearchSpace, storage:
     """
     name = settings.study_name_for(cfg)
     objective = settings.objective_spec
-    study = optuna.create_study(storage=storage, study_name=name, direction=objective.direction,
+    directions = [objective.direction] + (["minimize"] if settings.directions else [])
+    study = optuna.create_study(storage=storage, study_name=name, directions=directions,
                                 sampler=make_sampler(settings, space),
                                 pruner=make_pruner(settings.resolved_pruner()), load_if_exists=True)
-    if study.direction != StudyDirection[objective.direction.upper()]:
-        raise ConfigError(f"study {name!r} {study.direction.name.lower()}s, but {objective.metric} "
-                          f"({objective.name}) must be {objective.direction}d; pass another --study-name")
+    if study.directions != [StudyDirection[d.upper()] for d in directions]:
+        raise ConfigError(f"study {name!r} {', '.join(d.name.lower() for d in study.directions)}s, but this run "
+                          f"{' and '.join(directions)}s {objective.metric} ({objective.name})"
+                          f"{f' and {settings.cost}' if settings.directions else ''}; pass another --study-name")
     key = hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:16]
     found = study.user_attrs.get(ATTR_SETUP_KEY)
     if found is None:
@@ -360,19 +362,21 @@ def run_worker(
 MLFLOW_STATUS = {TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}  # COMPLETE: the callback's FINISHED
 
 
-def mlflow_callbacks(experiment_id: str) -> tuple[Any, list[Callable[[Study, FrozenTrial], None]]]:
+def mlflow_callbacks(experiment_id: str, names: Sequence[str] = (TRIAL_METRIC,)
+                     ) -> tuple[Any, list[Callable[[Study, FrozenTrial], None]]]:
     """optuna-integration's ``MLflowCallback`` (nested trial runs in ``experiment_id``, metric
     ``objective``) and the ``study.optimize`` callbacks: it, for every non-surplus trial, then the
     trial run's status set from the trial's state (PRUNED: KILLED, FAIL: FAILED).
 
     Args:
         experiment_id: the parent run's experiment.
+        names: the metric name of each of the study's values (``objective``, then the cost's name).
     """
     from optuna_integration.mlflow import MLflowCallback
 
     with warnings.catch_warnings():  # deprecated since optuna-integration 4.9, still the integration asked for
         warnings.simplefilter("ignore", FutureWarning)
-        callback = MLflowCallback(metric_name=TRIAL_METRIC, create_experiment=False,
+        callback = MLflowCallback(metric_name=list(names) if len(names) > 1 else names[0], create_experiment=False,
                                   mlflow_kwargs={"nested": True, "experiment_id": experiment_id})
 
     def log_trial(study: Study, trial: FrozenTrial) -> None:

@@ -230,7 +230,7 @@ def populate(client: mlflow.MlflowClient) -> dict[str, str]:
     w.run("smol-study", "tune", SMOL, tags={artifacts.TAG_OBJECTIVE_DIRECTION: "minimize"})  # no study name
     for i, (layer, scale, value) in enumerate(SMOL_TRIALS):
         w.run(f"smol-trial-{i}", artifacts.TRIAL_STAGE, SMOL, params={"layer": layer, "scale": scale},
-              metrics={"objective": value}, parent="smol-study")
+              metrics={"objective": value, "kl_neutral": 0.25 * (i + 1)}, parent="smol-study")
     return w.ids
 
 
@@ -590,6 +590,20 @@ def test_analyze_in_memory_with_a_fake_reader(tmp_path: Path) -> None:
         result.missing, ["model", "run_id", "what"])
     assert ("m", "e", f"no artifact {artifacts.PER_CATEGORY}: no per-category figure") in _rows(
         result.missing, ["model", "run_id", "what"])
+
+
+def test_the_pareto_table_marks_the_trials_no_other_trial_beats_on_gain_and_cost(store: Store) -> None:
+    table = store.table(f"{artifacts.ANALYSIS_PARETO}.csv")
+    rows = sorted(zip(table["run_id"], table["value"], table["cost"], table["on_front"], strict=True))
+    ids = store.ids
+    # smol's study minimises its objective; kl_neutral 0.25, 0.5, 0.75 for trials 0, 1, 2
+    values = {r: v for r, v, _, _ in rows}
+    for run, value, cost, front in rows:
+        beaten = any(v <= value and c <= cost and (v, c) != (value, cost) for _, v, c, _ in rows)
+        assert front == (not beaten), (run, value, cost)
+    assert set(table["run_id"]) == {ids[f"smol-trial-{i}"] for i in range(len(SMOL_TRIALS))}
+    assert values[ids["smol-trial-0"]] == SMOL_TRIALS[0][2]
+    assert sweeps.on_front([1.0, 2.0, 2.0, 0.5], [1.0, 1.0, 3.0, 0.1], True) == [False, True, False, True]
 
 
 def test_layer_scale_table_bins_continuous_scales() -> None:

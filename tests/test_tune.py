@@ -125,7 +125,7 @@ def test_bad_axis_specs_name_the_value_and_the_fix(name: str, text: str, integer
 
 def test_settings_refuse_what_cannot_work() -> None:
     cfg = load_config("smollm2-135m")
-    with pytest.raises(ConfigError, match="objective='mcc' is not one of mc, judge"):
+    with pytest.raises(ConfigError, match="objective='mcc' is not one of mc, mc2, judge, truth_info"):
         tune_storage.TuneSettings(objective="mcc")
     with pytest.raises(ConfigError, match="would run forever"):
         tune_storage.TuneSettings(n_trials=0)
