@@ -68,3 +68,10 @@ def kill_once_stored(command: list[str], env: dict[str, str], outputs: Path, *, 
     (store,) = stores
     data = store.read_bytes()
     return data[:data.rfind(b"\n") + 1].splitlines()
+
+
+@pytest.fixture
+def outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``$TRUTHSTEER_OUTPUTS`` in tmp_path: tune's storage and caches (extractions, head rankings) go there."""
+    monkeypatch.setenv("TRUTHSTEER_OUTPUTS", str(tmp_path / "outputs"))
+    return tmp_path / "outputs"

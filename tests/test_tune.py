@@ -71,13 +71,6 @@ def tiny_loaded(cfg: Config) -> LoadedModel:
                        device=torch.device("cpu"), prompt_format="qa")
 
 
-@pytest.fixture
-def outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """``$TRUTHSTEER_OUTPUTS`` in tmp_path: the default storage and the extraction cache go there."""
-    monkeypatch.setenv(tune_storage.OUTPUTS_ENV, str(tmp_path / "outputs"))
-    return tmp_path / "outputs"
-
-
 def run_tiny(cfg: Config, settings: tune_storage.TuneSettings) -> tuple[tune.TuneOutcome, str]:
     """One worker of the study in this process; its outcome and parent run id."""
     with stage_run("tune", cfg) as parent:

@@ -21,7 +21,7 @@ from evaluation.side_effects import neutral_effects
 from stages import tune_storage
 from stages.tune_space import Constraint, parse_directions
 from steering.methods.intervention import Steering
-from tests.test_tune import load_study, outputs, run_tiny, tiny_cfg, tiny_loaded  # noqa: F401  (a fixture)
+from tests.test_tune import load_study, run_tiny, tiny_cfg, tiny_loaded
 
 Settings = tune_storage.TuneSettings
 GRID = {"layers": "1", "scales": "0,3,12"}

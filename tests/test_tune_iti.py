@@ -45,13 +45,6 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 Settings = tune_storage.TuneSettings
 
 
-@pytest.fixture
-def outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """``$TRUTHSTEER_OUTPUTS`` in tmp_path: the default storage and the head-ranking cache go there."""
-    monkeypatch.setenv(tune_storage.OUTPUTS_ENV, str(tmp_path / "outputs"))
-    return tmp_path / "outputs"
-
-
 def test_iti_axes_have_defaults_per_sampler() -> None:
     cfg = load_config("smollm2-135m")
     assert Settings(method="iti").search_space(cfg).describe() == "k 1:48 x alpha 0:30"
