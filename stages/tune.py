@@ -134,6 +134,9 @@ def plan(cfg: Config, settings: TuneSettings) -> list[str]:
         f"search space ({settings.method}): {space.describe()}"
         + (f" = {space.n_cells} grid cells" if settings.sampler == "grid" else ""),
         f"sampler: {settings.sampler} (seed {settings.seed}); pruner: {settings.resolved_pruner()}",
+        *([f"cost per trial: {settings.cost} on {cfg.effects.n_passages} neutral passages; "
+           + (f"feasible when {settings.constraint_spec.describe()}" if settings.constraint_spec else
+              "the second direction (minimised): the Pareto front is logged")] if settings.cost else []),
         f"trials: {settings.n_trials or 'no limit'} in this worker; study total: "
         f"{f'{total} COMPLETE' if total else 'no limit'}; timeout: {f'{settings.timeout:g} s' if settings.timeout else 'none'}",
         f"{settings.tune.noun}: {extraction}",
