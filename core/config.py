@@ -231,12 +231,15 @@ class EffectsConfig:
 
     enabled: bool = True
     corpus: str = ""  # a JSONL of passages ({"id", "title", "text"}); "" for the shipped WikiText-2 passages
-    n_passages: int = 32
-    max_tokens: int = 64
+    n_passages: int = 16
+    max_tokens: int = 48
     batch_size: int = 8
+    answer_tokens: int = 24  # kl_answers reads the first answer_tokens tokens of each answer; 0: all
 
     def __post_init__(self) -> None:
         _positive("effects", n_passages=self.n_passages, max_tokens=self.max_tokens, batch_size=self.batch_size)
+        if self.answer_tokens < 0:
+            raise ConfigError(f"effects.answer_tokens={self.answer_tokens} must be >= 0 (0: every answer token)")
         if self.max_tokens < 2:
             raise ConfigError(f"effects.max_tokens={self.max_tokens} must be >= 2: a passage needs a token to predict")
 

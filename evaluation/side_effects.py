@@ -117,47 +117,75 @@ def _suffix_logits(loaded: LoadedModel, batch: SuffixBatch, predicts: Tensor,
 
 
 @torch.inference_mode()
-def answer_kl(loaded: LoadedModel, steering: Steering, questions: Sequence[str], answers: Sequence[str], *,
-              batch_size: int, max_length: int) -> list[float | None]:
-    """Per answer, the mean KL(unsteered || steered) over the positions that predict its tokens, given its
-    question's prompt; None for an empty answer (no token to predict).
+def answer_kl(loaded: LoadedModel, steerings: Mapping[str, Steering], questions: Sequence[str],
+              answers: Mapping[str, Sequence[str]], *, batch_size: int, max_length: int,
+              max_tokens: int = 0) -> dict[str, list[float | None]]:
+    """Per variant and answer, the mean KL(unsteered || steered) over the positions that predict its tokens,
+    given its question's prompt; None for an empty answer (no token to predict).
+
+    With ``positions=from_prompt_end`` every prompt but its last token runs once for all variants
+    (``PrefixCache.of_prefixes``, a chunk of ``batch_size`` questions at a time), and each variant's
+    answers run twice over the last prompt token and the answer only, unsteered and steered.
 
     Args:
         loaded: the model, its tokenizer and prompt format.
-        steering: the variant's steering (from each row's last prompt token on, or everywhere).
+        steerings: the variants' steerings (from each row's last prompt token on, or everywhere).
         questions: question texts, one per answer.
-        answers: the variant's answers.
-        batch_size: rows per forward.
+        answers: variant -> its answers, in ``questions``' order.
+        batch_size: rows per forward (and prompts per cached chunk).
         max_length: tokens per row at most; longer rows lose prompt tokens from the left.
+        max_tokens: the first ``max_tokens`` tokens of each answer are read; 0: all of them.
     """
-    if len(questions) != len(answers):
-        raise ValueError(f"{len(questions)} questions but {len(answers)} answers; pass one question per answer")
     tokenizer, fmt = loaded.tokenizer, loaded.prompt_format
     prompt_of = {q: format_prompt(q, tokenizer, fmt) for q in dict.fromkeys(questions)}
-    parts = [prompt_answer_ids(tokenizer, prompt_of[q], answer_text(a, fmt), max_length) if a.strip() else None
-             for q, a in zip(questions, answers, strict=True)]
-    out: list[float | None] = [None] * len(parts)
-    rows = [i for i, p in enumerate(parts) if p is not None and p[1]]
-    if not steering.steers:
-        return [0.0 if i in rows else None for i in range(len(parts))]
-    seqs = Sequences(tuple(tuple(parts[i][0] + parts[i][1]) for i in rows),  # type: ignore[index]
-                     tuple(len(parts[i][1]) for i in rows), 1)  # type: ignore[index]
-    if steering.positions == "all":
-        return _full_forward_kl(loaded, steering, seqs, rows, out, batch_size)
-    splits = [len(parts[i][0]) - 1 for i in rows]  # type: ignore[index]
-    cache = PrefixCache.of_prefixes(loaded.model, seqs, splits, tokenizer.pad_token_id, batch_size)
-    order = sorted(range(len(rows)), key=lambda r: -len(seqs.token_ids[r]) + splits[r])  # by suffix length
-    for at in range(0, len(order), batch_size):
-        chunk = order[at:at + batch_size]
-        batch = cache.batch(chunk)
-        predicts = batch.answer_mask[:, 1:].bool()  # (batch, S - 1)
-        prefix_end = torch.full((len(chunk),), batch.prefix_width, device=batch.input_ids.device)  # (batch,)
-        unsteered, _ = _suffix_logits(loaded, batch, predicts, contextlib.nullcontext)  # type: ignore[arg-type]
-        steered, count = _suffix_logits(loaded, batch, predicts,
-                                        functools.partial(steering.applied, loaded.model, prefix_end))
-        check_steered(count, steering.expected_steered(prefix_end, batch.attention_mask.shape[1]),
-                      f"answer KL of {len(chunk)} answers by {steering.variant}")
-        _per_row(token_kl(unsteered, steered), predicts, [rows[r] for r in chunk], out)
+    out: dict[str, list[float | None]] = {}
+    rows: list[tuple[str, int]] = []  # (variant, answer index) of every steered answer with tokens
+    parts: list[tuple[list[int], list[int]]] = []
+    everywhere: dict[str, list[tuple[int, tuple[list[int], list[int]]]]] = {}  # positions=all: full forwards
+    for variant, steering in steerings.items():
+        if len(answers[variant]) != len(questions):
+            raise ValueError(f"{variant}: {len(answers[variant])} answers for {len(questions)} questions; pass one "
+                             "answer per question")
+        out[variant] = [None] * len(questions)
+        for i, (q, a) in enumerate(zip(questions, answers[variant], strict=True)):
+            prompt, answer = prompt_answer_ids(tokenizer, prompt_of[q], answer_text(a, fmt), max_length) \
+                if a.strip() else ([], [])
+            answer = answer[:max_tokens] if max_tokens else answer
+            if not answer:
+                continue
+            if not steering.steers:
+                out[variant][i] = 0.0  # nothing moves: no forward
+            elif steering.positions == "all":
+                everywhere.setdefault(variant, []).append((i, (prompt, answer)))
+            else:
+                rows.append((variant, i))
+                parts.append((prompt, answer))
+    for variant, items in everywhere.items():
+        _full_forward_kl(loaded, steerings[variant], [p for _, p in items], [i for i, _ in items], out[variant],
+                         batch_size)
+    by_question = list(dict.fromkeys(questions))
+    for start in range(0, len(by_question), batch_size):  # a chunk of prompts at a time bounds the cache's memory
+        chunk = set(by_question[start:start + batch_size])
+        mine = [r for r, (_, i) in enumerate(rows) if questions[i] in chunk]
+        if not mine:
+            continue
+        seqs = Sequences(tuple(tuple(parts[r][0] + parts[r][1]) for r in mine), tuple(len(parts[r][1]) for r in mine), 1)
+        splits = [len(parts[r][0]) - 1 for r in mine]
+        cache = PrefixCache.of_prefixes(loaded.model, seqs, splits, tokenizer.pad_token_id, batch_size)
+        for variant, steering in steerings.items():
+            own = sorted((k for k, r in enumerate(mine) if rows[r][0] == variant),
+                         key=lambda k: -len(seqs.token_ids[k]) + splits[k])  # by suffix length
+            for at in range(0, len(own), batch_size):
+                batch_rows = own[at:at + batch_size]
+                batch = cache.batch(batch_rows)
+                predicts = batch.answer_mask[:, 1:].bool()  # (batch, S - 1)
+                prefix_end = torch.full((len(batch_rows),), batch.prefix_width, device=batch.input_ids.device)
+                unsteered, _ = _suffix_logits(loaded, batch, predicts, contextlib.nullcontext)  # type: ignore[arg-type]
+                steered, count = _suffix_logits(loaded, batch, predicts,
+                                                functools.partial(steering.applied, loaded.model, prefix_end))
+                check_steered(count, steering.expected_steered(prefix_end, batch.attention_mask.shape[1]),
+                              f"answer KL of {len(batch_rows)} answers by {variant}")
+                _per_row(token_kl(unsteered, steered), predicts, [rows[mine[k]][1] for k in batch_rows], out[variant])
     return out
 
 
@@ -168,13 +196,13 @@ def _per_row(kl: Tensor, predicts: Tensor, indices: Sequence[int], out: list[flo
         out[i] = float(kl[owner == r].double().mean())
 
 
-def _full_forward_kl(loaded: LoadedModel, steering: Steering, seqs: Sequences, rows: Sequence[int],
-                     out: list[float | None], batch_size: int) -> list[float | None]:
+def _full_forward_kl(loaded: LoadedModel, steering: Steering, parts: Sequence[tuple[list[int], list[int]]],
+                     indices: Sequence[int], out: list[float | None], batch_size: int) -> None:
     """``answer_kl`` by full forwards (prompt included), for ``positions=all``, which steers the prompt too."""
     model, pad_id = loaded.model, loaded.tokenizer.pad_token_id
-    order = sorted(range(len(rows)), key=lambda r: -len(seqs.token_ids[r]))
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+    seqs = Sequences(tuple(tuple(p + a) for p, a in parts), tuple(len(a) for _, a in parts), 1)
+    for start in range(0, len(parts), batch_size):
+        chunk = list(range(start, min(start + batch_size, len(parts))))
         batch = make_batch(seqs, chunk, pad_id).to(loaded.device)
         position_ids = (batch.attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (batch, seq); left padding
         predicts = batch.answer_mask[:, 1:].bool()  # (batch, seq - 1)
@@ -184,11 +212,7 @@ def _full_forward_kl(loaded: LoadedModel, steering: Steering, seqs: Sequences, r
             steered = model(**kwargs).logits[:, :-1][predicts]  # (n_tokens, vocab)
         check_steered(count, steering.expected_steered(batch.prompt_end, batch.input_ids.shape[1]),
                       f"answer KL of {len(chunk)} answers by {steering.variant}")
-        _per_row(token_kl(unsteered, steered), predicts, [rows[r] for r in chunk], out)
-    return out
-
-
-
+        _per_row(token_kl(unsteered, steered), predicts, [indices[r] for r in chunk], out)
 
 
 EFFECT_METRICS = ("kl_neutral", "ce_neutral_delta", "kl_answers")  # each with _ci_low and _ci_high
@@ -241,8 +265,8 @@ def measure_effects(cfg: Config, loaded: LoadedModel, steerings: Mapping[str, St
     passages = load_passages(cfg.effects.corpus or NEUTRAL_CORPUS, cfg.effects.n_passages)
     neutral = neutral_effects(loaded, steerings, [p.text for p in passages], batch_size=cfg.effects.batch_size,
                               max_tokens=cfg.effects.max_tokens)
-    per_answer = {v: answer_kl(loaded, s, questions, answers[v], batch_size=cfg.eval.batch_size,
-                               max_length=cfg.extract.max_length) for v, s in steerings.items()}
+    per_answer = answer_kl(loaded, steerings, questions, answers, batch_size=cfg.eval.batch_size,
+                           max_length=cfg.extract.max_length, max_tokens=cfg.effects.answer_tokens)
     metrics = {v: effect_metrics(neutral[v], per_answer[v], n_bootstrap=cfg.eval.n_bootstrap,
                                  confidence=cfg.eval.confidence, seed=cfg.eval.seed) for v in steerings}
     return metrics, per_answer

@@ -56,26 +56,30 @@ def logits(loaded: LoadedModel, ids: list[int]) -> Tensor:
 def test_answer_kl_from_cached_prompts_equals_one_full_forward_per_answer(arch: str) -> None:
     loaded = tiny_loaded(arch)
     v = vector(loaded)
-    steering = Steering("caa", layer=LAYER, scale=1.5, vector=v)
-    got = answer_kl(loaded, steering, QUESTIONS, ANSWERS, batch_size=2, max_length=128)
-    for q, a, value in zip(QUESTIONS, ANSWERS, got, strict=True):
-        if not a:
-            assert value is None
-            continue
-        prompt = encode_text(loaded.tokenizer, format_prompt(q, loaded.tokenizer, "qa"))
-        answer = loaded.tokenizer(answer_text(a, "qa"), add_special_tokens=False)["input_ids"]
-        ids = prompt + answer
-        with torch.no_grad():
-            plain = logits(loaded, ids)[len(prompt) - 1:-1]  # the positions that predict the answer
-            with added(loaded, 1.5 * v, len(prompt) - 1):
-                steered = logits(loaded, ids)[len(prompt) - 1:-1]
-        assert value == pytest.approx(float(oracle_kl(plain, steered).mean()), rel=1e-4, abs=1e-7)
-        assert value > 0
-    full = answer_kl(loaded, Steering("caa", layer=LAYER, scale=1.5, vector=v, positions="all"), QUESTIONS, ANSWERS,
-                     batch_size=3, max_length=128)
-    assert all((f is None) == (a == "") for f, a in zip(full, ANSWERS, strict=True))
-    assert answer_kl(loaded, Steering.baseline(), QUESTIONS, ANSWERS, batch_size=2, max_length=128) == [
-        None if not a else 0.0 for a in ANSWERS]
+    steerings = {"baseline": Steering.baseline(), "caa": Steering("caa", layer=LAYER, scale=1.5, vector=v),
+                 "strong": Steering("caa", layer=LAYER, scale=4.0, vector=v),
+                 "all": Steering("caa", layer=LAYER, scale=1.5, vector=v, positions="all")}
+    answers = {"baseline": ANSWERS, "caa": ANSWERS, "strong": ANSWERS[::-1], "all": ANSWERS}
+    got = answer_kl(loaded, steerings, QUESTIONS, answers, batch_size=2, max_length=128)
+    cut = answer_kl(loaded, {"caa": steerings["caa"]}, QUESTIONS, {"caa": ANSWERS}, batch_size=3, max_length=128,
+                    max_tokens=4)["caa"]
+    for variant, scale, start_at_prompt_end in (("caa", 1.5, True), ("strong", 4.0, True), ("all", 1.5, False)):
+        for q, a, value, first in zip(QUESTIONS, answers[variant], got[variant], cut, strict=True):
+            if not a:
+                assert value is None
+                continue
+            prompt = encode_text(loaded.tokenizer, format_prompt(q, loaded.tokenizer, "qa"))
+            answer = loaded.tokenizer(answer_text(a, "qa"), add_special_tokens=False)["input_ids"]
+            ids = prompt + answer
+            with torch.no_grad():
+                plain = logits(loaded, ids)[len(prompt) - 1:-1]  # the positions that predict the answer
+                with added(loaded, scale * v, len(prompt) - 1 if start_at_prompt_end else 0):
+                    steered = logits(loaded, ids)[len(prompt) - 1:-1]
+            kl = oracle_kl(plain, steered)
+            assert value == pytest.approx(float(kl.mean()), rel=1e-4, abs=1e-7) and value > 0, (variant, q)
+            if variant == "caa":
+                assert first == pytest.approx(float(kl[:4].mean()), rel=1e-4, abs=1e-7)
+    assert got["baseline"] == [None if not a else 0.0 for a in ANSWERS]
 
 
 def test_neutral_effects_equal_plain_forwards_and_baseline_is_exactly_zero() -> None:
