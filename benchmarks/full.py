@@ -30,7 +30,8 @@ RESULTS = RESULTS_DIR / "full.json"
 # Per-variant metrics recorded with the timing (with their intervals and deltas against baseline).
 HEADLINE = ("mc1", "mc2", "semantic_acc", "semantic_diff", "llm_logprob_truthful", "judge_truthful",
             "judge_informative", "judge_truthful_informative", "steered_tokens_per_answer",
-            "mc_steered_tokens_per_answer", "mean_new_tokens", "kl_neutral", "ce_neutral_delta", "kl_answers")
+            "mc_steered_tokens_per_answer", "mean_new_tokens", "kl_neutral", "ce_neutral_delta", "ce_neutral",
+            "kl_answers")
 
 
 def main() -> None:

@@ -49,6 +49,29 @@ def _token_ce(logits: Tensor, targets: Tensor) -> Tensor:
     return -logits.float().log_softmax(dim=-1).gather(-1, targets[:, None])[:, 0]
 
 
+HEAD_CHUNK = 64  # final states through the LM head at a time: a few (chunk, vocab) fp32 tensors at once
+
+
+def _kl_ce(model: Any, unsteered: Tensor, steered: Tensor, targets: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per token, from ``(n, d_model)`` final states: KL(unsteered || steered) and, against ``targets``,
+    the unsteered and steered cross-entropy (NaN without targets). The LM head runs ``HEAD_CHUNK`` states
+    at a time, so no ``(n, vocab)`` tensor is ever whole."""
+    kl, ce_u, ce_s = (torch.full((unsteered.shape[0],), math.nan, device=unsteered.device) for _ in range(3))
+    for start in range(0, unsteered.shape[0], HEAD_CHUNK):
+        part = slice(start, start + HEAD_CHUNK)
+        u, s = head_logits(model, unsteered[part]), head_logits(model, steered[part])  # (chunk, vocab) each
+        kl[part] = token_kl(u, s)
+        if targets is not None:
+            ce_u[part], ce_s[part] = _token_ce(u, targets[part]), _token_ce(s, targets[part])
+    return kl, ce_u, ce_s
+
+
+def _final_states(model: Any, input_ids: Tensor, mask: Tensor) -> Tensor:
+    """``(batch, seq, d_model)`` final hidden states (after the final norm) of a plain forward."""
+    base: Any = model.base_model
+    return base(input_ids=input_ids, attention_mask=mask).last_hidden_state
+
+
 def _neutral_batches(loaded: LoadedModel, texts: Sequence[str], batch_size: int,
                      max_tokens: int) -> Iterator[tuple[list[int], Tensor, Tensor]]:
     """Rows of similar length: indices, ``(batch, seq)`` right-padded ids and mask (BOS where the model uses one)."""
@@ -87,16 +110,16 @@ def neutral_effects(loaded: LoadedModel, steerings: Mapping[str, Steering], text
         predicts = mask[:, 1:].bool()  # (batch, seq - 1): position t predicts real token t + 1
         targets = input_ids[:, 1:][predicts]  # (n_tokens,)
         owner = predicts.nonzero()[:, 0]  # (n_tokens,) row of each token
-        base = loaded.model(input_ids=input_ids, attention_mask=mask).logits[:, :-1][predicts]  # (n_tokens, vocab)
-        ce_base = _token_ce(base, targets)  # (n_tokens,)
+        base = _final_states(loaded.model, input_ids, mask)[:, :-1][predicts]  # (n_tokens, d_model)
+        ce_base = _kl_ce(loaded.model, base, base, targets)[1]  # (n_tokens,)
         starts = torch.zeros(len(rows), dtype=torch.long, device=input_ids.device)  # every position is steered
         for variant, steering in steerings.items():
             if steering.steers:
                 with steering.applied(loaded.model, starts) as count:
-                    steered = loaded.model(input_ids=input_ids, attention_mask=mask).logits[:, :-1][predicts]
+                    steered = _final_states(loaded.model, input_ids, mask)[:, :-1][predicts]  # (n_tokens, d_model)
                 check_steered(count, steering.expected_steered(starts, input_ids.shape[1]),
                               f"neutral-text KL of {len(rows)} passages by {variant}")
-                kl, ce = token_kl(base, steered), _token_ce(steered, targets)  # (n_tokens,) each
+                kl, _, ce = _kl_ce(loaded.model, base, steered, targets)  # (n_tokens,) each
             else:
                 kl, ce = torch.zeros_like(ce_base), ce_base
             for r, i in enumerate(rows):
@@ -106,14 +129,14 @@ def neutral_effects(loaded: LoadedModel, steerings: Mapping[str, Steering], text
     return out
 
 
-def _suffix_logits(loaded: LoadedModel, batch: SuffixBatch, predicts: Tensor,
+def _suffix_states(loaded: LoadedModel, batch: SuffixBatch, predicts: Tensor,
                    steering: Callable[[], contextlib.AbstractContextManager[SteeredCount]]) -> tuple[Tensor, SteeredCount]:
-    """Logits at the ``predicts`` positions of a prefix-cache batch's suffix, under ``steering()``."""
+    """Final states at the ``predicts`` positions of a prefix-cache batch's suffix, under ``steering()``."""
     base: Any = loaded.model.base_model
     with steering() as count:
         hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                       use_cache=True, **with_cache(base, batch.cache())).last_hidden_state  # (batch, S, d_model)
-    return head_logits(loaded.model, hidden[:, :-1][predicts]), count  # (n_tokens, vocab)
+    return hidden[:, :-1][predicts], count  # (n_tokens, d_model)
 
 
 @torch.inference_mode()
@@ -180,12 +203,13 @@ def answer_kl(loaded: LoadedModel, steerings: Mapping[str, Steering], questions:
                 batch = cache.batch(batch_rows)
                 predicts = batch.answer_mask[:, 1:].bool()  # (batch, S - 1)
                 prefix_end = torch.full((len(batch_rows),), batch.prefix_width, device=batch.input_ids.device)
-                unsteered, _ = _suffix_logits(loaded, batch, predicts, contextlib.nullcontext)  # type: ignore[arg-type]
-                steered, count = _suffix_logits(loaded, batch, predicts,
+                unsteered, _ = _suffix_states(loaded, batch, predicts, contextlib.nullcontext)  # type: ignore[arg-type]
+                steered, count = _suffix_states(loaded, batch, predicts,
                                                 functools.partial(steering.applied, loaded.model, prefix_end))
                 check_steered(count, steering.expected_steered(prefix_end, batch.attention_mask.shape[1]),
                               f"answer KL of {len(batch_rows)} answers by {variant}")
-                _per_row(token_kl(unsteered, steered), predicts, [rows[mine[k]][1] for k in batch_rows], out[variant])
+                kl = _kl_ce(loaded.model, unsteered, steered, None)[0]
+                _per_row(kl, predicts, [rows[mine[k]][1] for k in batch_rows], out[variant])
     return out
 
 
@@ -206,13 +230,14 @@ def _full_forward_kl(loaded: LoadedModel, steering: Steering, parts: Sequence[tu
         batch = make_batch(seqs, chunk, pad_id).to(loaded.device)
         position_ids = (batch.attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (batch, seq); left padding
         predicts = batch.answer_mask[:, 1:].bool()  # (batch, seq - 1)
+        base: Any = model.base_model
         kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "position_ids": position_ids}
-        unsteered = model(**kwargs).logits[:, :-1][predicts]  # (n_tokens, vocab)
+        unsteered = base(**kwargs).last_hidden_state[:, :-1][predicts]  # (n_tokens, d_model)
         with steering.applied(model, batch.prompt_end) as count:
-            steered = model(**kwargs).logits[:, :-1][predicts]  # (n_tokens, vocab)
+            steered = base(**kwargs).last_hidden_state[:, :-1][predicts]  # (n_tokens, d_model)
         check_steered(count, steering.expected_steered(batch.prompt_end, batch.input_ids.shape[1]),
                       f"answer KL of {len(chunk)} answers by {steering.variant}")
-        _per_row(token_kl(unsteered, steered), predicts, [indices[r] for r in chunk], out)
+        _per_row(_kl_ce(model, unsteered, steered, None)[0], predicts, [indices[r] for r in chunk], out)
 
 
 EFFECT_METRICS = ("kl_neutral", "ce_neutral_delta", "kl_answers")  # each with _ci_low and _ci_high
