@@ -303,7 +303,8 @@ def pareto_figure(table: pd.DataFrame, models: Sequence[str] | None = None) -> F
         chosen = mine[mine["chosen"].astype(bool)]
         ax.scatter(chosen["cost"], chosen["value"], marker="*", s=120, color=colour, edgecolor="k", zorder=3,
                    label="chosen")
-        ax.set(title=f"{model}: {study}", xlabel=f"{mine['cost_metric'].iloc[0]} (cost)",
+        ax.set(title=f"{model}\n{str(study).removeprefix(f'truthsteer-{model}-')}",
+               xlabel=f"{mine['cost_metric'].iloc[0]} (cost)",
                ylabel=f"{mine['metric'].iloc[0]} (gain)")
         ax.legend(loc="best")
     return fig
