@@ -97,7 +97,8 @@ def _band(ax: Axes, x: np.ndarray, low: np.ndarray, high: np.ndarray, colour: st
 @_styled
 def scale_sweep_figure(table: pd.DataFrame, models: Sequence[str] | None = None) -> Figure:
     """Metric against steering scale: one panel per model, one line per (source, variant) with its
-    interval as a band, the baseline as a dashed line with its band.
+    interval as a band, the baseline as a dashed line with its band; where the points' ``kl_neutral`` was
+    measured, it is drawn against a second axis (dashed, square markers).
 
     Args:
         table: ``tables.scale_sweep_table`` output.
@@ -125,6 +126,14 @@ def scale_sweep_figure(table: pd.DataFrame, models: Sequence[str] | None = None)
         metrics = sorted(set(mine["metric"].astype(str)))
         ax.set(title=model, xlabel="steering scale", ylabel=metrics[0] if len(metrics) == 1 else "metric value")
         ax.legend(loc="best")
+        costed = lines[np.isfinite(lines["kl_neutral"].to_numpy(float))] if "kl_neutral" in lines else lines.iloc[0:0]
+        if not costed.empty:  # what the same points cost, on a second axis
+            cost_ax = ax.twinx()
+            for (_, variant, _), group in costed.groupby(["source", "variant", "layer"], sort=True):
+                group = group.sort_values("scale")
+                cost_ax.plot(group["scale"].to_numpy(float), group["kl_neutral"].to_numpy(float), "--", marker="s",
+                             markersize=3, color=color(str(variant)), alpha=0.7)
+            cost_ax.set_ylabel("kl_neutral (dashed, squares)")
     return fig
 
 

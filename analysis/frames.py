@@ -42,7 +42,7 @@ FIGURES = (
     FigureSpec(artifacts.ANALYSIS_SCALE_SWEEP, "Truthfulness against steering scale",
                "Per model: each steered variant's metric against the steering scale at one layer (evaluate "
                "runs: solid; tune trials at the best layer: dotted), with its interval as a band; the "
-               "baseline dashed.",
+               "baseline dashed; where measured, what each point costs (kl_neutral, right axis, dashed squares).",
                "evaluate runs of one variant at two or more scales of a layer, or tune trials"),
     FigureSpec(artifacts.ANALYSIS_LAYER_SCALE, "Tuning objective over layer and scale",
                "Per tune study: the mean objective of the trials at each layer and scale (blank: not tried).",

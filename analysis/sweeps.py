@@ -40,7 +40,8 @@ MAX_SCALE_COLUMNS = 12  # more distinct tuned scales than this are binned for th
 SCALE_BINS = 10
 
 
-SWEEP_COLUMNS = ["model", "source", "variant", "layer", "scale", "metric", "value", "ci_low", "ci_high", "run_id"]
+SWEEP_COLUMNS = ["model", "source", "variant", "layer", "scale", "metric", "value", "ci_low", "ci_high", "run_id",
+                 "kl_neutral"]
 
 
 TRIAL_COLUMNS = ["model", "study", "run_id", "variant", *PARAMS, "metric", "value", "ci_low", "ci_high",
@@ -161,7 +162,8 @@ def layer_scale_table(trials: pd.DataFrame) -> pd.DataFrame:
 
 def scale_sweep_table(variants: pd.DataFrame, trials: pd.DataFrame, evaluations: Mapping[str, str],
                       metric_name: str | None) -> pd.DataFrame:
-    """The metric against the steering scale, per model and steered variant.
+    """The metric against the steering scale, per model and steered variant, with what each point costs
+    (``kl_neutral``, NaN where it was not measured).
 
     From evaluations: each (model, variant) evaluated at two or more scales of one layer (the layer
     with the most scales), the latest run per scale; with it the baseline of the model's chosen
@@ -187,7 +189,8 @@ def scale_sweep_table(variants: pd.DataFrame, trials: pd.DataFrame, evaluations:
             records.append({"model": model, "source": "evaluate", "variant": variant, "layer": layer,
                             "scale": row["scale"], "metric": metric_name, "value": _get(row, str(metric_name)),
                             "ci_low": _get(row, f"{metric_name}_ci_low"),
-                            "ci_high": _get(row, f"{metric_name}_ci_high"), "run_id": row["run_id"]})
+                            "ci_high": _get(row, f"{metric_name}_ci_high"), "run_id": row["run_id"],
+                            "kl_neutral": _get(row, "kl_neutral")})
         swept_models.add(str(model))
     for model in sorted(swept_models):
         base = variants[(variants["model"] == model) & (variants["variant"] == "baseline")
@@ -198,7 +201,7 @@ def scale_sweep_table(variants: pd.DataFrame, trials: pd.DataFrame, evaluations:
         records.append({"model": model, "source": "evaluate", "variant": "baseline", "layer": math.nan,
                         "scale": math.nan, "metric": metric_name, "value": _get(row, str(metric_name)),
                         "ci_low": _get(row, f"{metric_name}_ci_low"), "ci_high": _get(row, f"{metric_name}_ci_high"),
-                        "run_id": row["run_id"]})
+                        "run_id": row["run_id"], "kl_neutral": _get(row, "kl_neutral")})
     caa_trials = trials[trials["layer"].notna() & trials["scale"].notna()]  # ITI trials have no layer to sweep at
     for (model, _study), group in caa_trials.groupby(["model", "study"], sort=True):
         best = _best_row(group, bool(group["higher_is_better"].iloc[0]))
@@ -206,7 +209,8 @@ def scale_sweep_table(variants: pd.DataFrame, trials: pd.DataFrame, evaluations:
         for row in at_layer.sort_values(["variant", "scale"]).to_dict("records"):
             records.append({"model": model, "source": "tune", "variant": row["variant"], "layer": row["layer"],
                             "scale": row["scale"], "metric": row["metric"], "value": row["value"],
-                            "ci_low": row["ci_low"], "ci_high": row["ci_high"], "run_id": row["run_id"]})
+                            "ci_low": row["ci_low"], "ci_high": row["ci_high"], "run_id": row["run_id"],
+                            "kl_neutral": row["cost"] if row.get("cost_metric") == "kl_neutral" else math.nan})
     records = [r for r in records if not math.isnan(r["value"])]
     return pd.DataFrame(records, columns=SWEEP_COLUMNS) if records else _empty(SWEEP_COLUMNS)
 

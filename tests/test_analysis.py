@@ -390,6 +390,9 @@ def test_scale_sweep_table_from_evaluations_and_tune_trials(store: Store) -> Non
         (SMOL, "tune", "caa", 3.0, 1.0, "objective", 0.9, None, None, ids["smol-trial-0"]),  # minimized: layer 3
         (SMOL, "tune", "caa", 3.0, 2.0, "objective", 0.7, None, None, ids["smol-trial-1"]),
     ]
+    costs = dict(zip(sweep["run_id"], sweep["kl_neutral"], strict=True))  # measured by the smol trials only
+    assert (costs[ids["smol-trial-0"]], costs[ids["smol-trial-1"]]) == (0.25, 0.5)
+    assert all(math.isnan(c) for r, c in costs.items() if r not in (ids["smol-trial-0"], ids["smol-trial-1"]))
 
 
 def test_layer_scale_table_averages_repeated_trials(store: Store) -> None:
