@@ -168,11 +168,19 @@ class SteeringConfig:
     layer: int | None = None
     scale: float = 4.0
     positions: Literal["all", "from_prompt_end"] = "from_prompt_end"
+    depth: float | None = None  # the layer as a fraction of the model's depth (transfers across sizes)
 
     def __post_init__(self) -> None:
         _finite("steering", scale=self.scale)
         if self.layer is not None and self.layer < 0:
             raise ConfigError(f"steering.layer={self.layer} must be >= 0")
+        if self.depth is not None:
+            if self.layer is not None:
+                raise ConfigError(f"steering.layer={self.layer} and steering.depth={self.depth} both name the "
+                                  "layer; set one of them (the other null)")
+            if isinstance(self.depth, bool) or not 0.0 <= float(self.depth) <= 1.0:
+                raise ConfigError(f"steering.depth={self.depth!r} must be a fraction of the depth in [0, 1], "
+                                  "e.g. 0.5 for the middle layer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,8 +378,13 @@ class Config:
 
     @property
     def layer(self) -> int:
-        """The steering layer: the configured one, else the model's default."""
-        return self.model.default_layer if self.steering.layer is None else self.steering.layer
+        """The steering layer: the configured one; else ``steering.depth`` of the depth (rounded as the model's
+        ``layer_fraction``); else the model's default."""
+        if self.steering.layer is not None:
+            return self.steering.layer
+        if self.steering.depth is not None:
+            return min(self.model.n_layers - 1, round(self.steering.depth * self.model.n_layers))
+        return self.model.default_layer
 
     @property
     def extract_dtype(self) -> str:

@@ -59,6 +59,8 @@ def test_custom_split_sizes_replace_the_preset() -> None:
         ("steering.layer=-1", "steering.layer=-1 must be >= 0"),
         ("steering.layer=2.5", "steering.layer=2.5 must be an integer"),
         ("steering.layer=true", "steering.layer=True must be an integer"),
+        ("steering.depth=1.5", "steering.depth=1.5 must be a fraction of the depth in [0, 1]"),
+        ("steering.depth=0.5,steering.layer=3", "steering.layer=3 and steering.depth=0.5 both name the layer"),
         ("steering.scale=nan", "steering.scale=nan must be a finite number"),
         ("steering.scale=inf", "steering.scale=inf must be a finite number"),
         ("steering.scale=-.inf", "steering.scale=-inf must be a finite number"),
@@ -148,3 +150,12 @@ def test_every_model_file_resolves(alias: str) -> None:
     assert 0 <= cfg.layer < cfg.model.n_layers
     if alias.startswith("gemma"):
         assert cfg.model.dtype in ("bfloat16", "float32")
+
+
+def test_the_layer_as_a_fraction_of_the_depth_is_the_same_place_on_every_model() -> None:
+    for alias, n_layers, middle in (("smollm2-135m", 30, 15), ("gemma-2-9b", 42, 21), ("gemma-3-270m", 18, 9)):
+        cfg = load_config(alias, "steering.depth=0.5")
+        assert (cfg.model.n_layers, cfg.layer) == (n_layers, middle)
+        assert load_config(alias, "steering.depth=1.0").layer == n_layers - 1  # the last layer, never past it
+        assert load_config(alias, "steering.depth=0.25").layer == round(0.25 * n_layers)
+    assert load_config("smollm2-135m", "steering.layer=7").layer == 7
