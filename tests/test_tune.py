@@ -501,6 +501,10 @@ def test_three_postgres_workers_survive_a_sigkill(tracking: str, outputs: Path) 
     dead = study.trials[killed.number]
     assert dead.state == TrialState.FAIL and dead.user_attrs[tune_storage.ATTR_WORKER] == tag
     (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed.number]
-    assert retry.state == TrialState.COMPLETE and retry.params == dead.params
+    assert retry.params == dead.params
+    # The retry completes, unless the survivors filled the total between the dead trial's FAIL and its
+    # re-queueing: then it is pruned as surplus before it samples (a race; the total is exact either way).
+    assert retry.state == TrialState.COMPLETE or (retry.state == TrialState.PRUNED
+                                                  and retry.user_attrs.get(tune_storage.ATTR_SURPLUS))
     assert mlflow.get_run(dead.system_attrs[tune_storage.MLFLOW_RUN_ATTR]).info.status == "KILLED"
     optuna.delete_study(study_name=name, storage=storage)
