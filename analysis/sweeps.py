@@ -28,9 +28,10 @@ from core.artifacts import (
     TRIAL_STAGE,
     TUNE_STAGE,
 )
+from evaluation.side_effects import NEUTRAL_COSTS
 from steering.methods import method, method_of_params, tuned_params
 
-COSTS = ("kl_neutral", "ce_neutral_delta")  # a trial's measured cost of steering (stages.tune_space.COSTS)
+COSTS = NEUTRAL_COSTS  # a trial's measured cost of steering (evaluation.side_effects)
 
 PARAMS = tuned_params()  # every tunable method's axes: layer, scale (caa), k, alpha (iti)
 

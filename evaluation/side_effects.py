@@ -52,17 +52,21 @@ def _token_ce(logits: Tensor, targets: Tensor) -> Tensor:
 HEAD_CHUNK = 64  # final states through the LM head at a time: a few (chunk, vocab) fp32 tensors at once
 
 
-def _kl_ce(model: Any, unsteered: Tensor, steered: Tensor, targets: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def _kl_ce(model: Any, unsteered: Tensor, steered: Tensor | None, targets: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """Per token, from ``(n, d_model)`` final states: KL(unsteered || steered) and, against ``targets``,
-    the unsteered and steered cross-entropy (NaN without targets). The LM head runs ``HEAD_CHUNK`` states
-    at a time, so no ``(n, vocab)`` tensor is ever whole."""
+    the unsteered and steered cross-entropy (NaN where not asked: no ``steered``, no ``targets``). The LM
+    head runs ``HEAD_CHUNK`` states at a time, so no ``(n, vocab)`` tensor is ever whole."""
     kl, ce_u, ce_s = (torch.full((unsteered.shape[0],), math.nan, device=unsteered.device) for _ in range(3))
     for start in range(0, unsteered.shape[0], HEAD_CHUNK):
         part = slice(start, start + HEAD_CHUNK)
-        u, s = head_logits(model, unsteered[part]), head_logits(model, steered[part])  # (chunk, vocab) each
-        kl[part] = token_kl(u, s)
+        u = head_logits(model, unsteered[part])  # (chunk, vocab)
+        s = head_logits(model, steered[part]) if steered is not None else None  # (chunk, vocab)
+        if s is not None:
+            kl[part] = token_kl(u, s)
         if targets is not None:
-            ce_u[part], ce_s[part] = _token_ce(u, targets[part]), _token_ce(s, targets[part])
+            ce_u[part] = _token_ce(u, targets[part])
+            if s is not None:
+                ce_s[part] = _token_ce(s, targets[part])
     return kl, ce_u, ce_s
 
 
@@ -111,7 +115,7 @@ def neutral_effects(loaded: LoadedModel, steerings: Mapping[str, Steering], text
         targets = input_ids[:, 1:][predicts]  # (n_tokens,)
         owner = predicts.nonzero()[:, 0]  # (n_tokens,) row of each token
         base = _final_states(loaded.model, input_ids, mask)[:, :-1][predicts]  # (n_tokens, d_model)
-        ce_base = _kl_ce(loaded.model, base, base, targets)[1]  # (n_tokens,)
+        ce_base = _kl_ce(loaded.model, base, None, targets)[1]  # (n_tokens,)
         starts = torch.zeros(len(rows), dtype=torch.long, device=input_ids.device)  # every position is steered
         for variant, steering in steerings.items():
             if steering.steers:
@@ -241,7 +245,8 @@ def _full_forward_kl(loaded: LoadedModel, steering: Steering, parts: Sequence[tu
 
 
 EFFECT_METRICS = ("kl_neutral", "ce_neutral_delta", "kl_answers")  # each with _ci_low and _ci_high
-EFFECT_DIRECTIONS = {m: False for m in (*EFFECT_METRICS, "ce_neutral")}  # lower is better: what steering costs
+EFFECT_DIRECTIONS = {m: False for m in (*EFFECT_METRICS, "ce_neutral")}
+NEUTRAL_COSTS = ("kl_neutral", "ce_neutral_delta")  # what a setting costs on neutral text alone (tune's trials)  # lower is better: what steering costs
 
 
 def effect_metrics(neutral: Sequence[Mapping[str, float]], answers: Sequence[float | None], *, n_bootstrap: int,
@@ -297,5 +302,5 @@ def measure_effects(cfg: Config, loaded: LoadedModel, steerings: Mapping[str, St
     return metrics, per_answer
 
 
-__all__ = ["EFFECT_DIRECTIONS", "EFFECT_METRICS", "NEUTRAL_FIELDS", "answer_kl", "effect_metrics", "measure_effects", "neutral_effects",
+__all__ = ["EFFECT_DIRECTIONS", "EFFECT_METRICS", "NEUTRAL_COSTS", "NEUTRAL_FIELDS", "answer_kl", "effect_metrics", "measure_effects", "neutral_effects",
            "token_kl"]

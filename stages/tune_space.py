@@ -19,6 +19,7 @@ from optuna.study import Study
 from optuna.trial import FrozenTrial, Trial
 
 from core.config import ConfigError, ModelSpec
+from evaluation.side_effects import NEUTRAL_COSTS
 from steering.methods import tunable
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ OBJECTIVES = {
     "judge": Objective("judge", judge="semantic", metric="semantic_diff", generates=True),
     "truth_info": Objective("truth_info", judge="judge", metric="judge_truthful_informative", generates=True),
 }
-COSTS = ("kl_neutral", "ce_neutral_delta")  # what a trial can measure steering to cost, on neutral text
+COSTS = NEUTRAL_COSTS  # what a trial can measure steering to cost, on neutral text (evaluation.side_effects)
 
 
 @dataclasses.dataclass(frozen=True)
