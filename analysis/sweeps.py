@@ -18,6 +18,7 @@ from analysis.tables import (
 )
 from core.artifacts import (
     TAG_BEST_RUN,
+    TAG_COST,
     TAG_MODEL,
     TAG_OBJECTIVE_DIRECTION,
     TAG_OBJECTIVE_METRIC,
@@ -96,7 +97,9 @@ def tune_trials(runs: pd.DataFrame, missing: Missing, directions: Mapping[str, b
         value = as_float(trial.get(f"metrics.{name}"))
         if math.isnan(value):  # MLflowCallback's name for the same value
             value = as_float(trial.get(f"metrics.{TRIAL_METRIC}"))
-        cost_metric = next((c for c in COSTS if not math.isnan(as_float(trial.get(f"metrics.{c}")))), "")
+        measured = [c for c in COSTS if not math.isnan(as_float(trial.get(f"metrics.{c}")))]
+        cost_metric = worker_tags.get(TAG_COST, "") or next(iter(measured), "")  # the study's own cost first
+        cost_metric = cost_metric if cost_metric in measured else ""
         tuned = method(variant).tune
         needed = [a.name for a in tuned.axes] if tuned else PARAMS
         lacks = [f"param {p}" for p in needed if math.isnan(setting[p])] + ([f"metric {name}"] if math.isnan(value) else [])

@@ -166,7 +166,8 @@ def run(cfg: Config, settings: TuneSettings, *, loaded: LoadedModel | None = Non
     name = settings.study_name_for(cfg)
     url = storage_url(settings.storage)
     mlflow.set_tags({TAG_STUDY: name, TAG_OBJECTIVE_METRIC: objective.metric,
-                     TAG_OBJECTIVE_DIRECTION: objective.direction})
+                     TAG_OBJECTIVE_DIRECTION: objective.direction,
+                     **({artifacts.TAG_COST: settings.cost} if settings.cost else {})})
     splits = splits_for(cfg)
     val = splits["val"]
     if not val:
@@ -244,7 +245,7 @@ def run(cfg: Config, settings: TuneSettings, *, loaded: LoadedModel | None = Non
     if stop.signum is not None:
         mlflow.set_tag(TAG_STOPPED, f"signal {stop.signum}")
     outcome = summarise(study, objective, ran, redacted(url), source, stopped=stop.signum is not None,
-                        method=settings.method, constraint=settings.constraint_spec)
+                        method=settings.method, constraint=settings.constraint_spec, cost=settings.cost)
     best = (f"best {objective.metric} {outcome.best_value:.4f} at {outcome.best_params} (trial {outcome.best_trial}, "
             f"run {outcome.best_run_id})" if outcome.best_value is not None else "no completed trial yet")
     print(f"study {name}: {outcome.counts.complete} complete ({ran} by this worker), {outcome.counts.pruned} pruned, "

@@ -115,8 +115,8 @@ def lowest_cost(study: Study, constraint: Constraint | None) -> str:
     return f"the lowest {constraint.metric} is {low:.4g}, trial {number}"
 
 
-def _log_pareto(study: Study, objective: Objective, chosen: FrozenTrial, variant: str) -> None:
-    """``TUNE_PARETO`` and ``TUNE_PARETO_FIGURE``: every COMPLETE trial's value and cost, the front, the chosen."""
+def _log_pareto(study: Study, objective: Objective, chosen: FrozenTrial, variant: str, cost: str) -> None:
+    """``TUNE_PARETO`` and ``TUNE_PARETO_FIGURE``: every COMPLETE trial's value and ``cost``, the front, the chosen."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,9 +125,7 @@ def _log_pareto(study: Study, objective: Objective, chosen: FrozenTrial, variant
     from analysis.figures import pareto_figure
     from analysis.sweeps import PARETO_COLUMNS, on_front
 
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if any(c in t.user_attrs for c in COSTS)]
-    cost = next(c for c in COSTS if c in chosen.user_attrs)
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if cost in t.user_attrs]
     values, costs = [float(t.values[0]) for t in complete], [float(t.user_attrs.get(cost, math.nan)) for t in complete]
     front = on_front(values, costs, objective.higher_is_better)
     active = mlflow.active_run()
@@ -185,7 +183,7 @@ def _log_figures(study: Study) -> dict[str, str]:
 
 def summarise(study: Study, objective: Objective, n_worker_trials: int, storage: str,
               extraction_source: str, stopped: bool = False, method: str = "",
-              constraint: Constraint | None = None) -> TuneOutcome:
+              constraint: Constraint | None = None, cost: str = "") -> TuneOutcome:
     """Tag the active (parent) run with the study's best and log its artifacts.
 
     Tags ``TAG_BEST_RUN``, ``TAG_BEST_TRIAL`` and ``best_tags`` (best layer and scale, or k and alpha); metrics
@@ -201,6 +199,7 @@ def summarise(study: Study, objective: Objective, n_worker_trials: int, storage:
         stopped: a signal stopped the worker: a study without a completed trial is then no error.
         method: the tuned method; "" for the one whose axes the best params are.
         constraint: the bound that makes a trial feasible; the best *feasible* trial is chosen.
+        cost: the study's measured cost (its constraint's, or its second direction); "" for none.
 
     Raises:
         ConfigError: the study has no completed trial (and the worker was not stopped).
@@ -234,7 +233,8 @@ def summarise(study: Study, objective: Objective, n_worker_trials: int, storage:
     costs = {c: float(best.user_attrs[c]) for c in COSTS if c in best.user_attrs}
     if costs:
         mlflow.log_metrics({f"best_{c}": v for c, v in costs.items()})
-        _log_pareto(study, objective, best, method or (method_of_params(best.params) or tunable("caa")).name)
+        _log_pareto(study, objective, best, method or (method_of_params(best.params) or tunable("caa")).name,
+                    cost or next(c for c in COSTS if c in best.user_attrs))
     mlflow.log_text(yaml.safe_dump(tuned_fragment(best.params, method), sort_keys=False), artifacts.TUNED)
     return TuneOutcome(study.study_name, storage, dict(best.params), best.values[0], best.number, best_run or None,
                        counts, n_worker_trials, extraction_source)

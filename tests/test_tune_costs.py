@@ -77,6 +77,12 @@ def test_a_constrained_study_reports_its_best_feasible_trial(tracking: str, outp
     parent = mlflow.get_run(parent_id)
     assert parent.data.metrics["best_kl_neutral"] == 0.0 and parent.data.params["tune.constraint"] == "kl_neutral<=0.0"
     assert outcome.study_name == "truthsteer-tiny-llama-mc-kl_neutral<=0"
+    assert parent.data.tags[artifacts.TAG_COST] == "kl_neutral"
+    on_ce = Settings(sampler="grid", n_trials=0, heartbeat=0, axes=GRID, constraint="ce_neutral_delta<=100")
+    _, ce_parent = run_tiny(cfg, on_ce)  # every trial measures both costs: the front is of the constrained one
+    table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=ce_parent, artifact_path=artifacts.TUNE_PARETO))
+    assert set(table["cost_metric"]) == {"ce_neutral_delta"}
+    assert list(table["cost"]) == [t.user_attrs["ce_neutral_delta"] for t in load_study(on_ce, cfg).trials]
     impossible = Settings(sampler="grid", n_trials=0, heartbeat=0, axes=GRID, constraint="kl_neutral>=1e9")
     with pytest.raises(ConfigError, match=r"no completed trial .* is feasible under kl_neutral>=1e\+09 \(the lowest "
                                           r"kl_neutral is 0, trial \d+\); loosen the constraint"):
