@@ -138,6 +138,37 @@ def scale_sweep_figure(table: pd.DataFrame, models: Sequence[str] | None = None)
 
 
 @_styled
+def relative_scale_figure(table: pd.DataFrame, models: Sequence[str] | None = None) -> Figure:
+    """Metric against the relative steering scale: one panel per steered variant, one line per model (and
+    source: evaluate solid, tune dotted), with its interval as a band; models of any size share the x axis.
+
+    Args:
+        table: ``sweeps.relative_scale_table`` output.
+        models: the legend's model order (smallest first); default the table's.
+    """
+    variants = list(dict.fromkeys(table["variant"]))
+    order = [m for m in (models or dict.fromkeys(table["model"])) if m in set(table["model"])]
+    fig, axes = _panels(len(variants))
+    shades = matplotlib.colormaps["viridis"].resampled(max(len(order), 2))
+    cmap = [matplotlib.colors.to_hex(shades(i)) for i in range(max(len(order), 2))]
+    for ax, variant in zip(axes, variants, strict=True):
+        mine = table[table["variant"] == variant]
+        for index, model in enumerate(order):
+            for (source, layer), group in mine[mine["model"] == model].groupby(["source", "layer"], sort=True):
+                group = group.sort_values("relative_scale")
+                x = group["relative_scale"].to_numpy(float)
+                depth = group["depth"].iloc[0]
+                where = f"layer {layer:g}" + (f" = {depth:.2f} of depth" if np.isfinite(depth) else "")
+                ax.plot(x, group["value"].to_numpy(float), "-" if source == "evaluate" else ":", marker="o",
+                        color=cmap[index], label=f"{model}, {where} ({source}: {group['metric'].iloc[0]})")
+                _band(ax, x, group["ci_low"].to_numpy(float), group["ci_high"].to_numpy(float), cmap[index])
+        metrics = sorted(set(mine["metric"].astype(str)))
+        ax.set(title=f"{variant}: across models", xlabel="relative steering scale (fraction of the residual norm)",
+               ylabel=metrics[0] if len(metrics) == 1 else "metric value")
+        ax.legend(loc="best", fontsize="small")
+    return fig
+
+
 def layer_scale_figure(table: pd.DataFrame, models: Sequence[str] | None = None) -> Figure:
     """The tuning objective over layer (rows) and scale (columns): one heatmap per study, cells
     annotated with the value and blank where no trial ran.
@@ -339,5 +370,5 @@ def save_figure(fig: Figure, table: pd.DataFrame, out_dir: Path, stem: str) -> l
 
 __all__ = [
     "DPI", "PAPER_STYLE", "category_delta_figure", "color", "cross_model_figure", "judge_agreement_figure",
-    "layer_scale_figure", "paper_style", "pareto_figure", "save_figure", "scale_sweep_figure", "training_curves_figure",
+    "layer_scale_figure", "paper_style", "pareto_figure", "relative_scale_figure", "save_figure", "scale_sweep_figure", "training_curves_figure",
 ]

@@ -44,6 +44,11 @@ FIGURES = (
                "runs: solid; tune trials at the best layer: dotted), with its interval as a band; the "
                "baseline dashed; where measured, what each point costs (kl_neutral, right axis, dashed squares).",
                "evaluate runs of one variant at two or more scales of a layer, or tune trials"),
+    FigureSpec(artifacts.ANALYSIS_RELATIVE_SCALE, "Truthfulness against relative steering scale, across models",
+               "Per steered variant: each model's metric against the relative scale (the added vector's norm as a "
+               "fraction of the steering layer's mean residual norm, which transfers across model sizes), one line "
+               "per model (evaluate runs: solid; tune trials: dotted), with its interval as a band.",
+               "evaluate runs or tune trials that logged steering_scale_relative (extractions with residual norms)"),
     FigureSpec(artifacts.ANALYSIS_LAYER_SCALE, "Tuning objective over layer and scale",
                "Per tune study: the mean objective of the trials at each layer and scale (blank: not tried).",
                "tune studies with trials"),
@@ -170,6 +175,7 @@ class FrameTables:
         best_variants: model -> its best steered variant.
         cross_model: ``tables.cross_model_table``.
         scale_sweep: ``sweeps.scale_sweep_table``.
+        relative_scale: ``sweeps.relative_scale_table``.
         layer_scale: ``sweeps.layer_scale_table``.
         best_settings: ``sweeps.best_settings_table``.
         pareto: ``sweeps.pareto_table``.
@@ -187,10 +193,19 @@ class FrameTables:
     best_variants: dict[str, str]
     cross_model: pd.DataFrame
     scale_sweep: pd.DataFrame
+    relative_scale: pd.DataFrame
     layer_scale: pd.DataFrame
     best_settings: pd.DataFrame
     pareto: pd.DataFrame
     trained: pd.DataFrame
+
+
+def _n_layers(runs: pd.DataFrame) -> dict[str, int]:
+    """model -> its decoder layers, from the runs' ``model.n_layers`` param."""
+    if "params.model.n_layers" not in runs:
+        return {}
+    known = pd.DataFrame({"model": model_of(runs), "n": pd.to_numeric(runs["params.model.n_layers"], errors="coerce")})
+    return {str(m): int(n) for m, n in known.dropna().groupby("model")["n"].max().items()}
 
 
 def frame_tables(runs: pd.DataFrame, missing: Missing, directions: Mapping[str, bool],
@@ -214,11 +229,13 @@ def frame_tables(runs: pd.DataFrame, missing: Missing, directions: Mapping[str, 
     best = tables.best_variants(vtable, metric, tables.higher_is_better(metric, directions)) if metric else {}
     informative = next((m for m in tables.INFORMATIVE_METRICS if m in names), None)
     shown = [m for m in (metric, informative, "kl_neutral") if m and m in names]
+    sweep = sweeps.scale_sweep_table(variants, trials, evaluations, metric)
     return FrameTables(
         models=models, sizes=sizes, metric=metric, metric_names=names, evaluations=evaluations, variants=variants,
         trials=trials, variant_metrics=vtable, best_variants=best,
         cross_model=tables.cross_model_table(vtable, list(dict.fromkeys(shown)), sizes),
-        scale_sweep=sweeps.scale_sweep_table(variants, trials, evaluations, metric),
+        scale_sweep=sweep,
+        relative_scale=sweeps.relative_scale_table(sweep, _n_layers(runs)),
         layer_scale=sweeps.layer_scale_table(trials),
         best_settings=sweeps.best_settings_table(variants, trials, metric, directions, sizes),
         pareto=sweeps.pareto_table(trials),

@@ -122,6 +122,8 @@ def analyze(runs: pd.DataFrame, out_dir: str | Path, *, reader: StoreReader | No
     plotted: dict[str, tuple[pd.DataFrame, Callable[[], Figure]]] = {
         artifacts.ANALYSIS_SCALE_SWEEP: (found.scale_sweep, lambda: figures.scale_sweep_figure(
             found.scale_sweep, found.models)),
+        artifacts.ANALYSIS_RELATIVE_SCALE: (found.relative_scale, lambda: figures.relative_scale_figure(
+            found.relative_scale, found.models)),
         artifacts.ANALYSIS_LAYER_SCALE: (found.layer_scale, lambda: figures.layer_scale_figure(
             found.layer_scale, found.models)),
         artifacts.ANALYSIS_CROSS_MODEL: (found.cross_model, lambda: figures.cross_model_figure(found.cross_model)),
@@ -234,6 +236,7 @@ def plan(runs: pd.DataFrame, selection: Selection, *, reader: StoreReader | None
                        and reader.has_artifact(found.evaluations[m], artifacts.PER_CATEGORY)]
     available = {
         artifacts.ANALYSIS_SCALE_SWEEP: (len(found.scale_sweep), "rows"),
+        artifacts.ANALYSIS_RELATIVE_SCALE: (len(found.relative_scale), "points with a relative scale"),
         artifacts.ANALYSIS_LAYER_SCALE: (len(found.layer_scale), "cells"),
         artifacts.ANALYSIS_CROSS_MODEL: (len(found.cross_model), "bars"),
         artifacts.ANALYSIS_JUDGE_AGREEMENT: (len(with_generations), f"evaluations' {artifacts.GENERATIONS}"),

@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from analysis.runs import Missing, as_float, of_stage, order_models, tag
@@ -31,6 +32,7 @@ from core.artifacts import (
 )
 from evaluation.side_effects import NEUTRAL_COSTS
 from steering.methods import method, method_of_params, tuned_params
+from steering.scale import RELATIVE_SCALE_METRIC as RELATIVE_METRIC
 
 COSTS = NEUTRAL_COSTS  # a trial's measured cost of steering (evaluation.side_effects)
 
@@ -43,11 +45,13 @@ SCALE_BINS = 10
 
 
 SWEEP_COLUMNS = ["model", "source", "variant", "layer", "scale", "metric", "value", "ci_low", "ci_high", "run_id",
-                 "kl_neutral"]
+                 "kl_neutral", "relative_scale"]
+RELATIVE_COLUMNS = ["model", "n_layers", "source", "variant", "layer", "depth", "relative_scale", "scale", "metric",
+                    "value", "ci_low", "ci_high", "run_id"]
 
 
 TRIAL_COLUMNS = ["model", "study", "run_id", "variant", *PARAMS, "metric", "value", "ci_low", "ci_high",
-                 "higher_is_better", "cost_metric", "cost", "chosen", "start_time"]
+                 "higher_is_better", "cost_metric", "cost", "chosen", "start_time", "relative_scale"]
 
 
 HEATMAP_COLUMNS = ["model", "study", "metric", "layer", "scale", "value", "n_trials"]
@@ -114,6 +118,7 @@ def tune_trials(runs: pd.DataFrame, missing: Missing, directions: Mapping[str, b
             "ci_high": as_float(trial.get(f"metrics.{name}_ci_high")), "higher_is_better": higher,
             "cost_metric": cost_metric, "cost": as_float(trial.get(f"metrics.{cost_metric}")) if cost_metric else math.nan,
             "chosen": str(trial["run_id"]) == worker_tags.get(TAG_BEST_RUN, ""), "start_time": trial.get("start_time"),
+            "relative_scale": as_float(trial.get(f"metrics.{RELATIVE_METRIC}")),
         })
     usable = {r["study"] for r in records}
     for worker in workers.to_dict("records"):
@@ -194,7 +199,7 @@ def scale_sweep_table(variants: pd.DataFrame, trials: pd.DataFrame, evaluations:
                             "scale": row["scale"], "metric": metric_name, "value": _get(row, str(metric_name)),
                             "ci_low": _get(row, f"{metric_name}_ci_low"),
                             "ci_high": _get(row, f"{metric_name}_ci_high"), "run_id": row["run_id"],
-                            "kl_neutral": _get(row, "kl_neutral")})
+                            "kl_neutral": _get(row, "kl_neutral"), "relative_scale": _get(row, RELATIVE_METRIC)})
         swept_models.add(str(model))
     for model in sorted(swept_models):
         base = variants[(variants["model"] == model) & (variants["variant"] == "baseline")
@@ -205,7 +210,7 @@ def scale_sweep_table(variants: pd.DataFrame, trials: pd.DataFrame, evaluations:
         records.append({"model": model, "source": "evaluate", "variant": "baseline", "layer": math.nan,
                         "scale": math.nan, "metric": metric_name, "value": _get(row, str(metric_name)),
                         "ci_low": _get(row, f"{metric_name}_ci_low"), "ci_high": _get(row, f"{metric_name}_ci_high"),
-                        "run_id": row["run_id"], "kl_neutral": _get(row, "kl_neutral")})
+                        "run_id": row["run_id"], "kl_neutral": _get(row, "kl_neutral"), "relative_scale": math.nan})
     caa_trials = trials[trials["layer"].notna() & trials["scale"].notna()]  # ITI trials have no layer to sweep at
     for (model, _study), group in caa_trials.groupby(["model", "study"], sort=True):
         best = _best_row(group, bool(group["higher_is_better"].iloc[0]))
@@ -214,9 +219,26 @@ def scale_sweep_table(variants: pd.DataFrame, trials: pd.DataFrame, evaluations:
             records.append({"model": model, "source": "tune", "variant": row["variant"], "layer": row["layer"],
                             "scale": row["scale"], "metric": row["metric"], "value": row["value"],
                             "ci_low": row["ci_low"], "ci_high": row["ci_high"], "run_id": row["run_id"],
-                            "kl_neutral": row["cost"] if row.get("cost_metric") == "kl_neutral" else math.nan})
+                            "kl_neutral": row["cost"] if row.get("cost_metric") == "kl_neutral" else math.nan,
+                            "relative_scale": row.get("relative_scale", math.nan)})
     records = [r for r in records if not math.isnan(r["value"])]
     return pd.DataFrame(records, columns=SWEEP_COLUMNS) if records else _empty(SWEEP_COLUMNS)
+
+
+def relative_scale_table(sweep: pd.DataFrame, n_layers: Mapping[str, int]) -> pd.DataFrame:
+    """The scale sweep's points whose relative scale is known (``steering_scale_relative``: the added vector's
+    norm over the layer's mean residual norm), so models of different sizes share one x axis.
+
+    Args:
+        sweep: ``scale_sweep_table`` output.
+        n_layers: model -> decoder layers (for the layer's depth fraction; NaN when unknown).
+    """
+    known = sweep[np.isfinite(sweep["relative_scale"].to_numpy(float))] if not sweep.empty else sweep
+    if known.empty:
+        return _empty(RELATIVE_COLUMNS)
+    out = known.assign(n_layers=[float(n_layers.get(str(m), math.nan)) for m in known["model"]])
+    out = out.assign(depth=out["layer"].astype(float) / out["n_layers"])
+    return out.sort_values(["variant", "model", "source", "relative_scale"])[RELATIVE_COLUMNS].reset_index(drop=True)
 
 
 def best_settings_table(variants: pd.DataFrame, trials: pd.DataFrame, metric_name: str | None,
@@ -257,7 +279,7 @@ def best_settings_table(variants: pd.DataFrame, trials: pd.DataFrame, metric_nam
     return out[BEST_COLUMNS].reset_index(drop=True)
 
 
-__all__ = ['PARETO_COLUMNS', 'on_front', 'pareto_table', 'BEST_COLUMNS', 'HEATMAP_COLUMNS', 'MAX_SCALE_COLUMNS', 'SCALE_BINS', 'SWEEP_COLUMNS', 'TRIAL_COLUMNS', 'best_settings_table', 'layer_scale_table', 'scale_sweep_table', 'tune_trials']
+__all__ = ['PARETO_COLUMNS', 'on_front', 'pareto_table', 'BEST_COLUMNS', 'HEATMAP_COLUMNS', 'MAX_SCALE_COLUMNS', 'SCALE_BINS', 'SWEEP_COLUMNS', 'TRIAL_COLUMNS', 'RELATIVE_COLUMNS', 'best_settings_table', 'layer_scale_table', 'relative_scale_table', 'scale_sweep_table', 'tune_trials']
 
 
 PARETO_COLUMNS = ["model", "study", "run_id", "variant", "metric", "value", "cost_metric", "cost", "on_front",

@@ -52,6 +52,7 @@ ANALYSIS_MISSING = "missing.csv"  # model, run_id, what: everything the analysis
 ANALYSIS_VARIANT_METRICS = "variant_metrics.csv"  # per model and variant: each judge metric with intervals
 ANALYSIS_BEST_SETTINGS = "best_settings.csv"  # per model: best layer and scale (tune trials, evaluate runs)
 ANALYSIS_SCALE_SWEEP = "scale_sweep"
+ANALYSIS_RELATIVE_SCALE = "relative_scale"  # the metric against the relative scale, one line per model
 ANALYSIS_LAYER_SCALE = "layer_scale"
 ANALYSIS_CROSS_MODEL = "cross_model"
 ANALYSIS_PARETO = "pareto"  # tune studies with a cost: each trial's gain against its cost, the front, the chosen one

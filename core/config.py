@@ -169,9 +169,12 @@ class SteeringConfig:
     scale: float = 4.0
     positions: Literal["all", "from_prompt_end"] = "from_prompt_end"
     depth: float | None = None  # the layer as a fraction of the model's depth (transfers across sizes)
+    # absolute: scale multiplies the vector; relative: the added norm is scale x the mean residual norm (steering.scale)
+    scale_mode: Literal["absolute", "relative"] = "absolute"
 
     def __post_init__(self) -> None:
         _finite("steering", scale=self.scale)
+        _choice("steering", "scale_mode", self.scale_mode, ("absolute", "relative"))
         if self.layer is not None and self.layer < 0:
             raise ConfigError(f"steering.layer={self.layer} must be >= 0")
         if self.depth is not None:

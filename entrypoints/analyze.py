@@ -2,8 +2,9 @@
 
 Selects the FINISHED runs of --experiment (or --parent-run and all its descendants), narrowed to
 --models and --tags, from MLFLOW_TRACKING_URI (else tracking.uri of configs/base.yaml), and draws
-per model and variant: truthfulness against steering scale, the tuning objective over layer and
-scale, the models compared by size, the LLM judge against the semantic judge (Cohen's kappa), the
+per model and variant: truthfulness against steering scale (and against the relative scale, one line
+per model), the tuning objective over layer and scale, what tuning buys against what steering costs
+(Pareto fronts), the models compared by size, the LLM judge against the semantic judge (Cohen's kappa), the
 change per category of the best variant, and the MLP training curves. A piece missing from some
 runs is listed in the report, never an error; no matching run is an error naming the filter.
 
@@ -11,7 +12,7 @@ Parameters: --experiment, --models (aliases separated by |), --tags (key=value,.
 filters a param), --parent-run, --out-dir, --dry-run (list the runs and the figures; write nothing).
 Logs: to a new run tagged truthsteer.stage=analyze (params: the selection), under analysis/:
 report.md; per figure <name>.png, <name>.pdf and <name>.csv (the table it plots) for scale_sweep,
-layer_scale, cross_model, judge_agreement, category_delta and training_curves; variant_metrics.csv,
+relative_scale, layer_scale, pareto, cross_model, judge_agreement, category_delta and training_curves; variant_metrics.csv,
 best_settings.csv, runs.csv and missing.csv. The same files are written to --out-dir.
 """
 

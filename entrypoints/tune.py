@@ -9,7 +9,7 @@ text. The same study name resumes the study; several workers may share one study
 Parameters: --model, --data, --split, --method, --objective, --constraint, --directions, --n-trials, --total-trials
 (COMPLETE trials over all workers), --timeout, --storage (default sqlite $TRUTHSTEER_OUTPUTS/tune/optuna.db),
 --study-name (default truthsteer-<model>[-iti]-<objective>), --sampler, each tunable method's axes (from the
-registry: caa --layers, --scales; iti --ks, --alphas), --seed, --pruner, --heartbeat, --extract-run (caa),
+registry: caa --layers, --scales; iti --ks, --alphas), --seed, --pruner, --heartbeat, --warm-start, --extract-run (caa),
 --source-run (a run of the method's source stage), --overrides, --preset, --dry-run.
 Logs: a `tune` run (tags truthsteer.study, best_layer and best_scale or best_k and best_alpha, best_trial,
 best_run; metrics best_<metric>, n_complete, n_pruned, n_failed) with a nested run per trial (params layer and
@@ -33,7 +33,8 @@ FLAGS = {  # the tune settings: flag -> (type, default, help)
     "timeout": (float, 0.0, "seconds this worker runs at most (0: no limit)"), "storage": (str, "", "Optuna storage"),
     "study-name": (str, "", "default: truthsteer-<model>[-iti]-<objective>"), "seed": (int, 0, "sampler seed"),
     "pruner": (str, "auto", "auto, wilcoxon, median or none"),
-    "heartbeat": (int, 60, "seconds between RDB storage heartbeats (0: off)")}
+    "heartbeat": (int, 60, "seconds between RDB storage heartbeats (0: off)"),
+    "warm-start": (str, "", "a caa tune run (any model) whose best trials run first, converted to this model")}
 RUNS = {"extract-run": "caa: MLflow run id of an extract stage whose vectors to use instead of the cache",
         "source-run": "MLflow run id of the method's source stage (iti: an iti run's ranked heads; caa: extract)"}
 AXES = {a.flag: a.help for m in tunable_methods().values() for a in m.tune.axes}  # type: ignore[union-attr]

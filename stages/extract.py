@@ -14,6 +14,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import torch
@@ -31,6 +32,7 @@ from steering.extract import (
     extract_caa,
 )
 from steering.layers import d_model, n_layers
+from steering.scale import RESID_NORM_KEY
 from steering.vectors import VECTORS_KEY, SteeringVectors
 
 
@@ -74,6 +76,9 @@ def _log_metrics(extraction: Extraction) -> None:
     # A layer without valid examples (only when NonFiniteActivations is raised) has no norm: left out.
     by_layer += [Metric("norm_by_layer", norms[layer], now, layer) for layer in range(extraction.n_layers)
                  if math.isfinite(norms[layer])]
+    if extraction.resid_norm is not None:  # the residual stream's size, which a relative scale is a fraction of
+        by_layer += [Metric("resid_norm_by_layer", value, now, layer)
+                     for layer, value in enumerate(extraction.resid_norm.tolist()) if math.isfinite(value)]
     summary = {"nan_rate": extraction.nan_rate_overall, "nan_rate_max": max(rates),
                "n_examples": float(extraction.n_examples), "n_pairs": float(extraction.n_examples),
                "n_questions": float(len(set(extraction.question_ids)))}
@@ -83,11 +88,18 @@ def _log_metrics(extraction: Extraction) -> None:
         client.log_batch(run.info.run_id, metrics=by_layer[start:start + 1000])
 
 
+def norm_meta(extraction: Extraction) -> dict[str, Any]:
+    """``{"norms": [...], "resid_norm_by_layer": [...]}``: each layer's vector norm and mean residual norm (left out
+    when unmeasured), which a relative scale resolves from (``steering.scale.scales_from_meta``)."""
+    norm = extraction.resid_norm
+    return {"norms": extraction.vectors.norm(dim=-1).tolist(), **({} if norm is None else {RESID_NORM_KEY: norm.tolist()})}
+
+
 def _log_artifacts(extraction: Extraction, vectors: SteeringVectors, cfg: Config, loaded: LoadedModel) -> None:
     meta = {
         **vectors.to_meta(),
         "n_layers": extraction.n_layers,
-        "norms": extraction.vectors.norm(dim=-1).tolist(),
+        **norm_meta(extraction),
         "n_examples": extraction.n_examples,
         "n_valid_by_layer": extraction.n_valid.tolist(),
         "nan_count_by_layer": extraction.nan_count.tolist(),
@@ -102,6 +114,7 @@ def _log_artifacts(extraction: Extraction, vectors: SteeringVectors, cfg: Config
         VECTORS_KEY: extraction.vectors,  # (n_layers, d_model)
         "diffs": extraction.diffs,  # (n_examples, n_layers, d_model)
         "valid": extraction.valid.to(torch.uint8),  # (n_examples, n_layers)
+        **({"resid_norms": extraction.resid_norms} if extraction.resid_norms is not None else {}),
     }
     with tempfile.TemporaryDirectory() as tmp:
         artifacts.save_tensors(Path(tmp) / artifacts.CAA_TENSORS, Path(tmp) / artifacts.CAA_META, tensors, meta)
@@ -112,7 +125,7 @@ def run(cfg: Config, data_run: str = "") -> SteeringVectors:
     """The ``extract`` stage: CAA vectors of every layer from the pool split, logged to the active run.
 
     Logs metrics ``nan_rate`` (all example-layer entries), ``nan_rate_max``, ``nan_rate_by_layer``
-    and ``norm_by_layer`` (step = layer), ``n_examples``, ``n_pairs``, ``n_questions``; params
+    and ``norm_by_layer`` and ``resid_norm_by_layer`` (the mean residual norm; step = layer), ``n_examples``, ``n_pairs``, ``n_questions``; params
     ``extract.prompt_format``, ``extract.device``, ``extract.pair_seed``, ``extract.data_run``; and the
     artifacts ``CAA_TENSORS`` (``vectors`` ``(n_layers, d_model)``, ``diffs``, ``valid`` as uint8) and
     ``CAA_META``. The metrics are logged also when ``NonFiniteActivations`` ends the run.
@@ -171,7 +184,7 @@ def load_extraction(run_id_or_dir: str | Path) -> Extraction:
         raise ConfigError(f"{tensors_path} / {meta_path} lack {missing}; they are not an extract artifact, "
                           "pass the run id of an extract stage run")
     return Extraction(tensors["diffs"], tensors["valid"].bool(), tuple(meta["question_ids"]), str(meta["model"]),
-                      dict(meta.get("provenance", {})))
+                      dict(meta.get("provenance", {})), resid_norms=tensors.get("resid_norms"))
 
 
-__all__ = ['config_hash', 'load_extraction', 'plan', 'run']
+__all__ = ['config_hash', 'load_extraction', 'plan', 'norm_meta', 'run']

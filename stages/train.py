@@ -17,6 +17,7 @@ from core.config_io import config_to_dict
 from core.data import Question
 from steering.layers import d_model
 from steering.mlp import BRANCHES, Branch, MLPSteering, MLPSteeringConfig, save_mlp
+from steering.scale import RELATIVE_SCALE_METRIC, SCALE_METRIC, scales_from_meta
 from steering.sequences import encode_examples
 from steering.train import train_branch
 
@@ -56,11 +57,27 @@ def plan(cfg: Config, *, bank_run: str, data_run: str = "", branch: str | None =
     ]
 
 
+def bank_scales(cfg: Config, bank_meta: dict[str, Any], bank_run: str) -> tuple[float, float | None]:
+    """``(multiplier, relative scale or None)`` of ``steering.scale`` for a module mixing the bank's vectors: in
+    relative mode a fraction of the layer's mean residual norm over the CAA vector's norm (the bank's extract
+    run measured both), as for ``caa``."""
+    extract_meta = bank_meta.get("extract_meta") or {}
+    if "norms" not in extract_meta:
+        if cfg.steering.scale_mode == "relative":
+            raise ConfigError(f"bank run {bank_run} does not record its extraction's norms; build the bank again "
+                              "from a current extract run, or use steering.scale_mode=absolute")
+        return cfg.steering.scale, None
+    return scales_from_meta(cfg.steering.scale, cfg.steering.scale_mode, extract_meta, cfg.layer,
+                            f"the extract run of bank run {bank_run}")
+
+
 def _train_and_log(cfg: Config, loaded: Any, bank: Tensor, splits: dict[str, list[Question]], branch: Branch,
-                   fast_path: bool) -> MLPSteering:
+                   fast_path: bool, scales: tuple[float, float | None]) -> MLPSteering:
     torch.manual_seed(cfg.mlp.seed)
+    multiplier, relative = scales
+    mlflow.log_metrics({SCALE_METRIC: multiplier, **({RELATIVE_SCALE_METRIC: relative} if relative is not None else {})})
     config = MLPSteeringConfig(model=cfg.model.alias, layer=cfg.layer, d_model=bank.shape[1], n_bank=bank.shape[0],
-                               expansion=cfg.mlp.expansion, scale=cfg.steering.scale)
+                               expansion=cfg.mlp.expansion, scale=multiplier)
     module = MLPSteering(config, bank).to(loaded.device)
     encoded = {split: encode_examples(splits[split], loaded.tokenizer, loaded.prompt_format, branch,
                                       max_length=cfg.extract.max_length, seed=cfg.mlp.seed)
@@ -117,6 +134,7 @@ def run(cfg: Config, *, bank_run: str, data_run: str = "", branch: str | None = 
             f"{cfg.model.alias!r} (d_model={cfg.model.d_model}); pass a bank run of {cfg.model.alias} or --model {found.model}"
         )
     bank = found.vectors.detach().float()  # (1 + K, d_model)
+    scales = bank_scales(cfg, dict(found.meta), bank_run)
     splits = splits_for(cfg, data_run)
     loaded = load_from_config(cfg)
     if d_model(loaded.model) != bank.shape[1]:
@@ -126,14 +144,14 @@ def run(cfg: Config, *, bank_run: str, data_run: str = "", branch: str | None = 
     for name in branches:
         if len(branches) == 1:
             mlflow.set_tag(TAG_BRANCH, name)
-            modules[name] = _train_and_log(cfg, loaded, bank, splits, name, fast_path)
+            modules[name] = _train_and_log(cfg, loaded, bank, splits, name, fast_path, scales)
             continue
         branch_cfg = dataclasses.replace(cfg, mlp=dataclasses.replace(cfg.mlp, branch=name))
         with stage_run("train", branch_cfg, run_name=f"{cfg.model.alias}-train-{name}",
                        tags={TAG_BRANCH: name, "truthsteer.bank_run": bank_run}) as child:
-            modules[name] = _train_and_log(branch_cfg, loaded, bank, splits, name, fast_path)
+            modules[name] = _train_and_log(branch_cfg, loaded, bank, splits, name, fast_path, scales)
         mlflow.MlflowClient().set_tag(parent.info.run_id, TAG_BRANCH_RUN.format(branch=name), child.info.run_id)
     return modules
 
 
-__all__ = ['branches_of', 'check_bank_run', 'plan', 'run']
+__all__ = ['bank_scales', 'branches_of', 'check_bank_run', 'plan', 'run']

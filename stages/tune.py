@@ -140,6 +140,8 @@ def plan(cfg: Config, settings: TuneSettings) -> list[str]:
         f"trials: {settings.n_trials or 'no limit'} in this worker; study total: "
         f"{f'{total} COMPLETE' if total else 'no limit'}; timeout: {f'{settings.timeout:g} s' if settings.timeout else 'none'}",
         f"{settings.tune.noun}: {extraction}",
+        *([f"warm start: the best trials of tune run {settings.warm_start}, converted to {cfg.model.n_layers} layers "
+           f"and {cfg.steering.scale_mode} scale, run first"] if settings.warm_start else []),
         f"artifacts: {artifacts.TUNED}, {artifacts.TUNE_TRIALS}, {artifacts.TUNE_HISTORY}, {artifacts.TUNE_IMPORTANCE}",
     ]
 
@@ -182,7 +184,7 @@ def run(cfg: Config, settings: TuneSettings, *, loaded: LoadedModel | None = Non
         "tune.storage": redacted(url), "tune.heartbeat": str(settings.heartbeat),
         f"tune.{'source' if settings.tune.named else 'extract'}_run": settings.source or "none",
         "tune.n_val": str(len(val)), "tune.constraint": settings.constraint or "none",
-        "tune.directions": settings.directions or "none",
+        "tune.directions": settings.directions or "none", "tune.warm_start": settings.warm_start or "none",
     })
     loaded = loaded or load_from_config(cfg)
     from steering.layers import n_layers
@@ -223,6 +225,13 @@ def run(cfg: Config, settings: TuneSettings, *, loaded: LoadedModel | None = Non
         setup |= {"cost": settings.cost, "constraint": settings.constraint, "directions": settings.directions,
                   "effects": {k: v for k, v in dataclasses.asdict(cfg.effects).items() if k != "enabled"}}
     study = open_study(cfg, settings, space, storage, setup)
+    if settings.warm_start:  # another model's best trials first, in this model's units
+        from stages.tune_warm import warm_trials
+
+        enqueued, lines = warm_trials(cfg, settings.warm_start, vectors, space)
+        for params in enqueued:
+            study.enqueue_trial(params, skip_if_exists=True)
+        print("\n".join(lines))
     budget = TrialBudget(total, space.grid() if settings.sampler == "grid" else None,
                          space.n_cells if settings.sampler == "grid" else 0)
     callback, callbacks = mlflow_callbacks(parent.info.experiment_id,
@@ -245,7 +254,8 @@ def run(cfg: Config, settings: TuneSettings, *, loaded: LoadedModel | None = Non
     if stop.signum is not None:
         mlflow.set_tag(TAG_STOPPED, f"signal {stop.signum}")
     outcome = summarise(study, objective, ran, redacted(url), source, stopped=stop.signum is not None,
-                        method=settings.method, constraint=settings.constraint_spec, cost=settings.cost)
+                        method=settings.method, constraint=settings.constraint_spec, cost=settings.cost,
+                        scale_mode=cfg.steering.scale_mode)
     best = (f"best {objective.metric} {outcome.best_value:.4f} at {outcome.best_params} (trial {outcome.best_trial}, "
             f"run {outcome.best_run_id})" if outcome.best_value is not None else "no completed trial yet")
     print(f"study {name}: {outcome.counts.complete} complete ({ran} by this worker), {outcome.counts.pruned} pruned, "

@@ -34,7 +34,7 @@ from core.config import Config, ConfigError
 from core.config_io import config_to_dict
 from core.data import Question, file_sha256, is_local_source
 from core.models import TORCH_DTYPES, LoadedModel, load_from_config
-from stages.extract import load_extraction
+from stages.extract import load_extraction, norm_meta
 from stages.tune_space import ATTR_CONSTRAINTS, PRUNING_CHUNK, Constraint, Objective, SearchSpace
 from stages.tune_storage import (
     ATTR_FAIL_REASON,
@@ -42,8 +42,10 @@ from stages.tune_storage import (
 )
 from steering.extract import Extraction, contrastive_pairs, extract_caa
 from steering.methods import tunable
+from steering.scale import RELATIVE_SCALE_METRIC
 
-EXTRACTION_CACHE_VERSION = 1
+ATTR_RELATIVE_SCALE = "relative_scale"  # a trial's steering scale as a fraction of the residual norm
+EXTRACTION_CACHE_VERSION = 2  # 2: with the residual norms a relative scale needs
 
 
 class NonFiniteObjective(ValueError):
@@ -97,9 +99,12 @@ def save_extraction(extraction: Extraction, root: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     vectors = extraction.steering_vectors()
     meta = {**vectors.to_meta(), "question_ids": list(extraction.question_ids),
-            "n_examples": extraction.n_examples, "n_valid_by_layer": extraction.n_valid.tolist()}
+            "n_examples": extraction.n_examples, "n_valid_by_layer": extraction.n_valid.tolist(),
+            **norm_meta(extraction)}
     tensors = {"vectors": extraction.vectors, "diffs": extraction.diffs,  # (n_layers, d_model), (n, n_layers, d_model)
                "valid": extraction.valid.to(torch.uint8)}  # (n_examples, n_layers)
+    if extraction.resid_norms is not None:
+        tensors["resid_norms"] = extraction.resid_norms  # (n_examples, n_layers)
     artifacts.save_tensors(tmp / artifacts.CAA_TENSORS, tmp / artifacts.CAA_META, tensors, meta)
     shutil.rmtree(root, ignore_errors=True)  # a torn folder from a killed writer
     os.replace(tmp, root)
@@ -282,6 +287,10 @@ def make_objective(
                          artifacts.TAG_HOST: socket.gethostname(), artifacts.TAG_PID: str(os.getpid()),
                          TAG_STUDY: study_name, "variant": scorer.method})
         params = {name: axis.suggest(trial) for name, axis in space.axes.items()}
+        relative = getattr(scorer.steering(params), "relative_scale", None)
+        if relative is not None:  # the trial in units that transfer to another model (warm starts read it)
+            trial.set_user_attr(ATTR_RELATIVE_SCALE, relative)
+            mlflow.log_metric(RELATIVE_SCALE_METRIC, relative)
         order = list(range(len(questions)))
         if pruner != "none":
             random.Random(f"{seed}/{trial.number}").shuffle(order)

@@ -18,6 +18,7 @@ from core.data import Question
 from core.models import LoadedModel
 from stages.tune_iti import heads_cache_path, heads_key, shared_heads
 from stages.tune_scoring import extraction_cache_dir, extraction_key, shared_extraction
+from steering.scale import LayerVectors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +26,7 @@ class Shared:
     """One study's shared source.
 
     Args:
-        value: what ``Tunable.steer`` takes (CAA's ``(n_layers, d_model)`` vectors, ITI's ranked heads).
+        value: what ``Tunable.steer`` takes (CAA's ``LayerVectors``, ITI's ranked heads).
         question_ids: the questions it was made from (none may be a val question).
         source: ``run:<id>``, ``cache`` (read) or ``computed`` (written now).
         what: a description, e.g. ``96 pairs, 30 layers``.
@@ -39,7 +40,8 @@ class Shared:
 
 def _extraction(cfg: Config, pool: Sequence[Question], loaded: LoadedModel, source_run: str) -> Shared:
     extraction, source = shared_extraction(cfg, pool, loaded, extract_run=source_run)
-    return Shared(extraction.vectors, list(extraction.question_ids), source,
+    vectors = LayerVectors(extraction.vectors, extraction.resid_norm, f"the extraction ({source})")
+    return Shared(vectors, list(extraction.question_ids), source,
                   f"{extraction.n_examples} pairs, {extraction.n_layers} layers")
 
 

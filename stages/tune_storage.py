@@ -199,6 +199,8 @@ class TuneSettings:
             ``kl_neutral<=0.5``; the study reports its best feasible trial. "" for none.
         directions: ``<objective>:max,<cost>:min`` for a two-objective study (the Pareto front), e.g.
             ``truth_info:max,kl_neutral:min``; its objective replaces ``objective``. "" for one objective.
+        warm_start: a caa tune run (of any model) whose best trials this study runs first, converted to this
+            model's depth and residual norm (``stages.tune_warm``). "" for none.
     """
 
     objective: str = "mc"
@@ -217,6 +219,7 @@ class TuneSettings:
     source_run: str = ""
     constraint: str = ""
     directions: str = ""
+    warm_start: str = ""
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -260,6 +263,10 @@ class TuneSettings:
             if self.pruner in ("wilcoxon", "median"):
                 raise ConfigError(f"pruner={self.pruner}: Optuna prunes single-objective studies only; "
                                   "use --pruner none (or auto) with --directions")
+        if self.warm_start and (self.method != "caa" or self.sampler == "grid"):
+            raise ConfigError(f"warm_start={self.warm_start} converts caa's layer and scale into the trials a sampler "
+                              f"runs first; it needs --method caa and --sampler tpe (not {self.method}, "
+                              f"{self.sampler}), or drop --warm-start")
         if self.sampler == "grid" and self.pruner in ("wilcoxon", "median"):
             raise ConfigError(f"pruner={self.pruner} with the grid sampler would leave pruned cells unscored; "
                               "use --pruner none (or auto) with --sampler grid")
@@ -321,7 +328,12 @@ class TuneSettings:
         Args:
             cfg: the run's config (its model's depth and default layer).
         """
-        space = SearchSpace.of(self.method, self.axes, cfg.model, self.sampler)
+        specs = dict(self.axes)
+        if cfg.steering.scale_mode == "relative":  # relative scales have their own sensible range
+            for axis in self.tune.axes:
+                if axis.relative_default is not None and not specs.get(axis.flag):
+                    specs[axis.flag] = axis.relative_default(cfg.model, self.sampler)
+        space = SearchSpace.of(self.method, specs, cfg.model, self.sampler)
         if self.sampler == "grid":
             space.grid()  # raises for a continuous axis
         return space

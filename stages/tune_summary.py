@@ -70,15 +70,21 @@ def _tuned(best_params: dict[str, Any], method: str) -> Any:
     return chosen.tune
 
 
-def tuned_fragment(best_params: dict[str, Any], method: str = "") -> dict[str, dict[str, Any]]:
+def tuned_fragment(best_params: dict[str, Any], method: str = "",
+                   scale_mode: str = "absolute") -> dict[str, dict[str, Any]]:
     """The config fragment ``full --tuned`` applies: the method's section with its axes' values,
-    ``{"steering": {"layer": L, "scale": S}}`` for CAA, ``{"iti": {"k": K, "alpha": A}}`` for ITI.
+    ``{"steering": {"layer": L, "scale": S, "scale_mode": M}}`` for CAA, ``{"iti": {"k": K, "alpha": A}}`` for ITI.
 
     Args:
         best_params: the best trial's params.
         method: the tuned method; "" for the one whose axes the params are.
+        scale_mode: the ``steering.scale_mode`` the study's scales are in; written beside a steering scale, so
+            ``full --tuned`` reads a relative scale as relative whatever its own config says.
     """
-    return _tuned(best_params, method).fragment(best_params)
+    fragment = _tuned(best_params, method).fragment(best_params)
+    if "scale" in fragment.get("steering", {}):
+        fragment["steering"]["scale_mode"] = scale_mode
+    return fragment
 
 
 def best_tags(best_params: dict[str, Any], method: str = "") -> dict[str, str]:
@@ -183,7 +189,7 @@ def _log_figures(study: Study) -> dict[str, str]:
 
 def summarise(study: Study, objective: Objective, n_worker_trials: int, storage: str,
               extraction_source: str, stopped: bool = False, method: str = "",
-              constraint: Constraint | None = None, cost: str = "") -> TuneOutcome:
+              constraint: Constraint | None = None, cost: str = "", scale_mode: str = "absolute") -> TuneOutcome:
     """Tag the active (parent) run with the study's best and log its artifacts.
 
     Tags ``TAG_BEST_RUN``, ``TAG_BEST_TRIAL`` and ``best_tags`` (best layer and scale, or k and alpha); metrics
@@ -235,7 +241,7 @@ def summarise(study: Study, objective: Objective, n_worker_trials: int, storage:
         mlflow.log_metrics({f"best_{c}": v for c, v in costs.items()})
         _log_pareto(study, objective, best, method or (method_of_params(best.params) or tunable("caa")).name,
                     cost or next(c for c in COSTS if c in best.user_attrs))
-    mlflow.log_text(yaml.safe_dump(tuned_fragment(best.params, method), sort_keys=False), artifacts.TUNED)
+    mlflow.log_text(yaml.safe_dump(tuned_fragment(best.params, method, scale_mode), sort_keys=False), artifacts.TUNED)
     return TuneOutcome(study.study_name, storage, dict(best.params), best.values[0], best.number, best_run or None,
                        counts, n_worker_trials, extraction_source)
 

@@ -163,7 +163,8 @@ def study_setup(cfg: Config, objective: Objective, val: Sequence[Question], sour
             "metric": objective.metric, "val": hashlib.sha256(",".join(q.id for q in val).encode()).hexdigest()[:16],
             "vectors": source if source.startswith("run:") else extraction_key(cfg),
             "positions": cfg.steering.positions, "max_length": cfg.extract.max_length,
-            "decoding": decoding_key_fields(cfg.eval) if objective.generates else {}}
+            "decoding": decoding_key_fields(cfg.eval) if objective.generates else {},
+            **({"scale_mode": "relative"} if cfg.steering.scale_mode == "relative" else {})}
 
 
 def open_study(cfg: Config, settings: TuneSettings, space: SearchSpace, storage: BaseStorage,

@@ -6,7 +6,9 @@ prompt + answer sequences, the correct answers in the first half of the rows and
 ones in the second; one forward pass records the
 output of every decoder layer, which is averaged over the answer tokens only (prompt and padding
 masked). An example's difference at a layer is ``mean(correct) - mean(incorrect)``; the CAA vector
-of the layer is the mean of the valid differences.
+of the layer is the mean of the valid differences. The same pass measures the residual stream's size:
+an example's mean per-token L2 norm over both answers, whose mean over valid examples
+(``Extraction.resid_norm``) is what ``steering.scale_mode: relative`` scales against.
 
 Non-finite activations (fp16 overflow in large Gemma-3 models) are not fatal one by one: an
 example whose correct or incorrect mean is NaN/inf at a layer is invalid at that layer only, and
@@ -75,6 +77,8 @@ class Extraction:
         question_ids: the question id of each example (row of ``diffs``).
         model: the model alias.
         provenance: JSON facts about the run that produced it (empty before it is logged).
+        resid_norms: ``(n_examples, n_layers)`` fp32 mean per-token residual norm over the example's two
+            answers; None for an extraction saved before it was measured.
     """
 
     diffs: Tensor
@@ -82,6 +86,7 @@ class Extraction:
     question_ids: tuple[str, ...]
     model: str
     provenance: dict[str, Any] = field(default_factory=dict)
+    resid_norms: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.diffs.ndim != 3 or self.diffs.dtype != torch.float32:
@@ -93,6 +98,9 @@ class Extraction:
         if len(self.question_ids) != self.diffs.shape[0]:
             raise ValueError(f"{len(self.question_ids)} question ids for {self.diffs.shape[0]} examples; "
                              "give one id per example")
+        if self.resid_norms is not None and tuple(self.resid_norms.shape) != tuple(self.diffs.shape[:2]):
+            raise ValueError(f"resid_norms has shape {tuple(self.resid_norms.shape)}; it must be (n_examples, "
+                             f"n_layers) = {tuple(self.diffs.shape[:2])}")
 
     @property
     def n_examples(self) -> int:
@@ -131,6 +139,14 @@ class Extraction:
         """``(n_layers, d_model)`` fp32 CAA vectors: the mean of each layer's valid diffs (NaN with none)."""
         kept = torch.where(self.valid[..., None], self.diffs, 0.0)  # (n_examples, n_layers, d_model)
         return kept.sum(dim=0) / self.n_valid[:, None]  # (n_layers, d_model)
+
+    @property
+    def resid_norm(self) -> Tensor | None:
+        """``(n_layers,)`` fp32 mean residual-stream norm per layer over the valid examples (None when unmeasured)."""
+        if self.resid_norms is None:
+            return None
+        kept = torch.where(self.valid, self.resid_norms, 0.0)  # (n_examples, n_layers)
+        return kept.sum(dim=0) / self.n_valid  # (n_layers,)
 
     def steering_vectors(self, provenance: dict[str, Any] | None = None) -> SteeringVectors:
         """The CAA vectors of every layer as ``SteeringVectors``.
@@ -225,7 +241,13 @@ def length_sorted_batches(loaded: LoadedModel, pairs: Sequence[Pair], batch_size
 
 
 def answer_means(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Per-layer means of the residual stream over each row's answer tokens, in one forward pass.
+    """Per-layer means of the residual stream over each row's answer tokens (``answer_stats``' first part)."""
+    return answer_stats(model, batch)[0]
+
+
+def answer_stats(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Per-layer means of the residual stream over each row's answer tokens, and the mean of the
+    tokens' L2 norms there, in one forward pass.
 
     Position ids count real tokens only, as in generation, so a left-padded row gets the same
     positions as it would alone.
@@ -235,7 +257,8 @@ def answer_means(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
         batch: ``input_ids``, ``attention_mask`` and ``answer_mask``, all ``(rows, seq)``.
 
     Returns:
-        ``(rows, n_layers, d_model)`` fp32 on the CPU; NaN/inf where a layer's output was non-finite.
+        ``(rows, n_layers, d_model)`` fp32 means and ``(rows, n_layers)`` fp32 mean norms, on the CPU; NaN/inf
+        where a layer's output was non-finite.
     """
     device = next(model.parameters()).device
     input_ids = batch["input_ids"].to(device)  # (rows, seq)
@@ -246,7 +269,9 @@ def answer_means(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
         model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
               use_cache=False, logits_to_keep=1)
         means = [masked_mean(acts[layer], batch["answer_mask"]) for layer in sorted(acts)]  # (rows, d_model) each
-    return torch.stack(means, dim=1).cpu()  # (rows, n_layers, d_model)
+        norms = [masked_mean(acts[layer].float().norm(dim=-1, keepdim=True), batch["answer_mask"])[:, 0]
+                 for layer in sorted(acts)]  # (rows,) each
+    return torch.stack(means, dim=1).cpu(), torch.stack(norms, dim=1).cpu()  # (rows, n_layers, d_model), (rows, n_layers)
 
 
 def extract_caa(
@@ -281,16 +306,19 @@ def extract_caa(
     width = d_model(loaded.model)
     diffs = torch.empty(len(pairs), n_layers(loaded.model), width)  # (n_examples, n_layers, d_model)
     valid = torch.empty(len(pairs), n_layers(loaded.model), dtype=torch.bool)  # (n_examples, n_layers)
+    resid = torch.empty(len(pairs), n_layers(loaded.model))  # (n_examples, n_layers)
     batches = length_sorted_batches(loaded, pairs, batch_size, max_length)
     for indices in tqdm(batches, desc=f"extract {loaded.spec.alias}", unit="batch", leave=False):
         chunk = [pairs[i] for i in indices]
-        means = answer_means(loaded.model, encode_pairs(loaded, chunk, max_length))  # (2B, n_layers, d_model)
+        means, norms = answer_stats(loaded.model, encode_pairs(loaded, chunk, max_length))  # (2B, L, d), (2B, L)
         pos, neg = means[:len(chunk)], means[len(chunk):]  # (B, n_layers, d_model) each
         finite = torch.isfinite(pos).all(dim=-1) & torch.isfinite(neg).all(dim=-1)  # (B, n_layers)
         rows = torch.tensor(indices)  # (B,)
         diffs[rows] = torch.where(finite[..., None], pos - neg, 0.0)  # (B, n_layers, d_model)
         valid[rows] = finite
-    extraction = Extraction(diffs, valid, tuple(p.question.id for p in pairs), loaded.spec.alias)
+        size = (norms[:len(chunk)] + norms[len(chunk):]) / 2  # (B, n_layers)
+        resid[rows] = torch.where(finite & torch.isfinite(size), size, 0.0)
+    extraction = Extraction(diffs, valid, tuple(p.question.id for p in pairs), loaded.spec.alias, resid_norms=resid)
     check_finite(extraction, nan_threshold)
     return extraction
 

@@ -31,6 +31,7 @@ from mlflow.entities import Metric, Param
 from analysis import frames, report, sweeps, tables
 from analysis.runs import Missing, Selection, SelectionError, select_runs
 from core import artifacts
+from steering.scale import RELATIVE_SCALE_METRIC
 from core.artifacts import TAG_MODEL, TAG_STAGE
 
 T0 = 1_700_000_000_000
@@ -220,17 +221,20 @@ def populate(client: mlflow.MlflowClient) -> dict[str, str]:
     # two workers of one study; trial 0 has only MLflowCallback's `objective`, the repeat runs in worker 2
     study = {artifacts.TAG_STUDY: GEMMA_STUDY}
     for worker in ("gemma-study", "gemma-study-2"):
-        w.run(worker, "tune", GEMMA, params=gemma, tags={artifacts.TAG_OBJECTIVE_METRIC: "mc1", **study})
-    for i, (layer, scale, value) in enumerate(GEMMA_TRIALS):
+        w.run(worker, "tune", GEMMA, params={**gemma, "model.n_layers": "26"},
+              tags={artifacts.TAG_OBJECTIVE_METRIC: "mc1", **study})
+    for i, (layer, scale, value) in enumerate(GEMMA_TRIALS):  # relative scale: scale / 20
         w.run(f"gemma-trial-{i}", artifacts.TRIAL_STAGE, GEMMA, params={"layer": layer, "scale": scale}, tags=study,
-              metrics={artifacts.TRIAL_METRIC if i == 0 else "mc1": value},
+              metrics={artifacts.TRIAL_METRIC if i == 0 else "mc1": value, RELATIVE_SCALE_METRIC: scale / 20},
               parent="gemma-study-2" if i == len(GEMMA_TRIALS) - 1 else "gemma-study")
     w.run("gemma-trial-pruned", artifacts.TRIAL_STAGE, GEMMA, params={"layer": 6, "scale": 1.0}, tags=study,
           metrics={"mc1_partial": 0.1}, parent="gemma-study")
-    w.run("smol-study", "tune", SMOL, tags={artifacts.TAG_OBJECTIVE_DIRECTION: "minimize"})  # no study name
-    for i, (layer, scale, value) in enumerate(SMOL_TRIALS):
+    w.run("smol-study", "tune", SMOL, params={"model.n_layers": "30"},  # no study name
+          tags={artifacts.TAG_OBJECTIVE_DIRECTION: "minimize"})
+    for i, (layer, scale, value) in enumerate(SMOL_TRIALS):  # relative scale: scale / 10
         w.run(f"smol-trial-{i}", artifacts.TRIAL_STAGE, SMOL, params={"layer": layer, "scale": scale},
-              metrics={"objective": value, "kl_neutral": 0.25 * (i + 1)}, parent="smol-study")
+              metrics={"objective": value, "kl_neutral": 0.25 * (i + 1), RELATIVE_SCALE_METRIC: scale / 10},
+              parent="smol-study")
     return w.ids
 
 
@@ -393,6 +397,19 @@ def test_scale_sweep_table_from_evaluations_and_tune_trials(store: Store) -> Non
     costs = dict(zip(sweep["run_id"], sweep["kl_neutral"], strict=True))  # measured by the smol trials only
     assert (costs[ids["smol-trial-0"]], costs[ids["smol-trial-1"]]) == (0.25, 0.5)
     assert all(math.isnan(c) for r, c in costs.items() if r not in (ids["smol-trial-0"], ids["smol-trial-1"]))
+
+
+def test_the_relative_scale_table_puts_every_model_on_one_axis(store: Store) -> None:
+    ids = store.ids
+    table = store.table(artifacts.ANALYSIS_RELATIVE_SCALE)
+    assert _rows(table, ["model", "n_layers", "source", "variant", "layer", "depth", "relative_scale", "scale",
+                         "metric", "value", "run_id"]) == [
+        (GEMMA, 26, "tune", "caa", 12.0, 12 / 26, 0.1, 2.0, "mc1", 0.42, ids["gemma-trial-6"]),
+        (GEMMA, 26, "tune", "caa", 12.0, 12 / 26, 0.2, 4.0, "mc1", 0.48, ids["gemma-trial-4"]),
+        (GEMMA, 26, "tune", "caa", 12.0, 12 / 26, 0.4, 8.0, "mc1", 0.44, ids["gemma-trial-5"]),
+        (SMOL, 30, "tune", "caa", 3.0, 0.1, 0.1, 1.0, "objective", 0.9, ids["smol-trial-0"]),
+        (SMOL, 30, "tune", "caa", 3.0, 0.1, 0.2, 2.0, "objective", 0.7, ids["smol-trial-1"]),
+    ]  # evaluations without steering_scale_relative are left out
 
 
 def test_layer_scale_table_averages_repeated_trials(store: Store) -> None:

@@ -313,7 +313,8 @@ def test_best_params_round_trip_into_full(tracking: str, outputs: Path) -> None:
     parent = mlflow.get_run(parent_id)
     fragment = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(run_id=parent_id,
                                                                         artifact_path=artifacts.TUNED)).read_text())
-    assert fragment == {"steering": {"layer": outcome.best_params["layer"], "scale": outcome.best_params["scale"]}}
+    assert fragment == {"steering": {"layer": outcome.best_params["layer"], "scale": outcome.best_params["scale"],
+                                     "scale_mode": "absolute"}}
     full_cfg = load_config("smollm2-135m", pipeline.tuned_overrides(parent_id))
     assert (full_cfg.layer, full_cfg.steering.scale) == (outcome.best_params["layer"], outcome.best_params["scale"])
     tags = parent.data.tags

@@ -89,7 +89,8 @@ def test_the_other_settings_errors() -> None:
 def test_best_iti_params_become_the_iti_section_and_tags() -> None:
     assert tune.tuned_fragment({"k": 8, "alpha": 12.5}) == {"iti": {"k": 8, "alpha": 12.5}}
     assert tune.best_tags({"k": 8, "alpha": 12.5}) == {artifacts.TAG_BEST_K: "8", artifacts.TAG_BEST_ALPHA: "12.5"}
-    assert tune.tuned_fragment({"layer": 3, "scale": 2}) == {"steering": {"layer": 3, "scale": 2.0}}
+    assert tune.tuned_fragment({"layer": 3, "scale": 2}) == {"steering": {"layer": 3, "scale": 2.0,
+                                                                           "scale_mode": "absolute"}}
     assert tune.best_tags({"layer": 3, "scale": 2.0}) == {artifacts.TAG_BEST_LAYER: "3", artifacts.TAG_BEST_SCALE: "2.0"}
 
 

@@ -37,6 +37,8 @@ class Steering:
         module: an ``nn.Module`` mapping residuals to deltas, for the MLP variants.
         positions: ``from_prompt_end`` (from each row's last prompt token on) or ``all``.
         source_run: the run (or folder) the vector or module came from; it enters the hash.
+        relative_scale: what ``scale`` is as a fraction of the layer's mean residual norm (``steering.scale``),
+            when the source measured that norm; logged, never part of the hash (``scale`` decides the answers).
     """
 
     variant: str
@@ -46,6 +48,7 @@ class Steering:
     module: nn.Module | None = None
     positions: str = "from_prompt_end"
     source_run: str = ""
+    relative_scale: float | None = None
 
     def __post_init__(self) -> None:
         if self.positions not in ("from_prompt_end", "all"):

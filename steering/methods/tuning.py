@@ -39,6 +39,8 @@ class TuneAxis:
         check: ``(low, high, model) -> error`` ("" when the bounds are allowed for the model).
         unit: what an integer value is, for errors (``layer index``).
         help: the flag's help text.
+        relative_default: the default when ``steering.scale_mode`` is ``relative`` (a scale's range as a fraction
+            of the residual norm); None: ``default`` in both modes.
     """
 
     name: str
@@ -49,6 +51,7 @@ class TuneAxis:
     help: str
     check: Callable[[float, float, ModelSpec], str] = no_check
     unit: str = ""
+    relative_default: Callable[[ModelSpec, str], str] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
