@@ -31,8 +31,8 @@ from mlflow.entities import Metric, Param
 from analysis import frames, report, sweeps, tables
 from analysis.runs import Missing, Selection, SelectionError, select_runs
 from core import artifacts
-from steering.scale import RELATIVE_SCALE_METRIC
 from core.artifacts import TAG_MODEL, TAG_STAGE
+from steering.scale import RELATIVE_SCALE_METRIC
 
 T0 = 1_700_000_000_000
 EXPERIMENT = "truthsteer"
