@@ -107,6 +107,21 @@ def _merge(base: dict[str, Any], update: Mapping[str, Any], where: str) -> dict[
     return out
 
 
+def _apply_caps(raw: dict[str, Any], caps: Mapping[str, Any], preset: str) -> dict[str, Any]:
+    """A preset's ``caps`` (``{"extract.max_length": 384}``): upper bounds, so that the preset shortens a
+    setting and never lengthens it (the value becomes ``min(value so far, cap)``)."""
+    if not isinstance(caps, Mapping):
+        raise ConfigError(f"preset {preset!r}: caps must map dotted keys to numbers, e.g. extract.max_length: 384")
+    out = dict(raw)
+    for dotted, cap in caps.items():
+        section, _, key = str(dotted).partition(".")
+        current = out.get(section, {}).get(key) if isinstance(out.get(section), Mapping) else None
+        if not key or isinstance(cap, bool) or not isinstance(cap, (int, float)) or not isinstance(current, (int, float)):
+            raise ConfigError(f"preset {preset!r}: cap {dotted}={cap!r} must bound a numeric setting <section>.<key>")
+        out[section] = {**out[section], key: min(current, cap)}
+    return out
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping with ``safe_load``; anything else is an error naming the file."""
     try:
@@ -212,7 +227,9 @@ def load_config(
         known = preset_names(configs_dir)
         if preset not in known:
             raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(known) or 'none'}{_nearest(preset, known)}")
-        raw = _merge(raw, read_yaml(configs_dir / "presets" / f"{preset}.yaml"), "preset")
+        fragment = read_yaml(configs_dir / "presets" / f"{preset}.yaml")
+        raw = _apply_caps(_merge(raw, {k: v for k, v in fragment.items() if k != "caps"}, "preset"),
+                          fragment.get("caps") or {}, preset)
     spec_raw = _merge(spec_raw, raw.pop("model", {}) if isinstance(raw.get("model"), Mapping) else {}, "model")
     spec_raw = _merge(spec_raw, parsed.pop("model", {}), "overrides")
     raw = _merge(raw, parsed, "overrides")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.config import Config, ConfigError
+from core.config import CONFIGS_DIR, Config, ConfigError
 from core.config_io import (
     config_from_dict,
     config_to_dict,
@@ -17,6 +17,8 @@ from core.config_io import (
     load_config,
     model_aliases,
     parse_overrides,
+    preset_names,
+    read_yaml,
 )
 
 
@@ -42,6 +44,20 @@ def test_preset_layers_between_model_and_overrides() -> None:
     cfg = load_config("gemma-3-27b-it", "extract.max_length=300", preset="gemma3-fp16-maxlen384")
     assert cfg.extract.dtype == "float16" and cfg.extract.max_length == 300
     assert cfg.extract_dtype == "float16" and cfg.model.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_a_preset_never_lengthens_the_context(preset: str) -> None:
+    """The NaN-mitigation preset caps the context at 384: a longer one is shortened, the default 256 kept."""
+    for model in model_aliases():
+        for section in ("extract", "iti"):
+            plain = getattr(load_config(model), section).max_length
+            assert getattr(load_config(model, preset=preset), section).max_length <= plain, (model, section)
+    base = read_yaml(CONFIGS_DIR / "base.yaml")
+    longer = {**base, "extract": {**base["extract"], "max_length": 1024}}
+    if preset == "gemma3-fp16-maxlen384":
+        assert load_config("gemma-3-27b-it", preset=preset, base=longer).extract.max_length == 384
+        assert load_config("gemma-3-27b-it", preset=preset).extract.max_length == 256
 
 
 def test_custom_split_sizes_replace_the_preset() -> None:
