@@ -149,8 +149,8 @@ def relative_scale_figure(table: pd.DataFrame, models: Sequence[str] | None = No
     variants = list(dict.fromkeys(table["variant"]))
     order = [m for m in (models or dict.fromkeys(table["model"])) if m in set(table["model"])]
     fig, axes = _panels(len(variants))
-    shades = matplotlib.colormaps["viridis"].resampled(max(len(order), 2))
-    cmap = [matplotlib.colors.to_hex(shades(i)) for i in range(max(len(order), 2))]
+    shades = matplotlib.colormaps["tab10"]
+    cmap = [matplotlib.colors.to_hex(shades(i % 10)) for i in range(len(order))]
     for ax, variant in zip(axes, variants, strict=True):
         mine = table[table["variant"] == variant]
         for index, model in enumerate(order):
@@ -163,9 +163,9 @@ def relative_scale_figure(table: pd.DataFrame, models: Sequence[str] | None = No
                         color=cmap[index], label=f"{model}, {where} ({source}: {group['metric'].iloc[0]})")
                 _band(ax, x, group["ci_low"].to_numpy(float), group["ci_high"].to_numpy(float), cmap[index])
         metrics = sorted(set(mine["metric"].astype(str)))
-        ax.set(title=f"{variant}: across models", xlabel="relative steering scale (fraction of the residual norm)",
+        ax.set(title=f"{variant}: across models", xlabel="relative scale (x mean residual norm)",
                ylabel=metrics[0] if len(metrics) == 1 else "metric value")
-        ax.legend(loc="best", fontsize="small")
+        ax.legend(loc="best", fontsize="x-small")
     return fig
 
 

@@ -227,7 +227,8 @@ def scale_sweep_table(variants: pd.DataFrame, trials: pd.DataFrame, evaluations:
 
 def relative_scale_table(sweep: pd.DataFrame, n_layers: Mapping[str, int]) -> pd.DataFrame:
     """The scale sweep's points whose relative scale is known (``steering_scale_relative``: the added vector's
-    norm over the layer's mean residual norm), so models of different sizes share one x axis.
+    norm over the layer's mean residual norm), so models of different sizes share one x axis; a setting
+    that appears twice (two studies, a warm start) keeps its later row.
 
     Args:
         sweep: ``scale_sweep_table`` output.
@@ -236,8 +237,11 @@ def relative_scale_table(sweep: pd.DataFrame, n_layers: Mapping[str, int]) -> pd
     known = sweep[np.isfinite(sweep["relative_scale"].to_numpy(float))] if not sweep.empty else sweep
     if known.empty:
         return _empty(RELATIVE_COLUMNS)
-    out = known.assign(n_layers=[float(n_layers.get(str(m), math.nan)) for m in known["model"]])
+    out = known.assign(n_layers=[float(n_layers.get(str(m), math.nan)) for m in known["model"]],
+                       relative_scale=known["relative_scale"].astype(float).round(9))
     out = out.assign(depth=out["layer"].astype(float) / out["n_layers"])
+    # one point per setting: a setting tried again (another study, a warm start) keeps its latest value
+    out = out.drop_duplicates(["model", "source", "variant", "layer", "relative_scale"], keep="last")
     return out.sort_values(["variant", "model", "source", "relative_scale"])[RELATIVE_COLUMNS].reset_index(drop=True)
 
 

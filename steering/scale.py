@@ -71,10 +71,11 @@ def resolve_scale(scale: float, mode: str, vector_norm: float, resid_norm: float
 
 
 def relative_of(multiplier: float, vector_norm: float, resid_norm: float | None) -> float | None:
-    """The relative scale an absolute ``multiplier`` of a vector amounts to (None when the residual norm is unknown)."""
+    """The relative scale an absolute ``multiplier`` of a vector amounts to, to 12 significant digits (None when the
+    residual norm is unknown)."""
     if resid_norm is None or not math.isfinite(resid_norm) or resid_norm <= 0:
         return None
-    return float(multiplier) * float(vector_norm) / resid_norm
+    return float(f"{float(multiplier) * float(vector_norm) / resid_norm:.12g}")  # 0.2, not 0.19999999999999998
 
 
 def scales_from_meta(scale: float, mode: str, meta: Mapping[str, Any], layer: int, where: str) -> tuple[float, float | None]:
