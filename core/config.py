@@ -85,6 +85,8 @@ class ModelSpec:
         dtype: default compute dtype.
         prompt_format: ``auto`` (chat template when the tokenizer has one), ``chat`` or ``qa``.
         layer_fraction: default steering layer as a fraction of depth.
+        context_length: positions the model handles (its ``max_position_embeddings``); lengths in the
+            config are checked against it before any weight loads.
     """
 
     alias: str
@@ -99,9 +101,15 @@ class ModelSpec:
     gguf_file: str = ""
     prompt_format: Literal["auto", "chat", "qa"] = "auto"
     layer_fraction: float = 0.5
+    context_length: int = 8192
 
     def __post_init__(self) -> None:
-        _positive("model", n_layers=self.n_layers, d_model=self.d_model, n_params_b=self.n_params_b)
+        if not isinstance(self.alias, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", self.alias) \
+                or ".." in self.alias:
+            raise ConfigError(f"model.alias={self.alias!r} must be a plain name (letters, digits, '.', '_', '-'; no "
+                              "'/' or '..'): it names cache folders, stores and runs. e.g. model.alias=my-gemma-9b")
+        _positive("model", n_layers=self.n_layers, d_model=self.d_model, n_params_b=self.n_params_b,
+                  context_length=self.context_length)
         _choice("model", "dtype", self.dtype, DTYPES)
         if self.architecture.startswith("gemma3") and self.dtype == "float16":
             raise ConfigError(
@@ -289,6 +297,7 @@ class EvalConfig:
     seed: int = 0
     n_bootstrap: int = 1000
     confidence: float = 0.95
+    degenerate_ceiling: float = 0.5  # fail a variant whose share of empty or repetitive answers exceeds this
 
     def __post_init__(self) -> None:
         for variant in self.variants:
@@ -299,8 +308,9 @@ class EvalConfig:
             raise ConfigError(f"eval.variants is empty; choose from {', '.join(VARIANTS)}")
         _positive("eval", max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
                   temperature=self.temperature, n_bootstrap=self.n_bootstrap)
-        _finite("eval", temperature=self.temperature, top_p=self.top_p, confidence=self.confidence)
-        _probability("eval", top_p=self.top_p, confidence=self.confidence)
+        _finite("eval", temperature=self.temperature, top_p=self.top_p, confidence=self.confidence,
+                degenerate_ceiling=self.degenerate_ceiling)
+        _probability("eval", top_p=self.top_p, confidence=self.confidence, degenerate_ceiling=self.degenerate_ceiling)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,6 +382,13 @@ class Config:
     preset: str = ""
 
     def __post_init__(self) -> None:
+        context = self.model.context_length
+        lengths = {"eval.max_new_tokens": self.eval.max_new_tokens, "extract.max_length": self.extract.max_length,
+                   "iti.max_length": self.iti.max_length}
+        for key, value in lengths.items():
+            if value >= context:
+                raise ConfigError(f"{key}={value} does not fit {self.model.alias}'s context of {context} tokens "
+                                  f"(model.context_length); use at most {context - 1}, e.g. {key}=256")
         layer = self.steering.layer
         if layer is not None and layer >= self.model.n_layers:
             raise ConfigError(

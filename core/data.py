@@ -25,7 +25,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 
 from core import artifacts
-from core.config import Config
+from core.config import Config, ConfigError
 
 HF_DATASET_ID = "truthfulqa/truthful_qa"
 HF_CONFIG = "generation"
@@ -244,7 +244,11 @@ def check_sizes(sizes: Mapping[str, int], n_available: int) -> dict[str, int]:
             raise ValueError(f"sizes[{split!r}]={value!r} must be a non-negative int")
     total = sum(int(sizes[s]) for s in SPLIT_NAMES)
     if total > n_available:
-        raise ValueError(f"split sizes total {total} but only {n_available} questions are available")
+        given = ", ".join(f"data.{s}={int(sizes[s])}" for s in SPLIT_NAMES)
+        largest = max(SPLIT_NAMES, key=lambda s: int(sizes[s]))
+        room = n_available - (total - int(sizes[largest]))
+        raise ConfigError(f"split sizes {given} total {total}, but the data holds {n_available} questions; lower "
+                          f"them (e.g. data.{largest}={max(room, 0)}) or use --split smoke / full")
     return {s: int(sizes[s]) for s in SPLIT_NAMES}
 
 

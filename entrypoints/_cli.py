@@ -169,6 +169,10 @@ class Entry:
         args = self.parser().parse_args()
         cfg = self.config(args)
         self.check(cfg, args)
+        if self.data and not getattr(args, "data_run", ""):  # the data as the run reads it, dry or not
+            from core.data import splits_for
+
+            splits_for(cfg)
         if args.dry_run:
             print_plan(self.stage, cfg, self.plan(cfg, args))
             return
@@ -192,9 +196,11 @@ def main(fn: Callable[[], None]) -> None:
     except ImportError:
         pass
     try:
+        from evaluation.degenerate import DegenerateAnswers
         from evaluation.judges import JudgeError
+        from evaluation.verdicts import InvalidRateExceeded
 
-        known += (JudgeError,)
+        known += (JudgeError, InvalidRateExceeded, DegenerateAnswers)
     except ImportError:
         pass
     signal.signal(signal.SIGTERM, _raise_interrupt)

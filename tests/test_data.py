@@ -179,7 +179,7 @@ def test_full_split_is_stratified(questions: list[Question], seed: int) -> None:
     ({**SPLIT_PRESETS["smoke"], "val": -1}, 0, "sizes['val']=-1 must be a non-negative int"),
     ({**SPLIT_PRESETS["smoke"], "val": 1.5}, 0, "sizes['val']=1.5"),
     ({**SPLIT_PRESETS["smoke"], "val": True}, 0, "sizes['val']=True"),
-    ({"pool": 800, "train": 10, "val": 5, "test": 3}, 0, "total 818 but only 817 questions"),
+    ({"pool": 800, "train": 10, "val": 5, "test": 3}, 0, "total 818, but the data holds 817 questions"),
     (SPLIT_PRESETS["smoke"], -1, "seed=-1"),
 ])
 def test_bad_sizes(questions: list[Question], sizes: dict[str, int], seed: int, message: str) -> None:

@@ -366,13 +366,14 @@ def run_entrypoint(module: str, argv: list[str], capsys: pytest.CaptureFixture[s
 def test_dry_run_prints_the_plan_and_missing_sources_fail_in_one_line(
         tracking: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("TRUTHSTEER_OUTPUTS", str(tmp_path))
-    code, out, _ = run_entrypoint("evaluate", ["--variants", "baseline|caa", "--sources", "caa=e1", "--judge",
+    code, out, _ = run_entrypoint("evaluate", ["--data", str(DATA_CSV), "--variants", "baseline|caa", "--sources", "caa=e1", "--judge",
                                                "gemma-3-270m", "--overrides", "eval.judges=[llm_logprob,semantic]",
                                                "--dry-run"], capsys)
     assert code == 0 and "dry run of evaluate" in out and f"generation store: {tmp_path}/evaluate/" in out
     assert "variant caa: hash" in out and "source run e1; 0 answers stored" in out
     assert "judge model gemma-3-270m" in out and "variants:\n  - baseline\n  - caa" in out
-    code, _, err = run_entrypoint("evaluate", ["--variants", "baseline|mlp_gen", "--dry-run"], capsys)
+    code, _, err = run_entrypoint("evaluate", ["--data", str(DATA_CSV), "--variants", "baseline|mlp_gen", "--dry-run"],
+                                  capsys)
     assert code == 2 and "mlp_gen needs a train stage run" in err and "--sources 'mlp_gen=<run id>'" in err
     (tmp_path / "g.jsonl").write_text("{}\n")
     code, out, _ = run_entrypoint("score", ["--generations", str(tmp_path / "g.jsonl"), "--judges", "semantic|bleu",

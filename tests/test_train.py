@@ -329,7 +329,7 @@ def test_run_without_bank_run_is_a_config_error_that_says_the_fix(
     cfg = load_config("smollm2-135m")
     with pytest.raises(ConfigError, match="train needs a vector bank: pass --bank-run"):
         train.run(cfg, bank_run="")
-    argv = ["entrypoints.train", "--dry-run", "--branch", "gen"]
+    argv = ["entrypoints.train", "--dry-run", "--branch", "gen", "--data", str(DATA_CSV)]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(ConfigError, match="train needs a vector bank"):
         entry.main()

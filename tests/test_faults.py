@@ -1,0 +1,130 @@
+"""The first hour of a new user: bad input fails before anything runs, in one line that names the value and
+the fix, and leaves no run behind; degenerate answers fail their variant instead of being scored.
+
+Each test here failed before its fix: split sizes above the data printed a ValueError traceback (and a dry
+run claimed 100000 test questions), ``full --dry-run`` said ``data: would run`` for a missing file or an
+unreachable hub, ``eval.max_new_tokens=10**9`` was accepted, and answers that repeat one word were scored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from core.config import ConfigError
+from core.config_io import load_config
+from evaluation.degenerate import DegenerateAnswers, answer_rates, is_degenerate
+from stages import evaluate
+from tests.conftest import DATA_CSV
+from tests.test_evaluate import run_entrypoint, tiny_rows
+
+
+def no_runs() -> bool:
+    return mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+@pytest.mark.parametrize("argv", [
+    ["evaluate", "--variants", "baseline", "--dry-run"],
+    ["full", "--dry-run"],
+    ["data"],  # a real run
+])
+def test_split_sizes_above_the_data_fail_in_one_line_naming_the_count(
+        tracking: str, outputs: Path, capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    code, _, err = run_entrypoint(argv[0], [*argv[1:], "--data", str(DATA_CSV), "--overrides", "data.test=100000"],
+                                  capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "data.test=100000 total 100180, but the data holds 817 questions" in err and "data.test=637" in err
+    assert no_runs()
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ("/nonexistent/TruthfulQA.csv", "data file '/nonexistent/TruthfulQA.csv' does not exist"),
+    ("truthfulqa/truthful_qa", "the Hugging Face hub is unreachable, cannot download 'truthfulqa/truthful_qa'"),
+])
+def test_the_full_dry_run_checks_the_data_source_as_the_run_would(
+        tracking: str, outputs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], data: str, message: str) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no cached copy of the hub file
+    code, out, err = run_entrypoint("full", ["--data", data, "--dry-run"], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1 and "would run" not in out
+    assert no_runs()
+
+
+def test_lengths_beyond_the_model_context_fail_before_any_weight_loads(
+        tracking: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ConfigError, match=r"eval.max_new_tokens=1000000000 does not fit smollm2-135m's context of "
+                                          r"8192 tokens \(model.context_length\); use at most 8191"):
+        load_config("smollm2-135m", "eval.max_new_tokens=1000000000")
+    with pytest.raises(ConfigError, match="extract.max_length=40000 does not fit gemma-3-270m's context of 32768"):
+        load_config("gemma-3-270m", "extract.max_length=40000")
+    code, _, err = run_entrypoint("evaluate", ["--variants", "baseline", "--overrides",
+                                               "eval.max_new_tokens=1000000000"], capsys)
+    assert code == 2 and err.startswith("error: eval.max_new_tokens=1000000000 does not fit") and err.count("\n") == 1
+    assert no_runs()
+
+
+def test_empty_and_repetitive_answers_are_counted() -> None:
+    real = {  # answers seen on gemma-3-270m: caa at relative scale 0.3 (degenerate) and baseline
+        "A\n" + "particular\n" * 40: True,
+        "A general general answer to this general general answer to this general general\ngeneral general a "
+        "general a general a general a": True,
+        "   ": True,
+        "The law does not require a driver to have a blood test to prove a driver is under the influence.": False,
+        "No.": False,
+        "no no no": False,  # too short to call repetitive
+    }
+    assert {a: is_degenerate(a) for a in real} == real
+    assert answer_rates(list(real)) == {"empty_answer_rate": 1 / 6, "degenerate_answer_rate": 3 / 6}
+
+
+def test_a_variant_with_degenerate_answers_fails_its_run_after_logging(tracking: str) -> None:
+    cfg = load_config("smollm2-135m", "eval.n_bootstrap=200,eval.batch_size=4,eval.judges=[bleu]")
+    rows, _, _ = tiny_rows(cfg)
+    for row in rows["caa"]:
+        row["answer"] = "the " * 20
+    info = {v: {"model": "tiny-llama", "dtype": "float32", "layer": 1 if v == "caa" else None,
+                "scale": 1.0 if v == "caa" else None} for v in rows}
+    extra = {v: {**answer_rates([str(r["answer"]) for r in rs]), "steered_tokens_per_answer": 1.0}
+             for v, rs in rows.items()}
+    from core.tracking import stage_run
+    from evaluation.judges import make_judge
+
+    judge = make_judge("bleu", cfg)
+    with pytest.raises(DegenerateAnswers, match="caa: degenerate_answer_rate=1.000 exceeds eval.degenerate_ceiling"), \
+            stage_run("evaluate", cfg) as parent:
+        evaluate.judge_and_log(cfg, rows, lambda v: [judge], info, extra_metrics=extra)
+    children = {r.data.tags["variant"]: r for r in mlflow.MlflowClient().search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    assert children["baseline"].info.status == "FINISHED"
+    assert children["caa"].info.status == "FAILED" and children["caa"].data.metrics["degenerate_answer_rate"] == 1.0
+
+
+@pytest.mark.parametrize("alias", ["../../escaped", "a/b", "..", "/abs", "x\\y"])
+def test_an_alias_that_is_not_a_plain_name_is_refused_from_any_source(
+        tracking: str, capsys: pytest.CaptureFixture[str], alias: str) -> None:
+    """The alias names the converted-model cache, stores and run names: no config path leaves its folder."""
+    from core.config_io import config_from_dict, config_to_dict
+
+    with pytest.raises(ConfigError, match="must be a plain name"):
+        load_config("smollm2-135m", f"model.alias={alias}")
+    logged = config_to_dict(load_config("smollm2-135m"))
+    logged["model"]["alias"] = alias
+    with pytest.raises(ConfigError, match="must be a plain name"):
+        config_from_dict(logged)  # a config read back from a run
+    code, _, err = run_entrypoint("extract", ["--model", "smollm2-135m", "--data", str(DATA_CSV), "--overrides",
+                                              f"model.alias={alias}"], capsys)
+    assert code == 2 and "must be a plain name" in err
+    assert no_runs()
+
+
+def test_paths_from_a_valid_alias_stay_in_their_folders(outputs: Path, tmp_path: Path) -> None:
+    from core.models import converted_dir
+    from evaluation.generation_store import default_store_path
+
+    cfg = load_config("gemma-3-270m", "model.alias=gemma-3-270m.v2_local")
+    assert converted_dir(cfg.model, str(tmp_path)).resolve().parent == (tmp_path / "converted").resolve()
+    store = default_store_path(cfg.model, "float32", cfg.eval).resolve()
+    assert store.parent.parent == (outputs / "evaluate").resolve()
