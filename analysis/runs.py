@@ -45,20 +45,20 @@ class Selection:
     """Which runs to analyze.
 
     Args:
-        experiment: the experiment name (with ``parent_run``, the parent's experiment is used).
+        experiment: the experiment name; "" for every experiment that holds truthsteer runs (runs started by
+            ``mlflow run`` without ``--experiment-name`` land in ``Default``); with ``parent_run``, the
+            parent's experiment is used.
         models: model aliases (tag ``truthsteer.model``); empty means every model.
         tags: ``(key, value)`` filters, all of which must hold; a key ``params.x`` filters param ``x``.
         parent_run: a run id: only this run and its descendants.
     """
 
-    experiment: str = "truthsteer"
+    experiment: str = ""
     models: tuple[str, ...] = ()
     tags: tuple[tuple[str, str], ...] = ()
     parent_run: str = ""
 
     def __post_init__(self) -> None:
-        if not self.experiment and not self.parent_run:
-            raise SelectionError("experiment is empty; pass --experiment (e.g. truthsteer) or --parent-run")
         for key, value in self.tags:
             if not key or key == "params.":
                 raise SelectionError(f"tag filter {key}={value!r} has no key; write key=value, e.g. variant=caa")
@@ -88,7 +88,7 @@ class Selection:
 
     def clauses(self) -> list[str]:
         """The filter clauses every selected run meets (the model clause comes from ``filter_strings``)."""
-        out = [f"attributes.status = '{FINISHED}'"]
+        out = [f"attributes.status = '{FINISHED}'", f"tags.`{TAG_STAGE}` IS NOT NULL"]  # the project's runs
         for key, value in self.tags:
             if key.startswith("params."):
                 out.append(f"params.`{key.removeprefix('params.')}` = {_quote(value, key)}")
@@ -105,7 +105,8 @@ class Selection:
 
     def describe(self) -> str:
         """The selection in words, naming every filter."""
-        where = f"run {self.parent_run} and its descendants" if self.parent_run else f"experiment {self.experiment!r}"
+        where = (f"run {self.parent_run} and its descendants" if self.parent_run else
+                 f"experiment {self.experiment!r}" if self.experiment else "every experiment")
         parts = [where, "status FINISHED"]
         if self.models:
             parts.append(f"{TAG_MODEL} in ({', '.join(self.models)})")
@@ -160,6 +161,8 @@ def _experiment_ids(selection: Selection) -> list[str]:
         except mlflow.exceptions.MlflowException:
             raise SelectionError(f"parent run {selection.parent_run!r} is not in the store {mlflow.get_tracking_uri()}; "
                                  f"pass a run id from `mlflow runs list` or the UI") from None
+    if not selection.experiment:  # wherever the project's runs were logged
+        return [e.experiment_id for e in client.search_experiments()]
     experiment = mlflow.get_experiment_by_name(selection.experiment)
     if experiment is None:
         names = sorted(e.name for e in client.search_experiments())
@@ -203,7 +206,7 @@ def _no_match(selection: Selection, experiment_ids: list[str]) -> str:
     finished = every[every["status"] == FINISHED] if not every.empty else every
     models = sorted(set(tag(finished, TAG_MODEL).dropna()))
     filters = " | ".join(selection.filter_strings())
-    return (f"no runs match {selection.describe()} (filter: {filters}); the experiment holds {len(every)} runs, "
+    return (f"no runs match {selection.describe()} (filter: {filters}); {'the experiment holds' if selection.experiment else 'the store holds'} {len(every)} runs, "
             f"{len(finished)} FINISHED, of models: {', '.join(models) or 'none'}; widen --models/--tags, or run the "
             f"pipeline first")
 

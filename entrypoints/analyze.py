@@ -1,6 +1,7 @@
 """analyze: figures and a report from the tracking store, for any set of runs.
 
-Selects the FINISHED runs of --experiment (or --parent-run and all its descendants), narrowed to
+Selects the FINISHED truthsteer runs of --experiment (default: every experiment, so runs that `mlflow run`
+logged in Default are found too; or --parent-run and all its descendants), narrowed to
 --models and --tags, from MLFLOW_TRACKING_URI (else tracking.uri of configs/base.yaml), and draws
 per model and variant: truthfulness against steering scale (and against the relative scale, one line
 per model), the tuning objective over layer and scale, what tuning buys against what steering costs
@@ -23,7 +24,7 @@ from entrypoints import _cli
 
 def build_parser() -> argparse.ArgumentParser:
     p = _cli.parser("analyze", __doc__)
-    p.add_argument("--experiment", default="truthsteer", help="experiment name to read runs from")
+    p.add_argument("--experiment", default="", help="experiment name to read runs from (default: every experiment)")
     p.add_argument("--models", default="", help="model aliases separated by |; default: all")
     p.add_argument("--tags", default="", help="tag filters, key=value,...; params.key=value filters a param")
     _cli.run_arg(p, "parent-run", "only this run and all its descendants")

@@ -296,8 +296,8 @@ def test_selection_parses_and_writes_filter_strings() -> None:
     selection = Selection.parse("truthsteer", "gemma-2-2b|smollm2-135m", "variant=caa,params.steering.layer=12")
     assert selection.models == ("gemma-2-2b", "smollm2-135m")
     assert selection.filter_strings() == [
-        "attributes.status = 'FINISHED' and tags.`variant` = 'caa' and params.`steering.layer` = '12' and "
-        f"tags.`{TAG_MODEL}` = '{m}'" for m in ("gemma-2-2b", "smollm2-135m")]
+        f"attributes.status = 'FINISHED' and tags.`{TAG_STAGE}` IS NOT NULL and tags.`variant` = 'caa' and "
+        f"params.`steering.layer` = '12' and tags.`{TAG_MODEL}` = '{m}'" for m in ("gemma-2-2b", "smollm2-135m")]
     with pytest.raises(SelectionError, match=r"tag filter 'variant' has no '='; write key=value"):
         Selection.parse("truthsteer", tags="variant")
     with pytest.raises(SelectionError, match=r"contains a single quote"):
@@ -329,6 +329,21 @@ def test_no_matching_runs_is_an_error_naming_the_filter(at_store: Store) -> None
         select_runs(Selection("nope"))
     with pytest.raises(SelectionError, match=r"parent run 'abc' is not in the store"):
         select_runs(Selection(EXPERIMENT, parent_run="abc"))
+
+
+def test_by_default_the_project_runs_of_every_experiment_are_selected(tracking: str) -> None:
+    """`mlflow run . -e full` without --experiment-name logs to Default; `analyze` then still finds its runs."""
+    client = mlflow.MlflowClient()
+    made = {}
+    for name, experiment, tags in (("in-default", "0", {TAG_STAGE: "full"}),
+                                   ("in-truthsteer", client.get_experiment_by_name(EXPERIMENT).experiment_id,
+                                    {TAG_STAGE: "evaluate"}),
+                                   ("not-ours", "0", {})):
+        run = client.create_run(experiment, tags=tags, run_name=name)
+        client.set_terminated(run.info.run_id, "FINISHED")
+        made[name] = run.info.run_id
+    assert set(select_runs(Selection())["run_id"]) == {made["in-default"], made["in-truthsteer"]}
+    assert set(select_runs(Selection(EXPERIMENT))["run_id"]) == {made["in-truthsteer"]}
 
 
 def test_an_empty_store_names_the_experiment(tracking: str) -> None:
