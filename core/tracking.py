@@ -104,6 +104,8 @@ def tracked_run(stage: str, *, run_name: str, experiment: str = "", experiment_i
     all_tags = {TAG_STAGE: stage, TAG_CODE: code_version(), TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid()),
                 **(tags or {})}
     run = mlflow.start_run(run_name=run_name, nested=nested, tags=all_tags)
+    if not nested:
+        reap_unstarted_launches(run.info.experiment_id, own=run.info.run_id)
     try:
         yield run
     except KeyboardInterrupt:
@@ -114,6 +116,38 @@ def tracked_run(stage: str, *, run_name: str, experiment: str = "", experiment_i
         raise
     else:
         mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+LAUNCH_GRACE_SECONDS = 30 * 60  # a launch whose entry point has not started within this never will
+TAG_REAPED = "truthsteer.reaped"
+
+
+def reap_unstarted_launches(experiment_id: str, own: str = "", grace: float = LAUNCH_GRACE_SECONDS) -> list[str]:
+    """Mark FAILED the runs that ``mlflow run`` created but whose entry point never started: RUNNING, with
+    MLflow's ``mlflow.project.entryPoint`` tag but no ``truthsteer.stage`` (every entry point sets it first),
+    older than ``grace`` seconds. ``mlflow run`` without ``--env-manager local`` on a machine without conda
+    creates the run and then fails; the next run of any stage ends it, with a tag that says why.
+
+    Args:
+        experiment_id: where to look.
+        own: the calling run (never reaped).
+        grace: seconds a launch may take to reach its entry point (creating a conda env can take minutes).
+    """
+    import time
+
+    cutoff = (time.time() - grace) * 1000
+    client = mlflow.MlflowClient()
+    reaped = []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        if run.info.run_id == own or TAG_STAGE in tags or "mlflow.project.entryPoint" not in tags:
+            continue
+        if run.info.start_time < cutoff:
+            client.set_tag(run.info.run_id, TAG_REAPED, "the launch never reached its entry point within "
+                           f"{grace / 60:g} min (mlflow run without --env-manager local needs conda)")
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+            reaped.append(run.info.run_id)
+    return reaped
 
 
 @contextmanager

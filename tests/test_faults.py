@@ -128,3 +128,24 @@ def test_paths_from_a_valid_alias_stay_in_their_folders(outputs: Path, tmp_path:
     assert converted_dir(cfg.model, str(tmp_path)).resolve().parent == (tmp_path / "converted").resolve()
     store = default_store_path(cfg.model, "float32", cfg.eval).resolve()
     assert store.parent.parent == (outputs / "evaluate").resolve()
+
+
+def test_a_launch_that_never_reached_its_entry_point_is_failed_by_the_next_stage(tracking: str) -> None:
+    """`mlflow run` without --env-manager local and without conda creates a run, then fails: not left RUNNING."""
+    import time
+
+    from core.tracking import TAG_REAPED, stage_run
+
+    cfg = load_config("smollm2-135m", f"data.source={DATA_CSV}")
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    now = int(time.time() * 1000)
+    launch = {"mlflow.project.entryPoint": "full"}
+    old = client.create_run(experiment, start_time=now - 2 * 3600 * 1000, tags=launch).info.run_id
+    recent = client.create_run(experiment, start_time=now - 60 * 1000, tags=launch).info.run_id  # may still start
+    started = client.create_run(experiment, start_time=now - 2 * 3600 * 1000,
+                                tags={**launch, "truthsteer.stage": "full"}).info.run_id  # its own process
+    with stage_run("data", cfg):
+        pass
+    assert client.get_run(old).info.status == "FAILED" and "--env-manager local" in client.get_run(old).data.tags[TAG_REAPED]
+    assert client.get_run(recent).info.status == client.get_run(started).info.status == "RUNNING"
