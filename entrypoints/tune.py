@@ -7,7 +7,8 @@ run's, or cached under $TRUTHSTEER_OUTPUTS/tune/extractions/), or (--method iti)
 text. The same study name resumes the study; several workers may share one study: see docs/tune.md.
 
 Parameters: --model, --data, --split, --method, --objective, --constraint, --directions, --n-trials, --total-trials
-(COMPLETE trials over all workers), --timeout, --storage (default sqlite $TRUTHSTEER_OUTPUTS/tune/optuna.db),
+(COMPLETE trials over all workers), --timeout, --storage (no password in it: PGPASSWORD, ~/.pgpass or the whole URL in
+$TRUTHSTEER_STORAGE; default sqlite $TRUTHSTEER_OUTPUTS/tune/optuna.db),
 --study-name (default truthsteer-<model>[-iti]-<objective>), --sampler, each tunable method's axes (from the
 registry: caa --layers, --scales; iti --ks, --alphas), --seed, --pruner, --heartbeat, --warm-start, --extract-run (caa),
 --source-run (a run of the method's source stage), --overrides, --preset, --dry-run.
@@ -48,12 +49,32 @@ def settings(args: Namespace) -> Any:
                         axes={flag: getattr(args, flag) for flag in AXES if getattr(args, flag)})
 
 
+def check(cfg: Any, args: Namespace) -> None:
+    """A password in --storage fails before anything runs; under ``mlflow run``, whose launcher has already
+    logged it as a param, that run is deleted (``mlflow gc`` then purges it)."""
+    import os
+
+    from core.config import ConfigError
+    from stages.tune_storage import check_no_password, has_password
+
+    if has_password(args.storage) and os.environ.get("MLFLOW_RUN_ID"):
+        import mlflow
+
+        mlflow.MlflowClient().delete_run(os.environ["MLFLOW_RUN_ID"])
+        try:
+            check_no_password(args.storage)
+        except ConfigError as err:
+            raise ConfigError(f"{err}. The run mlflow run created ({os.environ['MLFLOW_RUN_ID']}) logged it as a "
+                              "param and was deleted: purge it with `mlflow gc`") from None
+    check_no_password(args.storage)
+
+
 ENTRY = _cli.Entry(
     "tune", __doc__, lambda cfg, args: _cli.stage("tune").plan(cfg, settings(args)),
     lambda cfg, args: _cli.stage("tune").run(cfg, settings(args)), runs=RUNS,
     options=[(flag, kind, default, help_text) for flag, (kind, default, help_text) in FLAGS.items()]
     + [(flag, str, "", help_text) for flag, help_text in AXES.items()],
-    run_name=lambda cfg, args: f"{cfg.model.alias}-tune-{settings(args).label}",
+    run_name=lambda cfg, args: f"{cfg.model.alias}-tune-{settings(args).label}", check=check,
 )
 main = ENTRY.main
 

@@ -66,13 +66,16 @@ def outputs_root() -> Path:
     return Path(os.environ.get(OUTPUTS_ENV) or DEFAULT_OUTPUTS)
 
 
+STORAGE_ENV = "TRUTHSTEER_STORAGE"  # the storage URL when --storage is empty: the place for one with a password
+
+
 def storage_url(spec: str) -> str:
     """The storage's canonical form: an RDB URL or ``journal:PATH``.
 
     Args:
-        spec: ``TuneSettings.storage``.
+        spec: ``TuneSettings.storage``; "" takes ``$TRUTHSTEER_STORAGE``, else the sqlite file under the outputs.
     """
-    spec = spec.strip()
+    spec = spec.strip() or os.environ.get(STORAGE_ENV, "").strip()
     if not spec:
         return f"sqlite:///{(outputs_root() / 'tune' / 'optuna.db').resolve()}"
     if spec.startswith("journal:"):
@@ -87,7 +90,33 @@ def storage_url(spec: str) -> str:
     if spec.endswith((".db", ".sqlite", ".sqlite3")):
         return f"sqlite:///{Path(spec).resolve()}"
     raise ConfigError(f"storage={spec!r} is not an Optuna storage; give an RDB URL (sqlite:///optuna.db, "
-                      "postgresql://user:pass@host/db), journal:PATH, a PATH ending in .log (journal) or .db (sqlite)")
+                      "postgresql://user@host/db), journal:PATH, a PATH ending in .log (journal) or .db (sqlite)")
+
+
+def has_password(spec: str) -> bool:
+    """Whether a storage spec carries a password (``postgresql://user:pass@host/db``)."""
+    if "://" not in spec or spec.strip().startswith("journal:"):
+        return False
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(spec.strip()).password is not None
+    except Exception:  # unparsable: let a password-like "user:x@" part count
+        return "@" in spec.split("://", 1)[1].split("/", 1)[0]
+
+
+def check_no_password(spec: str) -> None:
+    """A password in ``--storage`` would be logged (``mlflow run`` logs its params verbatim) and shown in the
+    process list: refuse it and say where it goes instead.
+
+    Raises:
+        ConfigError: naming the redacted URL and the fixes.
+    """
+    if has_password(spec):
+        raise ConfigError(f"storage={redacted(spec.strip())} holds a password, which would be logged as a param and "
+                          "shown in the process list; pass the URL without it (postgresql://user@host/db) with the "
+                          f"password in PGPASSWORD or ~/.pgpass, or put the whole URL in ${STORAGE_ENV} and leave "
+                          "--storage empty")
 
 
 def redacted(url: str) -> str:
@@ -222,6 +251,7 @@ class TuneSettings:
     warm_start: str = ""
 
     def __post_init__(self) -> None:
+        check_no_password(self.storage)
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective={self.objective!r} is not one of {', '.join(OBJECTIVES)}")
         chosen = tunable(self.method)
@@ -348,4 +378,4 @@ class TuneSettings:
 STUDY_PREFIX = "truthsteer"
 
 
-__all__ = ['ACTIVE', 'ATTR_FAIL_REASON', 'ATTR_SETUP', 'ATTR_SETUP_KEY', 'ATTR_SURPLUS', 'ATTR_WORKER', 'DEFAULT_OUTPUTS', 'MAX_RETRY', 'MLFLOW_RUN_ATTR', 'OUTPUTS_ENV', 'RetryStaleTrial', 'STUDY_PREFIX', 'TuneSettings', 'has_heartbeat', 'open_storage', 'outputs_root', 'redacted', 'storage_url']
+__all__ = ['ACTIVE', 'ATTR_FAIL_REASON', 'ATTR_SETUP', 'ATTR_SETUP_KEY', 'ATTR_SURPLUS', 'ATTR_WORKER', 'DEFAULT_OUTPUTS', 'MAX_RETRY', 'STORAGE_ENV', 'check_no_password', 'has_password', 'MLFLOW_RUN_ATTR', 'OUTPUTS_ENV', 'RetryStaleTrial', 'STUDY_PREFIX', 'TuneSettings', 'has_heartbeat', 'open_storage', 'outputs_root', 'redacted', 'storage_url']

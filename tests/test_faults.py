@@ -149,3 +149,30 @@ def test_a_launch_that_never_reached_its_entry_point_is_failed_by_the_next_stage
         pass
     assert client.get_run(old).info.status == "FAILED" and "--env-manager local" in client.get_run(old).data.tags[TAG_REAPED]
     assert client.get_run(recent).info.status == client.get_run(started).info.status == "RUNNING"
+
+
+SENTINEL = "s3ntinel-Pa55"
+
+
+def test_a_password_in_the_storage_never_reaches_the_store(
+        tracking: str, outputs: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`mlflow run . -e tune -P storage=postgresql://u:<password>@...` logged the password as a param: the tune
+    entry point refuses it, deletes the run the launcher made, and nothing in the store holds it."""
+    from stages import tune_storage
+
+    url = f"postgresql://u:{SENTINEL}@127.0.0.1:9/db"
+    with pytest.raises(ConfigError, match=r"storage=postgresql://u:\*\*\*@127.0.0.1:9/db holds a password.*PGPASSWORD"):
+        tune_storage.TuneSettings(storage=url)
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("truthsteer").experiment_id
+    launched = client.create_run(experiment, tags={"mlflow.project.entryPoint": "tune"}).info.run_id
+    client.log_param(launched, "storage", url)  # what `mlflow run` does with -P storage=...
+    monkeypatch.setenv("MLFLOW_RUN_ID", launched)
+    code, out, err = run_entrypoint("tune", ["--data", str(DATA_CSV), "--storage", url], capsys)
+    assert code == 2 and "holds a password" in err and "mlflow gc" in err and SENTINEL not in out + err
+    assert client.get_run(launched).info.lifecycle_stage == "deleted"
+    live = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert not any(SENTINEL in str(r.data.params) + str(r.data.tags) for r in live)
+    # the password's place: the environment (the whole URL), never an argument
+    monkeypatch.setenv(tune_storage.STORAGE_ENV, url)
+    assert tune_storage.storage_url("") == url and tune_storage.TuneSettings().storage == ""

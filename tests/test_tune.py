@@ -481,9 +481,13 @@ def test_three_postgres_workers_survive_a_sigkill(tracking: str, outputs: Path) 
     if not url:
         pytest.skip("TRUTHSTEER_TEST_PG_URL is not set; run .ci/postgres.sh and export its URL")
     name = f"test-kill-{uuid.uuid4().hex[:8]}"
-    settings = {"n_trials": 0, "total_trials": 8, "storage": url, "study_name": name,
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)  # the workers get the URL without its password, and the password as libpq reads it
+    bare = parsed.set(password=None).render_as_string(hide_password=False)
+    settings = {"n_trials": 0, "total_trials": 8, "storage": bare, "study_name": name,
                 "axes": {"layers": "0:2", "scales": "0:8"}, "heartbeat": 1}
-    env = worker_env(outputs)
+    env = {**worker_env(outputs), **({"PGPASSWORD": parsed.password} if parsed.password else {})}
     overrides = ["data.val=60", "data.pool=12"]  # trials long enough to be killed in the middle of one
     workers = [start_worker(settings, env, overrides) for _ in range(3)]
     victim = workers[0]
