@@ -29,9 +29,27 @@ def tracking_uri(cfg: Config) -> str:
 
 @functools.cache
 def ensure_store(uri: str) -> str:
-    """Open (and so create or migrate) the tracking store once, before any worker races on it."""
+    """Open (and so create or migrate) the tracking store, safely when many processes start on a new one at
+    once (``core.stores.first_open``); a server is probed first. Any failure is one line naming the store.
+
+    Raises:
+        ConfigError: the server is unreachable, or the store cannot be opened (a read-only or missing folder,
+            a full disk, a bad URI).
+    """
+    from core.stores import first_open, probe_server
+
     mlflow.set_tracking_uri(uri)
-    mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    if uri.startswith(("http://", "https://")):
+        probe_server(uri)
+    try:
+        first_open(uri, lambda: mlflow.MlflowClient(uri).search_experiments(max_results=1))
+    except ConfigError:
+        raise
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise ConfigError(f"tracking store {uri.split('@')[-1] if '@' in uri else uri} cannot be opened: {first}; "
+                          "check that its folder exists and is writable and the disk has room, or set "
+                          "MLFLOW_TRACKING_URI to another store, e.g. sqlite:///mlflow.db") from None
     return uri
 
 
@@ -99,8 +117,10 @@ def tracked_run(stage: str, *, run_name: str, experiment: str = "", experiment_i
     if not nested and "MLFLOW_RUN_ID" not in os.environ:
         if experiment_id:
             mlflow.set_experiment(experiment_id=experiment_id)
-        elif experiment:
-            mlflow.set_experiment(experiment)
+        elif experiment:  # processes that start together all create it: one wins, the others retry and find it
+            from core.stores import first_open
+
+            first_open("", lambda: mlflow.set_experiment(experiment))
     all_tags = {TAG_STAGE: stage, TAG_CODE: code_version(), TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid()),
                 **(tags or {})}
     run = mlflow.start_run(run_name=run_name, nested=nested, tags=all_tags)

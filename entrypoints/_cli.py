@@ -210,3 +210,7 @@ def main(fn: Callable[[], None]) -> None:
     except known as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the run was ended KILLED; no traceback
+        print(f"stopped ({err or 'interrupted'}): the run is marked KILLED; start the same command again to resume",
+              file=sys.stderr)
+        sys.exit(130)

@@ -20,8 +20,8 @@ from core.config import Config
 from core.config_io import config_to_dict
 from core.data import Question, file_sha256, is_local_source
 from core.models import LoadedModel
+from core.stores import file_lock as _file_lock
 from stages.iti import rank_heads
-from stages.tune_scoring import _file_lock
 from stages.tune_storage import outputs_root
 from steering.iti import ItiDirections
 from steering.methods.iti import read_ranked

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import math
@@ -34,6 +33,7 @@ from core.config import Config, ConfigError
 from core.config_io import config_to_dict
 from core.data import Question, file_sha256, is_local_source
 from core.models import TORCH_DTYPES, LoadedModel, load_from_config
+from core.stores import file_lock
 from stages.extract import load_extraction, norm_meta
 from stages.tune_space import ATTR_CONSTRAINTS, PRUNING_CHUNK, Constraint, Objective, SearchSpace
 from stages.tune_storage import (
@@ -74,17 +74,6 @@ def extraction_cache_dir(cfg: Config) -> Path:
         cfg: the run's config.
     """
     return outputs_root() / "tune" / "extractions" / f"{cfg.model.alias}-{extraction_key(cfg)}"
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def save_extraction(extraction: Extraction, root: Path) -> None:
@@ -139,7 +128,7 @@ def shared_extraction(
                               f"{cfg.model.alias!r}; pass an extract run of {cfg.model.alias}")
         return extraction, f"run:{extract_run}"
     root = extraction_cache_dir(cfg)
-    with _file_lock(root.with_name(f"{root.name}.lock")):
+    with file_lock(root.with_name(f"{root.name}.lock")):
         if (root / artifacts.CAA_TENSORS).exists():
             return load_extraction(root), "cache"
         pairs = contrastive_pairs(pool, cfg.extract.pairs_per_question, cfg.data.seed)

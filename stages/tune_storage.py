@@ -136,8 +136,9 @@ def redacted(url: str) -> str:
 
 
 class RetryStaleTrial:
-    """The storage's ``heartbeat_stale_trial_callback``: mark a dead worker's trial run KILLED in
-    MLflow, then re-queue the trial with the same params (``RetryHeartbeatStaleTrialCallback``).
+    """The storage's ``heartbeat_stale_trial_callback``: mark a dead worker's trial run and its worker's
+    tune run KILLED in MLflow (from any host), then re-queue the trial with the same params
+    (``RetryHeartbeatStaleTrialCallback``).
 
     Args:
         max_retry: re-queues of one trial at most.
@@ -156,13 +157,21 @@ class RetryStaleTrial:
                 client.set_tag(run_id, ATTR_FAIL_REASON, "its worker died (no heartbeat, or its process is gone); "
                                                          "re-queued")
                 client.set_terminated(run_id, "KILLED")
+                # the dead worker's own tune run, on whichever host: a trial without heartbeat means its process
+                # is gone, so its run would stay RUNNING until a worker started again on that host
+                parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId", "")
+                if parent and client.get_run(parent).info.status == "RUNNING":
+                    client.set_tag(parent, ATTR_FAIL_REASON, f"its trial {trial.number} lost its heartbeat: the "
+                                                             "worker died; another worker ended this run")
+                    client.set_terminated(parent, "KILLED")
         self.retry(study, trial)
 
 
 def open_storage(url: str, heartbeat: int = 60) -> BaseStorage:
     """An Optuna storage for ``url`` (see ``storage_url``).
 
-    RDB storages get a heartbeat every ``heartbeat`` seconds and a grace period of twice that,
+    Processes that open a new storage at once are safe (``core.stores.first_open``). RDB storages get a
+    heartbeat every ``heartbeat`` seconds and a grace period of twice that,
     after which a RUNNING trial is marked FAIL and re-queued (``RetryStaleTrial``). The journal
     backend has no heartbeat.
 
@@ -181,12 +190,15 @@ def open_storage(url: str, heartbeat: int = 60) -> BaseStorage:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs = {"connect_args": {"timeout": 60}}  # several workers wait for the file lock
+    from core.stores import first_open
+
     if not heartbeat:
-        return RDBStorage(url, engine_kwargs=engine_kwargs)
+        return first_open(url, lambda: RDBStorage(url, engine_kwargs=engine_kwargs))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                          heartbeat_stale_trial_callback=RetryStaleTrial())
+        return first_open(url, lambda: RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+            heartbeat_stale_trial_callback=RetryStaleTrial()))
 
 
 def has_heartbeat(storage: BaseStorage) -> bool:

@@ -25,11 +25,11 @@ from core.artifacts import (
 )
 from core.config import Config, ConfigError
 from core.data import Question
+from core.stores import file_lock as _file_lock
 from stages.tune_scoring import (
     NonFiniteObjective,
     StopRequest,
     WorkerStopped,
-    _file_lock,
     extraction_key,
 )
 from stages.tune_space import (

@@ -8,6 +8,10 @@ unreachable hub, ``eval.max_new_tokens=10**9`` was accepted, and answers that re
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -17,7 +21,7 @@ from core.config import ConfigError
 from core.config_io import load_config
 from evaluation.degenerate import DegenerateAnswers, answer_rates, is_degenerate
 from stages import evaluate
-from tests.conftest import DATA_CSV
+from tests.conftest import DATA_CSV, PROJECT_DIR
 from tests.test_evaluate import run_entrypoint, tiny_rows
 
 
@@ -176,3 +180,100 @@ def test_a_password_in_the_storage_never_reaches_the_store(
     # the password's place: the environment (the whole URL), never an argument
     monkeypatch.setenv(tune_storage.STORAGE_ENV, url)
     assert tune_storage.storage_url("") == url and tune_storage.TuneSettings().storage == ""
+
+
+OPEN_AND_LOG = """
+import sys
+from core.config_io import load_config
+from core.tracking import stage_run
+from stages.tune_storage import open_storage
+kind, uri = sys.argv[1], sys.argv[2]
+if kind == "mlflow":
+    cfg = load_config("smollm2-135m", "tracking.uri=" + uri)
+    with stage_run("data", cfg) as run:
+        print(run.info.run_id)
+else:
+    open_storage(uri, heartbeat=0).get_all_studies()
+    print("opened")
+"""
+
+
+def start_together(kind: str, uri: str, n: int = 4) -> list[subprocess.CompletedProcess[str]]:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri if kind == "mlflow" else os.environ["MLFLOW_TRACKING_URI"]}
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_AND_LOG, kind, uri], cwd=PROJECT_DIR, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
+    return [subprocess.CompletedProcess(p.args, p.wait(timeout=300), *p.communicate()) for p in procs]
+
+
+def test_four_processes_on_a_brand_new_sqlite_store_all_succeed(tracking: str, tmp_path: Path) -> None:
+    """3 of 4 processes used to crash on the alembic migration of a new MLflow store; Optuna's too."""
+    for kind, uri in (("mlflow", f"sqlite:///{tmp_path}/fresh/mlflow.db"), ("optuna", f"sqlite:///{tmp_path}/o.db")):
+        done = start_together(kind, uri)
+        assert [p.returncode for p in done] == [0] * 4, "\n".join(p.stderr[-2000:] for p in done)
+    runs = mlflow.MlflowClient(f"sqlite:///{tmp_path}/fresh/mlflow.db").search_runs(
+        [mlflow.MlflowClient(f"sqlite:///{tmp_path}/fresh/mlflow.db").get_experiment_by_name("truthsteer").experiment_id])
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+
+
+@pytest.mark.slow
+def test_four_workers_on_a_brand_new_postgres_schema_all_succeed(tracking: str) -> None:
+    """2 of 3 tune workers used to fail on a new PostgreSQL database (UniqueViolation ... CREATE TYPE
+    studydirection); a fresh schema of the CI database is just as new."""
+    import uuid
+
+    import sqlalchemy
+
+    url = os.environ.get("TRUTHSTEER_TEST_PG_URL", "")
+    if not url:
+        pytest.skip("TRUTHSTEER_TEST_PG_URL is not set; run .ci/postgres.sh and export its URL")
+    schema = f"fresh_{uuid.uuid4().hex[:8]}"
+    engine = sqlalchemy.create_engine(url.replace("postgresql://", "postgresql+psycopg2://", 1))
+    with engine.begin() as conn:
+        conn.execute(sqlalchemy.text(f"CREATE SCHEMA {schema}"))
+    try:
+        scoped = f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
+        for kind in ("optuna", "mlflow"):
+            done = start_together(kind, scoped)
+            assert [p.returncode for p in done] == [0] * 4, "\n".join(p.stderr[-2000:] for p in done)
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text(f"DROP SCHEMA {schema} CASCADE"))
+
+
+def test_an_unreachable_tracking_server_fails_in_seconds_in_one_line(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import time
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    started = time.monotonic()
+    code, _, err = run_entrypoint("data", ["--data", str(DATA_CSV)], capsys)
+    assert time.monotonic() - started < 15
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("error: tracking server http://127.0.0.1:9 is unreachable")
+
+
+SLEEPING_STAGE = """
+import time
+from core.config_io import load_config
+from core.tracking import stage_run
+from entrypoints import _cli
+
+def work():
+    with stage_run("data", load_config("smollm2-135m")) as run:
+        print(run.info.run_id, flush=True)
+        time.sleep(120)
+
+_cli.main(work)
+"""
+
+
+def test_sigterm_ends_the_run_killed_with_one_line_and_no_traceback(tracking: str) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", SLEEPING_STAGE], cwd=PROJECT_DIR, env=dict(os.environ),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    run_id = proc.stdout.readline().strip()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert err.strip().splitlines()[-1].startswith(f"stopped (signal {signal.SIGTERM}): the run is marked KILLED")
+    assert mlflow.get_run(run_id).info.status == "KILLED"

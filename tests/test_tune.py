@@ -511,5 +511,8 @@ def test_three_postgres_workers_survive_a_sigkill(tracking: str, outputs: Path) 
     # re-queueing: then it is pruned as surplus before it samples (a race; the total is exact either way).
     assert retry.state == TrialState.COMPLETE or (retry.state == TrialState.PRUNED
                                                   and retry.user_attrs.get(tune_storage.ATTR_SURPLUS))
-    assert mlflow.get_run(dead.system_attrs[tune_storage.MLFLOW_RUN_ATTR]).info.status == "KILLED"
+    dead_run = mlflow.get_run(dead.system_attrs[tune_storage.MLFLOW_RUN_ATTR])
+    assert dead_run.info.status == "KILLED"
+    # the dead worker's own tune run is ended by a surviving worker, not left RUNNING for its host to reap
+    assert mlflow.get_run(dead_run.data.tags["mlflow.parentRunId"]).info.status == "KILLED"
     optuna.delete_study(study_name=name, storage=storage)
