@@ -325,7 +325,8 @@ def training_curves_figure(table: pd.DataFrame, models: Sequence[str] | None = N
 @_styled
 def pareto_figure(table: pd.DataFrame, models: Sequence[str] | None = None) -> Figure:
     """What tuning buys against what it costs: one panel per study with a measured cost, each trial a point
-    (its objective against its cost of steering), the Pareto front joined, the chosen trial starred.
+    (its objective against its cost of steering), the Pareto front joined, the chosen trial starred, a
+    constraint's bound as a dashed line.
 
     Args:
         table: ``sweeps.pareto_table`` output.
@@ -343,6 +344,10 @@ def pareto_figure(table: pd.DataFrame, models: Sequence[str] | None = None) -> F
         chosen = mine[mine["chosen"].astype(bool)]
         ax.scatter(chosen["cost"], chosen["value"], marker="*", s=120, color=colour, edgecolor="k", zorder=3,
                    label="chosen")
+        bounds = mine["bound"].dropna() if "bound" in mine else mine.iloc[0:0]
+        if len(bounds):  # the constraint: trials beyond this line are infeasible
+            ax.axvline(float(bounds.iloc[0]), color="0.3", linestyle="--", linewidth=1,
+                       label=f"bound {float(bounds.iloc[0]):g}")
         ax.set(title=f"{model}\n{str(study).removeprefix(f'truthsteer-{model}-')}",
                xlabel=f"{mine['cost_metric'].iloc[0]} (cost)",
                ylabel=f"{mine['metric'].iloc[0]} (gain)")

@@ -4,6 +4,7 @@ scale heatmap, the scale sweep over evaluations and trials, and the best setting
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ from analysis.tables import (
 )
 from core.artifacts import (
     TAG_BEST_RUN,
+    TAG_CONSTRAINT,
     TAG_COST,
     TAG_MODEL,
     TAG_OBJECTIVE_DIRECTION,
@@ -51,13 +53,19 @@ RELATIVE_COLUMNS = ["model", "n_layers", "source", "variant", "layer", "depth", 
 
 
 TRIAL_COLUMNS = ["model", "study", "run_id", "variant", *PARAMS, "metric", "value", "ci_low", "ci_high",
-                 "higher_is_better", "cost_metric", "cost", "chosen", "start_time", "relative_scale"]
+                 "higher_is_better", "cost_metric", "cost", "chosen", "start_time", "relative_scale", "bound"]
 
 
 HEATMAP_COLUMNS = ["model", "study", "metric", "layer", "scale", "value", "n_trials"]
 
 
 BEST_COLUMNS = ["model", "n_params_b", "source", "run_id", "variant", *PARAMS, "metric", "value", "ci_low", "ci_high"]
+
+
+def _bound(constraint: str, cost_metric: str) -> float:
+    """The bound of a study's constraint (tag ``truthsteer.constraint``, ``kl_neutral<=0.5``) on its cost; NaN without."""
+    found = re.fullmatch(r"\s*(\w+)\s*(<=|>=)\s*([-+0-9.eE]+)\s*", constraint)
+    return float(found.group(3)) if found and found.group(1) == cost_metric else math.nan
 
 
 def tune_trials(runs: pd.DataFrame, missing: Missing, directions: Mapping[str, bool],
@@ -119,6 +127,7 @@ def tune_trials(runs: pd.DataFrame, missing: Missing, directions: Mapping[str, b
             "cost_metric": cost_metric, "cost": as_float(trial.get(f"metrics.{cost_metric}")) if cost_metric else math.nan,
             "chosen": str(trial["run_id"]) == worker_tags.get(TAG_BEST_RUN, ""), "start_time": trial.get("start_time"),
             "relative_scale": as_float(trial.get(f"metrics.{RELATIVE_METRIC}")),
+            "bound": _bound(worker_tags.get(TAG_CONSTRAINT, ""), cost_metric),
         })
     usable = {r["study"] for r in records}
     for worker in workers.to_dict("records"):
@@ -287,7 +296,7 @@ __all__ = ['PARETO_COLUMNS', 'on_front', 'pareto_table', 'BEST_COLUMNS', 'HEATMA
 
 
 PARETO_COLUMNS = ["model", "study", "run_id", "variant", "metric", "value", "cost_metric", "cost", "on_front",
-                  "chosen"]
+                  "chosen", "bound"]
 
 
 def on_front(values: Sequence[float], costs: Sequence[float], higher_is_better: bool) -> list[bool]:

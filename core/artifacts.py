@@ -105,6 +105,7 @@ TRIAL_STAGE = "tune.trial"
 TAG_STUDY = "truthsteer.study"
 TAG_OBJECTIVE_METRIC = "truthsteer.objective_metric"
 TAG_OBJECTIVE_DIRECTION = "truthsteer.objective_direction"
+TAG_CONSTRAINT = "truthsteer.constraint"  # a tune study's bound on its cost, e.g. kl_neutral<=0.5
 TAG_COST = "truthsteer.cost"  # a tune study's measured cost of steering (its constraint's or second direction's)
 TAG_EXTRACTION = "truthsteer.extraction_source"
 TAG_BEST_RUN = "truthsteer.best_run"

@@ -260,7 +260,9 @@ def summary_markdown(summary: pd.DataFrame, metric_names: Sequence[str]) -> str:
 
     first = summary.iloc[0]
     header = [f"# {first['model']} ({first['dtype']}): {len(variants)} variants", ""]
-    rates = [c for c in summary.columns if c.endswith("_invalid_rate")] + ["n_questions", "truncated_rate"]
+    rates = [c for c in summary.columns if c.endswith("_invalid_rate")] + [
+        "n_questions", "truncated_rate", "empty_answer_rate", "degenerate_answer_rate", "steering_scale",
+        "steering_scale_relative"]
     plain = ["## Counts", "", "| metric | " + " | ".join(variants) + " |", "| --- |" + " --- |" * len(variants)]
     plain += [f"| {c} | " + " | ".join(_fmt(by_variant[v].get(c)) for v in variants) + " |" for c in rates
               if c in summary.columns]

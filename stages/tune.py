@@ -169,7 +169,8 @@ def run(cfg: Config, settings: TuneSettings, *, loaded: LoadedModel | None = Non
     url = storage_url(settings.storage)
     mlflow.set_tags({TAG_STUDY: name, TAG_OBJECTIVE_METRIC: objective.metric,
                      TAG_OBJECTIVE_DIRECTION: objective.direction,
-                     **({artifacts.TAG_COST: settings.cost} if settings.cost else {})})
+                     **({artifacts.TAG_COST: settings.cost} if settings.cost else {}),
+                     **({artifacts.TAG_CONSTRAINT: settings.constraint_spec.describe()} if settings.constraint_spec else {})})
     splits = splits_for(cfg)
     val = splits["val"]
     if not val:

@@ -230,7 +230,7 @@ def populate(client: mlflow.MlflowClient) -> dict[str, str]:
     w.run("gemma-trial-pruned", artifacts.TRIAL_STAGE, GEMMA, params={"layer": 6, "scale": 1.0}, tags=study,
           metrics={"mc1_partial": 0.1}, parent="gemma-study")
     w.run("smol-study", "tune", SMOL, params={"model.n_layers": "30"},  # no study name
-          tags={artifacts.TAG_OBJECTIVE_DIRECTION: "minimize"})
+          tags={artifacts.TAG_OBJECTIVE_DIRECTION: "minimize", artifacts.TAG_CONSTRAINT: "kl_neutral<=0.6"})
     for i, (layer, scale, value) in enumerate(SMOL_TRIALS):  # relative scale: scale / 10
         w.run(f"smol-trial-{i}", artifacts.TRIAL_STAGE, SMOL, params={"layer": layer, "scale": scale},
               metrics={"objective": value, "kl_neutral": 0.25 * (i + 1), RELATIVE_SCALE_METRIC: scale / 10},
@@ -638,6 +638,7 @@ def test_the_pareto_table_marks_the_trials_no_other_trial_beats_on_gain_and_cost
         assert front == (not beaten), (run, value, cost)
     assert set(table["run_id"]) == {ids[f"smol-trial-{i}"] for i in range(len(SMOL_TRIALS))}
     assert values[ids["smol-trial-0"]] == SMOL_TRIALS[0][2]
+    assert set(table["bound"]) == {0.6}  # the study's constraint, drawn as a dashed line
     assert sweeps.on_front([1.0, 2.0, 2.0, 0.5], [1.0, 1.0, 3.0, 0.1], True) == [False, True, False, True]
 
 
