@@ -226,18 +226,19 @@ def test_four_workers_on_a_brand_new_postgres_schema_all_succeed(tracking: str) 
     url = os.environ.get("TRUTHSTEER_TEST_PG_URL", "")
     if not url:
         pytest.skip("TRUTHSTEER_TEST_PG_URL is not set; run .ci/postgres.sh and export its URL")
-    schema = f"fresh_{uuid.uuid4().hex[:8]}"
-    engine = sqlalchemy.create_engine(url.replace("postgresql://", "postgresql+psycopg2://", 1))
+    schemas = {kind: f"fresh_{kind}_{uuid.uuid4().hex[:8]}" for kind in ("optuna", "mlflow")}  # each its own:
+    engine = sqlalchemy.create_engine(url.replace("postgresql://", "postgresql+psycopg2://", 1))  # both use alembic
     with engine.begin() as conn:
-        conn.execute(sqlalchemy.text(f"CREATE SCHEMA {schema}"))
+        for schema in schemas.values():
+            conn.execute(sqlalchemy.text(f"CREATE SCHEMA {schema}"))
     try:
-        scoped = f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
-        for kind in ("optuna", "mlflow"):
-            done = start_together(kind, scoped)
+        for kind, schema in schemas.items():
+            done = start_together(kind, f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}")
             assert [p.returncode for p in done] == [0] * 4, "\n".join(p.stderr[-2000:] for p in done)
     finally:
         with engine.begin() as conn:
-            conn.execute(sqlalchemy.text(f"DROP SCHEMA {schema} CASCADE"))
+            for schema in schemas.values():
+                conn.execute(sqlalchemy.text(f"DROP SCHEMA {schema} CASCADE"))
 
 
 def test_an_unreachable_tracking_server_fails_in_seconds_in_one_line(

@@ -484,7 +484,7 @@ def test_three_postgres_workers_survive_a_sigkill(tracking: str, outputs: Path) 
     from sqlalchemy.engine import make_url
 
     parsed = make_url(url)  # the workers get the URL without its password, and the password as libpq reads it
-    bare = parsed.set(password=None).render_as_string(hide_password=False)
+    bare = parsed._replace(password=None).render_as_string(hide_password=False)
     settings = {"n_trials": 0, "total_trials": 8, "storage": bare, "study_name": name,
                 "axes": {"layers": "0:2", "scales": "0:8"}, "heartbeat": 1}
     env = {**worker_env(outputs), **({"PGPASSWORD": parsed.password} if parsed.password else {})}
