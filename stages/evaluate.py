@@ -20,8 +20,8 @@ gets one nested MLflow run ``<model>-<variant>`` tagged ``variant``, ``model``, 
   ``n_reused`` (found in the store), ``mean_new_tokens`` and ``truncated_rate``;
 - ``empty_answer_rate`` and ``degenerate_answer_rate`` (``evaluation.degenerate``); a variant above
   ``eval.degenerate_ceiling`` fails its run once its metrics are logged;
-- for a steered variant: ``steering_scale`` (the multiplier it steered with, resolved from a relative
-  ``steering.scale``) and, when its source measured the residual norm, ``steering_scale_relative``;
+- ``steering_scale`` (the multiplier a variant steered with, resolved from a relative ``steering.scale``;
+  0 for baseline) and, when every variant's is known (not for the MLP variants), ``steering_scale_relative``;
 - with ``effects.enabled`` (``evaluation.side_effects``): ``kl_neutral`` and ``ce_neutral_delta`` on neutral
   text, ``kl_answers`` on the variant's own answers (each with ``_ci_low``/``_ci_high``; exactly 0 for
   baseline) and ``ce_neutral``; the parent run gets ``effects_seconds``;
@@ -149,9 +149,9 @@ def variant_key(cfg: Config, variant: str, sources: SourceRuns) -> str:
 def scale_metrics(steering: Steering) -> dict[str, float]:
     """``steering_scale`` (the multiplier the variant steered with, after ``steering.scale_mode`` resolved it; an MLP
     module's own scale) and ``steering_scale_relative`` (the same as a fraction of the layer's mean residual norm,
-    when known), for a steered variant; nothing for baseline. Metrics, so the UI can plot them."""
+    when known); 0 and 0 for baseline. Metrics, so the UI can plot them."""
     if not steering.steers:
-        return {}
+        return {SCALE_METRIC: 0.0, RELATIVE_SCALE_METRIC: 0.0}
     config = getattr(steering.module, "config", None)
     multiplier = float(getattr(config, "scale", 1.0)) * steering.scale if steering.module is not None else steering.scale
     relative = steering.relative_scale
@@ -391,6 +391,9 @@ def run(
         info[variant] = {"model": cfg.model.alias, "dtype": dtype, "layer": steering.layer,
                          "scale": steering.scale if steering.layer is not None else None}
 
+    if any(RELATIVE_SCALE_METRIC not in c for c in counts.values()):  # every variant logs the same metric names
+        for c in counts.values():
+            c.pop(RELATIVE_SCALE_METRIC, None)
     if cfg.effects.enabled:  # what steering costs: KL and CE on neutral text, KL on each variant's own answers
         started = time.perf_counter()
         effects, per_answer = measure_effects(cfg, loaded, steerings, [q.question for q in questions],

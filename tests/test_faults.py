@@ -226,8 +226,9 @@ def test_four_workers_on_a_brand_new_postgres_schema_all_succeed(tracking: str) 
     url = os.environ.get("TRUTHSTEER_TEST_PG_URL", "")
     if not url:
         pytest.skip("TRUTHSTEER_TEST_PG_URL is not set; run .ci/postgres.sh and export its URL")
+    url = url.replace("postgresql://", "postgresql+psycopg2://", 1)  # MLflow's SQLAlchemy would pick psycopg 3
     schemas = {kind: f"fresh_{kind}_{uuid.uuid4().hex[:8]}" for kind in ("optuna", "mlflow")}  # each its own:
-    engine = sqlalchemy.create_engine(url.replace("postgresql://", "postgresql+psycopg2://", 1))  # both use alembic
+    engine = sqlalchemy.create_engine(url)  # both keep an alembic_version table
     with engine.begin() as conn:
         for schema in schemas.values():
             conn.execute(sqlalchemy.text(f"CREATE SCHEMA {schema}"))
