@@ -1,7 +1,8 @@
 """TruthfulQA questions: loading, validation, seeded stratified splits, and reading them back from a data run.
 
-`load_questions` reads the TruthfulQA CSV, a parquet file in the Hugging Face `generation`
-format, or downloads that parquet from the hub. `split_questions` deals the questions into
+`load_questions` reads TruthfulQA through Hugging Face `datasets` (``core.data_sources``: the CSV, a
+parquet file in the hub's `generation` format, a copy of the hub dataset's folder, or the hub itself) and
+validates it. `split_questions` deals the questions into
 the `pool`, `train`, `val` and `test` splits, and `stages.data.log_splits` records them in the active
 MLflow run: one dataset input per split, the split sizes as metrics, and the artifact
 `SPLITS_ARTIFACT` holding every question, which `load_splits_from_run` reads back.
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -26,20 +26,21 @@ from mlflow.exceptions import MlflowException
 
 from core import artifacts
 from core.config import Config, ConfigError
+from core.data_sources import (
+    EXAMPLE_LOCAL_SOURCE,
+    HF_CONFIG,
+    HF_DATASET_ID,
+    HF_SPLIT,
+    DataError,
+    file_sha256,
+    is_local_source,
+    load_dataset,
+    source_sha256,
+)
 
-HF_DATASET_ID = "truthfulqa/truthful_qa"
-HF_CONFIG = "generation"
-HF_SPLIT = "validation"
-HF_PARQUET_FILE = f"{HF_CONFIG}/{HF_SPLIT}-00000-of-00001.parquet"
-EXAMPLE_LOCAL_SOURCE = "../shared/data/truthfulqa/TruthfulQA.csv"
 SPLITS_ARTIFACT = artifacts.SPLITS
 SPLIT_NAMES = ("pool", "train", "val", "test")
 REQUIRED_COLUMNS = ("type", "category", "question", "best_answer", "correct_answers", "incorrect_answers")
-SUFFIXES = (".csv", ".parquet")
-
-
-class DataError(ValueError):
-    """The questions or a splits file are missing, malformed or inconsistent."""
 
 
 @dataclass(frozen=True)
@@ -83,84 +84,24 @@ def question_id(text: str) -> str:
     return "q" + hashlib.sha1(text.strip().encode("utf-8")).hexdigest()[:10]
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def is_local_source(source: str | Path) -> bool:
-    """True for an existing file or anything that looks like a path (a suffix or a path
-    separator beyond the one in `owner/name`); False for a Hugging Face dataset id."""
-    text = str(source)
-    return (isinstance(source, Path) or Path(text).expanduser().exists() or bool(Path(text).suffix)
-            or text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1)
-
-
 def load_questions(source: str | Path = HF_DATASET_ID) -> list[Question]:
     """Load and validate TruthfulQA questions, in file order.
 
     Args:
         source: a local `.csv` (TruthfulQA columns) or `.parquet` (Hugging Face `generation`
-            columns) file, or a Hugging Face dataset id whose `generation/validation` parquet is
-            downloaded. Column names are matched ignoring case, spaces and underscores.
+            columns) file, a folder holding a copy of the hub dataset, or a Hugging Face dataset id
+            whose `generation` configuration's `validation` split is loaded. Column names are matched
+            ignoring case, spaces and underscores.
 
     Raises:
         DataError: missing file, unreachable hub, unsupported suffix, unreadable file, missing
             columns, no rows, a row without question or answers, or duplicate questions.
     """
-    if not is_local_source(source):
-        return _questions_from_frame(_read_file(_download_from_hub(str(source))), f"hub dataset {source!r}")
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise DataError(f"data file {str(source)!r} does not exist or is not a file (resolved to "
-                        f"{path.resolve()}); pass an existing .csv or .parquet file, "
-                        f"e.g. {EXAMPLE_LOCAL_SOURCE}")
-    return _questions_from_frame(_read_file(path), str(path))
+    return _questions_from_frame(load_dataset(source).to_pandas(), _source_name(source))
 
 
-def _download_from_hub(repo_id: str) -> Path:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HFValidationError, RemoteEntryNotFoundError, RepositoryNotFoundError
-
-    # huggingface_hub reads HF_HUB_OFFLINE once at import; read it per call so a cached copy
-    # is still used offline and an uncached one fails at once instead of retrying for ~25 s.
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-    try:
-        return Path(hf_hub_download(repo_id, filename=HF_PARQUET_FILE, repo_type="dataset",
-                                    local_files_only=offline))
-    except (RepositoryNotFoundError, RemoteEntryNotFoundError, HFValidationError) as err:
-        raise DataError(f"Hugging Face dataset {repo_id!r} has no file {HF_PARQUET_FILE!r} ({err}); use "
-                        f"{HF_DATASET_ID!r} or a local file, e.g. -P data={EXAMPLE_LOCAL_SOURCE}") from err
-    except OSError as err:
-        why = f"{type(err).__name__}: {err}"
-        if offline:
-            why = "HF_HUB_OFFLINE is set and the file is not in the local cache"
-        raise DataError(f"the Hugging Face hub is unreachable, cannot download {repo_id!r} ({why}); "
-                        f"pass a local TruthfulQA file instead, e.g. -P data={EXAMPLE_LOCAL_SOURCE}") from err
-
-
-def _read_file(path: Path) -> pd.DataFrame:
-    if path.suffix.lower() not in SUFFIXES:
-        raise DataError(f"unsupported file type {path.suffix!r} for {str(path)!r}; "
-                        f"expected one of {', '.join(SUFFIXES)}")
-    if path.stat().st_size == 0:
-        raise DataError(f"data file {str(path)!r} is empty (0 bytes)")
-    try:
-        if path.suffix.lower() == ".parquet":
-            return pd.read_parquet(path)
-        # header=None: with a header row, pandas silently turns the extra fields of a too-long
-        # first data row into an index and shifts every column; as data it raises instead.
-        cells = pd.read_csv(path, dtype=str, keep_default_na=False, header=None)
-        return cells.iloc[1:].set_axis(list(cells.iloc[0]), axis=1)
-    except pd.errors.EmptyDataError as err:
-        raise DataError(f"data file {str(path)!r} is empty (no header row)") from err
-    except Exception as err:  # pandas/pyarrow raise many unrelated types for a bad file
-        kind = path.suffix[1:].upper()
-        raise DataError(f"cannot read {str(path)!r} as {kind}: {type(err).__name__}: {err}") from err
+def _source_name(source: str | Path) -> str:
+    return str(Path(source).expanduser()) if is_local_source(source) else f"hub dataset {str(source)!r}"
 
 
 def _normalise_column(name: object) -> str:
@@ -373,3 +314,9 @@ def splits_for(cfg: Config, data_run: str = "") -> dict[str, list[Question]]:
     return split_questions(questions, cfg.data.sizes, cfg.data.seed)
 
 
+
+
+__all__ = ['EXAMPLE_LOCAL_SOURCE', 'HF_CONFIG', 'HF_DATASET_ID', 'HF_SPLIT', 'REQUIRED_COLUMNS', 'SPLITS_ARTIFACT',
+           'SPLIT_NAMES', 'DataError', 'Question', 'check_sizes', 'file_sha256', 'is_local_source', 'load_questions',
+           'load_splits_from_run', 'question_id', 'read_splits', 'source_sha256', 'split_ids', 'split_questions',
+           'splits_for']

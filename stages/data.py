@@ -1,40 +1,47 @@
 """The data stage: the TruthfulQA questions split into pool, train, val and test (``core.data``), logged
-as an MLflow dataset input and the ``data/splits.json`` artifact that every later stage reads."""
+as MLflow dataset inputs (Hugging Face datasets that name their source and digest) and the
+``data/splits.json`` artifact that every later stage reads."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
 import mlflow
-import pandas as pd
-from mlflow.data.pandas_dataset import from_pandas
+from mlflow.data.huggingface_dataset import from_huggingface
 
 from core.config import Config
 from core.data import (
-    HF_CONFIG,
-    HF_SPLIT,
     SPLIT_NAMES,
     SPLITS_ARTIFACT,
     Question,
     _splits_from_payload,
     _splits_payload,
-    file_sha256,
-    is_local_source,
     load_questions,
+    source_sha256,
     split_questions,
 )
+from core.data_sources import mlflow_source
 
 
-def _dataset_source(source: str) -> Any:
-    if is_local_source(source):
-        return source
-    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+def split_dataset(questions: Sequence[Question]) -> Any:
+    """One split as a ``datasets.Dataset`` of question records (typed even when empty)."""
+    import datasets
 
-    return HuggingFaceDatasetSource(path=source, config_name=HF_CONFIG, split=HF_SPLIT)
+    features = datasets.Features({f.name: datasets.Sequence(datasets.Value("string"))
+                                  if f.name.endswith("_answers") else datasets.Value("string")
+                                  for f in fields(Question)})
+    records = [q.to_dict() for q in questions]
+    return datasets.Dataset.from_dict({name: [r[name] for r in records] for name in features}, features=features)
+
+
+def split_digest(questions: Sequence[Question]) -> str:
+    """The split's digest: sha256 of its records in order, as JSON (16 hex digits); equal splits, equal digests."""
+    text = json.dumps([q.to_dict() for q in questions], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def log_splits(
@@ -42,15 +49,16 @@ def log_splits(
 ) -> None:
     """Record the splits in the active MLflow run.
 
-    Logs one dataset input `truthfulqa-<split>` (context `<split>`) per split, the metrics
+    Logs one dataset input `truthfulqa-<split>` (context `<split>`) per split: a Hugging Face dataset whose
+    source is `source` as ``datasets.load_dataset`` reads it and whose digest is `split_digest`; the metrics
     `n_pool`, `n_train`, `n_val`, `n_test`, `n_categories`, and the artifact SPLITS_ARTIFACT
     with source, sha256, seed, sizes, ids per split and every question record.
 
     Args:
         splits: questions per split, keys exactly SPLIT_NAMES (as from split_questions).
-        source: where the questions came from (a path or Hugging Face dataset id).
+        source: where the questions came from (a file, a folder or a Hugging Face dataset id).
         seed: the seed given to split_questions.
-        sha256: sha256 of the source file, or None when unknown.
+        sha256: sha256 of the source (`core.data.source_sha256`), or None when unknown.
     """
     if mlflow.active_run() is None:
         raise RuntimeError("log_splits needs an active MLflow run: call it inside `with mlflow.start_run():`")
@@ -58,15 +66,10 @@ def log_splits(
         raise ValueError(f"splits must have exactly the keys {list(SPLIT_NAMES)}, got {list(splits)}")
     payload = _splits_payload(splits, source, seed, sha256)
     _splits_from_payload(json.loads(json.dumps(payload)), "splits to log")  # never write what cannot be read
-    columns = [f.name for f in fields(Question)]
-    dataset_source = _dataset_source(source)
+    dataset_source = mlflow_source(source)
     for split in SPLIT_NAMES:
-        # object dtype: MLflow's schema inference fails on an empty pandas-3 `str` column.
-        frame = pd.DataFrame([q.to_dict() for q in splits[split]], columns=columns, dtype=object)
-        with warnings.catch_warnings():
-            # MLflow registers the local-file source twice and warns that a path is ambiguous.
-            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-            dataset = from_pandas(frame, source=dataset_source, name=f"truthfulqa-{split}")
+        dataset = from_huggingface(split_dataset(splits[split]), source=dataset_source,
+                                   name=f"truthfulqa-{split}", digest=split_digest(splits[split]))
         mlflow.log_input(dataset, context=split)
     categories = {q.category for qs in splits.values() for q in qs}
     mlflow.log_metrics({**{f"n_{split}": float(len(splits[split])) for split in SPLIT_NAMES},
@@ -78,7 +81,7 @@ def run(cfg: Config) -> dict[str, list[Question]]:
     """The ``data`` stage: load, split and record the splits in the active MLflow run."""
     questions = load_questions(cfg.data.source)
     splits = split_questions(questions, cfg.data.sizes, cfg.data.seed)
-    sha = file_sha256(cfg.data.source) if is_local_source(cfg.data.source) else None
+    sha = source_sha256(cfg.data.source)
     log_splits(splits, source=str(cfg.data.source), seed=cfg.data.seed, sha256=sha)
     mlflow.log_metric("n_questions", float(len(questions)))
     if sha:
@@ -88,4 +91,4 @@ def run(cfg: Config) -> dict[str, list[Question]]:
     return splits
 
 
-__all__ = ['log_splits', 'run']
+__all__ = ['log_splits', 'run', 'split_dataset', 'split_digest']

@@ -47,9 +47,10 @@ def labels_folder(cfg: Config) -> Path:
     if cfg.judge.labels:
         folder = Path(cfg.judge.labels)
     elif is_local_source(cfg.data.source):
-        folder = Path(cfg.data.source).parent
+        source = Path(cfg.data.source).expanduser()
+        folder = source if source.is_dir() else source.parent
     else:
-        raise ConfigError(f"data.source={cfg.data.source} is not a local file, so the human labels cannot be found "
+        raise ConfigError(f"data.source={cfg.data.source} is not a local file or folder, so the human labels cannot be found "
                           "beside it; set judge.labels to the folder of finetune_truth.jsonl and finetune_info.jsonl")
     missing = [name for name in LABEL_FILES.values() if not (folder / name).is_file()]
     if missing:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from core.config import Config
 from core.config_io import config_to_dict
-from core.data import Question, file_sha256, is_local_source
+from core.data import Question, source_sha256
 from core.models import LoadedModel
 from core.stores import file_lock as _file_lock
 from stages.iti import rank_heads
@@ -39,7 +39,7 @@ def heads_key(cfg: Config) -> str:
     full = config_to_dict(cfg)
     ranking = {key: value for key, value in full["iti"].items() if key not in ("k", "alpha")}  # steering only
     fields = {"version": ITI_CACHE_VERSION, "model": full["model"], "data": full["data"], "iti": ranking,
-              "data_sha256": file_sha256(cfg.data.source) if is_local_source(cfg.data.source) else ""}
+              "data_sha256": source_sha256(cfg.data.source) or ""}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -31,7 +31,7 @@ from core.artifacts import (
 )
 from core.config import Config, ConfigError
 from core.config_io import config_to_dict
-from core.data import Question, file_sha256, is_local_source
+from core.data import Question, source_sha256
 from core.models import TORCH_DTYPES, LoadedModel, load_from_config
 from core.stores import file_lock
 from stages.extract import load_extraction, norm_meta
@@ -62,7 +62,7 @@ def extraction_key(cfg: Config) -> str:
     full = config_to_dict(cfg)
     fields = {"version": EXTRACTION_CACHE_VERSION, "model": full["model"], "data": full["data"],
               "extract": full["extract"], "dtype": cfg.extract_dtype,
-              "data_sha256": file_sha256(cfg.data.source) if is_local_source(cfg.data.source) else ""}
+              "data_sha256": source_sha256(cfg.data.source) or ""}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -19,11 +19,13 @@ from core.data import (
     SPLITS_ARTIFACT,
     DataError,
     Question,
+    _questions_from_frame,
     file_sha256,
     is_local_source,
     load_questions,
     load_splits_from_run,
     read_splits,
+    source_sha256,
     split_ids,
     split_questions,
 )
@@ -209,7 +211,22 @@ def test_log_splits_round_trip(tracking: tuple[str, str], questions: list[Questi
     assert logged.inputs is not None
     inputs = {i.dataset.name: ({t.key: t.value for t in i.tags}["mlflow.data.context"], i.dataset.source_type)
               for i in logged.inputs.dataset_inputs}
-    assert inputs == {f"truthfulqa-{s}": (s, "local") for s in SPLIT_NAMES}
+    assert inputs == {f"truthfulqa-{s}": (s, "hugging_face") for s in SPLIT_NAMES}
+    # Each input names what was read, as `datasets.load_dataset` reads it again, and the split's own digest.
+    by_name = {i.dataset.name: i.dataset for i in logged.inputs.dataset_inputs}
+    for split in SPLIT_NAMES:
+        dataset = by_name[f"truthfulqa-{split}"]
+        assert json.loads(dataset.source) == {"path": "csv", "config_name": None, "data_dir": None,
+                                              "data_files": str(REAL_CSV), "split": "train", "revision": None}
+        expected = hashlib.sha256(json.dumps([q.to_dict() for q in splits[split]], sort_keys=True,
+                                             ensure_ascii=False).encode()).hexdigest()[:16]
+        assert dataset.digest == expected
+    assert len({d.digest for d in by_name.values()}) == len(SPLIT_NAMES)
+    reread = mlflow.data.get_source(logged.inputs.dataset_inputs[0]).load()  # type: ignore[union-attr]
+    # The generic CSV builder reads one source cell, 'N/A', as missing; everything else is as read here.
+    key = [(q.id, q.category, q.type, q.best_answer, q.correct_answers, q.incorrect_answers) for q in questions]
+    assert [(q.id, q.category, q.type, q.best_answer, q.correct_answers, q.incorrect_answers)
+            for q in _questions_from_frame(reread.to_pandas(), "reloaded")] == key
     expected_metrics = {"n_pool": 60, "n_train": 80, "n_val": 40, "n_test": 80,
                         "n_categories": len({q.category for qs in splits.values() for q in qs})}
     assert logged.data.metrics == expected_metrics
@@ -222,6 +239,9 @@ def test_log_splits_round_trip(tracking: tuple[str, str], questions: list[Questi
     logged = mlflow.get_run(run.info.run_id)
     assert logged.inputs is not None
     assert {i.dataset.source_type for i in logged.inputs.dataset_inputs} == {"hugging_face"}
+    assert {json.loads(i.dataset.source)["path"] for i in logged.inputs.dataset_inputs} == {HF_DATASET_ID}
+    assert {(json.loads(i.dataset.source)["config_name"], json.loads(i.dataset.source)["split"])
+            for i in logged.inputs.dataset_inputs} == {("generation", "validation")}
     assert logged.data.metrics["n_pool"] == 0
     path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=SPLITS_ARTIFACT,
                                                dst_path=str(tmp_path / "download"))
@@ -244,3 +264,53 @@ def test_read_splits_rejects_inconsistent_files(questions: list[Question], tmp_p
         read_splits(write(tmp_path, "{", "broken.json"))
     with pytest.raises(DataError, match="cannot read splits file"):
         read_splits(tmp_path / "absent.json")
+
+
+def hub_copy(folder: Path, csv: Path = REAL_CSV) -> Path:
+    """A copy of the hub dataset's folder as `git clone` of truthfulqa/truthful_qa gives it: README configs
+    and the `generation` parquet, built here with pandas alone from the CSV."""
+    raw = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    frame = pd.DataFrame({
+        "type": raw["Type"], "category": raw["Category"], "question": raw["Question"],
+        "best_answer": raw["Best Answer"],
+        "correct_answers": [[a.strip() for a in cell.split(";") if a.strip()] for cell in raw["Correct Answers"]],
+        "incorrect_answers": [[a.strip() for a in cell.split(";") if a.strip()] for cell in raw["Incorrect Answers"]],
+        "source": raw["Source"]})
+    (folder / "generation").mkdir(parents=True)
+    frame.to_parquet(folder / "generation" / "validation-00000-of-00001.parquet")
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: generation\n  data_files:\n"
+                                      "  - split: validation\n    path: generation/validation-*\n---\n")
+    return folder
+
+
+def test_a_copy_of_the_hub_folder_loads_through_datasets_as_the_hub_id_would(
+        tracking: tuple[str, str], questions: list[Question], tmp_path: Path) -> None:
+    folder = hub_copy(tmp_path / "truthful_qa")
+    assert load_questions(folder) == questions  # read by datasets.load_dataset(folder, "generation", ...)
+    splits = split_questions(questions, {"pool": 0, "train": 3, "val": 2, "test": 1}, seed=0)
+    sha = source_sha256(folder)
+    with mlflow.start_run(experiment_id=tracking[1]) as run:
+        log_splits(splits, source=str(folder), seed=0, sha256=sha)
+    inputs = mlflow.get_run(run.info.run_id).inputs
+    assert inputs is not None
+    sources = [json.loads(i.dataset.source) for i in inputs.dataset_inputs]
+    assert {(s["path"], s["config_name"], s["split"]) for s in sources} == {(str(folder), "generation", "validation")}
+    reread = mlflow.data.get_source(inputs.dataset_inputs[0]).load()  # type: ignore[union-attr]
+    assert len(reread) == len(questions)
+    # The folder's digest covers every data file and leaves git's own files out.
+    (folder / ".git").mkdir()
+    (folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    assert source_sha256(folder) == sha
+    (folder / "README.md").write_text((folder / "README.md").read_text() + "\n")
+    assert source_sha256(folder) != sha
+    assert source_sha256(HF_DATASET_ID) is None and source_sha256(REAL_CSV) == file_sha256(REAL_CSV)
+
+
+def test_a_folder_without_the_generation_configuration_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not a dataset\n")
+    with pytest.raises(DataError) as err:
+        load_questions(tmp_path / "other")
+    message = str(err.value)
+    assert f"dataset folder '{tmp_path / 'other'}' has no readable 'generation' configuration" in message
+    assert "\n" not in message and "-P data=../shared/data/truthfulqa/TruthfulQA.csv" in message
