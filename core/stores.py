@@ -11,6 +11,7 @@ one line instead of after minutes of retries.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import time
 from collections.abc import Callable, Iterator
@@ -79,3 +80,24 @@ def probe_server(uri: str, timeout: float = PROBE_TIMEOUT) -> None:
 
 
 __all__ = ["PROBE_TIMEOUT", "RACE_MARKERS", "file_lock", "first_open", "probe_server", "sqlite_path"]
+
+
+# What a refused write looks like: the OSError numbers, and SQLite's words for the same (it reports its own).
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
+SQLITE_WRITE_ERRORS = ("disk I/O error", "database or disk is full", "readonly database", "unable to open database")
+
+
+def write_refused(err: BaseException) -> str | None:
+    """The first line of the refused write (full disk, read-only or unwritable folder) behind `err`, following
+    its causes; None when `err` is something else."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = (str(current).strip().splitlines() or [type(current).__name__])[0][:300]
+        if isinstance(current, OSError) and current.errno in WRITE_ERRNOS:
+            return text
+        if any(words in text for words in SQLITE_WRITE_ERRORS):
+            return text
+        current = current.__cause__ or current.__context__
+    return None

@@ -2,14 +2,15 @@
 
 Each ``entrypoints/<step>.py`` declares an ``Entry``: its flags, the config overrides they stand for,
 its dry-run plan and its run (a ``stages`` function), and exposes ``ENTRY.main``. Known errors (bad
-config, bad data, a model that cannot be reached) print one line and exit 2; anything else
-propagates with its traceback.
+config, bad data, a model that cannot be reached) print one line and exit 2; a write the disk or the
+store refuses (full, read-only) prints one line and exits 1; anything else propagates with its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import signal
 import sys
@@ -185,7 +186,8 @@ def _raise_interrupt(signum: int, frame: Any) -> NoReturn:
 
 
 def main(fn: Callable[[], None]) -> None:
-    """Run an entry point: SIGTERM ends runs as KILLED; known errors print one line and exit 2."""
+    """Run an entry point: SIGTERM ends runs as KILLED; known errors print one line and exit 2, a refused write
+    (full disk, read-only folder) one line and exit 1."""
     from core.models import ModelUnavailable
 
     known: tuple[type[BaseException], ...] = (ConfigError, ModelUnavailable)
@@ -204,12 +206,25 @@ def main(fn: Callable[[], None]) -> None:
     except ImportError:
         pass
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    # MLflow's database layer logs each failed session with its traceback, then raises it to its caller: the
+    # caller's handling (one line for a refused write) is the report, so the logged copy is dropped.
+    logging.getLogger("mlflow.store.db.utils").addFilter(lambda record: record.exc_info is None)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per small file read: noise
     try:
         fn()
     except known as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Exception as err:
+        from core.stores import write_refused
+
+        refused = write_refused(err)
+        if refused is None:
+            raise
+        print(f"error: a write was refused ({refused}): free disk space or make the store's and the outputs' "
+              "folders writable, then run the same command again to resume (the run is marked FAILED where the "
+              "store could still record it)", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the run was ended KILLED; no traceback
         print(f"stopped ({err or 'interrupted'}): the run is marked KILLED; start the same command again to resume",
               file=sys.stderr)

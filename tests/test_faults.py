@@ -9,6 +9,7 @@ unreachable hub, ``eval.max_new_tokens=10**9`` was accepted, and answers that re
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -252,6 +253,57 @@ def test_an_unreachable_tracking_server_fails_in_seconds_in_one_line(
     assert time.monotonic() - started < 15
     assert code == 2 and err.count("\n") == 1
     assert err.startswith("error: tracking server http://127.0.0.1:9 is unreachable")
+
+
+def _data_stage(store: Path, *, read_only: bool = False, file_limit: int = 0) -> subprocess.Popen[str]:
+    """The data stage on a sqlite store at `store`, unable to pass the folders' permissions (as root too: the
+    process loses CAP_DAC_OVERRIDE) or to write any file beyond `file_limit` bytes (a full disk)."""
+    import resource
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write beyond the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+
+    command = [sys.executable, "-m", "entrypoints.data", "--data", str(DATA_CSV)]
+    if read_only and os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("as root, a read-only folder needs setpriv (util-linux) to drop CAP_DAC_OVERRIDE")
+        command = [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--", *command]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
+    return subprocess.Popen(command, cwd=store.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=limit if file_limit else None)
+
+
+def test_a_read_only_or_full_store_fails_in_one_line(tmp_path: Path) -> None:
+    existing = tmp_path / "existing" / "mlflow.db"
+    existing.parent.mkdir()
+    mlflow.MlflowClient(f"sqlite:///{existing}").search_experiments()  # created (and migrated) beforehand
+    fresh = tmp_path / "fresh" / "mlflow.db"
+    fresh.parent.mkdir()
+    for folder in (existing.parent, fresh.parent):
+        folder.chmod(0o555)
+    existing.chmod(0o444)
+    full = tmp_path / "full" / "mlflow.db"
+    full.parent.mkdir()
+    later = tmp_path / "later" / "mlflow.db"  # the store opens, then the disk fills mid-run
+    shutil.copytree(existing.parent, later.parent)
+    later.parent.chmod(0o755)
+    later.chmod(0o644)
+    # No file may grow past 100 kB: the store's pages beyond it and the 240 kB splits artifact are refused.
+    started = {"read-only store": _data_stage(existing, read_only=True),
+               "fresh store in a read-only folder": _data_stage(fresh, read_only=True),
+               "full disk on a fresh store": _data_stage(full, file_limit=64 * 1024),
+               "full disk mid-run": _data_stage(later, file_limit=100 * 1024)}
+    results = {case: (proc.wait(timeout=300), proc.communicate()[1]) for case, proc in started.items()}
+    for case, (code, err) in results.items():
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code in (1, 2) and "Traceback" not in err, (case, err[-2000:])
+        assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], (case, err)
+    for case in ("read-only store", "fresh store in a read-only folder", "full disk on a fresh store"):
+        assert results[case][1].strip().endswith("or set MLFLOW_TRACKING_URI to another store, e.g. "
+                                                 "sqlite:///mlflow.db"), case
+    assert "error: a write was refused (" in results["full disk mid-run"][1]
 
 
 SLEEPING_STAGE = """
