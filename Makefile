@@ -14,6 +14,8 @@ DATA ?= ../shared/data/truthfulqa/TruthfulQA.csv
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export MLFLOW_DISABLE_TELEMETRY ?= true
 STAMP := $(VENV)/.truthsteer-setup
+# pytest-xdist workers for `make test` / `make test-newest`, one compute thread each (tests/conftest.py)
+TEST_WORKERS ?= 2
 
 .PHONY: setup test lint run analyze bench ui clean lock test-newest
 
@@ -47,14 +49,14 @@ test-newest:
 	rm -rf $(NEWEST_VENV)
 	$(call install,$(abspath $(NEWEST_VENV)),--upgrade)
 	$(abspath $(NEWEST_VENV))/bin/python -c 'import transformers, torch, mlflow, optuna; print("newest allowed:", "transformers", transformers.__version__, "torch", torch.__version__, "mlflow", mlflow.__version__, "optuna", optuna.__version__)'
-	$(abspath $(NEWEST_VENV))/bin/pytest -q -m oracle
+	$(abspath $(NEWEST_VENV))/bin/pytest -q -n $(TEST_WORKERS) -m oracle
 
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS)
 
 run: setup
 	$(BIN)/python -m core.tracking $(MLFLOW_TRACKING_URI)

@@ -16,6 +16,7 @@ frozen parameters. ``HF_TOKEN`` is read by huggingface_hub from the environment 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
@@ -87,7 +88,9 @@ def _package_dir(package: str) -> Path | None:
     return Path(next(iter(found.submodule_search_locations)))
 
 
+@functools.cache
 def _package_version(package: str) -> str:
+    # Once per process: packages_distributions() reads every installed distribution's metadata (~1.7 s here).
     for dist in importlib.metadata.packages_distributions().get(package, []):
         return f"{dist}-{importlib.metadata.version(dist)}"
     return "unknown"

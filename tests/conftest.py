@@ -1,8 +1,16 @@
-"""Shared fixtures: the TruthfulQA CSV beside the project, and a throw-away tracking store."""
+"""Shared fixtures: the TruthfulQA CSV beside the project, and a throw-away tracking store.
+
+Under pytest-xdist (``make test`` runs ``-n 2``) each worker, and every process a test starts, computes on one
+thread: two workers on two cores, not four threads fighting for them.
+"""
 
 from __future__ import annotations
 
 import os
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # before torch is imported anywhere in this worker
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_name, "1")
 import shutil
 import signal
 import subprocess

@@ -394,7 +394,8 @@ def _env(tracking: str, outputs: Path) -> dict[str, str]:
 
 
 KILL_ARGS = ["--model", "smollm2-135m", "--data", str(DATA_CSV), "--variants", "baseline", "--overrides",
-             "data.test=8,eval.max_new_tokens=8,eval.batch_size=1,eval.judges=[bleu],eval.n_bootstrap=100"]
+             "data.test=8,eval.max_new_tokens=8,eval.batch_size=1,eval.judges=[bleu],eval.n_bootstrap=100,"
+             "effects.n_passages=2"]
 
 
 def _evaluate(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -449,7 +450,9 @@ def test_all_variants_from_real_stage_runs_then_score(tracking: str, tmp_path: P
         "bank.n_bootstrap=2", "mlp.steps=2", "mlp.batch_size=2", "mlp.branch=both",
         "eval.max_new_tokens=12", "eval.batch_size=4", "eval.n_bootstrap=200",
         "eval.judges=[semantic,bleu,rouge,mc,llm_logprob,llm]", "judge.batch_size=16",
-        "judge.invalid_ceiling=1.0"])  # the 135M judge writes prose often: counted invalid, never failing here
+        # the 135M judge writes prose often: counted invalid, never failing here; short replies keep it quick
+        "judge.invalid_ceiling=1.0", "judge.max_new_tokens=24", "judge.retry_max_new_tokens=32",
+        "effects.n_passages=4"])
     with stage_run("extract", cfg) as extract_run:
         extract.run(cfg)
     with stage_run("bank", cfg) as bank_run:

@@ -19,7 +19,7 @@ from stages import pipeline
 from tests.conftest import DATA_CSV, PROJECT_DIR, kill_once_stored
 
 SMALL = ("data.pool=4,data.train=4,data.val=2,data.test=2,mlp.steps=2,mlp.batch_size=2,"
-         "eval.max_new_tokens=8,eval.judges=[semantic,bleu],eval.n_bootstrap=50")
+         "eval.max_new_tokens=8,eval.judges=[semantic,bleu],eval.n_bootstrap=50,effects.n_passages=2")
 
 
 def test_stage_keys_change_with_what_the_stage_reads() -> None:
