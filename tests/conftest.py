@@ -83,3 +83,9 @@ def outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """``$TRUTHSTEER_OUTPUTS`` in tmp_path: tune's storage and caches (extractions, head rankings) go there."""
     monkeypatch.setenv("TRUTHSTEER_OUTPUTS", str(tmp_path / "outputs"))
     return tmp_path / "outputs"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow and long tests first, so that xdist's workers start on them and the quick ones fill in around
+    them, instead of one worker finishing a long test alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None and item.get_closest_marker("long") is None)

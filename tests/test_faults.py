@@ -206,6 +206,7 @@ def start_together(kind: str, uri: str, n: int = 4) -> list[subprocess.Completed
     return [subprocess.CompletedProcess(p.args, p.wait(timeout=300), *p.communicate()) for p in procs]
 
 
+@pytest.mark.long
 def test_four_processes_on_a_brand_new_sqlite_store_all_succeed(tracking: str, tmp_path: Path) -> None:
     """3 of 4 processes used to crash on the alembic migration of a new MLflow store; Optuna's too."""
     for kind, uri in (("mlflow", f"sqlite:///{tmp_path}/fresh/mlflow.db"), ("optuna", f"sqlite:///{tmp_path}/o.db")):
@@ -275,6 +276,7 @@ def _data_stage(store: Path, *, read_only: bool = False, file_limit: int = 0) ->
                             text=True, preexec_fn=limit if file_limit else None)
 
 
+@pytest.mark.long
 def test_a_read_only_or_full_store_fails_in_one_line(tmp_path: Path) -> None:
     existing = tmp_path / "existing" / "mlflow.db"
     existing.parent.mkdir()
@@ -321,6 +323,7 @@ _cli.main(work)
 """
 
 
+@pytest.mark.long
 def test_sigterm_ends_the_run_killed_with_one_line_and_no_traceback(tracking: str) -> None:
     proc = subprocess.Popen([sys.executable, "-c", SLEEPING_STAGE], cwd=PROJECT_DIR, env=dict(os.environ),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -54,6 +54,7 @@ def test_params_are_write_once_with_a_clear_error(tracking: str) -> None:
             log_params_once({"a": "3"})
 
 
+@pytest.mark.long
 def test_sigterm_ends_a_stage_run_killed(tracking: str, tmp_path) -> None:
     script = tmp_path / "sleeper.py"
     script.write_text(

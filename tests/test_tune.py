@@ -393,6 +393,7 @@ def worker_env(outputs: Path) -> dict[str, str]:
     return {**os.environ, tune_storage.OUTPUTS_ENV: str(outputs), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.long
 def test_two_workers_on_one_journal_complete_exactly_the_total(tracking: str, outputs: Path, tmp_path: Path) -> None:
     storage = f"journal:{tmp_path / 'study.log'}"
     settings = {"n_trials": 0, "total_trials": 5, "storage": storage, "axes": {"layers": "0:2", "scales": "0:8"},
@@ -414,6 +415,7 @@ def test_two_workers_on_one_journal_complete_exactly_the_total(tracking: str, ou
     assert sum(int(p.data.metrics["n_worker_trials"]) for p in parents) == 5
 
 
+@pytest.mark.long
 def test_a_terminated_worker_requeues_its_trial(tracking: str, outputs: Path, tmp_path: Path) -> None:
     storage = str(tmp_path / "study.db")
     settings = {"n_trials": 50, "storage": storage, "axes": {"layers": "0:2", "scales": "0:8"}, "heartbeat": 0}
@@ -437,6 +439,7 @@ def test_a_terminated_worker_requeues_its_trial(tracking: str, outputs: Path, tm
     assert rerun.state == TrialState.COMPLETE and rerun.params == stopped.params  # resuming ran the queued trial
 
 
+@pytest.mark.long
 def test_a_killed_journal_worker_is_requeued_on_the_same_machine(tracking: str, outputs: Path,
                                                                  tmp_path: Path) -> None:
     settings = tune_storage.TuneSettings(n_trials=0, total_trials=3, storage=f"journal:{tmp_path / 'study.log'}", heartbeat=0, axes={"layers": "0:2", "scales": "0:8"})
