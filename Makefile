@@ -49,14 +49,14 @@ test-newest:
 	rm -rf $(NEWEST_VENV)
 	$(call install,$(abspath $(NEWEST_VENV)),--upgrade)
 	$(abspath $(NEWEST_VENV))/bin/python -c 'import transformers, torch, mlflow, optuna; print("newest allowed:", "transformers", transformers.__version__, "torch", torch.__version__, "mlflow", mlflow.__version__, "optuna", optuna.__version__)'
-	$(abspath $(NEWEST_VENV))/bin/pytest -q -n $(TEST_WORKERS) -m oracle
+	$(abspath $(NEWEST_VENV))/bin/pytest -q -n $(TEST_WORKERS) --dist worksteal -m oracle
 
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/pytest -q -n $(TEST_WORKERS)
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 run: setup
 	$(BIN)/python -m core.tracking $(MLFLOW_TRACKING_URI)

@@ -7,7 +7,8 @@ them and writes, into ``out_dir``:
 - per figure ``<stem>.png`` (300 dpi), ``<stem>.pdf`` and ``<stem>.csv`` (the table it plots);
 - ``variant_metrics.csv`` and ``best_settings.csv``, the report's other tables;
 - ``runs.csv`` (the selected runs) and ``missing.csv`` (what was looked for and not found);
-- ``report.md``, which embeds the figures and the tables behind them by relative links.
+- ``report.md``, which embeds the figures and the tables behind them by relative links, and ``report.html``,
+  the same page with the images embedded, which MLflow's artifact viewer renders (``analysis.html_report``).
 
 A figure whose table is empty is not drawn, and says why in the missing list; nothing that is
 missing from a run raises. ``run`` does the same and logs every file under ``analysis/`` of the
@@ -36,6 +37,7 @@ from analysis.frames import (
     frame_tables,
     registered_directions,
 )
+from analysis.html_report import HTML_REPORT, render
 from analysis.markdown import report_markdown
 from analysis.runs import Missing, Selection, model_of, of_stage, run_listing, tag
 from core import artifacts
@@ -154,9 +156,10 @@ def analyze(runs: pd.DataFrame, out_dir: str | Path, *, reader: StoreReader | No
     files.append(out / artifacts.ANALYSIS_MISSING)
     all_tables = {**{stem: table for stem, (table, _) in plotted.items()}, **named,
                   artifacts.ANALYSIS_MISSING: missing_frame}
-    report_path.write_text(report_markdown(runs, found, all_tables, drawn, missing_frame, title, calibration),
-                           encoding="utf-8")
-    files.append(report_path)
+    markdown = report_markdown(runs, found, all_tables, drawn, missing_frame, title, calibration)
+    report_path.write_text(markdown, encoding="utf-8")
+    (out / HTML_REPORT).write_text(render(markdown, out, title or "truthsteer analysis"), encoding="utf-8")
+    files += [report_path, out / HTML_REPORT]
     return Analysis(out_dir=out, report=report_path, files=files, tables=all_tables, drawn=drawn,
                     missing=missing_frame, metric=found.metric)
 

@@ -19,7 +19,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 
-from core.artifacts import ANALYZE_STAGE, TAG_MODEL, TAG_PARENT, TAG_STAGE
+from core.artifacts import ANALYZE_STAGE, TAG_MODEL, TAG_PARENT, TAG_STAGE, TAG_VARIANT
 from core.config import ConfigError
 from core.config_io import load_config, model_spec
 from core.tracking import ensure_store, tracking_uri
@@ -61,7 +61,7 @@ class Selection:
     def __post_init__(self) -> None:
         for key, value in self.tags:
             if not key or key == "params.":
-                raise SelectionError(f"tag filter {key}={value!r} has no key; write key=value, e.g. variant=caa")
+                raise SelectionError(f"tag filter {key}={value!r} has no key; write key=value, e.g. truthsteer.variant=caa")
             _quote(value, key)
         for model in self.models:
             _quote(model, "model")
@@ -73,7 +73,7 @@ class Selection:
         Args:
             experiment: the experiment name.
             models: aliases separated by ``|`` (or ``,``), e.g. ``gemma-2-2b|gemma-2-9b``.
-            tags: ``key=value`` pairs separated by ``,``, e.g. ``variant=caa,truthsteer.stage=evaluate.variant``.
+            tags: ``key=value`` pairs separated by ``,``, e.g. ``truthsteer.variant=caa,truthsteer.stage=evaluate.variant``.
             parent_run: a run id, or "".
         """
         aliases = tuple(m.strip() for m in models.replace(",", "|").split("|") if m.strip())
@@ -82,7 +82,7 @@ class Selection:
             key, sep, value = item.partition("=")
             if not sep:
                 raise SelectionError(f"tag filter {item!r} has no '='; write key=value[,key=value...], "
-                                     f"e.g. variant=caa")
+                                     f"e.g. truthsteer.variant=caa")
             pairs.append((key.strip(), value.strip()))
         return cls(experiment=experiment.strip(), models=aliases, tags=tuple(pairs), parent_run=parent_run.strip())
 
@@ -226,6 +226,13 @@ def tag(runs: pd.DataFrame, key: str) -> pd.Series:
     return column(runs, f"tags.{key}")
 
 
+def variant_tag(runs: pd.DataFrame, key: str = TAG_VARIANT) -> pd.Series:
+    """A variant run's namespaced tag (``truthsteer.variant``, ``truthsteer.layer``, ``truthsteer.scale``), or
+    for runs logged before the namespace, the bare one (``variant``, ...)."""
+    namespaced, bare = tag(runs, key), tag(runs, key.removeprefix("truthsteer."))
+    return namespaced.where(namespaced.notna(), bare)
+
+
 def param(runs: pd.DataFrame, key: str) -> pd.Series:
     """The param ``key`` of every run, as logged (a string; None where unset)."""
     return column(runs, f"params.{key}")
@@ -352,9 +359,9 @@ def run_listing(runs: pd.DataFrame) -> pd.DataFrame:
     """The selected runs in brief: ``run_id``, ``stage``, ``model``, ``variant``, ``parent_run``, ``run_name``."""
     return pd.DataFrame({
         "run_id": column(runs, "run_id"), "stage": tag(runs, TAG_STAGE), "model": model_of(runs),
-        "variant": tag(runs, "variant"), "parent_run": tag(runs, TAG_PARENT),
+        "variant": variant_tag(runs), "parent_run": tag(runs, TAG_PARENT),
         "run_name": tag(runs, "mlflow.runName"),
     }).reset_index(drop=True)
 
 
-__all__ = ['Missing', 'MissingItem', 'Selection', 'SelectionError', 'as_float', 'column', 'connect', 'descendants', 'metric', 'model_of', 'model_sizes', 'of_stage', 'order_models', 'param', 'run_listing', 'select_runs', 'tag']
+__all__ = ['Missing', 'MissingItem', 'Selection', 'SelectionError', 'as_float', 'column', 'connect', 'descendants', 'metric', 'model_of', 'model_sizes', 'of_stage', 'order_models', 'param', 'run_listing', 'select_runs', 'tag', 'variant_tag']

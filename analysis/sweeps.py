@@ -28,6 +28,7 @@ from core.artifacts import (
     TAG_PARENT,
     TAG_STAGE,
     TAG_STUDY,
+    TAG_VARIANT,
     TRIAL_METRIC,
     TRIAL_STAGE,
     TUNE_STAGE,
@@ -105,7 +106,8 @@ def tune_trials(runs: pd.DataFrame, missing: Missing, directions: Mapping[str, b
         model = _text(trial.get(f"tags.{TAG_MODEL}")) or worker_tags.get(TAG_MODEL, "")
         setting = {p: as_float(trial.get(f"params.{p}")) for p in PARAMS}
         given = method_of_params({p for p, v in setting.items() if not math.isnan(v)})
-        variant = _text(trial.get("tags.variant")) or (given.name if given else "caa")
+        variant = (_text(trial.get(f"tags.{TAG_VARIANT}")) or _text(trial.get("tags.variant"))
+                   or (given.name if given else "caa"))
         value = as_float(trial.get(f"metrics.{name}"))
         if math.isnan(value):  # MLflowCallback's name for the same value
             value = as_float(trial.get(f"metrics.{TRIAL_METRIC}"))

@@ -30,10 +30,24 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.runs import Missing, as_float, column, metric, model_of, of_stage, order_models, param, tag
+from analysis.runs import (
+    Missing,
+    as_float,
+    column,
+    metric,
+    model_of,
+    of_stage,
+    order_models,
+    param,
+    tag,
+    variant_tag,
+)
 from core.artifacts import (
     TAG_BRANCH,
+    TAG_LAYER,
     TAG_PARENT,
+    TAG_SCALE,
+    TAG_VARIANT,
     TRAIN_STAGE,
     VARIANT_STAGE,
 )
@@ -92,14 +106,15 @@ def variant_runs(runs: pd.DataFrame, exclude_parents: Iterable[str] = ()) -> pd.
     if selected.empty:
         return _empty(["run_id", "model", "variant", "evaluation", "layer", "scale", "start_time"])
 
-    def setting(name: str) -> pd.Series:  # the variant's tag; a run without the tag falls back to the config
-        tagged, configured = tag(selected, name), param(selected, f"steering.{name}")
-        return tagged.where(tagged.notna(), configured).map(as_float)
+    def setting(key: str) -> pd.Series:  # the variant's tag; a run without the tag falls back to the config
+        tagged, configured = variant_tag(selected, key), param(selected, f"steering.{key.removeprefix('truthsteer.')}")
+        steered = variant_tag(selected) != "baseline"  # baseline steers nothing, whatever its config says
+        return tagged.where(tagged.notna(), configured.where(steered)).map(as_float)
 
     frame = pd.DataFrame({
         "run_id": column(selected, "run_id").astype(str), "model": model_of(selected),
-        "variant": tag(selected, "variant").fillna(""), "evaluation": tag(selected, TAG_PARENT).fillna(""),
-        "layer": setting("layer"), "scale": setting("scale"), "start_time": column(selected, "start_time"),
+        "variant": variant_tag(selected, TAG_VARIANT).fillna(""), "evaluation": tag(selected, TAG_PARENT).fillna(""),
+        "layer": setting(TAG_LAYER), "scale": setting(TAG_SCALE), "start_time": column(selected, "start_time"),
     })
     metrics = selected[[c for c in selected.columns if c.startswith("metrics.")]]
     return pd.concat([frame, metrics], axis=1).reset_index(drop=True)

@@ -58,7 +58,7 @@ def main() -> None:
         stages = {r.data.tags["truthsteer.pipeline_stage"]: (r.info.end_time - r.info.start_time) / 1000 for r in runs}
         variants = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                       filter_string="tags.`truthsteer.stage` = 'evaluate.variant'")
-        metrics = {r.data.tags["variant"]: {k: round(v, 4) for k, v in sorted(r.data.metrics.items())
+        metrics = {r.data.tags["truthsteer.variant"]: {k: round(v, 4) for k, v in sorted(r.data.metrics.items())
                                             if k.split("_ci_")[0].removesuffix("_delta") in HEADLINE or k in HEADLINE}
                    for r in variants}
         evaluate = next(r for r in runs if r.data.tags["truthsteer.pipeline_stage"] == "evaluate")

@@ -35,6 +35,8 @@ GENERATIONS_TABLE = "evaluate/generations_table.json"  # the same rows, as an ML
 PER_CATEGORY = "evaluate/per_category.csv"  # variant x metric x category: n, mean, delta vs baseline
 SUMMARY_MD = "evaluate/summary.md"  # variants x metrics with intervals
 SUMMARY_CSV = "evaluate/summary.csv"
+COMPARISON_FIGURE = "evaluate/comparison.png"  # variants x headline metrics, intervals and deltas
+COMPARISON_TABLE = "evaluate/comparison.json"  # the same, as an MLflow table
 JUDGE_DIR = "judge"  # the trained judge: judge.safetensors and judge.json (train_judge)
 CALIBRATION_TABLE = "calibrate/agreement_table.json"  # judge x label x subset agreement, an MLflow table
 CALIBRATION_CSV = "calibrate/agreement.csv"
@@ -121,6 +123,11 @@ def best_tag(param: str) -> str:
     return f"truthsteer.best_{param}"
 TAG_STOPPED = "truthsteer.stopped"  # a signal stopped the worker before its trials were done
 VARIANT_STAGE = "evaluate.variant"  # TAG_STAGE of the nested per-variant runs
+# What tells the variant runs apart (runs logged before these were namespaced carry "variant", "layer", ...)
+TAG_VARIANT = "truthsteer.variant"
+TAG_LAYER = "truthsteer.layer"  # unset for baseline
+TAG_SCALE = "truthsteer.scale"  # the hook multiplier; unset for baseline
+TAG_DTYPE = "truthsteer.dtype"
 TAG_STORE = "truthsteer.generation_store"
 TAG_SOURCE_RUN = "truthsteer.source_run"
 TAG_JUDGE_URI = "truthsteer.judge_uri"

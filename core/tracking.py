@@ -91,9 +91,10 @@ def log_params_once(params: Mapping[str, str]) -> None:
         mlflow.log_params(dict(items[start:start + 100]))
 
 
-def log_config(cfg: Config) -> None:
-    """The resolved config as params (``steering.layer`` ...) and as the ``config.yaml`` artifact."""
-    log_params_once(flat_params(cfg))
+def log_config(cfg: Config, params: Mapping[str, str] | None = None) -> None:
+    """The resolved config as params (``steering.layer`` ...; `params` instead when given) and as the
+    ``config.yaml`` artifact. Empty values are not logged: an unset setting has no param, not ``''``."""
+    log_params_once({k: v for k, v in (flat_params(cfg) if params is None else params).items() if v != ""})
     mlflow.log_text(config_yaml(cfg), CONFIG_ARTIFACT)
 
 
@@ -172,7 +173,7 @@ def reap_unstarted_launches(experiment_id: str, own: str = "", grace: float = LA
 
 @contextmanager
 def stage_run(stage: str, cfg: Config, *, run_name: str | None = None,
-              tags: Mapping[str, str] | None = None) -> Iterator[Any]:
+              tags: Mapping[str, str] | None = None, params: Mapping[str, str] | None = None) -> Iterator[Any]:
     """The run of one stage (``tracked_run``) with the resolved config logged to it.
 
     Args:
@@ -181,11 +182,12 @@ def stage_run(stage: str, cfg: Config, *, run_name: str | None = None,
             names the store and the experiment.
         run_name: defaults to ``<model>-<stage>``.
         tags: extra tags.
+        params: the params to log instead of the whole config (``config.yaml`` still holds all of it).
     """
     ensure_store(tracking_uri(cfg))
     with tracked_run(stage, run_name=run_name or f"{cfg.model.alias}-{stage}", experiment=cfg.tracking.experiment,
                      tags={TAG_MODEL: cfg.model.alias, **(tags or {})}) as run:
-        log_config(cfg)
+        log_config(cfg, params)
         yield run
 
 

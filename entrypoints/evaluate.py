@@ -10,7 +10,8 @@ regenerates nothing. The judges of eval.judges score the answers (the judge mode
 Parameters: --model, --data, --split, --data-run, --sources (variant=RUN pairs), --variants (e.g. baseline|caa; eval.variants), --judge (judge model alias;
 judge.model), --trained-judge (judge.trained: the trained judge, models:/truthsteer-judge/<version>),
 --overrides, --preset, --dry-run (print the plan; load no weights).
-Logs: one nested run per variant (<model>-<variant>, tags variant, model, layer, scale, dtype) with
+Logs: one nested run per variant (<variant>-<model>, tags truthsteer.variant, .layer, .scale, .dtype; params
+the config that variant reads plus variant.* (layer, scale, positions, source run, MLP width)) with
 the same metric names: each judge metric with _ci_low/_ci_high, _delta with its interval and
 _mcnemar_p against baseline, <judge>_invalid_rate, n_generated, n_reused; in the parent run the
 generations table (evaluate/generations.jsonl, .csv and an MLflow table), evaluate/per_category.csv

@@ -49,21 +49,22 @@ import mlflow
 import pandas as pd
 
 from core import artifacts
-from core.artifacts import TAG_STORE, VARIANT_STAGE
+from core.artifacts import TAG_DTYPE, TAG_LAYER, TAG_SCALE, TAG_STORE, TAG_VARIANT, VARIANT_STAGE
 from core.config import Config, ConfigError
+from core.config_io import flat_params
 from core.data import Question, splits_for
 from core.models import (
     TORCH_DTYPES,
     LoadedModel,
-    describe_source,
     load_from_config,
 )
 from core.tracking import log_params_once, stage_run
 from evaluation import mc as _mc  # registers the "mc" judge
+from evaluation.comparison import log_comparison
 from evaluation.degenerate import answer_rates, check_degenerate
 from evaluation.generate import generate_missing
 from evaluation.generation_store import GenerationStore, default_store_path, variant_hash
-from evaluation.judge_loading import LLM_JUDGES, check_trained_judge, load_judge_model, make_judges
+from evaluation.judge_loading import check_trained_judge, load_judge_model, make_judges
 from evaluation.judges import Judge
 from evaluation.side_effects import measure_effects
 from evaluation.variant_metrics import (
@@ -76,7 +77,9 @@ from evaluation.variant_metrics import (
     summary_markdown,
     variant_metrics,
 )
+from evaluation.variant_params import variant_params
 from evaluation.verdicts import check_invalid_ceiling
+from stages.evaluate_plan import plan
 from stages.source_runs import SourceRuns
 from steering.methods import method
 from steering.methods.intervention import Steering
@@ -236,6 +239,7 @@ def judge_and_log(
     *,
     extra_metrics: Mapping[str, Mapping[str, float]] | None = None,
     extra_tags: Mapping[str, str] | None = None,
+    params: Mapping[str, Mapping[str, str]] | None = None,
 ) -> EvaluationResult:
     """Judge every variant in its own nested run, then log the tables to the active run.
 
@@ -250,6 +254,7 @@ def judge_and_log(
         info: variant -> ``model``, ``dtype``, ``layer``, ``scale`` (tags and summary columns).
         extra_metrics: variant -> more metrics for its run (generation counts).
         extra_tags: more tags on every nested run.
+        params: variant -> the params of its run (``evaluation.variant_params``); the whole config when None.
     """
     if mlflow.active_run() is None:
         raise RuntimeError("evaluation needs the active parent run: call it inside tracking.stage_run")
@@ -267,9 +272,12 @@ def judge_and_log(
                             rows_by_variant)
     for variant, rows in prescored.items():
         meta = info[variant]
-        tags = {"variant": variant, "model": str(meta["model"]), "layer": str(meta["layer"]),
-                "scale": str(meta["scale"]), "dtype": str(meta["dtype"]), **(extra_tags or {})}
-        with stage_run(VARIANT_STAGE, cfg, run_name=f"{meta['model']}-{variant}", tags=tags) as child:
+        tags = {TAG_VARIANT: variant, TAG_DTYPE: str(meta["dtype"]), **(extra_tags or {})}
+        if meta["layer"] is not None:
+            tags.update({TAG_LAYER: str(meta["layer"]), TAG_SCALE: str(meta["scale"])})
+        # the variant first: the UI's run-name column shows the start of a name
+        with stage_run(VARIANT_STAGE, cfg, run_name=f"{variant}-{meta['model']}", tags=tags,
+                       params=(params or {}).get(variant)) as child:
             judges = judges_by_variant[variant]
             names = judge_metric_names(judges)
             scored[variant] = score_rows([j for j in judges if not any(j is k for k in shared)], rows)
@@ -294,49 +302,14 @@ def judge_and_log(
     markdown = summary_markdown(summary, names)
     log_tables(all_rows, pd.concat(categories, ignore_index=True) if categories else pd.DataFrame(), summary,
                markdown)
+    if info:
+        log_comparison(summary, names, model=str(next(iter(info.values()))["model"]), split=cfg.eval.split,
+                       confidence=cfg.eval.confidence)
     print(markdown)
     return EvaluationResult(metrics=metrics, rows=all_rows, run_ids=run_ids, summary=summary)
 
 
 # ---------------------------------------------------------------- the stage
-
-
-def plan(cfg: Config, sources: SourceRuns, store_path: str | Path | None = None) -> list[str]:
-    """What ``run`` would do, for a dry run: no weights load, nothing is logged.
-
-    Args:
-        cfg: the resolved config.
-        sources: the source runs (checked against the variants).
-        store_path: the generation store; the config's default place when None.
-    """
-    variants = ordered_variants(cfg.eval.variants)
-    sources.check(variants)
-    decoding = cfg.eval
-    path = Path(store_path) if store_path else default_store_path(cfg.model, cfg.model.dtype, decoding)
-    store = GenerationStore(path) if path.exists() else None
-    n_questions = cfg.data.sizes[cfg.eval.split]
-    lines = [
-        f"model: {cfg.model.alias} from {describe_source(cfg.model, cfg.runtime.cache_dir)}, dtype {cfg.model.dtype}",
-        f"questions: split {cfg.eval.split}"
-        + (f" of data run {sources.data_run}" if sources.data_run else f" ({n_questions} questions)"),
-        f"steering: layer {cfg.layer}, scale {cfg.steering.scale} ({cfg.steering.scale_mode}), "
-        f"positions {cfg.steering.positions}",
-        f"decoding: {decoding}",
-        f"generation store: {path}",
-    ]
-    for variant in variants:
-        key = variant_key(cfg, variant, sources)
-        stored = sum(1 for r in (store.records() if store else []) if r["variant"] == variant
-                     and r["variant_hash"] == key)
-        source = sources.for_variant(variant)
-        lines.append(f"variant {variant}: hash {key}{f', source run {source}' if source else ''}; "
-                     f"{stored} answers stored")
-    needs_llm = [j for j in cfg.eval.judges if j in LLM_JUDGES]
-    lines.append(f"judges: {', '.join(cfg.eval.judges)}"
-                 + (f"; judge model {cfg.judge.model} on {cfg.runtime.judge_device}" if needs_llm else "")
-                 + (f"; trained judge {cfg.judge.trained or 'NOT SET (judge.trained)'}" if "judge" in cfg.eval.judges
-                    else ""))
-    return lines
 
 
 def run(
@@ -407,7 +380,9 @@ def run(
     def judges_for(variant: str) -> list[Judge]:
         return [j.bind(loaded, steerings[variant]) if isinstance(j, _mc.MCJudge) else j for j in judges]
 
-    result = judge_and_log(cfg, rows_by_variant, judges_for, info, extra_metrics=counts)
+    flat = flat_params(cfg)
+    params = {v: variant_params(flat, steerings[v].key_fields(), module=steerings[v].module) for v in variants}
+    result = judge_and_log(cfg, rows_by_variant, judges_for, info, extra_metrics=counts, params=params)
     return dataclasses.replace(result, store_path=store.path, n_generated=n_generated)
 
 

@@ -274,7 +274,7 @@ def make_objective(
         tick = time.perf_counter()
         mlflow.set_tags({artifacts.TAG_STAGE: TRIAL_STAGE, artifacts.TAG_MODEL: scorer.cfg.model.alias,
                          artifacts.TAG_HOST: socket.gethostname(), artifacts.TAG_PID: str(os.getpid()),
-                         TAG_STUDY: study_name, "variant": scorer.method})
+                         TAG_STUDY: study_name, artifacts.TAG_VARIANT: scorer.method})
         params = {name: axis.suggest(trial) for name, axis in space.axes.items()}
         relative = getattr(scorer.steering(params), "relative_scale", None)
         if relative is not None:  # the trial in units that transfer to another model (warm starts read it)

@@ -139,8 +139,9 @@ def _evaluation(w: Writer, key: str, model: str, variants: Mapping[str, Mapping[
     for variant, values in variants.items():
         steered = variant != "baseline"
         w.run(f"{key}/{variant}", "evaluate.variant", model, parent=key, params=params,
-              tags={"variant": variant, "model": model, "layer": str(layer) if steered else "None",
-                    "scale": str(scale if variant == "caa" else 1.0) if steered else "None"},
+              tags={"truthsteer.variant": variant, "model": model,
+                    **({"truthsteer.layer": str(layer), "truthsteer.scale": str(scale if variant == "caa" else 1.0)}
+                       if steered else {})},
               metrics=_variant_metrics(values, variants.get("baseline") if steered else None))
 
 
@@ -308,7 +309,7 @@ def test_selection_by_models_tags_and_parent_run(at_store: Store) -> None:
     ids = at_store.ids
     smol = select_runs(Selection(EXPERIMENT, models=(SMOL,)))
     assert set(smol["run_id"]) == {ids[k] for k in ids if k.startswith("smol")}
-    caa = select_runs(Selection.parse(EXPERIMENT, f"{GEMMA}|{MYSTERY}", "variant=caa,layer=12"))
+    caa = select_runs(Selection.parse(EXPERIMENT, f"{GEMMA}|{MYSTERY}", "truthsteer.variant=caa,truthsteer.layer=12"))
     assert set(caa["run_id"]) == {ids[k] for k in ("gemma-old-8a/caa", "gemma-old-2/caa", "gemma-old-8/caa",
                                                    "gemma-main/caa")}
     below = select_runs(Selection(EXPERIMENT, parent_run=ids["gemma-full"]))  # children and grandchildren
@@ -541,6 +542,20 @@ def test_report_embeds_figures_and_tables(store: Store) -> None:
         assert f"[{spec.stem}.csv]({spec.stem}.csv)" in text
     assert "| caa | 0.550 [0.450, 0.650] | 0.500 [0.400, 0.600] | 0.850 [0.750, 0.930] |" in text
     assert "## Best layer and scale per model" in text
+
+
+def test_the_html_report_embeds_every_figure_and_links_nowhere(store: Store) -> None:
+    """MLflow's artifact viewer shows report.html with its images: each figure's PNG bytes are in the page,
+    and no link points at a file the viewer cannot follow."""
+    import base64
+    import re
+
+    page = (store.out / "report.html").read_text()
+    embedded = [base64.b64decode(data) for data in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
+    assert embedded == [(store.out / f"{spec.stem}.png").read_bytes() for spec in frames.FIGURES]
+    assert re.findall(r'href="(?![a-z]+://)', page) == [] and 'src="' not in page.replace('src="data:', "")
+    assert f"(<code>{frames.FIGURES[0].stem}.csv</code>)" in page
+    assert re.search(r"<td>caa</td>\s*<td>0.550 \[0.450, 0.650\]</td>", page)  # the tables render as tables
 
 
 def test_the_analyze_run_logs_every_file_and_is_never_analysed(at_store: Store) -> None:

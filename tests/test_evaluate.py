@@ -271,13 +271,14 @@ def test_judge_and_log_makes_one_nested_run_per_variant_with_the_same_metrics(tr
         result = evaluate.judge_and_log(cfg, rows, judges_for, info,
                                         extra_metrics={v: {"n_generated": 3.0} for v in rows})
     client = mlflow.MlflowClient()
-    children = {r.data.tags["variant"]: r for r in client.search_runs(
+    children = {r.data.tags["truthsteer.variant"]: r for r in client.search_runs(
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
     assert set(children) == {"baseline", "caa"} == set(result.run_ids)
     caa = children["caa"]
-    assert caa.info.run_name == "tiny-llama-caa" and caa.info.status == "FINISHED"
-    assert {k: caa.data.tags[k] for k in ("model", "layer", "scale", "dtype")} == {
-        "model": "tiny-llama", "layer": "1", "scale": "1.0", "dtype": "float32"}
+    assert caa.info.run_name == "caa-tiny-llama" and caa.info.status == "FINISHED"
+    assert {k: caa.data.tags[f"truthsteer.{k}"] for k in ("variant", "layer", "scale", "dtype")} == {
+        "variant": "caa", "layer": "1", "scale": "1.0", "dtype": "float32"}
+    assert "truthsteer.layer" not in children["baseline"].data.tags  # baseline steers no layer
     assert metric_keys(caa.info.run_id) == metric_keys(children["baseline"].info.run_id)
     expected = {"mc1", "mc1_ci_low", "mc1_ci_high", "mc1_delta", "mc1_delta_ci_low", "mc1_delta_ci_high",
                 "mc1_mcnemar_p", "mc2_delta", "bleu_acc_mcnemar_p", "rougeL_max", "mc_invalid_rate",
@@ -299,6 +300,17 @@ def test_judge_and_log_makes_one_nested_run_per_variant_with_the_same_metrics(tr
     summary = client.download_artifacts(parent.info.run_id, artifacts.SUMMARY_MD)
     text = Path(summary).read_text()
     assert "| mc1 |" in text and "## Against baseline" in text and text in printed.getvalue()
+    # The run's own comparison: a figure, and a table whose every number is the variant run's metric.
+    assert {artifacts.COMPARISON_FIGURE, artifacts.COMPARISON_TABLE} <= listed
+    table = mlflow.load_table(artifacts.COMPARISON_TABLE, run_ids=[parent.info.run_id])
+    assert set(table["metric"]) == {"mc2", "mc1", "bleu_acc", "rougeL_acc"} and set(table["variant"]) == {"baseline", "caa"}
+    for row in table.to_dict("records"):
+        logged = children[row["variant"]].data.metrics
+        for column, key in (("value", ""), ("ci_low", "_ci_low"), ("delta", "_delta"),
+                            ("delta_ci_high", "_delta_ci_high")):
+            expected = logged.get(f"{row['metric']}{key}", float("nan"))
+            assert row[column] == pytest.approx(expected, nan_ok=True), (row, column)
+        assert row["n_questions"] == logged["n_generated"] + logged.get("n_reused", 0.0)
 
 
 def test_an_invalid_rate_above_the_ceiling_fails_the_variant_run(tracking: str, cfg: Config) -> None:
@@ -326,7 +338,7 @@ def test_score_rescores_saved_answers_into_a_new_tagged_run(tracking: str, cfg: 
     assert "bleu_acc" in result.rows[0] and "rouge1_max" not in result.rows[0]  # old verdicts replaced
     for variant, run_id in result.run_ids.items():
         child = mlflow.get_run(run_id)
-        assert child.data.tags["variant"] == variant and child.data.tags[artifacts.TAG_SOURCE_RUN]
+        assert child.data.tags[artifacts.TAG_VARIANT] == variant and child.data.tags[artifacts.TAG_SOURCE_RUN]
         assert "bleu_acc_delta" in child.data.metrics and "rouge1_max" not in child.data.metrics
     bleu = BleuJudge()
     expected = bleu.aggregate(bleu.score([variant_metrics.judge_item(r) for r in rows["caa"]]))["bleu_max"]
@@ -473,9 +485,20 @@ def test_all_variants_from_real_stage_runs_then_score(tracking: str, tmp_path: P
         assert row["llm_raw"] and (row["llm_valid"] == (row["llm_truthful"] is not None))
     for variant, run_id in result.run_ids.items():
         run = mlflow.get_run(run_id)
-        assert run.data.tags["variant"] == variant and run.data.tags["dtype"] == "float32"
-        assert run.info.run_name == f"smollm2-135m-{variant}"
-        assert run.data.tags["layer"] == ("None" if variant == "baseline" else str(cfg.layer))
+        assert run.data.tags[artifacts.TAG_VARIANT] == variant and run.data.tags[artifacts.TAG_DTYPE] == "float32"
+        assert run.info.run_name == f"{variant}-smollm2-135m"
+        assert run.data.tags.get(artifacts.TAG_LAYER) == (None if variant == "baseline" else str(cfg.layer))
+        # The params are what the variant ran: baseline has no steering settings; each steered variant names
+        # its layer, multiplier and source run, an MLP its width; nothing is logged as ''.
+        params = run.data.params
+        assert params["variant"] == variant and "" not in params.values() and "eval.max_new_tokens" in params
+        if variant == "baseline":
+            assert not any(k.startswith(("steering.", "mlp.", "bank.", "variant.")) for k in params)
+        else:
+            assert params["variant.layer"] == str(cfg.layer) and params["variant.source_run"]
+            assert float(params["variant.scale"]) == (1.0 if variant.startswith("mlp") else cfg.steering.scale)
+        assert ("variant.mlp_expansion" in params) == variant.startswith("mlp")
+        assert ("mlp.expansion" in params) == variant.startswith("mlp")
     steered = {v: [r["answer"] for r in result.rows if r["variant"] == v] for v in result.run_ids}
     assert steered["caa"] != steered["baseline"]
     for metric in ("kl_neutral", "ce_neutral_delta", "kl_answers"):  # what steering costs, every variant

@@ -101,7 +101,7 @@ def test_a_variant_with_degenerate_answers_fails_its_run_after_logging(tracking:
     with pytest.raises(DegenerateAnswers, match="caa: degenerate_answer_rate=1.000 exceeds eval.degenerate_ceiling"), \
             stage_run("evaluate", cfg) as parent:
         evaluate.judge_and_log(cfg, rows, lambda v: [judge], info, extra_metrics=extra)
-    children = {r.data.tags["variant"]: r for r in mlflow.MlflowClient().search_runs(
+    children = {r.data.tags["truthsteer.variant"]: r for r in mlflow.MlflowClient().search_runs(
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
     assert children["baseline"].info.status == "FINISHED"
     assert children["caa"].info.status == "FAILED" and children["caa"].data.metrics["degenerate_answer_rate"] == 1.0

@@ -115,7 +115,7 @@ def test_full_runs_every_stage_then_reuses_them(tracking: str, tmp_path: Path) -
     stages = sorted(r.data.tags.get("truthsteer.pipeline_stage", "") for r in runs if r.info.status == "FINISHED")
     assert [s for s in stages if s] == sorted(expected)
     variants = [r for r in runs if r.data.tags.get("truthsteer.stage") == "evaluate.variant"]
-    assert {r.data.tags.get("variant") for r in variants} == {"baseline", "caa", "mlp_mc", "mlp_gen"}
+    assert {r.data.tags.get("truthsteer.variant") for r in variants} == {"baseline", "caa", "mlp_mc", "mlp_gen"}
     assert all({"judge_truthful", "judge_truthful_informative_ci_low"} <= set(r.data.metrics) for r in variants)
     (judge_run,) = [r for r in runs if r.data.tags.get("truthsteer.pipeline_stage") == "train_judge"]
     (evaluate_run,) = [r for r in runs if r.data.tags.get("truthsteer.pipeline_stage") == "evaluate"]
@@ -156,7 +156,7 @@ def test_full_killed_during_evaluation_continues_where_it_stopped(tracking: str,
     evaluate = next(r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
                     and r.data.tags.get("truthsteer.stage") == "evaluate")
     variants = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == evaluate.info.run_id]
-    assert sorted(r.data.tags["variant"] for r in variants) == ["baseline", "caa", "mlp_gen", "mlp_mc"]
+    assert sorted(r.data.tags["truthsteer.variant"] for r in variants) == ["baseline", "caa", "mlp_gen", "mlp_mc"]
     assert sum(r.data.metrics["n_reused"] for r in variants) == len(done)  # nothing finished was regenerated
     assert sum(r.data.metrics["n_generated"] for r in variants) == 4 * 6 - len(done)
     keys = [(r["variant"], r["qid"]) for r in map(json.loads, store.read_text().splitlines())]

@@ -116,7 +116,7 @@ def test_an_iti_study_on_the_tiny_model(tracking: str, outputs: Path) -> None:
     assert (tags[artifacts.TAG_BEST_K], float(tags[artifacts.TAG_BEST_ALPHA])) == (
         str(outcome.best_params["k"]), outcome.best_params["alpha"])
     runs = children(parent_id)
-    assert {r.data.tags["variant"] for r in runs} == {"iti"} and all(set(r.data.params) == {"k", "alpha"} for r in runs)
+    assert {r.data.tags["truthsteer.variant"] for r in runs} == {"iti"} and all(set(r.data.params) == {"k", "alpha"} for r in runs)
     frame = mlflow.search_runs(search_all_experiments=True, output_format="pandas")
     table = sweeps.tune_trials(frame, Missing(), {"mc2": True})
     assert list(table["variant"]) == ["iti", "iti"] and table["layer"].isna().all() and table["scale"].isna().all()
@@ -183,4 +183,4 @@ def test_a_method_that_declares_a_tunable_is_tuned_without_an_edit_to_the_tune_s
     fragment = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(
         run_id=parent_id, artifact_path=artifacts.TUNED)).read_text())
     assert fragment == {"last": {"gain": outcome.best_params["gain"]}}
-    assert {r.data.tags["variant"] for r in children(parent_id)} == {"last"}
+    assert {r.data.tags["truthsteer.variant"] for r in children(parent_id)} == {"last"}
