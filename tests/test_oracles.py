@@ -245,7 +245,7 @@ def test_an_evaluate_variant_that_steered_nothing_fails_its_run(tracking: str, c
         steerings = {"baseline": Steering.baseline(), "caa": steering}
         evaluate.judge_and_log(cfg, rows, lambda v: [mc.bind(loaded, steerings[v])], info)
     runs = mlflow.search_runs(experiment_ids=[parent.info.experiment_id], output_format="list")
-    status = {r.data.tags.get("variant", "parent"): r.info.status for r in runs}
+    status = {r.data.tags.get("truthsteer.variant", "parent"): r.info.status for r in runs}
     assert status == {"parent": "FAILED", "baseline": "FINISHED", "caa": "FAILED"}
     (caa,) = [r for r in runs if r.data.tags.get("truthsteer.variant") == "caa"]
     assert "mc1" not in caa.data.metrics
