@@ -42,15 +42,8 @@ from analysis.runs import (
     tag,
     variant_tag,
 )
-from core.artifacts import (
-    TAG_BRANCH,
-    TAG_LAYER,
-    TAG_PARENT,
-    TAG_SCALE,
-    TAG_VARIANT,
-    TRAIN_STAGE,
-    VARIANT_STAGE,
-)
+from core import artifacts
+from core.artifacts import TAG_BRANCH, TAG_PARENT, TRAIN_STAGE, VARIANT_STAGE
 from evaluation.statistics import binary_agreement
 from evaluation.variant_metrics import COST_METRICS
 from steering.methods import variant_order as methods_order
@@ -113,8 +106,8 @@ def variant_runs(runs: pd.DataFrame, exclude_parents: Iterable[str] = ()) -> pd.
 
     frame = pd.DataFrame({
         "run_id": column(selected, "run_id").astype(str), "model": model_of(selected),
-        "variant": variant_tag(selected, TAG_VARIANT).fillna(""), "evaluation": tag(selected, TAG_PARENT).fillna(""),
-        "layer": setting(TAG_LAYER), "scale": setting(TAG_SCALE), "start_time": column(selected, "start_time"),
+        "variant": variant_tag(selected, artifacts.TAG_VARIANT).fillna(""), "evaluation": tag(selected, TAG_PARENT).fillna(""),
+        "layer": setting(artifacts.TAG_LAYER), "scale": setting(artifacts.TAG_SCALE), "start_time": column(selected, "start_time"),
     })
     metrics = selected[[c for c in selected.columns if c.startswith("metrics.")]]
     return pd.concat([frame, metrics], axis=1).reset_index(drop=True)
