@@ -1,23 +1,21 @@
 """Figures and a report from the tracking store (the `analyze` stage)."""
 
+from analysis.agreement import agreement_table, cohen_kappa, kappa_interval
+from analysis.categories import category_delta_table, chosen_variants
 from analysis.figures import (
     PAPER_STYLE,
     category_delta_figure,
     cross_model_figure,
     judge_agreement_figure,
-    layer_scale_figure,
     save_figure,
-    scale_sweep_figure,
     training_curves_figure,
 )
 from analysis.frames import FIGURES, FigureSpec, MlflowReader, StoreReader
 from analysis.report import Analysis, analysis_run, analyze, plan, run
 from analysis.runs import Missing, Selection, SelectionError, connect, select_runs
+from analysis.sweep_figures import layer_scale_figure, scale_sweep_figure
 from analysis.sweeps import best_settings_table, layer_scale_table, scale_sweep_table, tune_trials
 from analysis.tables import (
-    agreement_table,
-    category_delta_table,
-    cohen_kappa,
     cross_model_table,
     training_curves_table,
     variant_metrics_table,
@@ -42,11 +40,13 @@ __all__ = [
     "best_settings_table",
     "category_delta_table",
     "category_delta_figure",
+    "chosen_variants",
     "cohen_kappa",
     "connect",
     "cross_model_figure",
     "cross_model_table",
     "judge_agreement_figure",
+    "kappa_interval",
     "layer_scale_figure",
     "layer_scale_table",
     "plan",

@@ -16,7 +16,8 @@ from typing import Any, Protocol
 import mlflow
 import pandas as pd
 
-from analysis import sweeps, tables
+from analysis import categories, sweeps, tables
+from analysis.context import Context, build
 from analysis.runs import Missing, model_of, model_sizes, order_models
 from core import artifacts
 
@@ -56,12 +57,15 @@ FIGURES = (
                "Per model (smallest first): each variant's truthfulness (and informativeness) in the model's "
                "latest evaluation, with intervals as error bars.",
                "evaluate.variant runs with judge metrics"),
-    FigureSpec(artifacts.ANALYSIS_JUDGE_AGREEMENT, "LLM judge against semantic judge",
-               "Per model and variant: counts of the LLM judge's truthfulness verdict (rows) against the "
-               "semantic judge's (columns) over the same answers, with Cohen's kappa.",
-               f"an evaluation's {artifacts.GENERATIONS} with LLM and semantic verdicts"),
-    FigureSpec(artifacts.ANALYSIS_CATEGORY_DELTA, "Change per category, best variant",
-               "Per model: the change of its best steered variant against baseline in each TruthfulQA category.",
+    FigureSpec(artifacts.ANALYSIS_JUDGE_AGREEMENT, "Two judges on the same answers",
+               "Per model and variant: counts of the first judge's truthfulness verdict (the trained judge, else the "
+               "LLM judge; rows) against the semantic judge's (columns) over the same answers, shaded by share of "
+               "answers on one scale for all panels, with Cohen's kappa and its bootstrap interval.",
+               f"an evaluation's {artifacts.GENERATIONS} with trained or LLM and semantic verdicts"),
+    FigureSpec(artifacts.ANALYSIS_CATEGORY_DELTA, "Change per category",
+               "Per model: the change of its steered variant (the best on the val split; every steered variant "
+               "where no val evaluation chose one) against baseline in each TruthfulQA category with enough "
+               "questions, with paired bootstrap intervals.",
                f"an evaluation with a baseline, a steered variant and {artifacts.PER_CATEGORY}"),
     FigureSpec(artifacts.ANALYSIS_PARETO, "What tuning buys against what steering costs",
                "Per tune study with a measured cost (a constraint or two directions): each trial's objective "
@@ -69,7 +73,9 @@ FIGURES = (
                "(best feasible, or best on the front) trial starred.",
                "tune studies run with --constraint or --directions"),
     FigureSpec(artifacts.ANALYSIS_TRAINING_CURVES, "MLP training curves",
-               "Per model: train (solid) and val (dashed) loss per step of each branch's latest train run.",
+               "Per model and branch (each on its own axis: the MC hinge loss and the generation NLL are not comparable): "
+               "the train loss of each step's batch (solid), the val loss over the whole val set (dashed) and the "
+               "whole train set's loss after training (diamond), from the latest train run.",
                "train runs (mc or gen) with train_loss and val_loss histories"),
 )
 
@@ -172,7 +178,8 @@ class FrameTables:
         variants: ``tables.variant_runs``.
         trials: ``sweeps.tune_trials``.
         variant_metrics: ``tables.variant_metrics_table``.
-        best_variants: model -> its best steered variant.
+        chosen: model -> the steered variants its per-category figure shows and how they were chosen
+            (``categories.chosen_variants``).
         cross_model: ``tables.cross_model_table``.
         scale_sweep: ``sweeps.scale_sweep_table``.
         relative_scale: ``sweeps.relative_scale_table``.
@@ -180,6 +187,7 @@ class FrameTables:
         best_settings: ``sweeps.best_settings_table``.
         pareto: ``sweeps.pareto_table``.
         trained: ``tables.train_runs``.
+        context: what the figures' titles say per model (split, n, judge agreement).
     """
 
     models: list[str]
@@ -190,7 +198,7 @@ class FrameTables:
     variants: pd.DataFrame
     trials: pd.DataFrame
     variant_metrics: pd.DataFrame
-    best_variants: dict[str, str]
+    chosen: dict[str, tuple[list[str], str]]
     cross_model: pd.DataFrame
     scale_sweep: pd.DataFrame
     relative_scale: pd.DataFrame
@@ -198,6 +206,7 @@ class FrameTables:
     best_settings: pd.DataFrame
     pareto: pd.DataFrame
     trained: pd.DataFrame
+    context: Context
 
 
 def _n_layers(runs: pd.DataFrame) -> dict[str, int]:
@@ -226,13 +235,14 @@ def frame_tables(runs: pd.DataFrame, missing: Missing, directions: Mapping[str, 
     metric = tables.primary_metric(names)
     evaluations = tables.latest_evaluations(variants)
     vtable = tables.variant_metrics_table(variants, evaluations, names, missing, models)
-    best = tables.best_variants(vtable, metric, tables.higher_is_better(metric, directions)) if metric else {}
+    chosen = categories.chosen_variants(variants, evaluations, metric, tables.higher_is_better(metric, directions),
+                                        missing) if metric else {}
     informative = next((m for m in tables.INFORMATIVE_METRICS if m in names), None)
     shown = [m for m in (metric, informative, "kl_neutral") if m and m in names]
     sweep = sweeps.scale_sweep_table(variants, trials, evaluations, metric)
     return FrameTables(
         models=models, sizes=sizes, metric=metric, metric_names=names, evaluations=evaluations, variants=variants,
-        trials=trials, variant_metrics=vtable, best_variants=best,
+        trials=trials, variant_metrics=vtable, chosen=chosen,
         cross_model=tables.cross_model_table(vtable, list(dict.fromkeys(shown)), sizes),
         scale_sweep=sweep,
         relative_scale=sweeps.relative_scale_table(sweep, _n_layers(runs)),
@@ -240,6 +250,7 @@ def frame_tables(runs: pd.DataFrame, missing: Missing, directions: Mapping[str, 
         best_settings=sweeps.best_settings_table(variants, trials, metric, directions, sizes),
         pareto=sweeps.pareto_table(trials),
         trained=tables.train_runs(runs, missing),
+        context=build(runs, variants, evaluations),
     )
 
 
@@ -260,11 +271,11 @@ def _generations(found: FrameTables, reader: StoreReader, missing: Missing) -> d
 
 
 def _categories(found: FrameTables, reader: StoreReader, missing: Missing) -> dict[str, pd.DataFrame]:
-    """Per model its evaluation's per-category table, else the best variant run's own."""
+    """Per model its evaluation's per-category table, else its first chosen variant run's own."""
     out: dict[str, pd.DataFrame] = {}
-    for model, variant in found.best_variants.items():
+    for model, (variants, _) in found.chosen.items():
         rows = found.variant_metrics[(found.variant_metrics["model"] == model)
-                                     & (found.variant_metrics["variant"] == variant)]
+                                     & (found.variant_metrics["variant"].isin(variants))]
         candidates = [found.evaluations.get(model, ""), *rows["run_id"].head(1)]
         text = next((t for t in (reader.artifact_text(r, artifacts.PER_CATEGORY) for r in candidates if r)
                      if t is not None), None)

@@ -27,7 +27,8 @@ import mlflow
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis import figures, tables
+from analysis import categories, figures, sweep_figures, tables
+from analysis.agreement import agreement_table
 from analysis.frames import (
     FIGURES,
     MlflowReader,
@@ -92,7 +93,8 @@ def _stale_files(out_dir: Path) -> list[Path]:
 
 
 def analyze(runs: pd.DataFrame, out_dir: str | Path, *, reader: StoreReader | None = None,
-            directions: Mapping[str, bool] | None = None, title: str = "") -> Analysis:
+            directions: Mapping[str, bool] | None = None, title: str = "",
+            min_category_n: int = categories.MIN_CATEGORY_N) -> Analysis:
     """Compute the tables, draw the figures and write the report into ``out_dir``.
 
     Files of an earlier analysis in ``out_dir`` are replaced, so that a figure not drawn this time
@@ -104,6 +106,7 @@ def analyze(runs: pd.DataFrame, out_dir: str | Path, *, reader: StoreReader | No
         reader: metric histories and artifacts; default the current MLflow store.
         directions: metric -> higher_is_better; default the judge registry's.
         title: the selection in words, for the report's header.
+        min_category_n: the fewest questions a category needs to be drawn in the per-category figure.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,25 +119,26 @@ def analyze(runs: pd.DataFrame, out_dir: str | Path, *, reader: StoreReader | No
     if found.variants.empty:
         missing.add("no evaluate.variant runs selected: no variant metrics, models compared, judge agreement "
                     "or per-category figure")
-    agreement = tables.agreement_table(_generations(found, reader, missing), missing, found.models)
-    categories = tables.category_delta_table(_categories(found, reader, missing), found.best_variants,
-                                             found.metric or "", missing, found.models)
+    agreement = agreement_table(_generations(found, reader, missing), missing, found.models)
+    per_category = categories.category_delta_table(_categories(found, reader, missing), found.chosen,
+                                                   found.metric or "", missing, found.models, min_n=min_category_n)
     curves = tables.training_curves_table(found.trained, reader.metric_history, missing)
     calibration = _calibration(runs, reader, missing)
+    context = found.context
     plotted: dict[str, tuple[pd.DataFrame, Callable[[], Figure]]] = {
-        artifacts.ANALYSIS_SCALE_SWEEP: (found.scale_sweep, lambda: figures.scale_sweep_figure(
-            found.scale_sweep, found.models)),
-        artifacts.ANALYSIS_RELATIVE_SCALE: (found.relative_scale, lambda: figures.relative_scale_figure(
-            found.relative_scale, found.models)),
-        artifacts.ANALYSIS_LAYER_SCALE: (found.layer_scale, lambda: figures.layer_scale_figure(
-            found.layer_scale, found.models)),
-        artifacts.ANALYSIS_CROSS_MODEL: (found.cross_model, lambda: figures.cross_model_figure(found.cross_model)),
+        artifacts.ANALYSIS_SCALE_SWEEP: (found.scale_sweep, lambda: sweep_figures.scale_sweep_figure(
+            found.scale_sweep, found.models, context)),
+        artifacts.ANALYSIS_RELATIVE_SCALE: (found.relative_scale, lambda: sweep_figures.relative_scale_figure(
+            found.relative_scale, found.models, context)),
+        artifacts.ANALYSIS_LAYER_SCALE: (found.layer_scale, lambda: sweep_figures.layer_scale_figure(
+            found.layer_scale, found.models, context)),
+        artifacts.ANALYSIS_CROSS_MODEL: (found.cross_model, lambda: figures.cross_model_figure(found.cross_model, context)),
         artifacts.ANALYSIS_JUDGE_AGREEMENT: (agreement, lambda: figures.judge_agreement_figure(
-            agreement, found.models)),
-        artifacts.ANALYSIS_CATEGORY_DELTA: (categories, lambda: figures.category_delta_figure(
-            categories, found.models)),
-        artifacts.ANALYSIS_PARETO: (found.pareto, lambda: figures.pareto_figure(found.pareto, found.models)),
-        artifacts.ANALYSIS_TRAINING_CURVES: (curves, lambda: figures.training_curves_figure(curves, found.models)),
+            agreement, found.models, context)),
+        artifacts.ANALYSIS_CATEGORY_DELTA: (per_category, lambda: figures.category_delta_figure(
+            per_category, found.models, context)),
+        artifacts.ANALYSIS_PARETO: (found.pareto, lambda: sweep_figures.pareto_figure(found.pareto, found.models, context)),
+        artifacts.ANALYSIS_TRAINING_CURVES: (curves, lambda: figures.training_curves_figure(curves, found.models, context)),
     }
     files: list[Path] = []
     drawn: list[str] = []
@@ -165,7 +169,8 @@ def analyze(runs: pd.DataFrame, out_dir: str | Path, *, reader: StoreReader | No
 
 
 def run(runs: pd.DataFrame, out_dir: str | Path, *, reader: StoreReader | None = None,
-        directions: Mapping[str, bool] | None = None, title: str = "") -> Analysis:
+        directions: Mapping[str, bool] | None = None, title: str = "",
+        min_category_n: int = categories.MIN_CATEGORY_N) -> Analysis:
     """``analyze``, then log every file it wrote under ``analysis/`` of the active run, with metrics
     ``n_runs``, ``n_models``, ``n_figures`` and ``n_missing``.
 
@@ -175,10 +180,12 @@ def run(runs: pd.DataFrame, out_dir: str | Path, *, reader: StoreReader | None =
         reader: metric histories and artifacts; default the current MLflow store.
         directions: metric -> higher_is_better; default the judge registry's.
         title: the selection in words.
+        min_category_n: the fewest questions a category needs to be drawn.
     """
     if mlflow.active_run() is None:
         raise RuntimeError("report.run needs an active MLflow run: call it inside `with analysis_run(selection):`")
-    result = analyze(runs, out_dir, reader=reader, directions=directions, title=title)
+    result = analyze(runs, out_dir, reader=reader, directions=directions, title=title,
+                     min_category_n=min_category_n)
     for path in result.files:
         mlflow.log_artifact(str(path), artifacts.ANALYSIS_DIR)
     mlflow.log_metrics({"n_runs": float(len(runs)), "n_models": float(len(set(model_of(runs).dropna()))),
@@ -235,7 +242,7 @@ def plan(runs: pd.DataFrame, selection: Selection, *, reader: StoreReader | None
     lines += ["  " + "  ".join(f"{str(v):<{w}}" for v, w in zip(row, (32, 16, 20, 8, 32), strict=False)).rstrip()
               for row in listing[["run_id", "stage", "model", "variant", "run_name"]].itertuples(index=False)]
     with_generations = [e for e in found.evaluations.values() if e and reader.has_artifact(e, artifacts.GENERATIONS)]
-    with_categories = [m for m in found.best_variants if found.evaluations.get(m)
+    with_categories = [m for m in found.chosen if found.evaluations.get(m)
                        and reader.has_artifact(found.evaluations[m], artifacts.PER_CATEGORY)]
     available = {
         artifacts.ANALYSIS_SCALE_SWEEP: (len(found.scale_sweep), "rows"),

@@ -297,8 +297,8 @@ def best_settings_table(variants: pd.DataFrame, trials: pd.DataFrame, metric_nam
 __all__ = ['PARETO_COLUMNS', 'on_front', 'pareto_table', 'BEST_COLUMNS', 'HEATMAP_COLUMNS', 'MAX_SCALE_COLUMNS', 'SCALE_BINS', 'SWEEP_COLUMNS', 'TRIAL_COLUMNS', 'RELATIVE_COLUMNS', 'best_settings_table', 'layer_scale_table', 'relative_scale_table', 'scale_sweep_table', 'tune_trials']
 
 
-PARETO_COLUMNS = ["model", "study", "run_id", "variant", "metric", "value", "cost_metric", "cost", "on_front",
-                  "chosen", "bound"]
+PARETO_COLUMNS = ["model", "study", "run_id", "variant", "metric", "value", "ci_low", "ci_high", "cost_metric", "cost",
+                  "on_front", "chosen", "bound"]
 
 
 def on_front(values: Sequence[float], costs: Sequence[float], higher_is_better: bool) -> list[bool]:

@@ -27,7 +27,6 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from analysis.runs import (
@@ -44,7 +43,6 @@ from analysis.runs import (
 )
 from core import artifacts
 from core.artifacts import TAG_BRANCH, TAG_PARENT, TRAIN_STAGE, VARIANT_STAGE
-from evaluation.statistics import binary_agreement
 from evaluation.variant_metrics import COST_METRICS
 from steering.methods import variant_order as methods_order
 
@@ -53,16 +51,12 @@ from steering.methods import variant_order as methods_order
 PREFERRED_METRICS = ("judge_truthful_informative", "judge_truthful", "llm_truthful", "llm_logprob_truthful", "semantic_acc", "mc1", "mc2", "bleu_acc",
                      "rouge1_acc")
 INFORMATIVE_METRICS = ("judge_informative", "llm_informative")  # preferred first
-LLM_VERDICTS = ("llm_truthful", "llm_logprob_truthful")  # the LLM judge's 0/1 field, preferred first
-SEMANTIC_VERDICT = "semantic_acc"
 LOSS_METRICS = ("train_loss", "val_loss")
+FINAL_LOSS = "final_train_loss"  # the whole train set after training (train_loss: one batch per step)
 
 VARIANT_COLUMNS = ["model", "evaluation", "variant", "run_id", "layer", "scale", "metric", "value", "ci_low",
                    "ci_high", "delta", "delta_ci_low", "delta_ci_high", "mcnemar_p"]
 CROSS_COLUMNS = ["model", "n_params_b", "variant", "metric", "value", "ci_low", "ci_high", "run_id"]
-AGREEMENT_COLUMNS = ["model", "variant", "llm_metric", "semantic_metric", "n", "both_true", "llm_only",
-                     "semantic_only", "both_false", "agreement", "kappa"]
-CATEGORY_COLUMNS = ["model", "variant", "metric", "category", "n", "mean", "delta"]
 CURVE_COLUMNS = ["model", "branch", "run_id", "metric", "step", "value"]
 TRAIN_COLUMNS = ["model", "branch", "run_id", "start_time"]
 
@@ -86,8 +80,8 @@ def higher_is_better(name: str, directions: Mapping[str, bool]) -> bool:
 
 def variant_runs(runs: pd.DataFrame, exclude_parents: Iterable[str] = ()) -> pd.DataFrame:
     """One row per ``evaluate.variant`` run: ``run_id``, ``model``, ``variant``, ``evaluation`` (its
-    parent run, "" for none), ``layer``, ``scale`` (NaN for baseline), ``start_time``, and every
-    ``metrics.*`` column.
+    parent run, "" for none), ``split`` (``eval.split``, "" when not logged), ``layer``, ``scale`` (NaN for
+    baseline), ``start_time``, and every ``metrics.*`` column.
 
     Args:
         runs: the run frame.
@@ -97,7 +91,7 @@ def variant_runs(runs: pd.DataFrame, exclude_parents: Iterable[str] = ()) -> pd.
     parents = tag(selected, TAG_PARENT).fillna("")
     selected = selected[~parents.isin(set(exclude_parents))]
     if selected.empty:
-        return _empty(["run_id", "model", "variant", "evaluation", "layer", "scale", "start_time"])
+        return _empty(["run_id", "model", "variant", "evaluation", "split", "layer", "scale", "start_time"])
 
     def setting(key: str) -> pd.Series:  # the variant's tag; a run without the tag falls back to the config
         tagged, configured = variant_tag(selected, key), param(selected, f"steering.{key.removeprefix('truthsteer.')}")
@@ -107,7 +101,7 @@ def variant_runs(runs: pd.DataFrame, exclude_parents: Iterable[str] = ()) -> pd.
     frame = pd.DataFrame({
         "run_id": column(selected, "run_id").astype(str), "model": model_of(selected),
         "variant": variant_tag(selected, artifacts.TAG_VARIANT).fillna(""), "evaluation": tag(selected, TAG_PARENT).fillna(""),
-        "layer": setting(artifacts.TAG_LAYER), "scale": setting(artifacts.TAG_SCALE), "start_time": column(selected, "start_time"),
+        "split": param(selected, "eval.split").fillna(""), "layer": setting(artifacts.TAG_LAYER), "scale": setting(artifacts.TAG_SCALE), "start_time": column(selected, "start_time"),
     })
     metrics = selected[[c for c in selected.columns if c.startswith("metrics.")]]
     return pd.concat([frame, metrics], axis=1).reset_index(drop=True)
@@ -132,12 +126,23 @@ def primary_metric(names: Iterable[str]) -> str | None:
     return next((m for m in PREFERRED_METRICS if m in available), available[0] if available else None)
 
 
-def latest_evaluations(variants: pd.DataFrame) -> dict[str, str]:
-    """Per model, the evaluation (parent run id) whose variant runs started last.
+def latest_evaluations(variants: pd.DataFrame, *, validation: bool = False) -> dict[str, str]:
+    """Per model, the evaluation (parent run id) whose variant runs started last: of the evaluations on any
+    split but ``val`` where the model has one (the val split chooses, the others report), or with
+    ``validation`` of those on ``val`` only.
 
     Args:
         variants: ``variant_runs`` output.
+        validation: the latest evaluation on the val split instead.
     """
+    if variants.empty:
+        return {}
+    on_val = variants["split"] == "val" if "split" in variants else pd.Series(False, index=variants.index)
+    if validation:
+        variants = variants[on_val]
+    else:  # a model evaluated on val only still has its evaluation
+        reported = variants[~on_val]
+        variants = pd.concat([reported, variants[on_val & ~variants["model"].isin(set(reported["model"]))]])
     if variants.empty:
         return {}
     started = variants.groupby(["model", "evaluation"], sort=True)["start_time"].max().reset_index()
@@ -242,105 +247,6 @@ def cross_model_table(table: pd.DataFrame, metric_names: Sequence[str], sizes: M
     return out[CROSS_COLUMNS].reset_index(drop=True)
 
 
-# ---------------------------------------------------------------- judge agreement
-
-
-def cohen_kappa(both_true: int, first_only: int, second_only: int, both_false: int) -> float:
-    """Cohen's kappa of two binary raters from their 2x2 table: ``(p_o - p_e) / (1 - p_e)``.
-
-    NaN when undefined: no items, or both raters constant and equal (``p_e = 1``).
-
-    Args:
-        both_true: items both rated 1.
-        first_only: items only the first rated 1.
-        second_only: items only the second rated 1.
-        both_false: items both rated 0.
-    """
-    counts = np.array([both_true, second_only, first_only, both_false], dtype=float)  # tp, fp, fn, tn of the first
-    return float(binary_agreement(counts)["kappa"])
-
-
-def _verdict(value: Any) -> bool | None:
-    number = as_float(value)
-    return None if math.isnan(number) else number >= 0.5
-
-
-def agreement_table(rows_by_model: Mapping[str, Sequence[Mapping[str, Any]]], missing: Missing,
-                    model_order: Sequence[str] | None = None) -> pd.DataFrame:
-    """Per model and variant: the 2x2 table of the LLM judge's truthfulness verdict against the
-    semantic judge's ``semantic_acc``, the share of agreement and Cohen's kappa.
-
-    Rows where either verdict is missing (an invalid judge output) are left out.
-
-    Args:
-        rows_by_model: model -> its generations rows (``evaluate/generations.jsonl``).
-        missing: records models whose rows lack either verdict.
-        model_order: the models' order; default by name.
-    """
-    records = []
-    for model in model_order or sorted(rows_by_model):
-        rows = rows_by_model.get(model)
-        if rows is None:
-            continue
-        llm = next((f for f in LLM_VERDICTS if any(_verdict(r.get(f)) is not None for r in rows)), None)
-        if llm is None or not any(_verdict(r.get(SEMANTIC_VERDICT)) is not None for r in rows):
-            lacks = [f"{' or '.join(LLM_VERDICTS)}" if llm is None else "", SEMANTIC_VERDICT
-                     if not any(_verdict(r.get(SEMANTIC_VERDICT)) is not None for r in rows) else ""]
-            missing.add(f"generations without {' and '.join(x for x in lacks if x)}: no judge agreement", model=model)
-            continue
-        for variant in variant_order(str(r.get("variant", "")) for r in rows):
-            pairs = [(_verdict(r.get(llm)), _verdict(r.get(SEMANTIC_VERDICT))) for r in rows
-                     if str(r.get("variant", "")) == variant]
-            valid = [(a, b) for a, b in pairs if a is not None and b is not None]
-            counts = [sum(1 for a, b in valid if (a, b) == cell)
-                      for cell in ((True, True), (True, False), (False, True), (False, False))]
-            n = len(valid)
-            records.append({"model": model, "variant": variant, "llm_metric": llm, "semantic_metric": SEMANTIC_VERDICT,
-                            "n": n, "both_true": counts[0], "llm_only": counts[1], "semantic_only": counts[2],
-                            "both_false": counts[3], "agreement": (counts[0] + counts[3]) / n if n else math.nan,
-                            "kappa": cohen_kappa(*counts)})
-            if n < len(pairs):
-                missing.add(f"{variant}: {len(pairs) - n} of {len(pairs)} answers lack a verdict of {llm} or "
-                            f"{SEMANTIC_VERDICT}: left out of the agreement", model=model)
-    return pd.DataFrame(records, columns=AGREEMENT_COLUMNS) if records else _empty(AGREEMENT_COLUMNS)
-
-
-# ---------------------------------------------------------------- per category
-
-
-def category_delta_table(categories_by_model: Mapping[str, pd.DataFrame], best: Mapping[str, str],
-                         metric_name: str, missing: Missing, model_order: Sequence[str] | None = None) -> pd.DataFrame:
-    """Per model: the per-category mean and change against baseline of its best variant.
-
-    Args:
-        categories_by_model: model -> its evaluation's ``evaluate/per_category.csv`` (columns
-            ``variant``, ``metric``, ``category``, ``n``, ``mean``, ``delta``).
-        best: model -> its best steered variant.
-        metric_name: the metric.
-        missing: records models whose table lacks the variant, metric or deltas.
-        model_order: the models' order; default by name.
-    """
-    frames = []
-    for model in model_order or sorted(categories_by_model):
-        if model not in categories_by_model or model not in best:
-            continue
-        table = categories_by_model[model]
-        needed = {"variant", "metric", "category", "n", "mean", "delta"}
-        if not needed <= set(table.columns):
-            missing.add(f"per-category table without columns {', '.join(sorted(needed - set(table.columns)))}: "
-                        f"no per-category figure", model=model)
-            continue
-        chosen = table[(table["variant"] == best[model]) & (table["metric"] == metric_name)]
-        if chosen.empty:
-            missing.add(f"per-category table has no rows for {best[model]} and {metric_name}", model=model)
-            continue
-        chosen = chosen.sort_values("category", kind="stable")
-        frames.append(pd.DataFrame({"model": model, "variant": best[model], "metric": metric_name,
-                                    "category": chosen["category"].astype(str), "n": chosen["n"].astype(int),
-                                    "mean": chosen["mean"].astype(float), "delta": chosen["delta"].astype(float)}))
-    return pd.concat(frames, ignore_index=True)[CATEGORY_COLUMNS] if frames else _empty(CATEGORY_COLUMNS)
-
-
 # ---------------------------------------------------------------- training curves
 
 
@@ -373,7 +279,9 @@ def train_runs(runs: pd.DataFrame, missing: Missing) -> pd.DataFrame:
 
 def training_curves_table(trained: pd.DataFrame, history: Callable[[str, str], Sequence[tuple[int, float]]],
                           missing: Missing) -> pd.DataFrame:
-    """Per train run and loss metric, the value at every step.
+    """Per train run and loss metric, the value at every step; ``train_loss`` is each step's batch,
+    ``val_loss`` the whole val set, and ``final_train_loss`` (one row, at the last step) the whole train set
+    after training, which is why it differs from the last batch's ``train_loss``.
 
     Args:
         trained: ``train_runs`` output.
@@ -382,14 +290,18 @@ def training_curves_table(trained: pd.DataFrame, history: Callable[[str, str], S
     """
     records = []
     for row in trained.to_dict("records"):
+        last = 0
         for name in LOSS_METRICS:
             points = sorted(history(row["run_id"], name))
             if not points:
                 missing.add(f"train run ({row['branch']}) has no {name} history", model=row["model"],
                             run_id=row["run_id"])
+            last = max([last, *(int(step) for step, _ in points)])
             records += [{"model": row["model"], "branch": row["branch"], "run_id": row["run_id"], "metric": name,
                          "step": int(step), "value": float(value)} for step, value in points]
+        records += [{"model": row["model"], "branch": row["branch"], "run_id": row["run_id"], "metric": FINAL_LOSS,
+                     "step": last, "value": float(value)} for _, value in history(row["run_id"], FINAL_LOSS)[-1:]]
     return pd.DataFrame(records, columns=CURVE_COLUMNS) if records else _empty(CURVE_COLUMNS)
 
 
-__all__ = ['PREFERRED_METRICS', 'agreement_table', 'best_variants', 'category_delta_table', 'cohen_kappa', 'cross_model_table', 'judge_metric_names', 'latest_evaluations', 'primary_metric', 'train_runs', 'training_curves_table', 'variant_metrics_table', 'variant_runs']
+__all__ = ['PREFERRED_METRICS', 'best_variants', 'cross_model_table', 'judge_metric_names', 'latest_evaluations', 'primary_metric', 'train_runs', 'training_curves_table', 'variant_metrics_table', 'variant_runs']

@@ -22,6 +22,16 @@ import argparse
 from entrypoints import _cli
 
 
+def _min_n(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1; e.g. --min-category-n 10")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _cli.parser("analyze", __doc__)
     p.add_argument("--experiment", default="", help="experiment name to read runs from (default: every experiment)")
@@ -29,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tags", default="", help="tag filters, key=value,...; params.key=value filters a param")
     _cli.run_arg(p, "parent-run", "only this run and all its descendants")
     p.add_argument("--out-dir", default="outputs/analysis", help="folder for the figures and the report")
+    p.add_argument("--min-category-n", "--min_category_n", dest="min_category_n", type=_min_n, default=10,
+                   help="the fewest questions a TruthfulQA category needs to be drawn in the per-category figure")
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", type=_cli._bool, nargs="?", const=True,
                    default=False, help="list the selected runs and the figures; write nothing")
     return p
@@ -36,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     from analysis import report, runs
+    from core.tracking import log_params_once
 
     args = build_parser().parse_args()
     selection = runs.Selection.parse(args.experiment, args.models, args.tags, args.parent_run)
@@ -45,7 +58,8 @@ def main() -> None:
         print("\n".join(["dry run of analyze: nothing written or logged", *report.plan(selected, selection)]))
         return
     with report.analysis_run(selection):
-        result = report.run(selected, args.out_dir, title=selection.describe())
+        log_params_once({"analysis.min_category_n": args.min_category_n})
+        result = report.run(selected, args.out_dir, title=selection.describe(), min_category_n=args.min_category_n)
     print(f"{len(result.drawn)} figures, {len(result.missing)} missing items; report: {result.report}")
 
 

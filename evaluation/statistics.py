@@ -172,7 +172,8 @@ def _category_means(rows: Sequence[Mapping[str, Any]], metric: str) -> pd.DataFr
 
 
 def per_category(
-    rows: Sequence[Mapping[str, Any]], metric: str, baseline: Sequence[Mapping[str, Any]] | None = None
+    rows: Sequence[Mapping[str, Any]], metric: str, baseline: Sequence[Mapping[str, Any]] | None = None,
+    *, n_bootstrap: int = 0, confidence: float = 0.95, seed: int = 0,
 ) -> pd.DataFrame:
     """Per TruthfulQA category: the number of valid rows and the metric's mean.
 
@@ -181,9 +182,15 @@ def per_category(
         metric: the field to average, e.g. ``llm_logprob_truthful``.
         baseline: rows of the baseline variant; when given, ``delta`` = mean - the baseline's mean
             in the same category (NaN where the baseline has no valid row).
+        n_bootstrap: with ``baseline`` (aligned with ``rows``: the same questions in the same order) and
+            ``n_bootstrap > 0``, also ``delta_ci_low``/``delta_ci_high``: the paired bootstrap interval of the
+            category's delta over its questions valid in both (``paired_difference``).
+        confidence: the interval's coverage.
+        seed: the resampling seed (the same for every category).
 
     Returns:
-        Columns ``category``, ``n``, ``mean`` (and ``delta``), sorted by category.
+        Columns ``category``, ``n``, ``mean`` (and ``delta``, ``delta_ci_low``, ``delta_ci_high``), sorted by
+        category.
     """
     if rows and not any(metric in r for r in rows):
         raise ValueError(f"metric {metric!r} is in no row; row fields: {', '.join(sorted(rows[0]))}")
@@ -191,5 +198,15 @@ def per_category(
     if baseline is not None:
         base = _category_means(baseline, metric)["mean"]
         table["delta"] = table["mean"] - base.reindex(table.index)
+        if n_bootstrap > 0:
+            if len(baseline) != len(rows):
+                raise ValueError(f"paired category intervals need the baseline's rows for the same questions: "
+                                 f"{len(rows)} rows against {len(baseline)}")
+            mine, theirs = _as_float([r.get(metric) for r in rows]), _as_float([r.get(metric) for r in baseline])
+            where = np.array([str(r.get("category")) for r in rows])
+            bounds = {c: paired_difference(mine[where == c], theirs[where == c], n_bootstrap, confidence, seed)[1:]
+                      for c in table.index}
+            table["delta_ci_low"] = [bounds[c][0] for c in table.index]
+            table["delta_ci_high"] = [bounds[c][1] for c in table.index]
     table["n"] = table["n"].astype(int)
     return table.rename_axis("category").reset_index().sort_values("category", ignore_index=True)

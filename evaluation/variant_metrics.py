@@ -158,15 +158,20 @@ def check_variant_steered(variant: str, metrics: Mapping[str, float], steers: bo
 
 def category_table(
     judges: Sequence[Judge], variant: str, rows: Sequence[Mapping[str, Any]],
-    baseline_rows: Sequence[Mapping[str, Any]] | None,
+    baseline_rows: Sequence[Mapping[str, Any]] | None, *, n_bootstrap: int = 0, confidence: float = 0.95,
+    seed: int = 0,
 ) -> pd.DataFrame:
-    """Per metric and category: ``n``, ``mean`` (and ``delta`` against baseline), long format.
+    """Per metric and category: ``n``, ``mean`` (and ``delta`` against baseline with its paired interval,
+    ``delta_ci_low``/``delta_ci_high``, when ``n_bootstrap > 0``), long format.
 
     Args:
         judges: the run's judges.
         variant: the variant name (a column).
         rows: the variant's judged rows.
-        baseline_rows: the baseline's judged rows, or None.
+        baseline_rows: the baseline's judged rows (the same questions in the same order), or None.
+        n_bootstrap: resamples of each category's paired interval (0: none).
+        confidence: the intervals' coverage.
+        seed: the resampling seed.
     """
     frames = []
     for judge in judges:
@@ -176,7 +181,8 @@ def category_table(
             base = None if baseline_rows is None else [
                 {"category": r["category"], metric: v}
                 for r, v in zip(baseline_rows, judge_values(judge, baseline_rows, metric), strict=True)]
-            table = per_category(mine, metric, baseline=base)
+            table = per_category(mine, metric, baseline=base, n_bootstrap=n_bootstrap, confidence=confidence,
+                                 seed=seed)
             table.insert(0, "metric", metric)
             table.insert(0, "variant", variant)
             frames.append(table)

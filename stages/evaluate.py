@@ -287,7 +287,8 @@ def judge_and_log(
             values.update((extra_metrics or {}).get(variant, {}))
             mlflow.log_metrics(values)
             check_variant_steered(variant, values, steers=meta["layer"] is not None)
-            table = category_table(judges, variant, scored[variant], base)
+            table = category_table(judges, variant, scored[variant], base, n_bootstrap=cfg.eval.n_bootstrap,
+                                   confidence=cfg.eval.confidence, seed=cfg.eval.seed)
             mlflow.log_text(table.to_csv(index=False), artifacts.PER_CATEGORY)
             mlflow.log_table(data=flat_frame(scored[variant]), artifact_file=artifacts.GENERATIONS_TABLE)
             metrics[variant], run_ids[variant] = values, child.info.run_id

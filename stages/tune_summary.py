@@ -128,7 +128,7 @@ def _log_pareto(study: Study, objective: Objective, chosen: FrozenTrial, variant
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from analysis.figures import pareto_figure
+    from analysis.sweep_figures import pareto_figure
     from analysis.sweeps import PARETO_COLUMNS, on_front
 
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if cost in t.user_attrs]

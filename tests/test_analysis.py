@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import math
+import re
 import shutil
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -24,11 +25,13 @@ from typing import Any
 
 import matplotlib.image
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.figure import Figure
 from mlflow.entities import Metric, Param
 
-from analysis import frames, report, sweeps, tables
+from analysis import agreement, categories, figures, frames, report, sweeps, tables
 from analysis.runs import Missing, Selection, SelectionError, select_runs
 from core import artifacts
 from core.artifacts import TAG_MODEL, TAG_STAGE
@@ -78,6 +81,7 @@ REAL_ANSWERS = {"baseline": ["t1s1", "t0s0", "t0s1", "t1s0", "t0s0", "t1s1"],
 REAL_AGREEMENT = {"baseline": ((2, 1, 1, 2), 1 / 3),  # p_o 4/6, p_e 1/2
                   "caa": ((4, 1, 0, 1), 4 / 7)}  # p_o 5/6, p_e (5*4 + 1*2)/36 = 22/36: (30-22)/(36-22)
 REAL_CATEGORY_DELTA = [("Health", 3, 2 / 3, 1 / 3), ("Law", 2, 1.0, 0.5), ("Misc", 1, 1.0, 0.0)]
+MIN_N = 3  # the analysis draws categories of at least 3 questions: REAL's Law and Misc are left out
 MC_LOSS = {"train_loss": [1.0, 0.8, 0.6], "val_loss": [1.1, 0.9, 0.85]}
 GEN_LOSS = {"train_loss": [2.0, 1.5, 1.2], "val_loss": [2.1, 1.7, 1.6]}
 # gemma study (objective named mc1, direction from the registry: maximize): (layer, scale, value)
@@ -138,11 +142,11 @@ def _evaluation(w: Writer, key: str, model: str, variants: Mapping[str, Mapping[
     w.run(key, "evaluate", model, params={**(params or {}), "steering.scale": scale}, texts=texts, parent=parent)
     for variant, values in variants.items():
         steered = variant != "baseline"
-        w.run(f"{key}/{variant}", "evaluate.variant", model, parent=key, params=params,
+        w.run(f"{key}/{variant}", "evaluate.variant", model, parent=key, params={"eval.split": "test", **(params or {})},
               tags={"truthsteer.variant": variant, "model": model,
                     **({"truthsteer.layer": str(layer), "truthsteer.scale": str(scale if variant == "caa" else 1.0)}
                        if steered else {})},
-              metrics=_variant_metrics(values, variants.get("baseline") if steered else None))
+              metrics={**_variant_metrics(values, variants.get("baseline") if steered else None), "n_questions": 10})
 
 
 def _generations() -> str:
@@ -268,7 +272,8 @@ def store(tmp_path_factory: pytest.TempPathFactory, _migrated_store: Path) -> It
         mlflow.set_tracking_uri(uri)
         ids = populate(mlflow.MlflowClient(uri))
         real = evaluate_with_the_real_writer()
-        mp.setattr(sys, "argv", ["analyze", "--experiment", EXPERIMENT, "--out-dir", str(root / "out")])
+        mp.setattr(sys, "argv", ["analyze", "--experiment", EXPERIMENT, "--out-dir", str(root / "out"),
+                                  "--min-category-n", str(MIN_N)])
         analyze.main()
         (run,) = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
                                     filter_string=f"tags.`{TAG_STAGE}` = 'analyze'")
@@ -467,29 +472,60 @@ def test_judge_agreement_counts_and_kappa(store: Store) -> None:
 
 
 def test_cohen_kappa_against_hand_values_and_sklearn() -> None:
-    assert tables.cohen_kappa(3, 2, 1, 4) == pytest.approx(0.4, abs=1e-15)
-    assert tables.cohen_kappa(20, 5, 10, 15) == pytest.approx(0.4, abs=1e-15)  # p_o 0.7, p_e 0.25 + 0.25
-    assert math.isnan(tables.cohen_kappa(0, 0, 0, 0))
-    assert math.isnan(tables.cohen_kappa(5, 0, 0, 0))  # both raters constant: undefined
+    assert agreement.cohen_kappa(3, 2, 1, 4) == pytest.approx(0.4, abs=1e-15)
+    assert agreement.cohen_kappa(20, 5, 10, 15) == pytest.approx(0.4, abs=1e-15)  # p_o 0.7, p_e 0.25 + 0.25
+    assert math.isnan(agreement.cohen_kappa(0, 0, 0, 0))
+    assert math.isnan(agreement.cohen_kappa(5, 0, 0, 0))  # both raters constant: undefined
     metrics = pytest.importorskip("sklearn.metrics")
     for (tt, tf, ft, ff), _ in AGREEMENT.values():
         first = [1] * (tt + tf) + [0] * (ft + ff)
         second = [1] * tt + [0] * tf + [1] * ft + [0] * ff
-        assert tables.cohen_kappa(tt, tf, ft, ff) == pytest.approx(metrics.cohen_kappa_score(first, second), abs=1e-12)
+        assert agreement.cohen_kappa(tt, tf, ft, ff) == pytest.approx(metrics.cohen_kappa_score(first, second), abs=1e-12)
 
 
-def test_category_delta_of_the_best_variant(store: Store) -> None:
+def test_category_deltas_of_every_steered_variant_without_a_val_evaluation(store: Store) -> None:
     table = store.table(artifacts.ANALYSIS_CATEGORY_DELTA)
     real = table[table["model"] == REAL]  # from the per-category table the evaluate stage wrote
-    assert _rows(real, ["variant", "metric", "category", "n"]) == [
-        ("caa", "llm_truthful", c, n) for c, n, _, _ in REAL_CATEGORY_DELTA]
-    assert list(real["mean"]) == pytest.approx([m for _, _, m, _ in REAL_CATEGORY_DELTA], abs=1e-15)
-    assert list(real["delta"]) == pytest.approx([d for _, _, _, d in REAL_CATEGORY_DELTA], abs=1e-15)
+    kept = [row for row in REAL_CATEGORY_DELTA if row[1] >= MIN_N]
+    assert _rows(real, ["variant", "metric", "category", "n"]) == [("caa", "llm_truthful", c, n) for c, n, _, _ in kept]
+    assert list(real["mean"]) == pytest.approx([m for _, _, m, _ in kept], abs=1e-15)
+    assert list(real["delta"]) == pytest.approx([d for _, _, _, d in kept], abs=1e-15)
+    # Health: caa answers t1,t1,t0 against baseline's t0,t1,t0: per-question differences 1, 0, 0. Every paired
+    # resample of three questions averages to 0, 1/3, 2/3 or 1, and the 95% interval spans [0, 2/3] or more
+    assert real["delta_ci_low"].iloc[0] == pytest.approx(0.0) and real["delta_ci_high"].iloc[0] >= 2 / 3 - 1e-12
+    # gemma's evaluation predates the intervals: no bars, said in the missing list; no val evaluation: both
+    # steered variants that have rows, and the categories under MIN_N questions left out
     assert _rows(table[table["model"] == GEMMA], ["model", "variant", "metric", "category", "n", "mean", "delta"]) == [
         (GEMMA, "caa", "llm_truthful", "Health", 10, 0.4, 0.1),
         (GEMMA, "caa", "llm_truthful", "Law", 4, 0.75, -0.25),
         (GEMMA, "caa", "llm_truthful", "Misconceptions", 6, 0.5, 1 / 6),
+        (GEMMA, "mlp_mc", "llm_truthful", "Law", 4, 0.5, -0.5),
     ]
+    assert set(table["chosen_on"]) == {"every steered variant (no evaluation on val to choose one)"}
+    missing = _rows(store.table(artifacts.ANALYSIS_MISSING), ["model", "what"])
+    assert (REAL, f"caa: 2 of 3 categories have fewer than {MIN_N} questions and are not drawn (Law, Misc)") in missing
+    assert any(m == GEMMA and w.startswith("per-category table without intervals") for m, w in missing)
+
+
+def test_the_per_category_variant_is_chosen_on_val_and_drawn_on_test() -> None:
+    def runs(evaluation: str, split: str, start: int, values: Mapping[str, float]) -> list[dict[str, Any]]:
+        return [{"run_id": f"{evaluation}-{v}", "model": "m", "variant": v, "evaluation": evaluation, "split": split,
+                 "layer": 1.0, "scale": 1.0, "start_time": start, "metrics.mc2": value, "metrics.mc2_ci_low": 0.0,
+                 "metrics.mc2_ci_high": 1.0, "metrics.n_questions": 20.0} for v, value in values.items()]
+    val = runs("v", "val", 1, {"baseline": 0.3, "caa": 0.4, "mlp_mc": 0.6})  # mlp_mc is best on val ...
+    test = runs("t", "test", 2, {"baseline": 0.3, "caa": 0.7, "mlp_mc": 0.5})  # ... caa on test: not chosen
+    variants = pd.DataFrame(val + test)
+    evaluations = tables.latest_evaluations(variants)
+    assert evaluations == {"m": "t"}  # the val evaluation chooses; the later test one is reported
+    assert tables.latest_evaluations(variants, validation=True) == {"m": "v"}
+    missing = Missing()
+    assert categories.chosen_variants(variants, evaluations, "mc2", True, missing) == {
+        "m": (["mlp_mc"], "chosen as best mc2 on val (evaluation v, n=20)")}
+    assert not len(missing)
+    only_test = variants[variants["split"] == "test"]
+    assert categories.chosen_variants(only_test, evaluations, "mc2", True, missing) == {
+        "m": (["caa", "mlp_mc"], "every steered variant (no evaluation on val to choose one)")}
+    assert len(missing) == 1
 
 
 def test_training_curves_take_the_latest_run_per_branch(store: Store) -> None:
@@ -562,7 +598,7 @@ def test_the_analyze_run_logs_every_file_and_is_never_analysed(at_store: Store) 
     run = at_store.run
     assert run.info.status == "FINISHED"
     assert run.data.params == {"selection.experiment": EXPERIMENT, "selection.models": "", "selection.tags": "",
-                               "selection.parent_run": ""}
+                               "selection.parent_run": "", "analysis.min_category_n": str(MIN_N)}
     assert run.data.metrics["n_figures"] == len(frames.FIGURES)
     logged = {Path(f.path).name for f in mlflow.MlflowClient().list_artifacts(run.info.run_id, artifacts.ANALYSIS_DIR)}
     assert logged == {p.name for p in at_store.out.iterdir()}
@@ -693,3 +729,58 @@ def test_the_report_shows_the_latest_calibration_next_to_the_variant_metrics(tmp
     assert text.index("## Variant metrics") < text.index("## The judges' agreement") < text.index("## Best layer")
     without = report.analyze(runs.iloc[:0], tmp_path / "none", reader=reader, directions={})
     assert "(no calibrate run selected)" in without.report.read_text()
+
+
+def test_the_kappa_interval_against_resampled_answers_scored_by_sklearn() -> None:
+    metrics = pytest.importorskip("sklearn.metrics")
+    tt, tf, ft, ff = 30, 8, 12, 50
+    first = np.array([1] * (tt + tf) + [0] * (ft + ff))
+    second = np.array([1] * tt + [0] * tf + [1] * ft + [0] * ff)
+    rng = np.random.default_rng(11)
+    draws = [rng.integers(0, first.size, first.size) for _ in range(2000)]
+    oracle = np.quantile([metrics.cohen_kappa_score(first[i], second[i]) for i in draws], [0.025, 0.975])
+    low, high = agreement.kappa_interval(tt, tf, ft, ff)
+    assert (low, high) == pytest.approx(tuple(oracle), abs=0.03)
+    assert low < agreement.cohen_kappa(tt, tf, ft, ff) < high
+    assert all(math.isnan(v) for v in agreement.kappa_interval(0, 0, 0, 0))
+
+
+SNAKE = re.compile(r"\b[a-z0-9]+(?:_[a-z0-9]+)+\b")  # a raw metric or column key, e.g. llm_truthful
+
+
+def test_every_figure_has_a_title_worded_axes_n_and_intervals(at_store: Store, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    drawn: dict[str, Figure] = {}
+    real_save = figures.save_figure
+
+    def keep(fig: Figure, table: pd.DataFrame, out_dir: Path, stem: str) -> list[Path]:
+        drawn[stem] = fig
+        return real_save(fig, table, out_dir, stem)
+
+    monkeypatch.setattr(figures, "save_figure", keep)
+    report.analyze(select_runs(Selection.parse(EXPERIMENT)), tmp_path, min_category_n=MIN_N)
+    assert set(drawn) == {spec.stem for spec in frames.FIGURES}
+    for stem, fig in drawn.items():
+        every = [ax for ax in fig.axes if ax.get_visible() and ax.get_label() != "<colorbar>"]
+        twins = [ax for i, ax in enumerate(every) if any(ax.get_position().bounds == other.get_position().bounds
+                                                       for other in every[:i])]  # a second y axis on a panel
+        axes = [ax for ax in every if ax not in twins]
+        texts = [fig.get_suptitle(), *(ax.get_title() for ax in axes)]
+        assert all(ax.get_title() for ax in axes), f"{stem}: a panel without a title"
+        for ax in axes:  # a y label on every panel, or on the first of its row where the row shares it
+            row = [o for o in axes if o.get_position().y0 == ax.get_position().y0]
+            assert ax.get_xlabel() and any(o.get_ylabel() for o in row), f"{stem}: a panel without axis labels"
+        for ax in every:
+            for label in (ax.get_xlabel(), ax.get_ylabel()):
+                assert not SNAKE.findall(label), f"{stem}: axis label {label!r} is not in words"
+        assert any(re.search(r"n=\d+|\d+ trials|run [0-9a-f]{8}", t) for t in texts), f"{stem}: no n in {texts}"
+    # intervals: error bars or bands wherever an estimate is drawn
+    for stem in (artifacts.ANALYSIS_CROSS_MODEL, artifacts.ANALYSIS_CATEGORY_DELTA):
+        assert any(c.__class__.__name__ == "LineCollection" for ax in drawn[stem].axes for c in ax.collections), stem
+    assert any(c.__class__.__name__ in ("PolyCollection", "FillBetweenPolyCollection")
+               for ax in drawn[artifacts.ANALYSIS_SCALE_SWEEP].axes for c in ax.collections)
+    assert all("[" in ax.get_title() for ax in drawn[artifacts.ANALYSIS_JUDGE_AGREEMENT].axes
+               if ax.get_visible() and ax.get_label() != "<colorbar>")  # kappa with its interval
+    # one axis per loss: gemma's two branches on two panels, each naming its loss
+    curves = [ax.get_ylabel() for ax in drawn[artifacts.ANALYSIS_TRAINING_CURVES].axes if ax.get_visible()]
+    assert "MC hinge loss" in curves and "generation NLL (nats/token)" in curves

@@ -127,3 +127,26 @@ def test_per_category_counts_means_and_delta() -> None:
         per_category(rows, "x")
     with pytest.raises(ValueError, match="rows \\[1\\] have no 'category' key"):
         per_category([{"category": "A", "m": 1}, {"m": 1.0}], "m")
+
+
+def test_per_category_delta_intervals_are_paired_within_each_category() -> None:
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 2, 400).astype(float)
+    steered = np.where(rng.random(400) < 0.3, 1.0, base)  # flips some 0 to 1: a gain, correlated with baseline
+    category = np.where(np.arange(400) < 300, "Big", "Small")
+    same = [{"category": c, "m": b} for c, b in zip(category, base, strict=True)]
+    rows = [{"category": c, "m": s} for c, s in zip(category, steered, strict=True)]
+    table = per_category(rows, "m", baseline=same, n_bootstrap=4000, seed=1).set_index("category")
+    assert list(table.columns) == ["n", "mean", "delta", "delta_ci_low", "delta_ci_high"]
+    for name, where in (("Big", category == "Big"), ("Small", category == "Small")):
+        # the oracle: scipy's percentile bootstrap of the per-question differences of this category alone
+        oracle = stats.bootstrap(((steered - base)[where],), np.mean, n_resamples=4000, method="percentile",
+                                 random_state=7).confidence_interval
+        assert table.loc[name, "delta_ci_low"] == pytest.approx(oracle.low, abs=0.01)
+        assert table.loc[name, "delta_ci_high"] == pytest.approx(oracle.high, abs=0.01)
+    # a variant that gains exactly one on every question is certain of it: a paired interval has no width
+    shifted = [{"category": r["category"], "m": r["m"] + 1} for r in same]
+    exact = per_category(shifted, "m", baseline=same, n_bootstrap=200)
+    assert (exact["delta_ci_low"] == 1.0).all() and (exact["delta_ci_high"] == 1.0).all()
+    with pytest.raises(ValueError, match="same questions: 400 rows against 3"):
+        per_category(rows, "m", baseline=same[:3], n_bootstrap=10)
