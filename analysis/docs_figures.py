@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.metadata
+import os
 import shutil
 import subprocess
 import sys
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plan", type=Path, default=PLAN, help="the figures plan (YAML)")
     p.add_argument("--out-dir", type=Path, default=None, help="where the figures go; default: the plan's folder")
     args = p.parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from analysis.runs import connect
 
     print(f"tracking store: {connect(args.store or None)}")

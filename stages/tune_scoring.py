@@ -34,6 +34,7 @@ from core.config_io import config_to_dict
 from core.data import Question, source_sha256
 from core.models import TORCH_DTYPES, LoadedModel, load_from_config
 from core.stores import file_lock
+from evaluation.statistics import bootstrap_ci
 from stages.extract import load_extraction, norm_meta
 from stages.tune_space import ATTR_CONSTRAINTS, PRUNING_CHUNK, Constraint, Objective, SearchSpace
 from stages.tune_storage import (
@@ -308,7 +309,9 @@ def make_objective(
                 raise optuna.TrialPruned(f"{metric} {partial:.4f} over {len(values)} of {len(questions)} questions "
                                          f"is worse than the best trial's ({pruner} pruner)")
         value = math.fsum(values) / len(values)
-        metrics = {metric: value, "n_questions": float(len(values)), "trial_seconds": time.perf_counter() - tick}
+        _, low, high = bootstrap_ci(values, scorer.cfg.eval.n_bootstrap, scorer.cfg.eval.confidence, scorer.cfg.eval.seed)
+        metrics = {metric: value, f"{metric}_ci_low": low, f"{metric}_ci_high": high, "n_questions": float(len(values)),
+                   "trial_seconds": time.perf_counter() - tick}
         if "mc1" in rows[0] and metric != "mc1":
             metrics["mc1"] = math.fsum(float(r["mc1"]) for r in rows) / len(rows)
         costs = scorer.costs(params) if cost else {}

@@ -122,12 +122,15 @@ def test_the_ui_recipe_in_headless_chromium(tracking: str, tmp_path: Path, ui: s
         experiment = by_variant["baseline"].info.experiment_id
         query = urllib.parse.quote(f"tags.`{TAG_STAGE}` = 'evaluate.variant'")
         driver.get(f"{ui}/#/experiments/{experiment}/runs?workflowType=machine_learning&searchFilter={query}")
-        wait.until(lambda d: "4 matching runs" in d.find_element(By.TAG_NAME, "body").text)
-        text = driver.find_element(By.TAG_NAME, "body").text
-        driver.save_screenshot(str(SHOTS / "runs_filtered.png"))
-        names = driver.execute_script("return Array.from(document.querySelectorAll('a')).map(a => a.innerText.trim())")
+        # the four match, and their evaluate run comes with them, collapsed: its "+" shows them
+        wait.until(lambda d: "5 matching runs" in d.find_element(By.TAG_NAME, "body").text)
+        expand = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "button[data-component-id*='runnamecellrenderer']"))
+        expand.click()
         model = by_variant["baseline"].data.tags["truthsteer.model"]
-        assert {f"{v}-{model}" for v in VARIANTS} <= set(names), names
+        wanted = {f"{v}-{model}" for v in VARIANTS}
+        names = "return Array.from(document.querySelectorAll('a')).map(a => a.innerText.trim())"
+        wait.until(lambda d: wanted <= set(d.execute_script(names)))
+        driver.save_screenshot(str(SHOTS / "runs_filtered.png"))
         # 2. the Compare page of the four variant runs: told apart by tags and params
         ids = [by_variant[v].info.run_id for v in VARIANTS]
         driver.get(f"{ui}/#/compare-runs?runs={urllib.parse.quote(json.dumps(ids))}"

@@ -325,6 +325,8 @@ def test_best_params_round_trip_into_full(tracking: str, outputs: Path) -> None:
     assert best_run.data.params == {"layer": str(outcome.best_params["layer"]),
                                     "scale": str(outcome.best_params["scale"])}
     assert best_run.data.metrics["objective"] == best_run.data.metrics["mc2"] == outcome.best_value
+    low, high = best_run.data.metrics["mc2_ci_low"], best_run.data.metrics["mc2_ci_high"]  # the trial's interval
+    assert low <= outcome.best_value <= high and low < high
     assert (tags[artifacts.TAG_BEST_LAYER], float(tags[artifacts.TAG_BEST_SCALE])) == (
         str(outcome.best_params["layer"]), outcome.best_params["scale"])
     assert parent.data.metrics["best_mc2"] == outcome.best_value
