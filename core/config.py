@@ -15,12 +15,11 @@ type, and every section validates its ranges in ``__post_init__``.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
+
+from core.checks import ConfigError, _choice, _finite, _positive, _probability
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 SPLIT_PRESETS: dict[str, dict[str, int]] = {
@@ -31,40 +30,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 VARIANTS = ("baseline", "caa", "mlp_mc", "mlp_gen", "iti")  # the steering methods (steering.methods; a test keeps them equal)
 DEFAULT_VARIANTS = ("baseline", "caa", "mlp_mc", "mlp_gen")
 JUDGES = ("llm", "llm_logprob", "semantic", "bleu", "rouge", "mc", "judge")
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message names it and the fix."""
-
-
-def _nearest(name: str, valid: Sequence[str]) -> str:
-    match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
-    return f" (did you mean {match[0]}?)" if match else ""
-
-
-def _positive(section: str, **values: int | float | None) -> None:
-    for key, value in values.items():
-        if value is not None and value <= 0:
-            raise ConfigError(f"{section}.{key}={value} must be > 0")
-
-
-def _finite(section: str, **values: float) -> None:
-    for key, value in values.items():
-        if not math.isfinite(value):
-            raise ConfigError(f"{section}.{key}={value} must be a finite number")
-
-
-def _probability(section: str, **values: float) -> None:
-    for key, value in values.items():
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{section}.{key}={value} must be a probability in [0, 1]")
-
-
-def _choice(section: str, key: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ConfigError(
-            f"{section}.{key}={value!r} is not one of {', '.join(allowed)}{_nearest(value, allowed)}"
-        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,13 +14,13 @@ from typing import Any, Literal
 
 import yaml
 
+from core.checks import _nearest
 from core.config import (
     CONFIGS_DIR,
     SECTIONS,
     Config,
     ConfigError,
     ModelSpec,
-    _nearest,
 )
 
 _SECTION_TYPES = typing.get_type_hints(Config)
