@@ -22,7 +22,7 @@ from core import artifacts
 from core.config import Config, ConfigError
 from core.tracking import download
 from stages.tune_scoring import ATTR_RELATIVE_SCALE
-from stages.tune_space import Axis, SearchSpace
+from stages.tune_space import ATTR_CONSTRAINTS, Axis, SearchSpace
 from steering.scale import LayerVectors, multiplier_per_relative
 
 WARM_START_TRIALS = 3  # the source's best trials enqueued (fewer when it has fewer)
@@ -53,7 +53,9 @@ def _source_trials(run_id: str) -> tuple[list[dict[str, str]], dict[str, str], A
 
 
 def _feasible(row: Mapping[str, str]) -> bool:
-    values = [v for k, v in row.items() if "constraint" in k and v not in ("", None)]
+    """Whether a row of ``tune/trials.csv`` (Optuna's ``trials_dataframe``) violates no constraint: its
+    ``user_attrs_<ATTR_CONSTRAINTS>`` cell, a list of violations, holds none above 0 (no cell: no constraint)."""
+    values = [v for k, v in row.items() if k == f"user_attrs_{ATTR_CONSTRAINTS}" and v not in ("", None)]
     try:
         return all(float(x) <= 0 for v in values for x in str(v).strip("[]() ").split(",") if x.strip())
     except ValueError:

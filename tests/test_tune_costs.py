@@ -112,3 +112,26 @@ def test_a_two_objective_study_logs_its_pareto_front(tracking: str, outputs: Pat
     drawn = sweeps.pareto_table(sweeps.tune_trials(frame, Missing(), {"mc2": True}))
     assert len(drawn) == 9 and set(drawn["cost_metric"]) == {"kl_neutral"}
     assert drawn["on_front"].sum() == len(front) and drawn[drawn["chosen"]]["value"].iloc[0] == chosen["value"]
+
+
+def test_a_warm_start_reads_feasibility_from_optunas_constraints_attr_only(tmp_path: Path) -> None:
+    import csv
+
+    import optuna
+
+    from stages.tune_space import ATTR_CONSTRAINTS
+    from stages.tune_warm import _feasible
+
+    study = optuna.create_study(direction="maximize")
+    for violation in (0.0, 0.4, -1.0):
+        trial = study.ask()
+        trial.set_user_attr(ATTR_CONSTRAINTS, [violation])
+        trial.set_user_attr("constraint_note", "kl_neutral<=0.5")  # words, not a violation
+        study.tell(trial, 1.0)
+    plain = study.ask()
+    study.tell(plain, 1.0)  # a study without a constraint records none
+    path = tmp_path / "trials.csv"  # as tune/trials.csv is written and read back
+    study.trials_dataframe().to_csv(path, index=False)
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [_feasible(r) for r in rows] == [True, False, True, True]
