@@ -25,9 +25,10 @@ def short(name: str) -> str:
 @_styled
 def scale_sweep_figure(table: pd.DataFrame, models: Sequence[str] | None = None,
                        context: Context = NO_CONTEXT) -> Figure:
-    """Metric against steering scale: one panel per model, one line per (source, variant) with its
-    interval as a band, the baseline as a dashed line with its band; where the points' ``kl_neutral`` was
-    measured, it is drawn against a second axis (dashed, square markers).
+    """Metric against steering scale: one panel per model and metric (an evaluation's judge metric and a tune
+    study's objective never share an axis), one line per (source, variant) with its interval as a band, the
+    baseline as a dashed line with its band; where the points' ``kl_neutral`` was measured, it is drawn against a
+    second axis (dashed, square markers).
 
     Args:
         table: ``tables.scale_sweep_table`` output.
@@ -36,9 +37,10 @@ def scale_sweep_figure(table: pd.DataFrame, models: Sequence[str] | None = None,
     """
     order = list(models or dict.fromkeys(table["model"]))
     order = [m for m in order if m in set(table["model"])]
-    fig, axes = _panels(len(order))
-    for ax, model in zip(axes, order, strict=True):
-        mine = table[table["model"] == model]
+    panels = [(m, metric) for m in order for metric in dict.fromkeys(table[table["model"] == m]["metric"].astype(str))]
+    fig, axes = _panels(len(panels))
+    for ax, (model, metric_name) in zip(axes, panels, strict=True):
+        mine = table[(table["model"] == model) & (table["metric"].astype(str) == metric_name)]
         base = mine[mine["variant"] == "baseline"]
         for row in base.to_dict("records"):
             ax.axhline(row["value"], color=color("baseline"), linestyle="--", label=f"baseline ({short(row['metric'])})")
@@ -53,9 +55,10 @@ def scale_sweep_figure(table: pd.DataFrame, models: Sequence[str] | None = None,
             ax.plot(x, group["value"].to_numpy(float), style, marker="o", color=colour,
                     label=f"{variant}, layer {layer:g} ({source}: {short(group['metric'].iloc[0])})")
             _band(ax, x, group["ci_low"].to_numpy(float), group["ci_high"].to_numpy(float), colour)
-        metrics = sorted(set(mine["metric"].astype(str)))
-        ax.set(title=fitted(f"{model}\n{context.about(model, metrics[0])}"), xlabel="steering scale (multiplier of the vector)",
-               ylabel=textwrap.fill(axis_label(metrics[0]), 32) if len(metrics) == 1 else "metric value (see legend)")
+        sources = set(mine["source"])
+        about = context.about(model, metric_name) if "evaluate" in sources else "tune: val split"
+        ax.set(title=fitted(f"{model}\n{about}; {len(lines)} points"), xlabel="steering scale (multiplier of the vector)",
+               ylabel=textwrap.fill(axis_label(metric_name), 32))
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), fontsize="x-small")
         costed = lines[np.isfinite(lines["kl_neutral"].to_numpy(float))] if "kl_neutral" in lines else lines.iloc[0:0]
         if not costed.empty:  # what the same points cost, on a second axis
