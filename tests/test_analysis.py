@@ -781,6 +781,11 @@ def test_every_figure_has_a_title_worded_axes_n_and_intervals(at_store: Store, t
                for ax in drawn[artifacts.ANALYSIS_SCALE_SWEEP].axes for c in ax.collections)
     assert all("[" in ax.get_title() for ax in drawn[artifacts.ANALYSIS_JUDGE_AGREEMENT].axes
                if ax.get_visible() and ax.get_label() != "<colorbar>")  # kappa with its interval
+    # one metric per axis: a panel per model and metric of the scale sweep (gemma: its evaluations' llm_truthful
+    # and its study's mc1; smollm2: its study's objective)
+    sweep = pd.read_csv(tmp_path / f"{artifacts.ANALYSIS_SCALE_SWEEP}.csv")
+    pairs = len(sweep[["model", "metric"]].drop_duplicates())
+    assert pairs == 3 and sum(ax.get_title() != "" for ax in drawn[artifacts.ANALYSIS_SCALE_SWEEP].axes) == pairs
     # one axis per loss: gemma's two branches on two panels, each naming its loss
     curves = [ax.get_ylabel() for ax in drawn[artifacts.ANALYSIS_TRAINING_CURVES].axes if ax.get_visible()]
     assert "MC hinge loss" in curves and "generation NLL (nats/token)" in curves
