@@ -62,7 +62,7 @@ lint: setup
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=25
 
 run: setup
 	$(BIN)/python -m core.tracking $(MLFLOW_TRACKING_URI)
