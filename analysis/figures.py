@@ -84,15 +84,14 @@ def _panels(n: int, panel: tuple[float, float] = PANEL, columns: int = MAX_COLUM
     return fig, axes[:n]
 
 
-def wrapped(text: str, fig: Figure, points: float = 7) -> str:
-    """``text`` wrapped to the width of ``fig`` (about 0.55 em per character), each line on its own."""
-    width = max(30, int(fig.get_figwidth() * 72 / (0.55 * points)))
-    return "\n".join(textwrap.fill(line, width) for line in text.splitlines())
-
-
 def fitted(text: str, width: int = 58) -> str:
     """A panel's title wrapped to about its width (one panel of ``PANEL`` at 8 points), each line on its own."""
     return "\n".join(textwrap.fill(line, width) for line in text.splitlines())
+
+
+def wrapped(text: str, fig: Figure, points: float = 7) -> str:
+    """``fitted`` to the width of ``fig`` (about 0.55 em per character at ``points``)."""
+    return fitted(text, max(30, int(fig.get_figwidth() * 72 / (0.55 * points))))
 
 
 def _size_label(model: str, size: Any) -> str:

@@ -239,7 +239,8 @@ def frame_tables(runs: pd.DataFrame, missing: Missing, directions: Mapping[str, 
                                         missing) if metric else {}
     informative = next((m for m in tables.INFORMATIVE_METRICS if m in names), None)
     shown = [m for m in (metric, informative, "kl_neutral") if m and m in names]
-    sweep = sweeps.scale_sweep_table(variants, trials, evaluations, metric)
+    reported_runs = tables.reported(variants)  # val evaluations choose; their points are not plotted beside test ones
+    sweep = sweeps.scale_sweep_table(reported_runs, trials, evaluations, metric)
     return FrameTables(
         models=models, sizes=sizes, metric=metric, metric_names=names, evaluations=evaluations, variants=variants,
         trials=trials, variant_metrics=vtable, chosen=chosen,
@@ -247,7 +248,7 @@ def frame_tables(runs: pd.DataFrame, missing: Missing, directions: Mapping[str, 
         scale_sweep=sweep,
         relative_scale=sweeps.relative_scale_table(sweep, _n_layers(runs)),
         layer_scale=sweeps.layer_scale_table(trials),
-        best_settings=sweeps.best_settings_table(variants, trials, metric, directions, sizes),
+        best_settings=sweeps.best_settings_table(reported_runs, trials, metric, directions, sizes),
         pareto=sweeps.pareto_table(trials),
         trained=tables.train_runs(runs, missing),
         context=build(runs, variants, evaluations),

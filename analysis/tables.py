@@ -126,10 +126,23 @@ def primary_metric(names: Iterable[str]) -> str | None:
     return next((m for m in PREFERRED_METRICS if m in available), available[0] if available else None)
 
 
+def reported(variants: pd.DataFrame) -> pd.DataFrame:
+    """The variant runs whose numbers are reported: a model's evaluations on any split but ``val`` (the val split
+    chooses, the others report), or its val evaluations where it has no other.
+
+    Args:
+        variants: ``variant_runs`` output.
+    """
+    if variants.empty or "split" not in variants:
+        return variants
+    on_val = variants["split"] == "val"
+    others = variants[~on_val]
+    return pd.concat([others, variants[on_val & ~variants["model"].isin(set(others["model"]))]])
+
+
 def latest_evaluations(variants: pd.DataFrame, *, validation: bool = False) -> dict[str, str]:
-    """Per model, the evaluation (parent run id) whose variant runs started last: of the evaluations on any
-    split but ``val`` where the model has one (the val split chooses, the others report), or with
-    ``validation`` of those on ``val`` only.
+    """Per model, the evaluation (parent run id) whose variant runs started last, of the ``reported`` ones, or
+    with ``validation`` of those on the val split only.
 
     Args:
         variants: ``variant_runs`` output.
@@ -137,12 +150,10 @@ def latest_evaluations(variants: pd.DataFrame, *, validation: bool = False) -> d
     """
     if variants.empty:
         return {}
-    on_val = variants["split"] == "val" if "split" in variants else pd.Series(False, index=variants.index)
     if validation:
-        variants = variants[on_val]
-    else:  # a model evaluated on val only still has its evaluation
-        reported = variants[~on_val]
-        variants = pd.concat([reported, variants[on_val & ~variants["model"].isin(set(reported["model"]))]])
+        variants = variants[variants["split"] == "val"] if "split" in variants else variants.iloc[0:0]
+    else:
+        variants = reported(variants)
     if variants.empty:
         return {}
     started = variants.groupby(["model", "evaluation"], sort=True)["start_time"].max().reset_index()
@@ -304,4 +315,4 @@ def training_curves_table(trained: pd.DataFrame, history: Callable[[str, str], S
     return pd.DataFrame(records, columns=CURVE_COLUMNS) if records else _empty(CURVE_COLUMNS)
 
 
-__all__ = ['PREFERRED_METRICS', 'best_variants', 'cross_model_table', 'judge_metric_names', 'latest_evaluations', 'primary_metric', 'train_runs', 'training_curves_table', 'variant_metrics_table', 'variant_runs']
+__all__ = ['PREFERRED_METRICS', 'best_variants', 'cross_model_table', 'judge_metric_names', 'latest_evaluations', 'reported', 'primary_metric', 'train_runs', 'training_curves_table', 'variant_metrics_table', 'variant_runs']

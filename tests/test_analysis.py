@@ -518,6 +518,8 @@ def test_the_per_category_variant_is_chosen_on_val_and_drawn_on_test() -> None:
     evaluations = tables.latest_evaluations(variants)
     assert evaluations == {"m": "t"}  # the val evaluation chooses; the later test one is reported
     assert tables.latest_evaluations(variants, validation=True) == {"m": "v"}
+    assert set(tables.reported(variants)["evaluation"]) == {"t"}  # the sweep and best settings read test only
+    assert set(tables.reported(variants[variants["split"] == "val"])["evaluation"]) == {"v"}  # val alone: kept
     missing = Missing()
     assert categories.chosen_variants(variants, evaluations, "mc2", True, missing) == {
         "m": (["mlp_mc"], "chosen as best mc2 on val (evaluation v, n=20)")}
