@@ -6,16 +6,22 @@ outputs folder (the converted-model cache is kept, as on any second run), and re
 peak resident memory from ``getrusage(RUSAGE_CHILDREN)``. Per-stage times come from the runs, and
 each variant's headline metrics (``HEADLINE``, with intervals and deltas) from its evaluate run.
 
-    python -m benchmarks.full [--data PATH] [--overrides "..."]
+    python -m benchmarks.full [--data PATH] [--overrides "..."] [--profile]
 
-Writes ``benchmarks/results/full.json``.
+Writes ``benchmarks/results/full.json``. With ``--profile`` the child runs under ``cProfile`` as well, and
+``benchmarks/results/full_profile.json`` gets where the time went: per stage (from the runs), inside
+``evaluate`` per step (the ``profile/<step>_seconds`` metrics of ``core.profile``: model loading, prefill,
+decode, side effects, MC prompts and the rest of MC, each judge, statistics, MLflow logging) and the functions
+with the most time of their own (cProfile's ``tottime``).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
+import pstats
 import resource
 import subprocess
 import sys
@@ -27,6 +33,8 @@ import mlflow
 from benchmarks import DATA_CSV, PROJECT_DIR, RESULTS_DIR, write_report
 
 RESULTS = RESULTS_DIR / "full.json"
+PROFILE = RESULTS_DIR / "full_profile.json"
+PROFILE_PREFIX = "profile/"
 # Per-variant metrics recorded with the timing (with their intervals and deltas against baseline).
 HEADLINE = ("mc1", "mc2", "semantic_acc", "semantic_diff", "llm_logprob_truthful", "judge_truthful",
             "judge_informative", "judge_truthful_informative", "steered_tokens_per_answer",
@@ -38,6 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DATA_CSV))
     parser.add_argument("--overrides", default="")
+    parser.add_argument("--profile", action="store_true", help="also run under cProfile and write full_profile.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
@@ -46,6 +55,8 @@ def main() -> None:
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "TRUTHSTEER_OUTPUTS": f"{tmp}/outputs",
                "MLFLOW_DISABLE_TELEMETRY": "true"}
         command = [sys.executable, "-m", "entrypoints.full", "--data", args.data, "--overrides", args.overrides]
+        if args.profile:
+            command[1:1] = ["-m", "cProfile", "-o", f"{tmp}/full.prof"]
         start = time.perf_counter()
         done = subprocess.run(command, cwd=PROJECT_DIR, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - start
@@ -67,6 +78,9 @@ def main() -> None:
         judge_stages = {r.data.tags["truthsteer.pipeline_stage"]: {k: round(v, 4) for k, v in sorted(r.data.metrics.items())
                                                                    if not k.endswith(("_ci_low", "_ci_high"))}
                         for r in runs if r.data.tags["truthsteer.pipeline_stage"] in ("train_judge", "calibrate")}
+        steps = {k.removeprefix(PROFILE_PREFIX).removesuffix("_seconds"): round(v, 2)
+                 for k, v in sorted(evaluate.data.metrics.items()) if k.startswith(PROFILE_PREFIX)}
+        hot = top_functions(f"{tmp}/full.prof") if args.profile else []
     result = {
         "command": " ".join(command[1:]),
         "wall_seconds": round(seconds, 1),
@@ -81,6 +95,28 @@ def main() -> None:
     }
     print(json.dumps(result, indent=2))
     write_report(RESULTS, result)
+    if args.profile:
+        # nested steps (generate.prefill in generate) are already in their parent's time
+        accounted = sum(v for k, v in steps.items() if not any(k.startswith(f"{p}.") for p in steps))
+        breakdown = {"wall_seconds": result["wall_seconds"], "stage_seconds": result["stage_seconds"],
+                     "evaluate_seconds": round(evaluate_seconds, 1),
+                     "evaluate_steps_seconds": steps,
+                     "evaluate_unaccounted_seconds": round(evaluate_seconds - accounted, 1),
+                     "top_functions_by_own_time": hot,
+                     "note": "cProfile adds its own overhead to wall_seconds; the steps are nested: generate "
+                             "holds generate.prefill and generate.decode, judge.mc holds judge.mc.prompts"}
+        print(json.dumps({k: v for k, v in breakdown.items() if k != "top_functions_by_own_time"}, indent=2))
+        write_report(PROFILE, breakdown)
+
+
+def top_functions(path: str, n: int = 30) -> list[dict[str, object]]:
+    """The ``n`` functions with the most time of their own in a cProfile dump, with their call counts."""
+    stats = pstats.Stats(path, stream=io.StringIO())
+    rows = []
+    for (file, line, name), (_, calls, own, cumulative, _) in stats.stats.items():  # type: ignore[attr-defined]
+        rows.append({"function": f"{os.path.relpath(file) if file.startswith('/') else file}:{line}({name})",
+                     "calls": calls, "own_seconds": round(own, 2), "cumulative_seconds": round(cumulative, 2)})
+    return sorted(rows, key=lambda r: -float(r["own_seconds"]))[:n]  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -14,13 +14,16 @@ answers it lacks, so a killed evaluation restarts without regenerating anything 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
+from core import profile
 from core.config import EvalConfig
 from core.data import Question
 from core.models import LoadedModel
@@ -96,6 +99,18 @@ def decode_answer(tokenizer: Any, new_ids: Sequence[int], stop_ids: Sequence[int
     return Answer(text=text.strip(), raw=raw, n_new_tokens=len(kept), truncated=truncated)
 
 
+class _FirstTokenClock(StoppingCriteria):
+    """Notes when ``generate`` picked its first token (the end of the prompts' prefill); stops nothing."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if self.at is None:
+            self.at = time.perf_counter()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)  # (batch,)
+
+
 def _sampling_seed(seed: int, batch_index: int) -> int:
     return (seed * 1_000_003 + batch_index) % (2**63)
 
@@ -133,10 +148,17 @@ def generate_batch(
     if decoding.do_sample:
         options.update(temperature=decoding.temperature, top_p=decoding.top_p, top_k=0)
     devices = [loaded.device] if loaded.device.type == "cuda" else []
+    clock = _FirstTokenClock()
     with (torch.inference_mode(), torch.random.fork_rng(devices=devices),
           steering.applied(model, prompt_end) as count):
         torch.manual_seed(_sampling_seed(decoding.seed, batch_index))
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)  # (batch, seq + new)
+        started = time.perf_counter()
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                stopping_criteria=StoppingCriteriaList([clock]), **options)  # (batch, seq + new)
+        finished = time.perf_counter()
+    first = clock.at if clock.at is not None else finished
+    profile.add("generate.prefill", first - started)
+    profile.add("generate.decode", finished - first)
     n_new = output.shape[1] - width
     # Prefill runs the prompt, then every new token but the last is fed back: width + n_new - 1 positions a row.
     check_steered(count, steering.expected_steered(prompt_end, width + n_new - 1),

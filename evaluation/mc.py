@@ -21,18 +21,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 
+from core import profile
 from core.config import Config
 from core.models import LoadedModel
 from evaluation.judges import BaseJudge, JudgeError, JudgeItem, register
 from steering.hooks import check_steered
+from steering.layers import decoder_layers
 from steering.logprobs import answer_head_logprobs, sequence_logprobs
 from steering.methods.intervention import Steering
-from steering.prefix import PrefixCache, suffix_answer_logprobs
+from steering.prefix import PrefixCache, suffix_answer_logprobs, with_layer_output
 from steering.prompts import answer_text, format_prompt, prompt_answer_ids
 from steering.sequences import Sequences, make_batch
 
@@ -71,11 +73,7 @@ def answer_logprobs(
 ) -> tuple[list[float], list[int]]:
     """Total log-probability of each answer given its question's prompt, under ``steering``.
 
-    Steering from the last prompt token on (``from_prompt_end``, and baseline) leaves the tokens
-    before it unchanged, so each distinct prompt runs once (``PrefixCache.of_prefixes``) and every
-    answer runs over its last prompt token and its own tokens only, attending to the prompt's
-    cached keys/values: a question's ~10 answers share one prompt. With ``positions=all`` the
-    prompt is steered too and every row is one full forward.
+    ``answer_logprobs_by_variant`` with one variant: see there.
 
     Args:
         loaded: the model, its tokenizer and prompt format.
@@ -84,10 +82,42 @@ def answer_logprobs(
         steering: the variant's steering, active from each row's last prompt token on.
         batch_size: rows per forward pass (and prompts per cached chunk).
         max_length: tokens per row at most; longer rows lose prompt tokens from the left.
+    """
+    return answer_logprobs_by_variant(loaded, questions, answers, {steering.variant: steering},
+                                      batch_size=batch_size, max_length=max_length)[steering.variant]
+
+
+def answer_logprobs_by_variant(
+    loaded: LoadedModel,
+    questions: Sequence[str],
+    answers: Sequence[str],
+    steerings: Mapping[str, Steering],
+    *,
+    batch_size: int,
+    max_length: int,
+) -> dict[str, tuple[list[float], list[int]]]:
+    """Total log-probability of each answer given its question's prompt, under each variant's steering.
+
+    What no variant changes is computed once for all of them. Steering from the last prompt token on
+    (``from_prompt_end``, and baseline) leaves the tokens before it unchanged, so each distinct prompt
+    runs once (``PrefixCache.of_prefixes``) and every answer runs over its last prompt token and its own
+    tokens only, attending to the prompt's cached keys/values: a question's ~10 answers share one
+    prompt. No variant edits the layers up to the lowest one steered (``Steering.last_unedited_layer``),
+    so those run once over the answers too (``with_layer_output``) and each variant runs only the layers
+    above. Prompts are taken ``batch_size`` at a time, which bounds what is kept. With ``positions=all``
+    the prompt is steered too and each of that variant's rows is one full forward.
+
+    Args:
+        loaded: the model, its tokenizer and prompt format.
+        questions: question texts, one per answer.
+        answers: answer texts (``answer_text`` adds the space a ``Q:/A:`` prompt needs).
+        steerings: variant -> its steering, active from each row's last prompt token on.
+        batch_size: rows per forward pass (and prompts per cached chunk).
+        max_length: tokens per row at most; longer rows lose prompt tokens from the left.
 
     Returns:
-        The log-probs, and per answer its tokens predicted from a steered state (all of them for a
-        steered variant, 0 for baseline): every forward checks that its hook edited exactly the
+        Per variant the log-probs, and per answer its tokens predicted from a steered state (all of them
+        for a steered variant, 0 for baseline): every forward checks that its hook edited exactly the
         positions from the last prompt token on (``check_steered``), or raises ``SteeringNotApplied``.
     """
     if len(questions) != len(answers):
@@ -96,33 +126,47 @@ def answer_logprobs(
     prompt_of = {q: format_prompt(q, tokenizer, fmt) for q in dict.fromkeys(questions)}
     parts = [prompt_answer_ids(tokenizer, prompt_of[q], answer_text(a, fmt), max_length)
              for q, a in zip(questions, answers, strict=True)]
-    steered = [len(a) if steering.steers else 0 for _, a in parts]
-    if steering.steers and steering.positions == "all":
-        return _full_forward_logprobs(loaded, parts, steering, batch_size), steered
+    out: dict[str, tuple[list[float], list[int]]] = {}
+    cached: dict[str, Steering] = {}
+    for variant, steering in steerings.items():
+        steered = [len(a) if steering.steers else 0 for _, a in parts]
+        if steering.steers and steering.positions == "all":
+            out[variant] = _full_forward_logprobs(loaded, parts, steering, batch_size), steered
+        else:
+            out[variant], cached[variant] = ([math.nan] * len(answers), steered), steering
+    if not cached:
+        return out
+    n_layers = len(decoder_layers(model))
+    shared_layer = min(s.last_unedited_layer(n_layers) for s in cached.values())
     seqs = Sequences(tuple(tuple(p + a) for p, a in parts), tuple(len(a) for _, a in parts), 1)
     splits = [len(p) - 1 for p, _ in parts]
-    totals = [math.nan] * len(answers)
     by_question = list(dict.fromkeys(questions))
     for start in range(0, len(by_question), batch_size):  # a chunk of prompts at a time bounds the cache's memory
         chunk = set(by_question[start:start + batch_size])
         rows = [i for i, q in enumerate(questions) if q in chunk]
         sub = Sequences(tuple(seqs.token_ids[i] for i in rows), tuple(seqs.n_answer[i] for i in rows), 1)
-        cache = PrefixCache.of_prefixes(model, sub, [splits[i] for i in rows], tokenizer.pad_token_id, batch_size)
+        with profile.step("judge.mc.prompts"):
+            cache = PrefixCache.of_prefixes(model, sub, [splits[i] for i in rows], tokenizer.pad_token_id, batch_size)
         order = sorted(range(len(rows)), key=lambda r: -len(sub.token_ids[r]) + splits[rows[r]])  # by suffix length
         for at in range(0, len(order), batch_size):
             batch_rows = order[at:at + batch_size]
             batch = cache.batch(batch_rows)
+            if shared_layer >= 0:
+                with profile.step("judge.mc.shared_layers"):
+                    batch = with_layer_output(model, batch, shared_layer)
             prefix_end = torch.full((len(batch_rows),), batch.prefix_width, device=batch.input_ids.device)  # (batch,)
-            with torch.inference_mode():
-                token_logp, count = suffix_answer_logprobs(model, batch,
-                                                           functools.partial(steering.applied, model, prefix_end))
-                row_totals = sequence_logprobs(token_logp.double(), batch.answer_mask)  # (batch,)
-            # The suffix (last prompt token, answer, right padding) sits at positions P .. P + S - 1.
-            check_steered(count, steering.expected_steered(prefix_end, batch.attention_mask.shape[1]),
-                          f"MC scoring of {len(batch_rows)} answers against their cached prompts by {steering.variant}")
-            for r, total in zip(batch_rows, row_totals.tolist(), strict=True):
-                totals[rows[r]] = total
-    return totals, steered
+            for variant, steering in cached.items():
+                with torch.inference_mode():
+                    token_logp, count = suffix_answer_logprobs(model, batch,
+                                                               functools.partial(steering.applied, model, prefix_end))
+                    row_totals = sequence_logprobs(token_logp.double(), batch.answer_mask)  # (batch,)
+                # The suffix (last prompt token, answer, right padding) sits at positions P .. P + S - 1.
+                check_steered(count, steering.expected_steered(prefix_end, batch.attention_mask.shape[1]),
+                              f"MC scoring of {len(batch_rows)} answers against their cached prompts by {variant}")
+                totals = out[variant][0]
+                for r, total in zip(batch_rows, row_totals.tolist(), strict=True):
+                    totals[rows[r]] = total
+    return out
 
 
 def _full_forward_logprobs(loaded: LoadedModel, parts: Sequence[tuple[list[int], list[int]]], steering: Steering,
@@ -187,6 +231,7 @@ class MCJudge(BaseJudge):
     max_length: int = 256
     loaded: LoadedModel | None = None
     steering: Steering | None = None
+    shared: _SharedScores | None = None
 
     @classmethod
     def from_config(cls, cfg: Config, *, judge_model: LoadedModel | None = None) -> MCJudge:
@@ -206,7 +251,19 @@ class MCJudge(BaseJudge):
             loaded: the main model (the one that generated the answers).
             steering: the variant's steering.
         """
-        return dataclasses.replace(self, loaded=loaded, steering=steering)
+        return dataclasses.replace(self, loaded=loaded, steering=steering, shared=None)
+
+    def bind_all(self, loaded: LoadedModel, steerings: Mapping[str, Steering]) -> dict[str, MCJudge]:
+        """This judge for each variant, scoring together: the first ``score`` call of any of them scores
+        the items for every variant (``answer_logprobs_by_variant``: what no variant changes runs once),
+        and the others' calls with the same items return their share. Same results as ``bind`` one by one.
+
+        Args:
+            loaded: the main model (the one that generated the answers).
+            steerings: variant -> its steering.
+        """
+        shared = _SharedScores(self.batch_size, self.max_length, loaded, dict(steerings))
+        return {v: dataclasses.replace(self, loaded=loaded, steering=s, shared=shared) for v, s in steerings.items()}
 
     def score(self, items: Sequence[JudgeItem]) -> list[dict[str, Any]]:
         """Per item ``mc1``, ``mc2``, ``mc_best_logprob``, ``mc_max_incorrect_logprob`` and
@@ -218,21 +275,49 @@ class MCJudge(BaseJudge):
         if self.loaded is None or self.steering is None:
             raise JudgeError("the mc judge scores the steered model: call judge.bind(loaded_model, steering) "
                              "before score (stages.evaluate does)")
-        choices = [mc_choices(item) for item in items]
-        questions = [item.question for item, (c, i, _) in zip(items, choices, strict=True) for _ in (*c, *i)]
-        answers = [a for c, i, _ in choices for a in (*c, *i)]
-        flat, steered = answer_logprobs(self.loaded, questions, answers, self.steering, batch_size=self.batch_size,
-                                        max_length=self.max_length)
+        if self.shared is not None:
+            return self.shared.rows(self.steering, items)
+        return _score(self.loaded, {self.steering.variant: self.steering}, items, self.batch_size,
+                      self.max_length)[self.steering.variant]
+
+
+class _SharedScores:
+    """The MC rows of several variants, scored together on the first request and kept per item list."""
+
+    def __init__(self, batch_size: int, max_length: int, loaded: LoadedModel, steerings: dict[str, Steering]) -> None:
+        self.batch_size, self.max_length, self.loaded, self.steerings = batch_size, max_length, loaded, steerings
+        self._key: tuple[Any, ...] | None = None
+        self._rows: dict[str, list[dict[str, Any]]] = {}
+
+    def rows(self, steering: Steering, items: Sequence[JudgeItem]) -> list[dict[str, Any]]:
+        variant = next(v for v, s in self.steerings.items() if s is steering)
+        key = tuple((i.qid, i.question, i.best_answer, tuple(i.correct_answers), tuple(i.incorrect_answers))
+                    for i in items)
+        if key != self._key:  # other questions than last time: score them for every variant
+            self._rows = _score(self.loaded, self.steerings, items, self.batch_size, self.max_length)
+            self._key = key
+        return self._rows[variant]
+
+
+def _score(loaded: LoadedModel, steerings: Mapping[str, Steering], items: Sequence[JudgeItem], batch_size: int,
+           max_length: int) -> dict[str, list[dict[str, Any]]]:
+    """Per variant, per item the MC fields (``MCJudge.score``)."""
+    choices = [mc_choices(item) for item in items]
+    questions = [item.question for item, (c, i, _) in zip(items, choices, strict=True) for _ in (*c, *i)]
+    answers = [a for c, i, _ in choices for a in (*c, *i)]
+    scored = answer_logprobs_by_variant(loaded, questions, answers, steerings, batch_size=batch_size,
+                                        max_length=max_length)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for variant, (flat, steered) in scored.items():
         rows, at = [], 0
         for correct, incorrect, best in choices:
             n = len(correct) + len(incorrect)
-            lp_correct = flat[at:at + len(correct)]
-            lp_incorrect = flat[at + len(correct):at + n]
-            row = mc_metrics(lp_correct, lp_incorrect, best)
+            row = mc_metrics(flat[at:at + len(correct)], flat[at + len(correct):at + n], best)
             row["mc_steered_tokens"] = math.fsum(steered[at:at + n]) / n  # per answer, this question's mean
             rows.append(row)
             at += n
-        return rows
+        out[variant] = rows
+    return out
 
 
-__all__ = ["MCJudge", "answer_logprobs", "mc_choices", "mc_metrics"]
+__all__ = ["MCJudge", "answer_logprobs", "answer_logprobs_by_variant", "mc_choices", "mc_metrics"]

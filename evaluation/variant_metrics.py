@@ -11,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 
+from core import profile
 from evaluation.judges import Judge, JudgeItem
 from evaluation.side_effects import EFFECT_DIRECTIONS
 from evaluation.statistics import bootstrap_ci, mcnemar, paired_difference, per_category
@@ -45,7 +46,8 @@ def score_rows(judges: Sequence[Judge], rows: Sequence[Mapping[str, Any]]) -> li
     items = [judge_item(r) for r in rows]
     scored = [dict(r) for r in rows]
     for judge in judges:
-        fields = judge.score(items)
+        with profile.step(f"judge.{judge.name}"):
+            fields = judge.score(items)
         if len(fields) != len(items):
             raise RuntimeError(f"judge {judge.name!r} returned {len(fields)} rows for {len(items)} items")
         for row, extra in zip(scored, fields, strict=True):

@@ -48,7 +48,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 
-from core import artifacts
+from core import artifacts, profile
 from core.artifacts import TAG_DTYPE, TAG_LAYER, TAG_SCALE, TAG_STORE, TAG_VARIANT, VARIANT_STAGE
 from core.config import Config, ConfigError
 from core.config_io import flat_params
@@ -282,15 +282,18 @@ def judge_and_log(
             names = judge_metric_names(judges)
             scored[variant] = score_rows([j for j in judges if not any(j is k for k in shared)], rows)
             base = scored.get("baseline")
-            values = variant_metrics(judges, scored[variant], base, n_bootstrap=cfg.eval.n_bootstrap,
-                                     confidence=cfg.eval.confidence, seed=cfg.eval.seed)
-            values.update((extra_metrics or {}).get(variant, {}))
-            mlflow.log_metrics(values)
+            with profile.step("statistics"):
+                values = variant_metrics(judges, scored[variant], base, n_bootstrap=cfg.eval.n_bootstrap,
+                                         confidence=cfg.eval.confidence, seed=cfg.eval.seed)
+                values.update((extra_metrics or {}).get(variant, {}))
+                table = category_table(judges, variant, scored[variant], base, n_bootstrap=cfg.eval.n_bootstrap,
+                                       confidence=cfg.eval.confidence, seed=cfg.eval.seed)
+            with profile.step("mlflow_logging"):
+                mlflow.log_metrics(values)
             check_variant_steered(variant, values, steers=meta["layer"] is not None)
-            table = category_table(judges, variant, scored[variant], base, n_bootstrap=cfg.eval.n_bootstrap,
-                                   confidence=cfg.eval.confidence, seed=cfg.eval.seed)
-            mlflow.log_text(table.to_csv(index=False), artifacts.PER_CATEGORY)
-            mlflow.log_table(data=flat_frame(scored[variant]), artifact_file=artifacts.GENERATIONS_TABLE)
+            with profile.step("mlflow_logging"):
+                mlflow.log_text(table.to_csv(index=False), artifacts.PER_CATEGORY)
+                mlflow.log_table(data=flat_frame(scored[variant]), artifact_file=artifacts.GENERATIONS_TABLE)
             metrics[variant], run_ids[variant] = values, child.info.run_id
             categories.append(table)
             for judge in judges:  # after logging, so a failed run still shows what was measured
@@ -301,11 +304,12 @@ def judge_and_log(
     all_rows = [r for rows in scored.values() for r in rows]
     summary = summary_frame(metrics, info)
     markdown = summary_markdown(summary, names)
-    log_tables(all_rows, pd.concat(categories, ignore_index=True) if categories else pd.DataFrame(), summary,
-               markdown)
-    if info:
-        log_comparison(summary, names, model=str(next(iter(info.values()))["model"]), split=cfg.eval.split,
-                       confidence=cfg.eval.confidence)
+    with profile.step("mlflow_logging"):
+        log_tables(all_rows, pd.concat(categories, ignore_index=True) if categories else pd.DataFrame(), summary,
+                   markdown)
+        if info:
+            log_comparison(summary, names, model=str(next(iter(info.values()))["model"]), split=cfg.eval.split,
+                           confidence=cfg.eval.confidence)
     print(markdown)
     return EvaluationResult(metrics=metrics, rows=all_rows, run_ids=run_ids, summary=summary)
 
@@ -337,11 +341,13 @@ def run(
     if not questions:
         raise ConfigError(f"eval.split={cfg.eval.split} has no questions; set data.{cfg.eval.split} > 0")
     check_trained_judge(cfg, [q.id for q in questions])
-    loaded = load_from_config(cfg)
-    dtype = dtype_name(loaded)
-    steerings = {v: build_steering(cfg, v, sources, loaded) for v in variants}
-    judge_model = load_judge_model(cfg, cfg.eval.judges, loaded)
-    judges = make_judges(cfg, cfg.eval.judges, judge_model)
+    profile.take()  # this stage's steps only
+    with profile.step("load"):
+        loaded = load_from_config(cfg)
+        dtype = dtype_name(loaded)
+        steerings = {v: build_steering(cfg, v, sources, loaded) for v in variants}
+        judge_model = load_judge_model(cfg, cfg.eval.judges, loaded)
+        judges = make_judges(cfg, cfg.eval.judges, judge_model)
     decoding = cfg.eval
     store = GenerationStore(Path(store_path) if store_path else default_store_path(cfg.model, dtype, decoding))
     log_params_once({**sources.params(), "eval.prompt_format": loaded.prompt_format, "eval.dtype": dtype})
@@ -355,8 +361,9 @@ def run(
     for variant in variants:
         steering = steerings[variant]
         key = variant_hash(cfg.model, dtype, decoding, steering.key_fields())
-        records, n_generated[variant] = generate_missing(loaded, questions, steering, decoding, store, key,
-                                                         progress=progress)
+        with profile.step("generate"):
+            records, n_generated[variant] = generate_missing(loaded, questions, steering, decoding, store, key,
+                                                             progress=progress)
         rows_by_variant[variant] = [table_row(q, r, model=cfg.model.alias, dtype=dtype, steering=steering)
                                     for q, r in zip(questions, records, strict=True)]
         counts[variant] = {"n_generated": float(n_generated[variant]),
@@ -370,20 +377,26 @@ def run(
             c.pop(RELATIVE_SCALE_METRIC, None)
     if cfg.effects.enabled:  # what steering costs: KL and CE on neutral text, KL on each variant's own answers
         started = time.perf_counter()
-        effects, per_answer = measure_effects(cfg, loaded, steerings, [q.question for q in questions],
-                                              {v: [str(r["raw_answer"]) for r in rows] for v, rows in rows_by_variant.items()})
+        with profile.step("effects"):
+            effects, per_answer = measure_effects(cfg, loaded, steerings, [q.question for q in questions],
+                                                  {v: [str(r["raw_answer"]) for r in rows]
+                                                   for v, rows in rows_by_variant.items()})
         for variant, rows in rows_by_variant.items():
             counts[variant].update(effects[variant])
             for row, kl in zip(rows, per_answer[variant], strict=True):
                 row["kl_answers"] = kl
         mlflow.log_metric("effects_seconds", time.perf_counter() - started)
 
+    # mc scores every variant in one pass over the questions: what no variant changes runs once
+    bound = {id(j): j.bind_all(loaded, steerings) for j in judges if isinstance(j, _mc.MCJudge)}
+
     def judges_for(variant: str) -> list[Judge]:
-        return [j.bind(loaded, steerings[variant]) if isinstance(j, _mc.MCJudge) else j for j in judges]
+        return [bound[id(j)][variant] if isinstance(j, _mc.MCJudge) else j for j in judges]
 
     flat = flat_params(cfg)
     params = {v: variant_params(flat, steerings[v].key_fields(), module=steerings[v].module) for v in variants}
     result = judge_and_log(cfg, rows_by_variant, judges_for, info, extra_metrics=counts, params=params)
+    profile.log()
     return dataclasses.replace(result, store_path=store.path, n_generated=n_generated)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import mlflow
 
-from core import artifacts
+from core import artifacts, profile
 from core.config import Config, ConfigError
 from core.config_io import config_from_dict, read_yaml
 from core.models import LoadedModel, load_from_config
@@ -143,13 +143,18 @@ def run(cfg: Config, *, source_run: str = "", generations: str = "") -> evaluate
     judge_model = judge_loading.load_judge_model(cfg, cfg.eval.judges, main)
     judges = judge_loading.make_judges(cfg, cfg.eval.judges, judge_model)
 
+    bound = {id(j): j.bind_all(main, steerings) for j in judges if isinstance(j, _mc.MCJudge)} if main else {}
+
     def judges_for(variant: str) -> list[Judge]:
         if main is None:
             return judges
-        return [j.bind(main, steerings[variant]) if isinstance(j, _mc.MCJudge) else j for j in judges]
+        return [bound[id(j)][variant] if isinstance(j, _mc.MCJudge) else j for j in judges]
 
     info = {v: {k: rows[0].get(k) for k in ("model", "dtype", "layer", "scale")} for v, rows in grouped.items()}
-    return evaluate.judge_and_log(cfg, grouped, judges_for, info, extra_tags={artifacts.TAG_SOURCE_RUN: origin})
+    profile.take()  # this stage's steps only
+    result = evaluate.judge_and_log(cfg, grouped, judges_for, info, extra_tags={artifacts.TAG_SOURCE_RUN: origin})
+    profile.log()
+    return result
 
 
 def plan(cfg: Config, *, source_run: str = "", generations: str = "") -> list[str]:

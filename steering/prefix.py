@@ -328,6 +328,29 @@ def _forward_chunks(model: nn.Module, token_ids: Sequence[Sequence[int]], pad_id
         yield chunk, input_ids.shape[1], out, acts
 
 
+@torch.inference_mode()
+def with_layer_output(model: nn.Module, batch: SuffixBatch, layer: int) -> SuffixBatch:
+    """``batch`` with the unsteered output of decoder layer ``layer`` on its suffix, from one forward
+    of layers ``0 .. layer`` only (the layers above it stand aside): ``suffix_answer_logprobs`` then runs
+    just the layers above ``layer``, for as many steerings as edit nothing up to it.
+
+    Args:
+        model: the frozen model ``batch`` was built for.
+        batch: a ``PrefixCache`` batch without a layer (``of_prefixes``), on the model's device.
+        layer: the last layer no steering edits.
+    """
+    if batch.layer is not None:
+        raise ValueError(f"the batch already holds the output of layer {batch.layer}")
+    n_layers = len(decoder_layers(model))
+    layer = check_layer(layer, n_layers)
+    base: Any = model.base_model
+    above = {i: _PassThrough() for i in range(layer + 1, n_layers)}
+    with _swapped_layers(model, above), record_residuals(model, [layer]) as acts:
+        base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+             use_cache=True, **with_cache(base, batch.cache()))
+    return dataclasses.replace(batch, layer=layer, residual=acts[layer])  # residual: (batch, S, d_model)
+
+
 def suffix_answer_logprobs(model: nn.Module, batch: SuffixBatch,
                            steering: Callable[[], AbstractContextManager[SteeredCount]],
                            *, answer_only_head: bool = True) -> tuple[Tensor, SteeredCount]:
@@ -360,4 +383,4 @@ def suffix_answer_logprobs(model: nn.Module, batch: SuffixBatch,
     return full_logits_logprobs(logits, batch.input_ids, batch.answer_mask), count
 
 
-__all__ = ['KV', 'PrefixCache', 'SuffixBatch', 'resume_after_layer', 'suffix_answer_logprobs']
+__all__ = ['KV', 'PrefixCache', 'SuffixBatch', 'resume_after_layer', 'suffix_answer_logprobs', 'with_layer_output']

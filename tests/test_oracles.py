@@ -39,6 +39,7 @@ from core.models import LoadedModel, load_model
 from core.tracking import stage_run
 from evaluation.generate import decode_answer, generate_batch, stop_token_ids
 from evaluation.judges import JudgeItem
+from evaluation import mc
 from evaluation.mc import MCJudge, answer_logprobs, mc_choices
 from stages import evaluate
 from steering import hooks
@@ -196,6 +197,42 @@ def test_prefix_cached_mc_logprobs_equal_a_plain_forward_with_an_independent_hoo
     assert got != pytest.approx(unsteered, abs=1e-2)  # the steering shows
     n_answer = [len(loaded.tokenizer(answer_text(a, "qa"), add_special_tokens=False)["input_ids"]) for a in flat_a]
     assert steered == n_answer
+    assert active_hooks(loaded.model) == 0
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_mc_of_every_variant_at_once_equals_each_alone_and_a_plain_forward(arch: str) -> None:
+    """What no variant changes (prompts, and the layers below the lowest steered one) runs once for all
+    variants: each variant's log-probs equal scoring it alone and one plain forward per answer, also with
+    variants on different layers (ITI edits inside its layer, so the shared part stops below it)."""
+    from steering.methods.iti import ItiSteering
+    from tests.test_iti import heads_of, random_directions
+
+    loaded = tiny_loaded(arch)
+    steerings = {"baseline": Steering.baseline(), **tiny_steerings(loaded),
+                 "caa_layer0": tiny_steerings(loaded, layer=0)["caa"],
+                 "iti": ItiSteering("iti", layer=LAYER, scale=4.0, source_run="r",
+                                    directions=random_directions([(LAYER, 0), (2, 1)], heads_of(loaded.model)[1]))}
+    flat_q, flat_a = mc_rows(tiny_questions())
+    together = mc.answer_logprobs_by_variant(loaded, flat_q, flat_a, steerings, batch_size=3, max_length=256)
+    for variant, steering in steerings.items():
+        alone = answer_logprobs(loaded, flat_q, flat_a, steering, batch_size=3, max_length=256)
+        assert together[variant][0] == pytest.approx(alone[0], abs=1e-5), variant
+        assert together[variant][1] == alone[1]
+        if variant in ("baseline", "caa", "caa_all", "mlp", "caa_layer0"):
+            layer = 0 if variant == "caa_layer0" else LAYER
+            expected = [plain_logprob(loaded, q, a, delta_of(steering) if steering.steers else None,
+                                      steering.positions == "all", layer=layer)
+                        for q, a in zip(flat_q, flat_a, strict=True)]
+            assert together[variant][0] == pytest.approx(expected, abs=1e-4), variant
+    assert together["iti"][0] != pytest.approx(together["baseline"][0], abs=1e-2)  # the heads' shift shows
+    # the judge bound to every variant at once scores as bound one at a time
+    items = [JudgeItem.from_question(q, "") for q in tiny_questions()]
+    judge = MCJudge(batch_size=3)
+    at_once = judge.bind_all(loaded, steerings)
+    for variant, steering in steerings.items():
+        for got, alone in zip(at_once[variant].score(items), judge.bind(loaded, steering).score(items), strict=True):
+            assert got == pytest.approx(alone, abs=1e-5), variant
     assert active_hooks(loaded.model) == 0
 
 

@@ -86,6 +86,17 @@ class Steering:
         the first answer token, so the whole answer is steered; None with ``positions=all``."""
         return prompt_end if self.positions == "from_prompt_end" else None
 
+    def last_unedited_layer(self, n_layers: int) -> int:
+        """The highest decoder layer whose output this variant leaves as the unsteered model's at every
+        position (-1: it edits inside layer 0). Everything up to it can be computed once for all variants.
+
+        Args:
+            n_layers: the model's decoder layers (baseline edits none of them).
+        """
+        if not self.steers or self.layer is None:  # __post_init__ gives every steering variant a layer
+            return n_layers - 1
+        return self.layer  # the edit is added to layer ``layer``'s output
+
     @property
     def steers(self) -> bool:
         """Whether this variant edits the model at all (every variant but baseline)."""

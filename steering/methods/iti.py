@@ -44,6 +44,10 @@ class ItiSteering(Steering):
         assert self.directions is not None  # payload() made sure
         return iti_applied(model, self.directions, self.scale, start_positions=starts)
 
+    def last_unedited_layer(self, n_layers: int) -> int:
+        """Below ``layer``: the heads' shift enters inside the lowest steered layer's attention."""
+        return super().last_unedited_layer(n_layers) - (1 if self.steers else 0)
+
     def key_fields(self) -> dict[str, Any]:
         if not self.steers or self.directions is None:
             return super().key_fields()
