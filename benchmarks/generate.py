@@ -15,12 +15,24 @@ process from the smoke pool split with ``steering.extract``, times ``steering.sc
   (``--overrides model.dtype=bfloat16`` in the stages), the same CAA vector. bf16 answers differ
   from fp32 ones and depend on the batch size; the report counts how many agree.
 
-One warm-up generation runs first. Run: ``python -m benchmarks.generate`` (options: ``--help``);
-writes ``benchmarks/results/generate.json``.
+One warm-up generation runs first. The machine's fp32 matmul throughput (the *roof*: the best of a few
+square ``torch.mm`` of ``--roof-size``, on the same threads) is measured in the same run, and the batched
+run's throughput is set against it two ways:
+
+- ``new_tokens_share_of_roof``: new tokens per second times the model's matmul FLOPs per token (2 x the
+  weights of every decoder layer's linear layers and of the LM head), over the roof: the issue's measure,
+  where the prompts' prefill counts as overhead;
+- ``useful_flops_share_of_roof``: every real token's work (prompt tokens through the layers, answer
+  tokens up to and including their stop token through the layers and the head) per second, over the roof.
+  Padding and the tokens after a row's stop are not counted; attention scores are not counted either
+  (under 3% here).
+
+Run: ``python -m benchmarks.generate`` (options: ``--help``); writes ``benchmarks/results/generate.json``.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import tempfile
 import time
@@ -37,9 +49,31 @@ from core.models import load_model
 from evaluation.generate import generate_batch, generate_missing
 from evaluation.generation_store import GenerationStore, variant_hash
 from steering.extract import contrastive_pairs, extract_caa
+from steering.layers import decoder_layers
 from steering.methods.intervention import Steering
+from steering.prompts import encode_text, format_prompt
 
 RESULTS = RESULTS_DIR / "generate.json"
+
+
+def matmul_roof(size: int, repeats: int = 5) -> float:
+    """The best GFLOP/s of ``repeats`` fp32 ``(size, size) @ (size, size)`` products, after a warm-up."""
+    a, b = torch.randn(size, size), torch.randn(size, size)  # (size, size) each
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(repeats):
+        tick = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - tick)
+    return 2 * size**3 / best / 1e9
+
+
+def matmul_flops(model: torch.nn.Module) -> tuple[float, float]:
+    """Per token: the FLOPs of every decoder layer's linear layers, and of the LM head (2 x weights)."""
+    layers = sum(2 * m.weight.numel() for layer in decoder_layers(model) for m in layer.modules()
+                 if isinstance(m, torch.nn.Linear))
+    head = model.get_output_embeddings()
+    return float(layers), float(2 * head.weight.numel())
 
 
 def main() -> None:
@@ -48,6 +82,7 @@ def main() -> None:
     p.add_argument("--sequential", type=int, default=10,
                    help="questions timed one at a time (0: all of the split)")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 batched run")
+    p.add_argument("--roof-size", type=int, default=2048, help="side of the square matmul that measures the roof")
     p.add_argument("--output", type=Path, default=RESULTS)
     args = p.parse_args()
     if args.threads:
@@ -67,6 +102,8 @@ def main() -> None:
     decoding = cfg.eval
     key = variant_hash(cfg.model, "float32", decoding, steering.key_fields())
     generate_batch(loaded, [questions[0].question], steering, EvalConfig(max_new_tokens=4))  # warm-up
+    roof = matmul_roof(args.roof_size)
+    print(f"fp32 matmul roof: {roof:.1f} GFLOP/s ({args.roof_size}^3, {torch.get_num_threads()} threads)")
 
     with tempfile.TemporaryDirectory() as tmp:
         tick = time.perf_counter()
@@ -75,6 +112,24 @@ def main() -> None:
         batched_seconds = time.perf_counter() - tick
     print(f"batched: {len(questions)} questions in {batched_seconds:.1f} s "
           f"({batched_seconds / len(questions):.3f} s/question, batch size {decoding.batch_size})")
+    layer_flops, head_flops = matmul_flops(loaded.model)
+    new_tokens = sum(r["n_new_tokens"] for r in records)
+    fed = sum(r["n_new_tokens"] + (not r["truncated"]) for r in records)  # up to and including the stop token
+    prompt_tokens = sum(len(encode_text(loaded.tokenizer, format_prompt(q.question, loaded.tokenizer,
+                                                                        loaded.prompt_format))) for q in questions)
+    useful = (prompt_tokens + fed) * layer_flops + fed * head_flops
+    throughput = {
+        "roof_gflops": roof, "matmul_gflops_per_token": (layer_flops + head_flops) / 1e9,
+        "new_tokens": new_tokens, "new_tokens_per_second": new_tokens / batched_seconds,
+        "roof_tokens_per_second": roof * 1e9 / (layer_flops + head_flops),
+        "new_tokens_share_of_roof": new_tokens * (layer_flops + head_flops) / batched_seconds / (roof * 1e9),
+        "prompt_tokens": prompt_tokens, "useful_gflops_per_second": useful / batched_seconds / 1e9,
+        "useful_flops_share_of_roof": useful / batched_seconds / (roof * 1e9),
+    }
+    print(f"batched throughput: {throughput['new_tokens_per_second']:.0f} new tokens/s = "
+          f"{throughput['new_tokens_share_of_roof']:.0%} of the roof's {throughput['roof_tokens_per_second']:.0f}; "
+          f"with the prompts' work {throughput['useful_gflops_per_second']:.1f} GFLOP/s = "
+          f"{throughput['useful_flops_share_of_roof']:.0%} of the roof")
 
     subset = questions[:args.sequential] if args.sequential else questions
     tick = time.perf_counter()
@@ -123,6 +178,7 @@ def main() -> None:
                           "mean_new_tokens": statistics.mean(a.n_new_tokens for a in single),
                           "answers_identical_to_batched": f"{sum(matches)}/{len(matches)}"},
         "speedup_per_question": speedup,
+        "throughput": throughput,
         "batched_bf16": bf16,
         "note": ("one at a time was timed on the first questions_timed questions of the split; the speedup "
                  "compares seconds per question") if len(subset) < len(questions) else "",

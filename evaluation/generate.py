@@ -13,21 +13,23 @@ answers it lacks, so a killed evaluation restarts without regenerating anything 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import Cache, DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from core import profile
 from core.config import EvalConfig
 from core.data import Question
 from core.models import LoadedModel
 from evaluation.generation_store import GenerationStore
+from steering.cache import output_cache, with_cache
 from steering.hooks import check_steered
 from steering.methods.intervention import Steering
 from steering.prompts import PromptFormat, encode_prompts, format_prompt
@@ -115,6 +117,44 @@ def _sampling_seed(seed: int, batch_index: int) -> int:
     return (seed * 1_000_003 + batch_index) % (2**63)
 
 
+@dataclasses.dataclass(frozen=True)
+class PromptPrefill:
+    """The unsteered keys/values of a batch of prompts, all but their last token, left-padded as
+    ``encode_prompts`` pads them: what every variant that steers from the last prompt token on (and
+    baseline) computes the same way, so one batch's prompts run once for all variants.
+
+    Args:
+        questions: the batch's questions, in order (the prefill fits only this batch).
+        cache: the KV cache of every layer over positions ``0 .. width - 2``; copy it before use.
+    """
+
+    questions: tuple[str, ...]
+    cache: Cache
+
+
+@torch.inference_mode()
+def prefill_prompts(loaded: LoadedModel, questions: Sequence[str]) -> PromptPrefill | None:
+    """The ``PromptPrefill`` of ``questions`` (None when the padded prompts are a single token).
+
+    Args:
+        loaded: the model, its tokenizer and prompt format.
+        questions: question texts, formatted with ``format_prompt``.
+    """
+    tokenizer, model = loaded.tokenizer, loaded.model
+    encoded = encode_prompts(tokenizer, [format_prompt(q, tokenizer, loaded.prompt_format) for q in questions])
+    input_ids = encoded["input_ids"].to(loaded.device)  # (batch, width)
+    attention_mask = encoded["attention_mask"].to(loaded.device)  # (batch, width)
+    if input_ids.shape[1] < 2:
+        return None
+    # the position ids generate gives left-padded rows (padding's are never attended to)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).masked_fill(attention_mask == 0, 1)  # (batch, width)
+    base: Any = model.base_model
+    # the cache generate would make (sliding-window layers as the config says), filled by one forward
+    out = base(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=position_ids[:, :-1],
+               use_cache=True, **with_cache(base, DynamicCache(config=model.config)))
+    return PromptPrefill(tuple(questions), output_cache(out))
+
+
 def generate_batch(
     loaded: LoadedModel,
     questions: Sequence[str],
@@ -122,8 +162,14 @@ def generate_batch(
     decoding: EvalConfig,
     *,
     batch_index: int = 0,
+    prefill: PromptPrefill | None = None,
 ) -> list[Answer]:
     """Answer ``questions`` in one steered ``model.generate`` call.
+
+    Unless steering starts before the last prompt token (``positions=all``), the prompts' tokens before
+    it come from their unsteered ``PromptPrefill`` (``prefill``, or computed here), and ``generate`` runs
+    from the last prompt token on. Always the same path, so an answer never depends on whether other
+    variants shared the prefill.
 
     Args:
         loaded: the model, its tokenizer and prompt format.
@@ -131,6 +177,7 @@ def generate_batch(
         steering: the variant's steering, active during the whole call.
         decoding: decoding settings (``batch_size`` is not used here).
         batch_index: the batch's place in its variant, which seeds sampling.
+        prefill: ``prefill_prompts(loaded, questions)``, shared by several variants (copied, not changed).
     """
     if not questions:
         return []
@@ -147,6 +194,12 @@ def generate_batch(
                                "pad_token_id": tokenizer.pad_token_id, "eos_token_id": stop_ids}
     if decoding.do_sample:
         options.update(temperature=decoding.temperature, top_p=decoding.top_p, top_k=0)
+    if steering.positions == "from_prompt_end" or not steering.steers:
+        if prefill is None or prefill.questions != tuple(questions):
+            with profile.step("generate.prompts"):
+                prefill = prefill_prompts(loaded, questions)
+        if prefill is not None:
+            options.update(with_cache(model, copy.deepcopy(prefill.cache)))
     devices = [loaded.device] if loaded.device.type == "cuda" else []
     clock = _FirstTokenClock()
     with (torch.inference_mode(), torch.random.fork_rng(devices=devices),
@@ -195,10 +248,7 @@ def generate_missing(
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
-    """Generate the answers ``store`` lacks for one variant, appending each batch as it finishes.
-
-    Batches are fixed chunks of ``generation_order(questions)``: a restarted run meets the same
-    batches (and sampling seeds) and generates only the rows not yet stored.
+    """Generate the answers ``store`` lacks for one variant: ``generate_missing_variants`` with one.
 
     Args:
         loaded: the model.
@@ -213,33 +263,78 @@ def generate_missing(
     Returns:
         The records of every question, in the order of ``questions``, and how many were generated now.
     """
+    done = generate_missing_variants(loaded, questions, {steering.variant: (steering, key_hash)}, decoding, store,
+                                     progress=progress, on_batch=on_batch)
+    return done[steering.variant]
+
+
+def generate_missing_variants(
+    loaded: LoadedModel,
+    questions: Sequence[Question],
+    variants: Mapping[str, tuple[Steering, str]],
+    decoding: EvalConfig,
+    store: GenerationStore,
+    *,
+    progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, tuple[list[dict[str, Any]], int]]:
+    """Generate the answers ``store`` lacks for each variant, appending each batch as it finishes.
+
+    Batches are fixed chunks of ``generation_order(questions)``: a restarted run meets the same
+    batches (and sampling seeds) and generates only the rows not yet stored. Each batch is answered by
+    every variant in turn, so its prompts' ``PromptPrefill`` is computed once for all the variants that
+    need the whole batch; what is kept at a time is one batch's (``eval.batch_size`` prompts).
+
+    Args:
+        loaded: the model.
+        questions: the questions to answer.
+        variants: variant -> its steering and ``variant_hash(...)``.
+        decoding: decoding settings; ``batch_size`` questions per call.
+        store: where finished answers are kept.
+        progress: show a tqdm bar.
+        on_batch: called with the number of answers after each stored batch.
+
+    Returns:
+        Per variant the records of every question, in the order of ``questions``, and how many were generated now.
+    """
     ordered = generation_order(loaded, questions)
     chunks = [ordered[i:i + decoding.batch_size] for i in range(0, len(ordered), decoding.batch_size)]
-    missing = sum((q.id, steering.variant, key_hash) not in store for q in questions)
-    n_generated = 0
-    with tqdm(total=missing, desc=f"generate {steering.variant}", unit="answer", disable=not progress) as bar:
+    missing = sum((q.id, s.variant, key) not in store for s, key in variants.values() for q in questions)
+    n_generated = dict.fromkeys(variants, 0)
+    names = ", ".join(variants)
+    with tqdm(total=missing, desc=f"generate {names}", unit="answer", disable=not progress) as bar:
         for index, chunk in enumerate(chunks):
-            todo = [q for q in chunk if (q.id, steering.variant, key_hash) not in store]
-            if not todo:
-                continue
-            answers = generate_batch(loaded, [q.question for q in todo], steering, decoding, batch_index=index)
-            store.append([
-                {"qid": q.id, "variant": steering.variant, "variant_hash": key_hash, "question": q.question,
-                 "answer": a.text, "raw_answer": a.raw, "n_new_tokens": a.n_new_tokens, "truncated": a.truncated,
-                 "steered_tokens": a.steered_tokens}
-                for q, a in zip(todo, answers, strict=True)
-            ])
-            n_generated += len(todo)
-            bar.update(len(todo))
-            if on_batch is not None:
-                on_batch(len(todo))
-    records = []
-    for q in questions:
-        record = store.get((q.id, steering.variant, key_hash))
-        if record is None:  # another writer may have dropped it; never silently leave a gap
-            raise RuntimeError(f"{store.path}: no answer for question {q.id} after generation")
-        records.append(record)
-    return records, n_generated
+            prefill: PromptPrefill | None = None
+            for variant, (steering, key) in variants.items():
+                todo = [q for q in chunk if (q.id, steering.variant, key) not in store]
+                if not todo:
+                    continue
+                texts = [q.question for q in todo]
+                if len(todo) == len(chunk) and prefill is None:
+                    with profile.step("generate.prompts"):
+                        prefill = prefill_prompts(loaded, texts)
+                answers = generate_batch(loaded, texts, steering, decoding, batch_index=index, prefill=prefill)
+                store.append([
+                    {"qid": q.id, "variant": steering.variant, "variant_hash": key, "question": q.question,
+                     "answer": a.text, "raw_answer": a.raw, "n_new_tokens": a.n_new_tokens,
+                     "truncated": a.truncated, "steered_tokens": a.steered_tokens}
+                    for q, a in zip(todo, answers, strict=True)
+                ])
+                n_generated[variant] += len(todo)
+                bar.update(len(todo))
+                if on_batch is not None:
+                    on_batch(len(todo))
+    out: dict[str, tuple[list[dict[str, Any]], int]] = {}
+    for variant, (steering, key) in variants.items():
+        records = []
+        for q in questions:
+            record = store.get((q.id, steering.variant, key))
+            if record is None:  # another writer may have dropped it; never silently leave a gap
+                raise RuntimeError(f"{store.path}: no answer for question {q.id} after generation")
+            records.append(record)
+        out[variant] = records, n_generated[variant]
+    return out
 
 
-__all__ = ['Answer', 'decode_answer', 'generate_batch', 'generate_missing', 'generation_order', 'stop_token_ids']
+__all__ = ['Answer', 'PromptPrefill', 'decode_answer', 'generate_batch', 'generate_missing', 'generate_missing_variants',
+           'generation_order', 'prefill_prompts', 'stop_token_ids']

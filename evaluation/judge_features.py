@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,7 @@ SOFT_TEMPERATURE = 20.0  # the soft maximum of cosines: log-sum-exp at this inve
 
 
 class Featurizer:
-    """``FEATURES`` of answers; MiniLM embeddings are computed once per distinct text.
+    """``FEATURES`` of answers; MiniLM embeddings are computed once per distinct text, features once per answer.
 
     Args:
         encode: ``texts -> (n, dim)`` embeddings (``minilm_encoder()``).
@@ -59,6 +60,7 @@ class Featurizer:
 
         self.encode = encode
         self._unit: dict[str, np.ndarray] = {}
+        self._rows: dict[tuple[Any, ...], list[float]] = {}
         self._rouge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
     def _embed(self, texts: Sequence[str]) -> None:
@@ -71,15 +73,20 @@ class Featurizer:
         self._unit.update(zip(new, units, strict=True))
 
     def __call__(self, items: Sequence[JudgeItem]) -> np.ndarray:
-        """``(len(items), len(FEATURES))`` float32 features.
+        """``(len(items), len(FEATURES))`` float32 features; an answer already featurised (same question,
+        answer and references: e.g. the truth and the informativeness labels of one answer) is not redone.
 
         Args:
             items: the answers, with their references.
         """
-        refs = [references(i) for i in items]
-        self._embed([NO_COMMENT, *(i.answer for i in items), *(i.question for i in items),
+        keys = [(i.question, i.answer, i.best_answer, i.correct_answers, i.incorrect_answers) for i in items]
+        new = list({k: i for k, i in zip(keys, items, strict=True) if k not in self._rows}.items())
+        refs = [references(i) for _, i in new]
+        self._embed([NO_COMMENT, *(i.answer for _, i in new), *(i.question for _, i in new),
                      *(r for c, w in refs for r in (*c, *w))])
-        rows = [self._row(item, correct, incorrect) for item, (correct, incorrect) in zip(items, refs, strict=True)]
+        for (key, item), (correct, incorrect) in zip(new, refs, strict=True):
+            self._rows[key] = self._row(item, correct, incorrect)
+        rows = [self._rows[k] for k in keys]
         return np.asarray(rows, dtype=np.float32).reshape(len(items), len(FEATURES))  # (n, n_features)
 
     def _row(self, item: JudgeItem, correct: list[str], incorrect: list[str]) -> list[float]:

@@ -62,7 +62,7 @@ from core.tracking import log_params_once, stage_run
 from evaluation import mc as _mc  # registers the "mc" judge
 from evaluation.comparison import log_comparison
 from evaluation.degenerate import answer_rates, check_degenerate
-from evaluation.generate import generate_missing
+from evaluation.generate import generate_missing_variants
 from evaluation.generation_store import GenerationStore, default_store_path, variant_hash
 from evaluation.judge_loading import check_trained_judge, load_judge_model, make_judges
 from evaluation.judges import Judge
@@ -358,12 +358,12 @@ def run(
     counts: dict[str, dict[str, float]] = {}
     n_generated: dict[str, int] = {}
     info: dict[str, dict[str, Any]] = {}
+    keys = {v: (steerings[v], variant_hash(cfg.model, dtype, decoding, steerings[v].key_fields())) for v in variants}
+    with profile.step("generate"):  # batch by batch, every variant in turn: the prompts' prefill runs once
+        generated = generate_missing_variants(loaded, questions, keys, decoding, store, progress=progress)
     for variant in variants:
         steering = steerings[variant]
-        key = variant_hash(cfg.model, dtype, decoding, steering.key_fields())
-        with profile.step("generate"):
-            records, n_generated[variant] = generate_missing(loaded, questions, steering, decoding, store, key,
-                                                             progress=progress)
+        records, n_generated[variant] = generated[variant]
         rows_by_variant[variant] = [table_row(q, r, model=cfg.model.alias, dtype=dtype, steering=steering)
                                     for q, r in zip(questions, records, strict=True)]
         counts[variant] = {"n_generated": float(n_generated[variant]),

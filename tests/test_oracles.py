@@ -37,9 +37,17 @@ from core.config_io import load_config
 from core.data import Question, question_id
 from core.models import LoadedModel, load_model
 from core.tracking import stage_run
-from evaluation.generate import decode_answer, generate_batch, stop_token_ids
-from evaluation.judges import JudgeItem
 from evaluation import mc
+from evaluation.generate import (
+    decode_answer,
+    generate_batch,
+    generate_missing,
+    generate_missing_variants,
+    generation_order,
+    stop_token_ids,
+)
+from evaluation.generation_store import GenerationStore
+from evaluation.judges import JudgeItem
 from evaluation.mc import MCJudge, answer_logprobs, mc_choices
 from stages import evaluate
 from steering import hooks
@@ -165,6 +173,31 @@ def test_cached_batched_generation_equals_a_recompute_with_an_independent_hook(a
     assert active_hooks(loaded.model) == 0
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_generation_of_every_variant_batch_by_batch_equals_each_alone_and_the_recompute(arch: str, tmp_path: Any) -> None:
+    """evaluate's path: each batch's prompts are prefilled once for all variants; every variant's answers
+    equal generating it alone and the recompute oracle (positions=all does not share the prefill)."""
+    loaded = tiny_loaded(arch)
+    steerings = {"baseline": Steering.baseline(), **tiny_steerings(loaded)}
+    questions = tiny_questions()
+    decoding = EvalConfig(max_new_tokens=MAX_NEW, batch_size=len(questions))
+    variants = {name: (s, f"key-{name}") for name, s in steerings.items()}
+    together = generate_missing_variants(loaded, questions, variants, decoding, GenerationStore(tmp_path / "all.jsonl"),
+                                         progress=False)
+    order = [q.question for q in generation_order(loaded, questions)]
+    for name, steering in steerings.items():
+        alone, n = generate_missing(loaded, questions, steering, decoding, GenerationStore(tmp_path / f"{name}.jsonl"),
+                                    f"key-{name}", progress=False)
+        assert [r["answer"] for r in together[name][0]] == [r["answer"] for r in alone], name
+        assert together[name][1] == n == len(questions)
+        steer_from = "all" if steering.positions == "all" else "prompt_end"
+        expected = dict(zip(order, recompute_greedy(loaded, order, delta_of(steering) if steering.steers else
+                                                    (lambda h: torch.zeros_like(h)), LAYER, steer_from, MAX_NEW),
+                            strict=True))
+        assert [r["answer"] for r in alone] == [expected[q.question] for q in questions], name
+    assert active_hooks(loaded.model) == 0
+
+
 # ---------------------------------------------------------------- MC scoring
 
 
@@ -247,10 +280,12 @@ def cache_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("cache_hidden")
-def test_the_guard_stops_a_generation_that_steers_only_the_prompt() -> None:
+def test_the_guard_stops_a_generation_that_loses_the_cache_offset() -> None:
+    """Without the offset every call looks like position 0: the hook (generate runs from the last prompt
+    token on, the rest of the prompt prefilled) edits none of the 2 x 10 positions it should."""
     loaded = tiny_loaded("llama")
     steering = tiny_steerings(loaded)["caa"]
-    with pytest.raises(SteeringNotApplied, match=r"edited 2 of the 20 positions of the generation of 2 answers"):
+    with pytest.raises(SteeringNotApplied, match=r"edited 0 of the 20 positions of the generation of 2 answers"):
         generate_batch(loaded, QUESTIONS[:2], steering, EvalConfig(max_new_tokens=MAX_NEW))
     assert active_hooks(loaded.model) == 0
     # positions=all never needed the offset, and baseline steers nothing: both still answer
