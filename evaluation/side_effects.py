@@ -3,11 +3,12 @@
 - ``neutral_effects``: on neutral English text (``core.corpus``, WikiText-2 passages, not TruthfulQA), per
   passage the mean KL(unsteered || steered) of the next-token distributions and the cross-entropy of the
   passage's own next tokens with and without steering; every position of a passage is steered. One batch
-  runs unsteered once and then once per steered variant, so the unsteered pass is shared.
+  runs unsteered once and then once per steered variant over the layers above the lowest steered one
+  (``Steering.last_unedited_layer``: below it every variant computes what the unsteered pass did).
 - ``answer_kl``: the same KL over a variant's own answer tokens (the positions that predict them), given
   its question's prompt; steering from the last prompt token on, as when the answer was generated. With
   ``positions=from_prompt_end`` each prompt but its last token runs once (``PrefixCache.of_prefixes``)
-  and both passes run over the last prompt token and the answer only.
+  and both passes run over the last prompt token and the answer only, the layers up to the steered one once.
 
 An unsteered variant (baseline) moves nothing: its values are exactly 0 and no forward runs for it. A
 steered forward must edit exactly the positions it should (``check_steered``), or ``SteeringNotApplied``.
@@ -27,10 +28,11 @@ from torch import Tensor
 from core.config import Config
 from core.models import LoadedModel
 from steering.cache import with_cache
-from steering.hooks import SteeredCount, check_steered
+from steering.hooks import SteeredCount, check_steered, record_residuals
+from steering.layers import decoder_layers
 from steering.logprobs import head_logits
 from steering.methods.intervention import Steering
-from steering.prefix import PrefixCache, SuffixBatch
+from steering.prefix import PrefixCache, SuffixBatch, resume_after_layer, with_layer_output
 from steering.prompts import answer_text, encode_text, format_prompt, prompt_answer_ids
 from steering.sequences import Sequences, make_batch
 
@@ -110,16 +112,23 @@ def neutral_effects(loaded: LoadedModel, steerings: Mapping[str, Steering], text
         max_tokens: tokens per passage at most (BOS included); longer ones are cut.
     """
     out = {v: [dict.fromkeys(NEUTRAL_FIELDS, math.nan) for _ in texts] for v in steerings}
+    # no variant edits the layers up to the lowest one steered: the unsteered pass's output there is shared
+    n_layers = len(decoder_layers(loaded.model))
+    shared = min((s.last_unedited_layer(n_layers) for s in steerings.values() if s.steers), default=-1)
     for rows, input_ids, mask in _neutral_batches(loaded, texts, batch_size, max_tokens):
         predicts = mask[:, 1:].bool()  # (batch, seq - 1): position t predicts real token t + 1
         targets = input_ids[:, 1:][predicts]  # (n_tokens,)
         owner = predicts.nonzero()[:, 0]  # (n_tokens,) row of each token
-        base = _final_states(loaded.model, input_ids, mask)[:, :-1][predicts]  # (n_tokens, d_model)
+        with record_residuals(loaded.model, [shared] if shared >= 0 else []) as acts:
+            base = _final_states(loaded.model, input_ids, mask)[:, :-1][predicts]  # (n_tokens, d_model)
         ce_base = _kl_ce(loaded.model, base, None, targets)[1]  # (n_tokens,)
         starts = torch.zeros(len(rows), dtype=torch.long, device=input_ids.device)  # every position is steered
         for variant, steering in steerings.items():
             if steering.steers:
-                with steering.applied(loaded.model, starts) as count:
+                with contextlib.ExitStack() as stack:
+                    if shared >= 0:  # only the layers above it run
+                        stack.enter_context(resume_after_layer(loaded.model, shared, acts[shared]))
+                    count = stack.enter_context(steering.applied(loaded.model, starts))
                     steered = _final_states(loaded.model, input_ids, mask)[:, :-1][predicts]  # (n_tokens, d_model)
                 check_steered(count, steering.expected_steered(starts, input_ids.shape[1]),
                               f"neutral-text KL of {len(rows)} passages by {variant}")
@@ -135,9 +144,13 @@ def neutral_effects(loaded: LoadedModel, steerings: Mapping[str, Steering], text
 
 def _suffix_states(loaded: LoadedModel, batch: SuffixBatch, predicts: Tensor,
                    steering: Callable[[], contextlib.AbstractContextManager[SteeredCount]]) -> tuple[Tensor, SteeredCount]:
-    """Final states at the ``predicts`` positions of a prefix-cache batch's suffix, under ``steering()``."""
+    """Final states at the ``predicts`` positions of a prefix-cache batch's suffix, under ``steering()``; with
+    the batch's ``layer``, only the layers above it run."""
     base: Any = loaded.model.base_model
-    with steering() as count:
+    with contextlib.ExitStack() as stack:
+        if batch.layer is not None and batch.residual is not None:
+            stack.enter_context(resume_after_layer(loaded.model, batch.layer, batch.residual))
+        count = stack.enter_context(steering())
         hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                       use_cache=True, **with_cache(base, batch.cache())).last_hidden_state  # (batch, S, d_model)
     return hidden[:, :-1][predicts], count  # (n_tokens, d_model)
@@ -205,6 +218,9 @@ def answer_kl(loaded: LoadedModel, steerings: Mapping[str, Steering], questions:
             for at in range(0, len(own), batch_size):
                 batch_rows = own[at:at + batch_size]
                 batch = cache.batch(batch_rows)
+                unedited = steering.last_unedited_layer(len(decoder_layers(loaded.model)))
+                if unedited >= 0:  # both passes share the layers up to it: they run once
+                    batch = with_layer_output(loaded.model, batch, unedited)
                 predicts = batch.answer_mask[:, 1:].bool()  # (batch, S - 1)
                 prefix_end = torch.full((len(batch_rows),), batch.prefix_width, device=batch.input_ids.device)
                 unsteered, _ = _suffix_states(loaded, batch, predicts, contextlib.nullcontext)  # type: ignore[arg-type]

@@ -28,15 +28,15 @@ PASSAGES = ["The river flows north through the valley and into the lake.", "A sh
 
 
 @contextlib.contextmanager
-def added(loaded: LoadedModel, delta: Tensor, start: int) -> Iterator[None]:
-    """The oracle's steering of a single row: ``delta`` added to layer ``LAYER``'s output from ``start`` on."""
+def added(loaded: LoadedModel, delta: Tensor, start: int, layer: int = LAYER) -> Iterator[None]:
+    """The oracle's steering of a single row: ``delta`` added to layer ``layer``'s output from ``start`` on."""
     def hook(module: torch.nn.Module, args: object, output: object) -> object:
         hidden = output[0] if isinstance(output, tuple) else output
         hidden = hidden.clone()
         hidden[:, start:] += delta
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
-    handle = decoder_layers(loaded.model)[LAYER].register_forward_hook(hook)
+    handle = decoder_layers(loaded.model)[layer].register_forward_hook(hook)
     try:
         yield
     finally:
@@ -83,10 +83,14 @@ def test_answer_kl_from_cached_prompts_equals_one_full_forward_per_answer(arch: 
 
 
 def test_neutral_effects_equal_plain_forwards_and_baseline_is_exactly_zero() -> None:
+    """Also with a variant on a lower layer, where the steered passes share less of the unsteered one."""
     loaded = tiny_loaded("llama")
     v = vector(loaded)
-    steerings = {"baseline": Steering.baseline(), "caa": Steering("caa", layer=LAYER, scale=2.0, vector=v)}
+    steerings = {"baseline": Steering.baseline(), "caa": Steering("caa", layer=LAYER, scale=2.0, vector=v),
+                 "low": Steering("caa", layer=0, scale=-1.0, vector=v)}
     got = neutral_effects(loaded, steerings, PASSAGES, batch_size=2, max_tokens=40)
+    alone = neutral_effects(loaded, {"caa": steerings["caa"]}, PASSAGES, batch_size=2, max_tokens=40)
+    assert alone["caa"] == [pytest.approx(row, rel=1e-6) for row in got["caa"]]
     for i, text in enumerate(PASSAGES):
         ids = encode_text(loaded.tokenizer, text)[:40]
         with torch.no_grad():
@@ -102,6 +106,10 @@ def test_neutral_effects_equal_plain_forwards_and_baseline_is_exactly_zero() -> 
         assert caa["ce_unsteered"] == base["ce_unsteered"]
         assert caa["ce_steered"] == pytest.approx(float(F.cross_entropy(steered.double(), targets)), rel=1e-5)
         assert caa["kl"] == pytest.approx(float(oracle_kl(plain, steered).mean()), rel=1e-4)
+        with torch.no_grad(), added(loaded, -1.0 * v, 0, layer=0):
+            low = logits(loaded, ids)[:-1]
+        assert got["low"][i]["kl"] == pytest.approx(float(oracle_kl(plain, low).mean()), rel=1e-4)
+        assert got["low"][i]["ce_steered"] == pytest.approx(float(F.cross_entropy(low.double(), targets)), rel=1e-5)
 
 
 def test_neutral_kl_rises_with_the_scale_and_is_zero_at_zero() -> None:
