@@ -72,7 +72,7 @@ analyze: setup
 	PATH="$(BIN):$$PATH" $(BIN)/mlflow run . -e analyze --env-manager local --experiment-name truthsteer
 
 bench: setup
-	for b in extract generate judges train tune full; do PATH="$(BIN):$$PATH" $(BIN)/python -m benchmarks.$$b || exit 1; done
+	for b in extract generate shared judges train tune full; do PATH="$(BIN):$$PATH" $(BIN)/python -m benchmarks.$$b || exit 1; done
 
 # README's figures (docs/figures/) from the runs docs/figures/figures.yaml names, in the store of MLFLOW_TRACKING_URI
 figures: setup

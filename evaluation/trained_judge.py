@@ -267,16 +267,47 @@ def cross_validated(labelled: Sequence[Labelled], features: np.ndarray, *, n_fol
         hidden: the heads' hidden widths.
         alpha: their L2 penalty.
     """
-    labels = np.array([r.label for r in labelled])
-    p = np.full(len(labelled), math.nan)
-    for test in grouped_folds(labelled, n_folds, seed):
-        train = np.setdiff1d(np.arange(len(labelled)), test)
-        p[test] = Head.fit(features[train], labels[train], hidden=hidden, alpha=alpha, seed=seed).predict_proba(
-            features[test])
-    return p
+    return cross_validated_heads({"": (labelled, features)}, n_folds=n_folds, seed=seed, hidden=hidden,
+                                 alpha=alpha)[""][0]
+
+
+def cross_validated_heads(data: Mapping[str, tuple[Sequence[Labelled], np.ndarray]], *, n_folds: int = 5,
+                          seed: int = 0, hidden: Sequence[int] = (64,), alpha: float = 1e-3, n_jobs: int = 1,
+                          ) -> dict[str, tuple[np.ndarray, Head]]:
+    """Per labelled set, ``cross_validated``'s held-out P(yes) and the head fitted on all of it; every fit
+    (``n_folds + 1`` per set) is independent and seeded, so ``n_jobs`` processes run them side by side with
+    the same results as one.
+
+    Args:
+        data: name -> (the labelled answers, their ``(n, n_features)`` features).
+        n_folds: folds grouped by question.
+        seed: seeds the folds and the heads.
+        hidden: the heads' hidden widths.
+        alpha: their L2 penalty.
+        n_jobs: processes (joblib); 1 fits in this process.
+    """
+    from joblib import Parallel, delayed
+
+    jobs: list[tuple[str, np.ndarray | None, np.ndarray]] = []  # (name, held-out rows or None: the final head, train rows)
+    for name, (labelled, _) in data.items():
+        for test in grouped_folds(labelled, n_folds, seed):
+            jobs.append((name, test, np.setdiff1d(np.arange(len(labelled)), test)))
+        jobs.append((name, None, np.arange(len(labelled))))
+    labels = {name: np.array([r.label for r in labelled]) for name, (labelled, _) in data.items()}
+    heads = Parallel(n_jobs=n_jobs)(
+        delayed(Head.fit)(data[name][1][train], labels[name][train], hidden=hidden, alpha=alpha, seed=seed)
+        for name, _, train in jobs)
+    out: dict[str, tuple[np.ndarray, Head]] = {}
+    p = {name: np.full(len(labelled), math.nan) for name, (labelled, _) in data.items()}
+    for (name, held, _), head in zip(jobs, heads, strict=True):
+        if held is None:
+            out[name] = (p[name], head)
+        else:
+            p[name][held] = head.predict_proba(data[name][1][held])
+    return out
 
 
 __all__ = [
-    "Head", "TrainedJudge", "cross_validated", "judge_folder", "load_judge",
+    "Head", "TrainedJudge", "cross_validated", "cross_validated_heads", "judge_folder", "load_judge",
     "overlap_error", "read_meta", "save_judge", "trained_question_ids",
 ]

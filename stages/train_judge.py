@@ -17,6 +17,7 @@ version tags; tag ``truthsteer.judge_uri`` (what ``judge.trained`` takes).
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ from evaluation.human_labels import LABEL_FILES, Labelled, agreement, read_label
 from evaluation.judge_features import Featurizer
 from evaluation.judges import JudgeError
 from evaluation.semantic_judge import minilm_encoder
-from evaluation.trained_judge import Head, TrainedJudge, cross_validated, save_judge
+from evaluation.trained_judge import Head, TrainedJudge, cross_validated_heads, save_judge
 
 JUDGE_ARTIFACT = artifacts.JUDGE_DIR
 MODEL_NAME = "judge_model"
@@ -108,15 +109,17 @@ def run(cfg: Config, *, data_run: str = "") -> TrainedJudge:
     heads: dict[str, Head] = {}
     metrics: dict[str, float] = {"n_train_questions": float(len(train_questions)),
                                  "n_held_out_questions": float(len(held_out))}
+    data = {}
     for kind in LABEL_FILES:
         labelled = read_labels(folder / LABEL_FILES[kind], train_questions, kind)
-        features = featurizer([r.item for r in labelled])  # (n, n_features)
-        labels = np.array([r.label for r in labelled])
-        p_yes = cross_validated(labelled, features, n_folds=cfg.judge.folds, seed=cfg.judge.seed,
-                                hidden=cfg.judge.hidden, alpha=cfg.judge.alpha)
+        data[kind] = labelled, featurizer([r.item for r in labelled])  # features: (n, n_features)
+    # the 2 x (folds + 1) fits are independent: one process per core (same heads as one by one)
+    fitted = cross_validated_heads(data, n_folds=cfg.judge.folds, seed=cfg.judge.seed, hidden=cfg.judge.hidden,
+                                   alpha=cfg.judge.alpha, n_jobs=max(1, min(os.cpu_count() or 1, cfg.judge.folds)))
+    for kind, (labelled, _) in data.items():
+        p_yes, heads[kind] = fitted[kind]
         metrics.update(cv_metrics(kind, labelled, p_yes))
         metrics[f"n_{kind}_labels"] = float(len(labelled))
-        heads[kind] = Head.fit(features, labels, hidden=cfg.judge.hidden, alpha=cfg.judge.alpha, seed=cfg.judge.seed)
         print(f"{kind}: {len(labelled)} labels; held-out-question kappa {metrics[f'cv_{kind}_all_kappa']:.3f} "
               f"(accuracy {metrics[f'cv_{kind}_all_accuracy']:.3f}), on non-reference answers "
               f"{metrics[f'cv_{kind}_nonref_kappa']:.3f}")

@@ -30,6 +30,7 @@ from evaluation.trained_judge import (
     Head,
     TrainedJudge,
     cross_validated,
+    cross_validated_heads,
     load_judge,
     save_judge,
     trained_question_ids,
@@ -142,6 +143,19 @@ def test_an_answer_featurised_again_gets_the_same_row_without_redoing_it() -> No
     assert np.array_equal(again[::-1][:6], first) and np.array_equal(again, Featurizer(fake_encoder)(items[::-1]))
     seen = {(i.question, i.answer) for i in items[:6]}
     assert len(calls) == len({(i.question, i.answer) for i in items} - seen) > 0  # only answers not seen before
+
+
+def test_fits_in_parallel_processes_equal_fits_one_by_one() -> None:
+    """train_judge runs its 2 x (folds + 1) fits side by side: same held-out P(yes) and same heads."""
+    labelled = synthetic_labelled(20)
+    features = Featurizer(fake_encoder)([r.item for r in labelled])
+    data = {"truth": (labelled, features), "info": (labelled[::-1], features[::-1])}
+    serial = cross_validated_heads(data, n_folds=3, seed=1)
+    parallel = cross_validated_heads(data, n_folds=3, seed=1, n_jobs=2)
+    for kind in data:
+        assert np.array_equal(serial[kind][0], parallel[kind][0]) and not np.isnan(serial[kind][0]).any()
+        assert np.array_equal(serial[kind][1].weights[0], parallel[kind][1].weights[0])
+    assert np.array_equal(serial["truth"][0], cross_validated(labelled, features, n_folds=3, seed=1))
 
 
 def test_lexical_features_count_the_words_only_one_kind_of_reference_uses() -> None:
