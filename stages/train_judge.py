@@ -26,7 +26,7 @@ from typing import Any
 import mlflow
 import numpy as np
 
-from core import artifacts
+from core import artifacts, profile
 from core.artifacts import TAG_JUDGE_URI
 from core.config import Config, ConfigError
 from core.data import Question, is_local_source, load_questions, splits_for
@@ -110,12 +110,16 @@ def run(cfg: Config, *, data_run: str = "") -> TrainedJudge:
     metrics: dict[str, float] = {"n_train_questions": float(len(train_questions)),
                                  "n_held_out_questions": float(len(held_out))}
     data = {}
+    profile.take()  # this stage's steps only
     for kind in LABEL_FILES:
         labelled = read_labels(folder / LABEL_FILES[kind], train_questions, kind)
-        data[kind] = labelled, featurizer([r.item for r in labelled])  # features: (n, n_features)
+        with profile.step("features"):
+            data[kind] = labelled, featurizer([r.item for r in labelled])  # features: (n, n_features)
     # the 2 x (folds + 1) fits are independent: one process per core (same heads as one by one)
-    fitted = cross_validated_heads(data, n_folds=cfg.judge.folds, seed=cfg.judge.seed, hidden=cfg.judge.hidden,
-                                   alpha=cfg.judge.alpha, n_jobs=max(1, min(os.cpu_count() or 1, cfg.judge.folds)))
+    with profile.step("fits"):
+        fitted = cross_validated_heads(data, n_folds=cfg.judge.folds, seed=cfg.judge.seed, hidden=cfg.judge.hidden,
+                                       alpha=cfg.judge.alpha,
+                                       n_jobs=max(1, min(os.cpu_count() or 1, cfg.judge.folds)))
     for kind, (labelled, _) in data.items():
         p_yes, heads[kind] = fitted[kind]
         metrics.update(cv_metrics(kind, labelled, p_yes))
@@ -128,6 +132,7 @@ def run(cfg: Config, *, data_run: str = "") -> TrainedJudge:
                          meta={"cv": {k: v for k, v in metrics.items() if k.startswith("cv_")},
                                "hidden": list(cfg.judge.hidden), "alpha": cfg.judge.alpha, "seed": cfg.judge.seed})
     mlflow.log_metrics(metrics)
+    print(", ".join(f"{step} {seconds:.1f} s" for step, seconds in profile.log().items()))
     check_agreement(metrics, cfg.judge.min_kappa)
     uri = log_judge(judge, metrics)
     print(f"trained judge: {uri}")
