@@ -509,6 +509,14 @@ def test_all_variants_from_real_stage_runs_then_score(tracking: str, tmp_path: P
                if v != "baseline")
     assert all(r["kl_answers"] == (0.0 if r["variant"] == "baseline" else r["kl_answers"]) for r in result.rows)
     assert mlflow.get_run(parent.info.run_id).data.params["run.extract"] == extract_run.info.run_id
+    # where the time went, per step, on the parent run only (core.profile; read by benchmarks.full)
+    spent = {k: v for k, v in mlflow.get_run(parent.info.run_id).data.metrics.items() if k.startswith("profile/")}
+    assert {f"profile/{step}_seconds" for step in ("load", "generate", "generate.prompts", "generate.prefill",
+                                                   "generate.decode", "effects", "judge.mc", "judge.mc.prompts",
+                                                   "judge.mc.shared_layers", "judge.semantic", "judge.llm",
+                                                   "statistics", "mlflow_logging")} <= set(spent)
+    assert all(v > 0 for v in spent.values()) and not any(k.startswith("profile/") for k in names["baseline"])
+    assert spent["profile/generate.decode_seconds"] < spent["profile/generate_seconds"]
 
     rescore_cfg = load_config("smollm2-135m", "eval.judges=[semantic,bleu],eval.n_bootstrap=200")
     with stage_run("score", rescore_cfg) as rescored:
