@@ -2,13 +2,16 @@
 
 ``generate_batch`` answers a batch of questions in one ``model.generate`` call: prompts are
 left-padded (``steering.prompts.encode_prompts``) so that every row's prompt ends at the same
-index, and the variant's steering (``Steering``) is active for the whole call, with the KV cache.
+index, and the variant's steering (``Steering``) is active for the whole call, with the KV cache. The
+prompts' tokens before the last one are never steered (from the last prompt token on), so they are
+prefilled unsteered (``prefill_prompts``) and ``generate`` starts from a copy of that cache.
 Decoding is greedy unless ``eval.do_sample``; sampling is seeded per batch. An answer is the
 decoded new tokens, cut at the first end-of-turn token (and, for ``Q:/A:`` prompts, before the
 model starts a next ``Q:``), stripped.
 
-Answers go to a ``evaluation.generation_store.GenerationStore``; ``generate_missing`` generates only the
-answers it lacks, so a killed evaluation restarts without regenerating anything it wrote.
+Answers go to a ``evaluation.generation_store.GenerationStore``; ``generate_missing`` (one variant) and
+``generate_missing_variants`` (batch by batch, every variant in turn, one prefill per batch) generate only
+the answers it lacks, so a killed evaluation restarts without regenerating anything it wrote.
 """
 
 from __future__ import annotations

@@ -30,6 +30,12 @@ gets one nested MLflow run ``<model>-<variant>`` tagged ``variant``, ``model``, 
   its hook edited exactly the positions it should (``steering.hooks.check_steered``), and a steered
   variant with no steered token fails its run instead of logging the unsteered model's numbers.
 
+What no variant changes is computed once for all of them: each batch's prompt prefill
+(``generate_missing_variants``), MC's prompts and the layers up to the steering layer
+(``MCJudge.bind_all``), the side-effect passes' unsteered layers. The parent run gets where the time went,
+``profile/<step>_seconds`` (``core.profile``: load, generate and its prompts/prefill/decode, effects, each
+judge, statistics, mlflow_logging).
+
 The active (parent) run gets the generations table (one row per question and variant: answer,
 references, every judge's fields) as an MLflow table, JSONL and CSV, the per-category table, and
 the summary (variants x metrics with intervals) as markdown and CSV, also printed.
