@@ -36,6 +36,7 @@ from core.artifacts import (
 from evaluation.side_effects import NEUTRAL_COSTS
 from steering.methods import method, method_of_params, tuned_params
 from steering.scale import RELATIVE_SCALE_METRIC as RELATIVE_METRIC
+from steering.scale import SCALE_METRIC
 
 COSTS = NEUTRAL_COSTS  # a trial's measured cost of steering (evaluation.side_effects)
 
@@ -54,7 +55,8 @@ RELATIVE_COLUMNS = ["model", "n_layers", "source", "variant", "layer", "depth", 
 
 
 TRIAL_COLUMNS = ["model", "study", "run_id", "variant", *PARAMS, "metric", "value", "ci_low", "ci_high",
-                 "higher_is_better", "cost_metric", "cost", "chosen", "start_time", "relative_scale", "bound"]
+                 "higher_is_better", "cost_metric", "cost", "chosen", "start_time", "relative_scale", "multiplier",
+                 "bound"]
 
 
 HEATMAP_COLUMNS = ["model", "study", "metric", "layer", "scale", "value", "n_trials"]
@@ -129,6 +131,7 @@ def tune_trials(runs: pd.DataFrame, missing: Missing, directions: Mapping[str, b
             "cost_metric": cost_metric, "cost": as_float(trial.get(f"metrics.{cost_metric}")) if cost_metric else math.nan,
             "chosen": str(trial["run_id"]) == worker_tags.get(TAG_BEST_RUN, ""), "start_time": trial.get("start_time"),
             "relative_scale": as_float(trial.get(f"metrics.{RELATIVE_METRIC}")),
+            "multiplier": as_float(trial.get(f"metrics.{SCALE_METRIC}")),
             "bound": _bound(worker_tags.get(TAG_CONSTRAINT, ""), cost_metric),
         })
     usable = {r["study"] for r in records}
@@ -188,7 +191,9 @@ def scale_sweep_table(variants: pd.DataFrame, trials: pd.DataFrame, evaluations:
     From evaluations: each (model, variant) evaluated at two or more scales of one layer (the layer
     with the most scales), the latest run per scale; with it the baseline of the model's chosen
     evaluation (scale NaN: a horizontal reference). From tune studies: the trials at the best
-    trial's layer, the latest per scale, with the objective as metric.
+    trial's layer, the latest per scale, with the objective as metric, each at the multiplier it steered with
+    (its ``steering_scale`` metric; a relative study's scale param is a share of the residual norm, so its
+    trials logged before that metric are left out: the relative-scale table has them).
 
     Args:
         variants: ``variant_runs`` output.
@@ -227,13 +232,27 @@ def scale_sweep_table(variants: pd.DataFrame, trials: pd.DataFrame, evaluations:
         best = _best_row(group, bool(group["higher_is_better"].iloc[0]))
         at_layer = _latest(group[group["layer"] == best["layer"]], ["variant", "scale"])
         for row in at_layer.sort_values(["variant", "scale"]).to_dict("records"):
+            # the x axis is the multiplier: a relative study's scale param is a share of the residual norm
+            multiplier = _multiplier(row)
+            if math.isnan(multiplier):
+                continue
             records.append({"model": model, "source": "tune", "variant": row["variant"], "layer": row["layer"],
-                            "scale": row["scale"], "metric": row["metric"], "value": row["value"],
+                            "scale": multiplier, "metric": row["metric"], "value": row["value"],
                             "ci_low": row["ci_low"], "ci_high": row["ci_high"], "run_id": row["run_id"],
                             "kl_neutral": row["cost"] if row.get("cost_metric") == "kl_neutral" else math.nan,
                             "relative_scale": row.get("relative_scale", math.nan)})
     records = [r for r in records if not math.isnan(r["value"])]
     return pd.DataFrame(records, columns=SWEEP_COLUMNS) if records else _empty(SWEEP_COLUMNS)
+
+
+def _multiplier(trial: Mapping[str, Any]) -> float:
+    """The multiplier a tune trial steered with: its ``steering_scale`` metric; for trials logged before it, the
+    scale param unless the trial was relative (``relative_scale`` equal to it: then unknown, NaN)."""
+    logged = as_float(trial.get("multiplier"))
+    if not math.isnan(logged):
+        return logged
+    scale, relative = as_float(trial.get("scale")), as_float(trial.get("relative_scale"))
+    return math.nan if not math.isnan(relative) and math.isclose(relative, scale) else scale
 
 
 def relative_scale_table(sweep: pd.DataFrame, n_layers: Mapping[str, int]) -> pd.DataFrame:

@@ -43,7 +43,7 @@ from stages.tune_storage import (
 )
 from steering.extract import Extraction, contrastive_pairs, extract_caa
 from steering.methods import tunable
-from steering.scale import RELATIVE_SCALE_METRIC
+from steering.scale import RELATIVE_SCALE_METRIC, SCALE_METRIC
 
 ATTR_RELATIVE_SCALE = "relative_scale"  # a trial's steering scale as a fraction of the residual norm
 EXTRACTION_CACHE_VERSION = 2  # 2: with the residual norms a relative scale needs
@@ -277,10 +277,13 @@ def make_objective(
                          artifacts.TAG_HOST: socket.gethostname(), artifacts.TAG_PID: str(os.getpid()),
                          TAG_STUDY: study_name, artifacts.TAG_VARIANT: scorer.method})
         params = {name: axis.suggest(trial) for name, axis in space.axes.items()}
-        relative = getattr(scorer.steering(params), "relative_scale", None)
+        steering = scorer.steering(params)
+        relative = getattr(steering, "relative_scale", None)
         if relative is not None:  # the trial in units that transfer to another model (warm starts read it)
             trial.set_user_attr(ATTR_RELATIVE_SCALE, relative)
             mlflow.log_metric(RELATIVE_SCALE_METRIC, relative)
+        if getattr(steering, "layer", None) is not None:  # the multiplier it steered with, whatever the param's unit
+            mlflow.log_metric(SCALE_METRIC, float(steering.scale))
         order = list(range(len(questions)))
         if pruner != "none":
             random.Random(f"{seed}/{trial.number}").shuffle(order)

@@ -16,13 +16,18 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import optuna
+import pandas as pd
 import pytest
 import torch
 from optuna.trial import TrialState
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from analysis import sweeps
+from analysis.runs import Missing
+from analysis.tables import VARIANT_COLUMNS
 from core import artifacts
 from core.config import Config, ConfigError
 from core.config_io import load_config
@@ -133,6 +138,15 @@ def test_a_relative_study_records_relative_scales_and_full_reads_them_as_relativ
     outcome, run_id = run_tiny(cfg, settings)
     trials = load_study(settings, cfg).trials
     assert all(t.user_attrs[ATTR_RELATIVE_SCALE] == pytest.approx(t.params["scale"]) for t in trials)
+    # analysis draws the trials against the multiplier they steered with, never their relative param
+    frame = mlflow.search_runs(search_all_experiments=True, output_format="pandas")
+    table = sweeps.tune_trials(frame, Missing(), {"mc2": True})
+    assert table["multiplier"].notna().all() and not np.allclose(table["multiplier"], table["scale"])
+    sweep = sweeps.scale_sweep_table(pd.DataFrame(columns=VARIANT_COLUMNS), table, {}, None)
+    at_best = table[table["layer"] == sweep["layer"].iloc[0]]
+    assert sorted(sweep["scale"]) == pytest.approx(sorted(at_best["multiplier"]))
+    old = table.drop(columns="multiplier").assign(multiplier=math.nan)  # trials logged before the metric
+    assert sweeps.scale_sweep_table(pd.DataFrame(columns=VARIANT_COLUMNS), old, {}, None).empty  # left out: their unit is not a multiplier
     tuned = load_config("smollm2-135m", pipeline.tuned_overrides(run_id))
     assert (tuned.steering.scale_mode, tuned.steering.scale) == ("relative", outcome.best_params["scale"])
     with pytest.raises(ConfigError, match="different scale_mode"):  # a study's scales keep one unit
