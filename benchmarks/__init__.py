@@ -30,6 +30,25 @@ def parser(name: str, doc: str | None, *, flags: tuple[str, ...] = ("model", "da
     return p
 
 
+def smoke_caa(model: str, device: str, overrides: str) -> tuple[Any, Any, dict[str, list[Any]], Any, float]:
+    """What the generation benchmarks start from: the config of ``model`` on the smoke split (``overrides``
+    added), the fp32 model, the splits, and the CAA extraction from the pool split with its seconds."""
+    import time
+
+    from core.config_io import load_config
+    from core.data import load_questions, split_questions
+    from core.models import load_model
+    from steering.extract import contrastive_pairs, extract_caa
+
+    cfg = load_config(model, [f"data.source={DATA_CSV}", "data.split=smoke", *filter(None, [overrides])])
+    loaded = load_model(cfg.model, dtype="float32", device=device)
+    splits = split_questions(load_questions(DATA_CSV), cfg.data.sizes, cfg.data.seed)
+    tick = time.perf_counter()
+    pairs = contrastive_pairs(splits["pool"], cfg.extract.pairs_per_question, cfg.data.seed)
+    caa = extract_caa(loaded, pairs, batch_size=cfg.extract.batch_size, max_length=cfg.extract.max_length)
+    return cfg, loaded, splits, caa, time.perf_counter() - tick
+
+
 def cpu() -> dict[str, Any]:
     """The CPU's model name and its vector extensions that decide fp32 and bf16 speed (Linux; empty elsewhere)."""
     try:

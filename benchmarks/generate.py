@@ -41,14 +41,11 @@ from typing import Any
 
 import torch
 
-from benchmarks import DATA_CSV, RESULTS_DIR, parser, write_report
+from benchmarks import RESULTS_DIR, parser, smoke_caa, write_report
 from core.config import EvalConfig
-from core.config_io import load_config
-from core.data import load_questions, split_questions
 from core.models import load_model
 from evaluation.generate import generate_batch, generate_missing
 from evaluation.generation_store import GenerationStore, variant_hash
-from steering.extract import contrastive_pairs, extract_caa
 from steering.layers import decoder_layers
 from steering.methods.intervention import Steering
 from steering.prompts import encode_text, format_prompt
@@ -88,15 +85,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    cfg = load_config(args.model, [f"data.source={DATA_CSV}", "data.split=smoke", *filter(None, [args.overrides])])
-    loaded = load_model(cfg.model, dtype="float32", device=args.device)
-    splits = split_questions(load_questions(DATA_CSV), cfg.data.sizes, cfg.data.seed)
+    cfg, loaded, splits, caa, extract_seconds = smoke_caa(args.model, args.device, args.overrides)
     questions = splits[cfg.eval.split]
-
-    tick = time.perf_counter()
-    pairs = contrastive_pairs(splits["pool"], cfg.extract.pairs_per_question, cfg.data.seed)
-    caa = extract_caa(loaded, pairs, batch_size=cfg.extract.batch_size, max_length=cfg.extract.max_length)
-    extract_seconds = time.perf_counter() - tick
     steering = Steering("caa", layer=cfg.layer, scale=cfg.steering.scale, vector=caa.vectors[cfg.layer],
                         positions=cfg.steering.positions, source_run="benchmark")
     decoding = cfg.eval

@@ -26,16 +26,12 @@ from typing import Any, TypeVar
 
 import torch
 
-from benchmarks import DATA_CSV, RESULTS_DIR, parser, write_report
-from core.config_io import load_config
-from core.data import load_questions, split_questions
-from core.models import load_model
+from benchmarks import RESULTS_DIR, parser, smoke_caa, write_report
 from evaluation.generate import generate_missing, generate_missing_variants
 from evaluation.generation_store import GenerationStore, variant_hash
 from evaluation.judges import JudgeItem
 from evaluation.mc import MCJudge
 from evaluation.side_effects import measure_effects
-from steering.extract import contrastive_pairs, extract_caa
 from steering.methods.intervention import Steering
 
 RESULTS = RESULTS_DIR / "shared.json"
@@ -62,13 +58,9 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load_config(args.model, [f"data.source={DATA_CSV}", "data.split=smoke", *filter(None, [args.overrides])])
-    loaded = load_model(cfg.model, dtype="float32", device=args.device)
-    splits = split_questions(load_questions(DATA_CSV), cfg.data.sizes, cfg.data.seed)
+    cfg, loaded, splits, caa, _ = smoke_caa(args.model, args.device, args.overrides)
     questions = splits[cfg.eval.split]
-    pairs = contrastive_pairs(splits["pool"], cfg.extract.pairs_per_question, cfg.data.seed)
-    vector = extract_caa(loaded, pairs, batch_size=cfg.extract.batch_size,
-                         max_length=cfg.extract.max_length).vectors[cfg.layer]
+    vector = caa.vectors[cfg.layer]
     steerings = {"baseline": Steering.baseline(),
                  **{name: Steering(name, layer=cfg.layer, scale=scale, vector=vector, source_run="benchmark")
                     for name, scale in SCALES.items()}}
