@@ -44,8 +44,6 @@ the summary (variants x metrics with intervals) as markdown and CSV, also printe
 from __future__ import annotations
 
 import dataclasses
-import json
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -86,6 +84,7 @@ from evaluation.variant_metrics import (
 from evaluation.variant_params import variant_params
 from evaluation.verdicts import check_invalid_ceiling
 from stages.evaluate_plan import plan
+from stages.evaluate_tables import log_tables
 from stages.source_runs import SourceRuns
 from steering.methods import method
 from steering.methods.intervention import Steering
@@ -195,37 +194,6 @@ def table_row(q: Question, record: Mapping[str, Any], *, model: str, dtype: str,
         "steered_tokens": record.get("steered_tokens"), "best_answer": q.best_answer,
         "correct_answers": list(q.correct_answers), "incorrect_answers": list(q.incorrect_answers),
     }
-
-
-# ---------------------------------------------------------------- tables
-
-
-def log_tables(rows: Sequence[Mapping[str, Any]], categories: pd.DataFrame, summary: pd.DataFrame,
-               markdown: str) -> None:
-    """Log the generations table (MLflow table, JSONL, CSV), the per-category table and the summary
-    (markdown, CSV) to the active run.
-
-    Args:
-        rows: every variant's judged rows.
-        categories: ``category_table`` of every variant.
-        summary: ``summary_frame`` output.
-        markdown: ``summary_markdown`` output.
-    """
-    flat = flat_frame(rows)
-    mlflow.log_table(data=flat, artifact_file=artifacts.GENERATIONS_TABLE)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        files = {
-            artifacts.GENERATIONS: "".join(json.dumps(dict(r), ensure_ascii=False, default=str) + "\n" for r in rows),
-            artifacts.GENERATIONS_CSV: flat.to_csv(index=False),
-            artifacts.PER_CATEGORY: categories.to_csv(index=False),
-            artifacts.SUMMARY_CSV: summary.to_csv(index=False),
-            artifacts.SUMMARY_MD: markdown,
-        }
-        for name, text in files.items():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            (root / name).write_text(text, encoding="utf-8")
-        mlflow.log_artifacts(tmp)
 
 
 def _by_variant(rows: Sequence[dict[str, Any]], like: Mapping[str, Sequence[Any]]) -> dict[str, list[dict[str, Any]]]:
