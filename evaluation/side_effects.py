@@ -147,10 +147,7 @@ def _suffix_states(loaded: LoadedModel, batch: SuffixBatch, predicts: Tensor,
     """Final states at the ``predicts`` positions of a prefix-cache batch's suffix, under ``steering()``; with
     the batch's ``layer``, only the layers above it run."""
     base: Any = loaded.model.base_model
-    with contextlib.ExitStack() as stack:
-        if batch.layer is not None and batch.residual is not None:
-            stack.enter_context(resume_after_layer(loaded.model, batch.layer, batch.residual))
-        count = stack.enter_context(steering())
+    with batch.resumed(loaded.model), steering() as count:
         hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                       use_cache=True, **with_cache(base, batch.cache())).last_hidden_state  # (batch, S, d_model)
     return hidden[:, :-1][predicts], count  # (n_tokens, d_model)

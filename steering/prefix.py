@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -133,6 +133,12 @@ class SuffixBatch:
     @property
     def prefix_width(self) -> int:
         return self.attention_mask.shape[1] - self.input_ids.shape[1]
+
+    def resumed(self, model: nn.Module) -> AbstractContextManager[None]:
+        """``resume_after_layer`` at this batch's layer with its residual; nothing without a layer."""
+        if self.layer is None or self.residual is None:
+            return nullcontext()
+        return resume_after_layer(model, self.layer, self.residual)
 
     def cache(self) -> DynamicCache | None:
         """A fresh cache holding the prefix (a forward appends to it), or None without a prefix."""
@@ -372,8 +378,7 @@ def suffix_answer_logprobs(model: nn.Module, batch: SuffixBatch,
     kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
               "position_ids": batch.position_ids, "use_cache": True}
     with ExitStack() as stack:
-        if batch.layer is not None and batch.residual is not None:
-            stack.enter_context(resume_after_layer(model, batch.layer, batch.residual))
+        stack.enter_context(batch.resumed(model))
         count = stack.enter_context(steering())
         if answer_only_head:
             base: Any = model.base_model
