@@ -280,7 +280,7 @@ def train_runs(runs: pd.DataFrame, missing: Missing) -> pd.DataFrame:
                           "run_id": column(trained, "run_id").astype(str),
                           "start_time": column(trained, "start_time"),
                           "has_loss": metric(trained, "train_loss").notna()})
-    frame = frame[frame["branch"].isin(("mc", "gen"))]
+    frame = frame[frame["branch"].isin(("mc", "gen", "joint"))]  # steering.mlp.BRANCHES (it imports torch)
     for row in frame[~frame["has_loss"]].to_dict("records"):
         missing.add(f"train run ({row['branch']}) without train_loss: no curve", model=row["model"],
                     run_id=row["run_id"])

@@ -27,7 +27,7 @@ SPLIT_PRESETS: dict[str, dict[str, int]] = {
     "full": {"pool": 100, "train": 250, "val": 117, "test": 200},
 }
 DTYPES = ("float32", "bfloat16", "float16")
-VARIANTS = ("baseline", "caa", "mlp_mc", "mlp_gen", "iti")  # the steering methods (steering.methods; a test keeps them equal)
+VARIANTS = ("baseline", "caa", "mlp_mc", "mlp_gen", "mlp_joint", "iti")  # the steering methods (steering.methods; a test keeps them equal)
 DEFAULT_VARIANTS = ("baseline", "caa", "mlp_mc", "mlp_gen")
 JUDGES = ("llm", "llm_logprob", "semantic", "bleu", "rouge", "mc", "judge")
 
@@ -230,7 +230,7 @@ class EffectsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MLPConfig:
-    branch: Literal["mc", "gen", "both"] = "both"
+    branch: Literal["mc", "gen", "both", "joint"] = "both"
     expansion: int = 2
     steps: int = 10
     lr: float = 1e-3
@@ -239,6 +239,8 @@ class MLPConfig:
     weight_decay: float = 0.0
     margin: float = 1.0
     seed: int = 0
+    mc_weight: float = 1.0  # the joint branch's loss: mc_weight x MC hinge + gen_weight x generation NLL
+    gen_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.expansion not in (1, 2, 4):
@@ -247,6 +249,10 @@ class MLPConfig:
         _finite("mlp", lr=self.lr, weight_decay=self.weight_decay, margin=self.margin)
         if self.weight_decay < 0 or self.margin < 0:
             raise ConfigError(f"mlp.weight_decay={self.weight_decay} and mlp.margin={self.margin} must be >= 0")
+        _finite("mlp", mc_weight=self.mc_weight, gen_weight=self.gen_weight)
+        if self.mc_weight < 0 or self.gen_weight < 0 or self.mc_weight + self.gen_weight == 0:
+            raise ConfigError(f"mlp.mc_weight={self.mc_weight} and mlp.gen_weight={self.gen_weight} must be >= 0 "
+                              "and not both 0 (the joint branch's loss weights)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,8 +269,13 @@ class EvalConfig:
     n_bootstrap: int = 1000
     confidence: float = 0.95
     degenerate_ceiling: float = 0.5  # fail a variant whose share of empty or repetitive answers exceeds this
+    mlp_scale: float | None = None  # the MLP variants' delta rescaled to this steering.scale; None: as trained
 
     def __post_init__(self) -> None:
+        if self.mlp_scale is not None:
+            _finite("eval", mlp_scale=self.mlp_scale)
+            if self.mlp_scale < 0:
+                raise ConfigError(f"eval.mlp_scale={self.mlp_scale} must be >= 0 (null: each module as trained)")
         for variant in self.variants:
             _choice("eval", "variants", variant, VARIANTS)
         for judge in self.judges:

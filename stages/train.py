@@ -1,5 +1,6 @@
 """The train stage: MLP steering modules (``steering.mlp``) trained on a bank run's vectors, one child run per
-branch (``mc``: answer log-probabilities with a margin; ``gen``: generated answers), logged to MLflow."""
+branch (``mc``: answer log-probabilities with a margin; ``gen``: generated answers; ``joint``: one module on the
+weighted sum of both losses), logged to MLflow."""
 
 from __future__ import annotations
 
@@ -16,20 +17,20 @@ from core.config import Config, ConfigError
 from core.config_io import config_to_dict
 from core.data import Question
 from steering.layers import d_model
-from steering.mlp import BRANCHES, Branch, MLPSteering, MLPSteeringConfig, save_mlp
+from steering.mlp import BRANCHES, LOSS_BRANCHES, Branch, MLPSteering, MLPSteeringConfig, save_mlp
 from steering.scale import RELATIVE_SCALE_METRIC, SCALE_METRIC, scales_from_meta
-from steering.sequences import encode_examples
+from steering.sequences import Sequences, encode_examples
 from steering.train import train_branch
 
 
 def branches_of(branch: str) -> tuple[Branch, ...]:
-    """``both`` -> ``("mc", "gen")``; ``mc``/``gen`` -> itself."""
+    """``both`` -> ``("mc", "gen")``; ``mc``/``gen``/``joint`` -> itself."""
     if branch == "both":
-        return BRANCHES
+        return LOSS_BRANCHES
     for name in BRANCHES:
         if branch == name:
             return (name,)
-    raise ConfigError(f"mlp.branch={branch!r} is not one of mc, gen, both")
+    raise ConfigError(f"mlp.branch={branch!r} is not one of mc, gen, both, joint")
 
 
 def check_bank_run(bank_run: str) -> None:
@@ -53,7 +54,8 @@ def plan(cfg: Config, *, bank_run: str, data_run: str = "", branch: str | None =
         f"data: {'splits of run ' + data_run if data_run else cfg.data.source} (train {cfg.data.sizes['train']}, "
         f"val {cfg.data.sizes['val']})",
         f"mlp: expansion {m.expansion}, {m.steps} steps of {m.batch_size}, {m.optimizer} lr {m.lr} "
-        f"wd {m.weight_decay}, margin {m.margin}, seed {m.seed}",
+        f"wd {m.weight_decay}, margin {m.margin}, seed {m.seed}"
+        + (f", loss {m.mc_weight} x mc + {m.gen_weight} x gen" if "joint" in branches else ""),
     ]
 
 
@@ -79,10 +81,13 @@ def _train_and_log(cfg: Config, loaded: Any, bank: Tensor, splits: dict[str, lis
     config = MLPSteeringConfig(model=cfg.model.alias, layer=cfg.layer, d_model=bank.shape[1], n_bank=bank.shape[0],
                                expansion=cfg.mlp.expansion, scale=multiplier)
     module = MLPSteering(config, bank).to(loaded.device)
-    encoded = {split: encode_examples(splits[split], loaded.tokenizer, loaded.prompt_format, branch,
-                                      max_length=cfg.extract.max_length, seed=cfg.mlp.seed)
+    loss_branches: tuple[str, ...] = LOSS_BRANCHES if branch == "joint" else (branch,)
+    encoded: dict[str, dict[str, Sequences]] = {split: {name: encode_examples(splits[split], loaded.tokenizer, loaded.prompt_format, name,
+                                             max_length=cfg.extract.max_length, seed=cfg.mlp.seed)
+                       for name in loss_branches}
                for split in ("train", "val")}
-    result = train_branch(loaded.model, module, encoded["train"], encoded["val"], branch=branch, cfg=cfg.mlp,
+    train, val = (encoded[split] if branch == "joint" else encoded[split][branch] for split in ("train", "val"))
+    result = train_branch(loaded.model, module, train, val, branch=branch, cfg=cfg.mlp,
                           positions=cfg.steering.positions, pad_id=loaded.tokenizer.pad_token_id,
                           eval_batch_size=cfg.extract.batch_size, fast_path=fast_path)
     print(f"{branch}: train loss {result.initial_train_loss:.4f} -> {result.final_train_loss:.4f}, "

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from steering.hooks import check_steered
-from steering.mlp import BRANCHES, MLPSteering
+from steering.mlp import LOSS_BRANCHES, MLPSteering
 from steering.sequences import Batch
 
 
@@ -135,7 +135,7 @@ def branch_loss(branch: str, token_logp: Tensor, answer_mask: Tensor, margin: fl
     if branch == "gen":
         return -token_logp.sum(), token_logp.numel()
     if branch != "mc":
-        raise ValueError(f"branch={branch!r} is not one of {', '.join(BRANCHES)}")
+        raise ValueError(f"branch={branch!r} is not one of {', '.join(LOSS_BRANCHES)}")
     seq_logp = sequence_logprobs(token_logp, answer_mask)  # (batch,)
     gap = seq_logp[0::2] - seq_logp[1::2]  # (examples,)
     return torch.relu(margin - gap).sum(), gap.numel()

@@ -21,6 +21,7 @@ does so). A checkpoint is ``mlp.safetensors`` (parameters and the bank) beside `
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import warnings
 from collections.abc import Iterator, Mapping
@@ -38,8 +39,9 @@ from core.tracking import download
 from steering.hooks import SteeredCount, steer
 from steering.methods.intervention import Steering, module_on_layer_device, steering_key_fields
 
-Branch = Literal["mc", "gen"]
-BRANCHES: tuple[Branch, ...] = ("mc", "gen")
+Branch = Literal["mc", "gen", "joint"]
+LOSS_BRANCHES: tuple[Branch, ...] = ("mc", "gen")  # the branches with a loss (and sequences) of their own
+BRANCHES: tuple[Branch, ...] = ("mc", "gen", "joint")  # joint: one module on the weighted sum of both losses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +211,7 @@ def load_mlp(source: str | Path, branch: str) -> MLPSteering:
     Args:
         source: a folder holding ``mlp.safetensors`` (or ``mlp/<branch>/mlp.safetensors``), or the id of a
             ``train`` run; for a ``branch=both`` parent run the branch's child run is followed.
-        branch: ``mc`` or ``gen``.
+        branch: ``mc``, ``gen`` or ``joint``.
 
     Returns:
         The module in eval mode, fp32, on the CPU.
@@ -239,8 +241,37 @@ def load_mlp(source: str | Path, branch: str) -> MLPSteering:
     return module.eval()
 
 
+def trained_scale(source: str | Path, branch: str) -> tuple[float, str]:
+    """``(steering.scale, steering.scale_mode)`` the module of ``source`` was trained at: its train run's params,
+    or the config in a folder's ``mlp.json``."""
+    path = Path(str(source)).expanduser()
+    if path.is_dir():
+        found = _local_dir(path, branch)
+        steering = json.loads((found / MLP_META).read_text()).get("config", {}).get("steering", {}) if found else {}
+        params = {f"steering.{k}": str(v) for k, v in steering.items()}
+    else:
+        params = mlflow.MlflowClient().get_run(str(source)).data.params
+    if "steering.scale" not in params:
+        raise ConfigError(f"the MLP of {source} does not record the steering.scale it was trained at; unset "
+                          "eval.mlp_scale to evaluate it as trained")
+    return float(params["steering.scale"]), params.get("steering.scale_mode", "absolute")
+
+
+def mlp_hook_scale(cfg: Config, variant: str, source: str | Path) -> float:
+    """The hook scale of an MLP variant: 1.0 (the module's output is the whole delta), or with ``eval.mlp_scale``
+    set, ``eval.mlp_scale`` over the ``steering.scale`` the module was trained at (the same mode)."""
+    if cfg.eval.mlp_scale is None:
+        return 1.0
+    scale, mode = trained_scale(source, variant.removeprefix("mlp_"))
+    if mode != cfg.steering.scale_mode or scale == 0:
+        raise ConfigError(f"eval.mlp_scale={cfg.eval.mlp_scale} rescales the MLP of {source}, trained at "
+                          f"steering.scale={scale} ({mode}); it needs a nonzero scale of the same "
+                          f"steering.scale_mode ({cfg.steering.scale_mode}): unset eval.mlp_scale or train again")
+    return cfg.eval.mlp_scale / scale
+
+
 def mlp_steering(cfg: Config, variant: str, source: str, model: nn.Module | None = None) -> Steering:
-    """The steering of ``variant`` (``mlp_mc`` or ``mlp_gen``): the module of the train run ``source``,
+    """The steering of ``variant`` (``mlp_mc``, ``mlp_gen`` or ``mlp_joint``): the module of the train run ``source``,
     checked against ``cfg``'s model and layer, on the device of its layer in ``model`` (CPU when None)."""
     module = load_mlp(source, variant.removeprefix("mlp_"))
     trained = module.config
@@ -251,13 +282,14 @@ def mlp_steering(cfg: Config, variant: str, source: str, model: nn.Module | None
             f"layer, or set steering.layer={trained.layer}"
         )
     placed = module if model is None else module_on_layer_device(module, model, trained.layer)
-    # The module's output is the whole delta (its scale is inside): hook scale 1.0.
-    return Steering(variant, layer=trained.layer, scale=1.0, module=placed, positions=cfg.steering.positions,
-                    source_run=source)
+    # The module's output is the whole delta (its scale is inside): hook scale 1.0 unless eval.mlp_scale is set.
+    return Steering(variant, layer=trained.layer, scale=mlp_hook_scale(cfg, variant, source), module=placed,
+                    positions=cfg.steering.positions, source_run=source)
 
 
 def mlp_key_fields(cfg: Config, variant: str, source: str) -> dict[str, Any]:
     """``mlp_steering(...).key_fields()`` without loading: the module steers at ``cfg.layer`` (``mlp_steering``
-    checks it) with hook scale 1.0."""
-    return steering_key_fields(variant, layer=cfg.layer, scale=1.0, positions=cfg.steering.positions,
+    checks it) with ``mlp_hook_scale``."""
+    return steering_key_fields(variant, layer=cfg.layer, scale=mlp_hook_scale(cfg, variant, source),
+                               positions=cfg.steering.positions,
                                source_run=source)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from core.data import Question
-from steering.mlp import BRANCHES
+from steering.mlp import LOSS_BRANCHES
 from steering.prompts import PromptFormat, answer_text, encode_prompt_answers, format_prompt, left_pad
 
 SEQUENCES_PER_EXAMPLE = {"mc": 2, "gen": 1}
@@ -98,8 +98,8 @@ def encode_examples(
         max_length: longest sequence; longer ones lose prompt tokens from the left.
         seed: seeds the choice of the incorrect answer (``pick_incorrect``).
     """
-    if branch not in BRANCHES:
-        raise ValueError(f"branch={branch!r} is not one of {', '.join(BRANCHES)}")
+    if branch not in LOSS_BRANCHES:
+        raise ValueError(f"branch={branch!r} is not one of {', '.join(LOSS_BRANCHES)}")
     if not questions:
         return Sequences((), (), SEQUENCES_PER_EXAMPLE[branch])
     prompts: list[str] = []

@@ -6,7 +6,9 @@ Branches (``mlp.branch``):
     question id): hinge loss ``relu(margin - (logp(correct) - logp(incorrect)))``, logp being the
     sum of the answer tokens' log-probabilities;
   - ``gen``: mean negative log-likelihood of the best answer's tokens;
-  - ``both``: one module per branch, each trained in a child run of the stage run.
+  - ``both``: one module per branch, each trained in a child run of the stage run;
+  - ``joint``: one module on ``mc_weight x (mean mc hinge) + gen_weight x (mean gen NLL)``, both means over
+    the same questions (the batch's, or the whole split's); ``JointScorer``.
 
 The model never trains: its parameters are frozen (``requires_grad=False``) and only the module's
 receive gradients. Steering follows ``steering.positions``: ``from_prompt_end`` steers from the last
@@ -34,7 +36,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import mlflow
 import torch
@@ -45,7 +47,7 @@ from core.artifacts import TAG_FAST_PATH
 from core.config import ConfigError, MLPConfig
 from steering.hooks import check_steered
 from steering.logprobs import branch_loss, steered_answer_logprobs
-from steering.mlp import BRANCHES, MLPSteering
+from steering.mlp import BRANCHES, LOSS_BRANCHES, MLPSteering
 from steering.prefix import PrefixCache, suffix_answer_logprobs
 from steering.sequences import Sequences, make_batch
 
@@ -118,6 +120,37 @@ class SplitScorer:
         return total / count if count else math.nan
 
 
+@dataclasses.dataclass
+class JointScorer:
+    """The joint branch's loss over one split: ``weights[b] x`` branch ``b``'s mean loss, summed.
+
+    ``scorers`` score the same questions in the same order (example i of each is question i), so a batch
+    of examples is a batch of questions for every branch.
+
+    Args:
+        scorers: a ``SplitScorer`` per loss branch (``mc``, ``gen``).
+        weights: each branch's weight (``mlp.mc_weight``, ``mlp.gen_weight``).
+        eval_batch_size: sequences per no-grad forward in ``mean_loss``.
+    """
+
+    scorers: Mapping[str, SplitScorer]
+    weights: Mapping[str, float]
+    eval_batch_size: int
+
+    def loss(self, examples: Sequence[int], branch: str, margin: float) -> tuple[Tensor, int]:
+        """The batch's weighted sum of means, as ``(loss, 1)`` (``branch`` is ``joint``)."""
+        total: Tensor | float = 0.0
+        for name, scorer in self.scorers.items():
+            loss_sum, count = scorer.loss(examples, name, margin)
+            total = total + self.weights[name] * loss_sum / count
+        return torch.as_tensor(total), 1
+
+    def mean_loss(self, branch: str, margin: float, examples_per_chunk: int) -> float:
+        """The weighted sum of each branch's mean loss over the whole split."""
+        return sum(self.weights[name] * scorer.mean_loss(name, margin, max(1, self.eval_batch_size // scorer.seqs.per_example))
+                   for name, scorer in self.scorers.items())
+
+
 def subset(seqs: Sequences, examples: Sequence[int]) -> Sequences:
     """The sequences of ``examples`` only, as a split of their own."""
     indices = seqs.sequence_indices(examples)
@@ -188,6 +221,17 @@ def batch_order(n_examples: int, batch_size: int, steps: int, seed: int) -> list
     return [stream[s * batch_size:(s + 1) * batch_size] for s in range(steps)]
 
 
+def _parts(seqs: Sequences | Mapping[str, Sequences], branch: str) -> dict[str, Sequences]:
+    """The sequences of each loss branch ``branch`` trains on: ``{branch: seqs}``, or the joint branch's mapping."""
+    if branch != "joint":
+        if not isinstance(seqs, Sequences):
+            raise ValueError(f"branch {branch!r} trains on one Sequences, not {sorted(seqs)}")
+        return {branch: seqs}
+    if isinstance(seqs, Sequences) or set(seqs) != set(LOSS_BRANCHES):
+        raise ValueError(f"the joint branch trains on a mapping with {', '.join(LOSS_BRANCHES)} sequences")
+    return {name: seqs[name] for name in LOSS_BRANCHES}
+
+
 @dataclasses.dataclass
 class BranchResult:
     """What training one branch produced; losses are means over the batch or the whole split."""
@@ -207,8 +251,8 @@ class BranchResult:
 def train_branch(
     model: nn.Module,
     module: MLPSteering,
-    train: Sequences,
-    val: Sequences,
+    train: Sequences | Mapping[str, Sequences],
+    val: Sequences | Mapping[str, Sequences],
     *,
     branch: str,
     cfg: MLPConfig,
@@ -227,10 +271,10 @@ def train_branch(
     Args:
         model: the causal LM; its parameters are set to ``requires_grad=False`` and never change.
         module: the steering module (fp32); moved to the model's device.
-        train: train sequences of ``branch``.
-        val: val sequences of ``branch``.
-        branch: ``mc`` or ``gen``.
-        cfg: steps, batch size, optimizer, lr, weight decay, margin, seed.
+        train: train sequences of ``branch``; for ``joint``, ``{"mc": ..., "gen": ...}`` of the same questions.
+        val: val sequences, as ``train``.
+        branch: ``mc``, ``gen`` or ``joint``.
+        cfg: steps, batch size, optimizer, lr, weight decay, margin, seed (and the joint branch's weights).
         positions: ``from_prompt_end`` or ``all``.
         pad_id: the tokenizer's pad token id.
         eval_batch_size: sequences per no-grad forward (cache building, split losses).
@@ -240,36 +284,53 @@ def train_branch(
     """
     if branch not in BRANCHES:
         raise ValueError(f"branch={branch!r} is not one of {', '.join(BRANCHES)}")
-    if train.n_examples == 0 or val.n_examples == 0:
+    parts = {"train": _parts(train, branch), "val": _parts(val, branch)}
+    n_examples = {split: {seqs.n_examples for seqs in by_branch.values()} for split, by_branch in parts.items()}
+    if any(len(counts) != 1 for counts in n_examples.values()):
+        raise ValueError(f"the joint branch needs the same questions in mc and gen: examples {n_examples}")
+    n_train, n_val = min(n_examples["train"]), min(n_examples["val"])
+    if n_train == 0 or n_val == 0:
         raise ConfigError(
-            f"train has {train.n_examples} and val {val.n_examples} questions; both need at least one "
+            f"train has {n_train} and val {n_val} questions; both need at least one "
             "(set data.train and data.val, e.g. --overrides data.train=16,data.val=8)"
         )
     model.eval().requires_grad_(False)
     module.to(next(model.parameters()).device).train()
     torch.manual_seed(cfg.seed)
-    layer = module.config.layer
-    batches = batch_order(train.n_examples, cfg.batch_size, cfg.steps, cfg.seed)
-    chunk = max(1, eval_batch_size // train.per_example)
+    batches = batch_order(n_train, cfg.batch_size, cfg.steps, cfg.seed)
+    chunk = max(1, eval_batch_size // (train.per_example if isinstance(train, Sequences) else 1))
 
     started = time.perf_counter()
-    train_scorer = SplitScorer(model, module, train, pad_id, positions)
-    val_scorer = SplitScorer(model, module, val, pad_id, positions)
-    path = "off"
-    if fast_path:
+    scorers: dict[str, dict[str, SplitScorer]] = {"train": {}, "val": {}}
+    reasons = []
+    for name, seqs in parts["train"].items():
+        scorers["train"][name] = SplitScorer(model, module, seqs, pad_id, positions)
+        scorers["val"][name] = SplitScorer(model, module, parts["val"][name], pad_id, positions)
         # two examples of the first batch: padding differs between their rows, which is enough
         # to expose a structural mismatch, at a fraction of a full batch's cost
-        reason = fast_path_mismatch(model, module, subset(train, batches[0][:2]), pad_id, positions)
+        reason = fast_path_mismatch(model, module, subset(seqs, batches[0][:2]), pad_id, positions) if fast_path else ""
+        reasons.append(reason)
+    path = "off"
+    if fast_path:
+        reason = next((r for r in reasons if r), "")
         if reason:
             log.warning("training %s without the prefix cache and answer-only head: %s", branch, reason)
             path = f"off: {reason}"
         else:
-            train_cache = PrefixCache.build(model, layer, train, pad_id, eval_batch_size, positions)
-            val_cache = PrefixCache.build(model, layer, val, pad_id, eval_batch_size, positions)
-            train_scorer = dataclasses.replace(train_scorer, cache=train_cache, answer_only_head=True)
-            val_scorer = dataclasses.replace(val_scorer, cache=val_cache, answer_only_head=True)
+            for by_branch in scorers.values():
+                for name, scorer in by_branch.items():
+                    cache = PrefixCache.build(model, module.config.layer, scorer.seqs, pad_id, eval_batch_size, positions)
+                    by_branch[name] = dataclasses.replace(scorer, cache=cache, answer_only_head=True)
             path = "on"
     cache_seconds = time.perf_counter() - started
+    train_scorer: SplitScorer | JointScorer
+    val_scorer: SplitScorer | JointScorer
+    if branch == "joint":
+        weights = {"mc": cfg.mc_weight, "gen": cfg.gen_weight}
+        train_scorer = JointScorer(scorers["train"], weights, eval_batch_size)
+        val_scorer = JointScorer(scorers["val"], weights, eval_batch_size)
+    else:
+        train_scorer, val_scorer = scorers["train"][branch], scorers["val"][branch]
 
     initial_train = train_scorer.mean_loss(branch, cfg.margin, chunk)
     initial_val = val_scorer.mean_loss(branch, cfg.margin, chunk)

@@ -87,7 +87,7 @@ def test_custom_split_sizes_replace_the_preset() -> None:
         ("judge.invalid_ceiling=1.5", "judge.invalid_ceiling=1.5 must be a probability in [0, 1]"),
         ("eval.top_p=-0.1", "eval.top_p=-0.1 must be a probability in [0, 1]"),
         ("eval.do_sample=maybe", "eval.do_sample='maybe' must be true or false"),
-        ("eval.variants=[basline]", "'basline' is not one of baseline, caa, mlp_mc, mlp_gen, iti (did you mean baseline?)"),
+        ("eval.variants=[basline]", "'basline' is not one of baseline, caa, mlp_mc, mlp_gen, mlp_joint, iti (did you mean baseline?)"),
         ("eval.judges=[semantik]", "did you mean semantic?"),
         ("steering.positions=some", "steering.positions='some' is not one of all, from_prompt_end"),
         ("data.split=smok", "data.split='smok' is not one of smoke, full (did you mean smoke?)"),

@@ -286,6 +286,74 @@ def test_loss_decreases_on_a_tiny_overfit_problem(branch: str, drop: float) -> N
     assert result.final_val_loss == result.val_losses[-1]
 
 
+def hand_answer_logprobs(model: PreTrainedModel, module: MLPSteering, ids: tuple[int, ...], n_answer: int) -> Tensor:
+    """One unpadded sequence, forwarded whole with a hook written here: ``module(h)`` added to layer LAYER's
+    output from the last prompt token on; the answer tokens' log-probs from the full logits."""
+    start = len(ids) - n_answer - 1  # the last prompt token
+
+    def hook(_: torch.nn.Module, args: object, output: object) -> object:
+        hidden = output[0] if isinstance(output, tuple) else output  # (1, seq, d_model)
+        assert isinstance(hidden, Tensor)
+        edited = torch.cat([hidden[:, :start], hidden[:, start:] + module(hidden[:, start:].float())], dim=1)
+        return (edited, *output[1:]) if isinstance(output, tuple) else edited
+
+    handle = decoder_layers(model)[LAYER].register_forward_hook(hook)
+    try:
+        logits = model(input_ids=torch.tensor([ids])).logits[0].float()  # (seq, vocab)
+    finally:
+        handle.remove()
+    logp = logits.log_softmax(-1)
+    return torch.stack([logp[t - 1, ids[t]] for t in range(len(ids) - n_answer, len(ids))])  # (n_answer,)
+
+
+def hand_joint_loss(model: PreTrainedModel, module: MLPSteering, questions: tuple[Question, ...],
+                    tokenizer: PreTrainedTokenizerFast, examples: list[int], mc_weight: float, gen_weight: float,
+                    margin: float) -> float:
+    """mc_weight x mean over ``examples`` of relu(margin - (logp best - logp incorrect)) + gen_weight x mean NLL
+    over every best-answer token of ``examples``."""
+    mc, gen = sequences(tokenizer, "mc", questions), sequences(tokenizer, "gen", questions)
+    with torch.no_grad():
+        hinges, nll = [], []
+        for e in examples:
+            best, wrong = (hand_answer_logprobs(model, module, mc.token_ids[i], mc.n_answer[i]).sum()
+                           for i in (2 * e, 2 * e + 1))
+            hinges.append(float(torch.relu(margin - (best - wrong))))
+            nll += (-hand_answer_logprobs(model, module, gen.token_ids[e], gen.n_answer[e])).tolist()
+    return mc_weight * sum(hinges) / len(hinges) + gen_weight * sum(nll) / len(nll)
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_joint_branch_loss_is_the_weighted_sum_of_both_branch_losses_by_hand(fast_path: bool) -> None:
+    model, tokenizer = tiny("gemma2")
+    train_q, val_q = short_questions()[:4], short_questions()[4:7]
+    split = {name: {b: sequences(tokenizer, b, qs) for b in ("mc", "gen")} for name, qs in (("train", train_q),
+                                                                                          ("val", val_q))}
+    cfg = MLPConfig(branch="joint", steps=2, lr=1e-2, batch_size=3, seed=0, margin=1.5, mc_weight=0.3, gen_weight=2.0)
+    module = module_for(model)
+    start = copy.deepcopy(module)
+    result = train_branch(model, module, split["train"], split["val"], branch="joint", cfg=cfg,
+                          positions="from_prompt_end", pad_id=PAD_ID, eval_batch_size=4, fast_path=fast_path,
+                          log_metrics=False, progress=False)
+    assert result.fast_path == ("on" if fast_path else "off")
+
+    def hand(mod: MLPSteering, qs: tuple[Question, ...], examples: list[int]) -> float:
+        return hand_joint_loss(model, mod, qs, tokenizer, examples, 0.3, 2.0, 1.5)
+
+    first_batch = batch_order(4, 3, 2, seed=0)[0]
+    assert result.initial_train_loss == pytest.approx(hand(start, train_q, [0, 1, 2, 3]), abs=1e-4)
+    assert result.initial_val_loss == pytest.approx(hand(start, val_q, [0, 1, 2]), abs=1e-4)
+    assert result.train_losses[0] == pytest.approx(hand(start, train_q, first_batch), abs=1e-4)
+    assert result.final_train_loss == pytest.approx(hand(module, train_q, [0, 1, 2, 3]), abs=1e-4)
+    assert result.final_val_loss == pytest.approx(hand(module, val_q, [0, 1, 2]), abs=1e-4)
+    # neither branch's loss alone: the weights matter
+    assert result.initial_train_loss != pytest.approx(hand_joint_loss(model, start, train_q, tokenizer, [0, 1, 2, 3],
+                                                                      1.0, 1.0, 1.5), abs=1e-2)
+    with pytest.raises(ValueError, match="joint branch trains on a mapping"):
+        train_branch(model, module, split["train"]["mc"], split["val"]["mc"], branch="joint", cfg=cfg,
+                     positions="from_prompt_end", pad_id=PAD_ID, log_metrics=False, progress=False)
+
+
 @pytest.mark.oracle
 def test_training_is_seeded_and_the_fast_path_trains_like_the_full_path() -> None:
     model, tokenizer = tiny("gemma3")

@@ -18,7 +18,7 @@ from typing import Any
 from core.config import Config, ConfigError
 from steering.methods.tuning import Tunable
 
-METHOD_MODULES = ("baseline", "caa", "mlp_mc", "mlp_gen", "iti")  # registration order: the variants' order everywhere
+METHOD_MODULES = ("baseline", "caa", "mlp_mc", "mlp_gen", "mlp_joint", "iti")  # registration order: the variants' order everywhere
 _REGISTRY: dict[str, Method] = {}
 
 
