@@ -133,3 +133,13 @@ TAG_SOURCE_RUN = "truthsteer.source_run"
 TAG_JUDGE_URI = "truthsteer.judge_uri"
 TAG_KEY = "truthsteer.stage_key"
 TAG_REUSED = "truthsteer.reused"
+# The sweep (stages.sweep): one parent run, one evaluate run per cell, whose variant runs carry the cell's knobs
+SWEEP_STAGE = "sweep"
+SWEEP_CELLS = "sweep/cells.json"  # on the sweep's parent run: the grid, the reference point and every cell's run
+SWEEP_KNOBS = ("scale", "layer", "mlp_expansion", "branch", "seed")
+TAG_SWEEP_NAME = "sweep.name"  # the grid's name (its file's stem, or "inline")
+
+
+def sweep_tag(knob: str) -> str:
+    """The tag of a swept knob on a cell's runs, e.g. ``sweep.scale`` (values as strings)."""
+    return f"sweep.{knob}"

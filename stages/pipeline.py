@@ -1,4 +1,4 @@
-"""The ``full`` pipeline: data -> train_judge -> calibrate -> extract -> bank -> train (mc, gen) -> evaluate
+"""The ``full`` pipeline: data -> train_judge -> calibrate -> extract -> bank -> train (mc, gen, joint) -> evaluate
 as nested runs.
 
 ``train_judge`` learns the trained judge from the human labels of every question outside the val
@@ -16,12 +16,13 @@ reused. Runs left RUNNING by a dead process on this host are marked KILLED first
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import mlflow
 from mlflow.entities import RunStatus
@@ -33,7 +34,10 @@ from core.config_io import config_to_dict
 from core.tracking import code_version, download, stage_run
 from steering.methods import check_variants, method
 
-STAGES = ("data", "train_judge", "calibrate", "extract", "bank", "train_mc", "train_gen", "iti", "evaluate")
+STAGES = ("data", "train_judge", "calibrate", "extract", "bank", "train_mc", "train_gen", "train_joint", "iti",
+          "evaluate")
+TRAIN_STAGES: dict[str, Literal["mc", "gen", "joint"]] = {"train_mc": "mc", "train_gen": "gen", "train_joint": "joint"}
+# (each pins mlp.branch)
 JUDGE_STAGES = ("train_judge", "calibrate")  # run only when eval.judges has the trained judge
 # The config sections each stage reads: only these enter its key.
 _SECTIONS = {
@@ -41,12 +45,15 @@ _SECTIONS = {
     "train_judge": ("data", "judge"),
     "calibrate": ("data", "eval", "judge", "calibrate"),
     "extract": ("model", "data", "extract"),
-    "bank": ("model", "bank", "steering"),
+    "bank": ("model", "bank"),  # and steering.layer, as every stage that reads the layer
     "train_mc": ("model", "mlp", "steering"),
     "train_gen": ("model", "mlp", "steering"),
+    "train_joint": ("model", "mlp", "steering"),
     "iti": ("model", "data", "iti"),
     "evaluate": ("model", "eval", "effects", "judge", "steering"),  # and the sections of its variants' methods
 }
+# The stages that do not read the steering layer: a sweep over layers reuses their runs.
+LAYER_FREE = ("data", "train_judge", "calibrate", "extract", "iti")
 # The upstream runs each stage consumes, by stage name.
 UPSTREAM = {
     "data": (),
@@ -56,6 +63,7 @@ UPSTREAM = {
     "bank": ("extract",),
     "train_mc": ("data", "bank"),
     "train_gen": ("data", "bank"),
+    "train_joint": ("data", "bank"),
     "iti": ("data",),
     "evaluate": ("data",),  # and the source stages of its variants' methods
 }
@@ -105,10 +113,8 @@ def with_trained_judge(cfg: Config, runs: dict[str, str]) -> Config:
 
 def stage_config(stage: str, cfg: Config) -> Config:
     """The config a stage runs with: the train stages pin their branch."""
-    if stage == "train_mc":
-        return dataclasses.replace(cfg, mlp=dataclasses.replace(cfg.mlp, branch="mc"))
-    if stage == "train_gen":
-        return dataclasses.replace(cfg, mlp=dataclasses.replace(cfg.mlp, branch="gen"))
+    if stage in TRAIN_STAGES:
+        return dataclasses.replace(cfg, mlp=dataclasses.replace(cfg.mlp, branch=TRAIN_STAGES[stage]))
     return cfg
 
 
@@ -123,7 +129,8 @@ def stage_params(stage: str, cfg: Config, runs: dict[str, str]) -> dict[str, str
     full = config_to_dict(stage_config(stage, with_trained_judge(cfg, runs)))
     params = {f"{section}.{key}": str(value) for section in sections(stage, cfg)
               for key, value in full[section].items()}
-    params["steering.layer"] = str(cfg.layer)
+    if stage not in LAYER_FREE:
+        params["steering.layer"] = str(cfg.layer)
     params.update({f"run.{name}": runs[name] for name in upstream(stage, cfg)})
     params["code_version"] = code_version()
     return params
@@ -178,8 +185,14 @@ class StageOutcome:
     reused: bool
 
 
+def _train(stage: str, cfg: Config, runs: dict[str, str]) -> Any:
+    from stages import train
+
+    return train.run(stage_config(stage, cfg), bank_run=runs["bank"], data_run=runs["data"])
+
+
 def _runners(cfg: Config, runs: dict[str, str]) -> dict[str, Callable[[], Any]]:
-    from stages import bank, calibrate, data, evaluate, extract, iti, train, train_judge
+    from stages import bank, calibrate, data, evaluate, extract, iti, train_judge
     from stages.source_runs import SourceRuns
 
     return {
@@ -188,12 +201,55 @@ def _runners(cfg: Config, runs: dict[str, str]) -> dict[str, Callable[[], Any]]:
         "calibrate": lambda: calibrate.run(with_trained_judge(cfg, runs), data_run=runs["data"]),
         "extract": lambda: extract.run(cfg, data_run=runs["data"]),
         "bank": lambda: bank.run(cfg, extract_run=runs["extract"]),
-        "train_mc": lambda: train.run(stage_config("train_mc", cfg), bank_run=runs["bank"], data_run=runs["data"]),
-        "train_gen": lambda: train.run(stage_config("train_gen", cfg), bank_run=runs["bank"], data_run=runs["data"]),
+        **{stage: functools.partial(_train, stage, cfg, runs) for stage in TRAIN_STAGES},
         "iti": lambda: iti.run(cfg, data_run=runs["data"]),
         "evaluate": lambda: evaluate.run(with_trained_judge(cfg, runs), sources=SourceRuns(
             runs["data"], {stage: runs[stage] for stage in method_stages(cfg)})),
     }
+
+
+def run_stage(stage: str, cfg: Config, runs: dict[str, str], experiment_id: str, *,
+              key_extra: dict[str, str] | None = None, tags: dict[str, str] | None = None,
+              runner: Callable[[], Any] | None = None) -> StageOutcome:
+    """Reuse the finished run of ``stage`` with the same key, or run it as a nested run of the active run.
+
+    Args:
+        stage: the stage.
+        cfg: the config it runs with (``stage_config`` pins a train stage's branch).
+        runs: the run ids of its upstream stages; its own is added.
+        experiment_id: where to look for a finished run.
+        key_extra: more fields of its key (a sweep's cell), logged as params.
+        tags: more tags on its run.
+        runner: what runs it; ``_runners``' by default.
+    """
+    params = {**stage_params(stage, cfg, runs), **(key_extra or {})}
+    key = stage_key(stage, params)
+    found = find_finished(experiment_id, key)
+    if found:
+        runs[stage] = found
+        print(f"{stage:>9}: reusing finished run {found}")
+        return StageOutcome(stage, found, True)
+    print(f"{stage:>9}: running")
+    entry = stage if stage in JUDGE_STAGES else stage.split("_")[0]
+    with stage_run(entry, stage_config(stage, with_trained_judge(cfg, runs)),
+                   run_name=f"{cfg.model.alias}-{stage.replace('_', '-')}",
+                   tags={TAG_KEY: key, "truthsteer.pipeline_stage": stage, **(tags or {})}) as child:
+        mlflow.log_params({k: v for k, v in params.items() if k.startswith("run.") or k in (key_extra or {})})
+        (runner or _runners(cfg, runs)[stage])()
+        runs[stage] = child.info.run_id
+    return StageOutcome(stage, runs[stage], False)
+
+
+def start(cfg: Config, caller: str) -> str:
+    """The active parent run's experiment, after marking the runs of dead processes there KILLED."""
+    parent = mlflow.active_run()
+    if parent is None:
+        raise RuntimeError(f"{caller} needs the active parent run (its entry point starts it)")
+    experiment_id = parent.info.experiment_id
+    stale = mark_stale_runs(experiment_id)
+    if stale:
+        print(f"marked {len(stale)} run(s) of dead processes KILLED: {', '.join(stale)}")
+    return experiment_id
 
 
 def run(cfg: Config) -> list[StageOutcome]:
@@ -202,33 +258,11 @@ def run(cfg: Config) -> list[StageOutcome]:
     Args:
         cfg: the resolved config; each stage reads the sections in ``_SECTIONS``.
     """
-    parent = mlflow.active_run()
-    if parent is None:
-        raise RuntimeError("pipeline.run needs the active parent run (entrypoints.full starts it)")
-    experiment_id = parent.info.experiment_id
-    stale = mark_stale_runs(experiment_id)
-    if stale:
-        print(f"marked {len(stale)} run(s) of dead processes KILLED: {', '.join(stale)}")
+    experiment_id = start(cfg, "pipeline.run")
     runs: dict[str, str] = {}
     outcomes = []
-    runners = _runners(cfg, runs)
     for stage in stages_of(cfg):
-        params = stage_params(stage, cfg, runs)
-        key = stage_key(stage, params)
-        found = find_finished(experiment_id, key)
-        if found:
-            runs[stage] = found
-            print(f"{stage:>9}: reusing finished run {found}")
-        else:
-            print(f"{stage:>9}: running")
-            entry = stage if stage in JUDGE_STAGES else stage.split("_")[0]
-            with stage_run(entry, stage_config(stage, with_trained_judge(cfg, runs)),
-                           run_name=f"{cfg.model.alias}-{stage.replace('_', '-')}",
-                           tags={TAG_KEY: key, "truthsteer.pipeline_stage": stage}) as child:
-                mlflow.log_params({k: v for k, v in params.items() if k.startswith("run.")})
-                runners[stage]()
-                runs[stage] = child.info.run_id
-        outcomes.append(StageOutcome(stage, runs[stage], bool(found)))
+        outcomes.append(run_stage(stage, cfg, runs, experiment_id))
         mlflow.set_tag(f"truthsteer.run.{stage}", runs[stage])
     reused = [o.stage for o in outcomes if o.reused]
     mlflow.set_tag(TAG_REUSED, ",".join(reused) or "none")
@@ -275,4 +309,5 @@ def tuned_overrides(run_id: str) -> list[str]:
     return [f"{section}.{key}={value}" for section, values in fragment.items() for key, value in values.items()]
 
 
-__all__ = ['STAGES', 'TAG_STAGE', 'mark_stale_runs', 'plan', 'run', 'stage_key', 'stage_params', 'tuned_overrides']
+__all__ = ['STAGES', 'TAG_STAGE', 'mark_stale_runs', 'plan', 'run', 'run_stage', 'stage_key', 'stage_params', 'start',
+           'tuned_overrides']

@@ -20,7 +20,7 @@ ENTRIES = sorted(MLPROJECT["entry_points"])
 
 def test_mlproject_declares_every_stage() -> None:
     assert set(ENTRIES) == {"data", "extract", "iti", "bank", "train", "train_judge", "calibrate", "evaluate", "score", "full",
-                            "tune", "analyze"}
+                            "tune", "sweep", "analyze"}
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
