@@ -1,5 +1,12 @@
 """Figures and a report from the tracking store (the `analyze` stage)."""
 
+from analysis.ablation_figures import (
+    mlp_arms_figure,
+    seed_spread_figure,
+    sweep_layer_figure,
+    sweep_scale_figure,
+)
+from analysis.ablations import ABLATION_FIGURES, ablation_tables, seed_points, sweep_runs
 from analysis.agreement import agreement_table, cohen_kappa, kappa_interval
 from analysis.categories import category_delta_table, chosen_variants
 from analysis.figures import (
@@ -24,6 +31,7 @@ from analysis.tables import (
 from core.artifacts import ANALYZE_STAGE
 
 __all__ = [
+    "ABLATION_FIGURES",
     "ANALYZE_STAGE",
     "FIGURES",
     "PAPER_STYLE",
@@ -34,6 +42,7 @@ __all__ = [
     "Selection",
     "SelectionError",
     "StoreReader",
+    "ablation_tables",
     "agreement_table",
     "analysis_run",
     "analyze",
@@ -49,12 +58,18 @@ __all__ = [
     "kappa_interval",
     "layer_scale_figure",
     "layer_scale_table",
+    "mlp_arms_figure",
     "plan",
     "run",
     "save_figure",
     "scale_sweep_figure",
     "scale_sweep_table",
+    "seed_points",
+    "seed_spread_figure",
     "select_runs",
+    "sweep_layer_figure",
+    "sweep_runs",
+    "sweep_scale_figure",
     "training_curves_figure",
     "training_curves_table",
     "tune_trials",

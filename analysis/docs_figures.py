@@ -4,6 +4,10 @@ write ``docs/figures/SOURCES.md``: for each figure the runs it was drawn from, t
 
     make figures                                   # the store of `make run`: sqlite:///mlflow.db
     python -m analysis.docs_figures --store sqlite:////path/to/mlflow.db
+    python -m analysis.docs_figures --store sqlite:////path/to/mlflow.db --only smoke_sweep_scale.png
+
+``--only`` redraws the named files alone (their runs may live in another store than the rest's) and replaces their
+rows of ``SOURCES.md``, noting the commit and versions that drew them, and keeps the other rows.
 
 Each figure is drawn by ``analyze`` over its runs and all their descendants (a ``full`` or ``tune`` run brings its
 stages and trials), exactly as ``mlflow run . -e analyze -P parent_run=<run>`` would, but without logging an
@@ -46,10 +50,11 @@ class Entry:
 
 def read_plan(path: Path) -> list[Entry]:
     """The entries of a figures plan (YAML: ``figures: [{file, figure, runs, what}]``)."""
+    from analysis.ablations import ABLATION_FIGURES
     from analysis.frames import FIGURES
 
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    stems = {spec.stem for spec in FIGURES}
+    stems = {spec.stem for spec in (*FIGURES, *ABLATION_FIGURES)}
     entries = []
     for item in data.get("figures", []):
         entry = Entry(str(item.get("file", "")), str(item.get("figure", "")), tuple(map(str, item.get("runs", []))),
@@ -85,16 +90,39 @@ def _commit() -> str:
     return f"{head}+dirty" if git("status", "--porcelain", "--untracked-files=no") else head
 
 
+def _drawn_at() -> str:
+    return f"commit `{_commit()}` with " + ", ".join(f"{p} {importlib.metadata.version(p)}" for p in PACKAGES)
+
+
+def redraw_only(entries: list[Entry], out_dir: Path, sources: str) -> str:
+    """Draw the entries alone into ``out_dir``; ``sources`` (the text of ``SOURCES.md``) with their rows replaced
+    (or added) and a line saying what drew them."""
+    rows = redraw(entries, out_dir).splitlines()[6:]
+    lines = sources.splitlines()
+    for entry, row in zip(entries, rows, strict=True):
+        start = f"| [{entry.file}]({entry.file}) |"
+        at = next((i for i, line in enumerate(lines) if line.startswith(start)), None)
+        if at is None:
+            at = max(i for i, line in enumerate(lines) if line.startswith("| ")) + 1
+            lines.insert(at, row)
+        else:
+            lines[at] = row
+        note = f"`{entry.file}` was redrawn alone"
+        lines = [line for line in lines if not line.startswith(note)]
+        if lines[-1].startswith("| "):  # a paragraph, not another row of the table
+            lines.append("")
+        lines.append(f"{note} (`--only`), at {_drawn_at()}.")
+    return "\n".join(lines) + "\n"
+
+
 def redraw(entries: list[Entry], out_dir: Path) -> str:
     """Draw every entry into ``out_dir``; the text of ``SOURCES.md``."""
     from analysis import report
 
-    commit = _commit()
-    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in PACKAGES)
     lines = ["# Where README's figures come from", "",
              "Redrawn by `make figures` (`python -m analysis.docs_figures`) from the runs of "
              "`docs/figures/figures.yaml`, each with all its descendants; "
-             f"drawn at commit `{commit}` with {versions}.", "",
+             f"drawn at {_drawn_at()}.", "",
              "| file | figure | what | runs | their code version |", "| --- | --- | --- | --- | --- |"]
     for entry in entries:
         runs = _runs(entry.runs)
@@ -119,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", default="", help="tracking store URI; default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     p.add_argument("--plan", type=Path, default=PLAN, help="the figures plan (YAML)")
     p.add_argument("--out-dir", type=Path, default=None, help="where the figures go; default: the plan's folder")
+    p.add_argument("--only", nargs="+", default=None, metavar="FILE",
+                   help="redraw only these files of the plan; keep the other rows of SOURCES.md")
     args = p.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from analysis.runs import connect
@@ -128,7 +158,17 @@ def main(argv: list[str] | None = None) -> int:
         entries = read_plan(args.plan)
         out = args.out_dir or args.plan.parent
         out.mkdir(parents=True, exist_ok=True)
-        (out / "SOURCES.md").write_text(redraw(entries, out), encoding="utf-8")
+        if args.only:
+            unknown = sorted(set(args.only) - {e.file for e in entries})
+            if unknown:
+                raise PlanError(f"--only {' '.join(unknown)}: not in {args.plan}; its files are "
+                                f"{', '.join(e.file for e in entries)}")
+            sources = out / "SOURCES.md"
+            text = redraw_only([e for e in entries if e.file in args.only], out,
+                               sources.read_text(encoding="utf-8") if sources.exists() else redraw([], out))
+            sources.write_text(text, encoding="utf-8")
+        else:
+            (out / "SOURCES.md").write_text(redraw(entries, out), encoding="utf-8")
     except (PlanError, OSError, yaml.YAMLError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

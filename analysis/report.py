@@ -6,6 +6,9 @@ them and writes, into ``out_dir``:
 
 - per figure ``<stem>.png`` (300 dpi), ``<stem>.pdf`` and ``<stem>.csv`` (the table it plots);
 - ``variant_metrics.csv`` and ``best_settings.csv``, the report's other tables;
+- for the sweep variant runs selected (``analysis.ablations``): the ablation figures of ``ABLATION_FIGURES``
+  (``sweep_scale``, ``sweep_layer``, ``sweep_mlp_arms``, ``sweep_seeds``), each drawn where a sweep varied its
+  knob, and ``sweep_runs.csv`` (one row per run and metric) and ``sweep_points.csv`` (averaged over seeds);
 - ``runs.csv`` (the selected runs) and ``missing.csv`` (what was looked for and not found);
 - ``report.md``, which embeds the figures and the tables behind them by relative links, and ``report.html``,
   the same page with the images embedded, which MLflow's artifact viewer renders (``analysis.html_report``).
@@ -27,7 +30,18 @@ import mlflow
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis import categories, figures, sweep_figures, tables
+from analysis import ablation_figures, categories, figures, sweep_figures, tables
+from analysis.ablations import (
+    ABLATION_FIGURES,
+    ANALYSIS_SWEEP_LAYER,
+    ANALYSIS_SWEEP_MLP_ARMS,
+    ANALYSIS_SWEEP_POINTS,
+    ANALYSIS_SWEEP_RUNS,
+    ANALYSIS_SWEEP_SCALE,
+    ANALYSIS_SWEEP_SEEDS,
+    AblationTables,
+    ablation_tables,
+)
 from analysis.agreement import agreement_table
 from analysis.frames import (
     FIGURES,
@@ -39,7 +53,7 @@ from analysis.frames import (
     registered_directions,
 )
 from analysis.html_report import HTML_REPORT, render
-from analysis.markdown import report_markdown
+from analysis.markdown import markdown_table, report_markdown
 from analysis.runs import Missing, Selection, model_of, of_stage, run_listing, tag
 from core import artifacts
 from core.artifacts import ANALYZE_STAGE, TAG_MODELS, TAG_STAGE
@@ -87,9 +101,63 @@ def _calibration(runs: pd.DataFrame, reader: StoreReader, missing: Missing) -> t
 
 def _stale_files(out_dir: Path) -> list[Path]:
     names = [artifacts.ANALYSIS_REPORT, artifacts.ANALYSIS_RUNS, artifacts.ANALYSIS_MISSING,
-             artifacts.ANALYSIS_VARIANT_METRICS, artifacts.ANALYSIS_BEST_SETTINGS]
-    names += [f"{spec.stem}{ext}" for spec in FIGURES for ext in figures.EXTENSIONS]
+             artifacts.ANALYSIS_VARIANT_METRICS, artifacts.ANALYSIS_BEST_SETTINGS, ANALYSIS_SWEEP_RUNS,
+             ANALYSIS_SWEEP_POINTS]
+    names += [f"{spec.stem}{ext}" for spec in (*FIGURES, *ABLATION_FIGURES) for ext in figures.EXTENSIONS]
     return [out_dir / n for n in names if (out_dir / n).exists()]
+
+
+def _ablation_plots(sweep: AblationTables) -> dict[str, tuple[pd.DataFrame, Callable[[], Figure]]]:
+    """Each ablation figure's table and how to draw it."""
+    tables_of = sweep.figures
+    return {
+        ANALYSIS_SWEEP_SCALE: (tables_of[ANALYSIS_SWEEP_SCALE],
+                               lambda: ablation_figures.sweep_scale_figure(tables_of[ANALYSIS_SWEEP_SCALE])),
+        ANALYSIS_SWEEP_LAYER: (tables_of[ANALYSIS_SWEEP_LAYER],
+                               lambda: ablation_figures.sweep_layer_figure(tables_of[ANALYSIS_SWEEP_LAYER])),
+        ANALYSIS_SWEEP_MLP_ARMS: (tables_of[ANALYSIS_SWEEP_MLP_ARMS],
+                                  lambda: ablation_figures.mlp_arms_figure(tables_of[ANALYSIS_SWEEP_MLP_ARMS])),
+        ANALYSIS_SWEEP_SEEDS: (tables_of[ANALYSIS_SWEEP_SEEDS],
+                               lambda: ablation_figures.seed_spread_figure(tables_of[ANALYSIS_SWEEP_SEEDS])),
+    }
+
+
+def ablation_markdown(sweep: AblationTables, drawn: list[str]) -> list[str]:
+    """The report's section on the sweeps: the tables behind it, then each ablation figure with its table, or why
+    it is not drawn.
+
+    Args:
+        sweep: the ablation tables.
+        drawn: the figures drawn.
+    """
+    n_runs = sweep.runs["run_id"].nunique()
+    names = ", ".join(f"{s} ({m})" for m, s in sweep.references) or "none"
+    lines = ["## Sweep ablations", "",
+             f"{n_runs} sweep variant run{'' if n_runs == 1 else 's'} (the latest FINISHED per model, sweep, variant "
+             f"and knobs) of sweeps {names}: one row per run and metric in "
+             f"[{ANALYSIS_SWEEP_RUNS}]({ANALYSIS_SWEEP_RUNS}); averaged over seeds (seed_mean, seed_sd across "
+             f"seeds, n_seeds, and the bootstrap interval averaged over seeds) in "
+             f"[{ANALYSIS_SWEEP_POINTS}]({ANALYSIS_SWEEP_POINTS}). Each figure holds the knobs it does not vary at "
+             "the sweep's reference point:", ""]
+    lines += [f"- {m}, sweep {s}: " + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v or '–'}"
+                                                 for k, v in ref.items()) for (m, s), ref in sweep.references.items()]
+    lines += [""]
+    for spec in ABLATION_FIGURES:
+        lines += [f"### {spec.title}", ""]
+        if spec.stem not in drawn:
+            lines += [f"Not drawn: {sweep.reasons[spec.stem] or 'it needs ' + spec.needs}.", ""]
+            continue
+        lines += [f"![{spec.title}]({spec.stem}.png)", "", spec.caption,
+                  f"PDF: [{spec.stem}.pdf]({spec.stem}.pdf); table: [{spec.stem}.csv]({spec.stem}.csv).", "",
+                  markdown_table(sweep.figures[spec.stem], csv_name=f"{spec.stem}.csv")]
+    return lines
+
+
+def _with_section(markdown: str, section: list[str]) -> str:
+    """``markdown`` with ``section`` before its missing list."""
+    head, marker, tail = markdown.rpartition("\n## Missing\n")
+    text = "\n".join(section)
+    return f"{head}\n{text}{marker}{tail}" if marker else f"{markdown}\n{text}"
 
 
 def analyze(runs: pd.DataFrame, out_dir: str | Path, *, reader: StoreReader | None = None,
@@ -124,6 +192,7 @@ def analyze(runs: pd.DataFrame, out_dir: str | Path, *, reader: StoreReader | No
                                                    found.metric or "", missing, found.models, min_n=min_category_n)
     curves = tables.training_curves_table(found.trained, reader.metric_history, missing)
     calibration = _calibration(runs, reader, missing)
+    sweep = ablation_tables(runs, missing)
     context = found.context
     plotted: dict[str, tuple[pd.DataFrame, Callable[[], Figure]]] = {
         artifacts.ANALYSIS_SCALE_SWEEP: (found.scale_sweep, lambda: sweep_figures.scale_sweep_figure(
@@ -149,8 +218,17 @@ def analyze(runs: pd.DataFrame, out_dir: str | Path, *, reader: StoreReader | No
             continue
         files += figures.save_figure(draw(), table, out, spec.stem)
         drawn.append(spec.stem)
+    ablations = _ablation_plots(sweep)
+    for spec in ABLATION_FIGURES:
+        table, draw = ablations[spec.stem]
+        if table.empty:
+            missing.add(f"figure {spec.stem} not drawn: {sweep.reasons[spec.stem]}")
+            continue
+        files += figures.save_figure(draw(), table, out, spec.stem)
+        drawn.append(spec.stem)
     named = {artifacts.ANALYSIS_VARIANT_METRICS: found.variant_metrics,
-             artifacts.ANALYSIS_BEST_SETTINGS: found.best_settings, artifacts.ANALYSIS_RUNS: run_listing(runs)}
+             artifacts.ANALYSIS_BEST_SETTINGS: found.best_settings, artifacts.ANALYSIS_RUNS: run_listing(runs),
+             ANALYSIS_SWEEP_RUNS: sweep.runs, ANALYSIS_SWEEP_POINTS: sweep.points}
     for name, table in named.items():
         table.to_csv(out / name, index=False)
         files.append(out / name)
@@ -158,9 +236,10 @@ def analyze(runs: pd.DataFrame, out_dir: str | Path, *, reader: StoreReader | No
     missing_frame = missing.frame()
     missing_frame.to_csv(out / artifacts.ANALYSIS_MISSING, index=False)
     files.append(out / artifacts.ANALYSIS_MISSING)
-    all_tables = {**{stem: table for stem, (table, _) in plotted.items()}, **named,
+    all_tables = {**{stem: table for stem, (table, _) in plotted.items()}, **sweep.figures, **named,
                   artifacts.ANALYSIS_MISSING: missing_frame}
-    markdown = report_markdown(runs, found, all_tables, drawn, missing_frame, title, calibration)
+    markdown = _with_section(report_markdown(runs, found, all_tables, drawn, missing_frame, title, calibration),
+                             ablation_markdown(sweep, drawn))
     report_path.write_text(markdown, encoding="utf-8")
     (out / HTML_REPORT).write_text(render(markdown, out, title or "truthsteer analysis"), encoding="utf-8")
     files += [report_path, out / HTML_REPORT]
@@ -259,9 +338,14 @@ def plan(runs: pd.DataFrame, selection: Selection, *, reader: StoreReader | None
         count, what = available[spec.stem]
         lines.append(f"  {spec.stem}: " + (f"would draw from {count} {what}" if count else
                                            f"would skip: it needs {spec.needs}"))
+    sweep = ablation_tables(runs, missing)
+    for spec in ABLATION_FIGURES:
+        count = len(sweep.figures[spec.stem])
+        lines.append(f"  {spec.stem}: " + (f"would draw from {count} rows" if count else
+                                           f"would skip: {sweep.reasons[spec.stem]}"))
     if len(missing):
         lines.append(f"missing so far: {len(missing)} items (listed in the report)")
     return lines
 
 
-__all__ = ['ANALYZE_STAGE', 'Analysis', 'analysis_run', 'analyze', 'plan', 'run']
+__all__ = ['ANALYZE_STAGE', 'Analysis', 'ablation_markdown', 'analysis_run', 'analyze', 'plan', 'run']

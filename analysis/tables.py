@@ -81,7 +81,7 @@ def higher_is_better(name: str, directions: Mapping[str, bool]) -> bool:
 def variant_runs(runs: pd.DataFrame, exclude_parents: Iterable[str] = ()) -> pd.DataFrame:
     """One row per ``evaluate.variant`` run: ``run_id``, ``model``, ``variant``, ``evaluation`` (its
     parent run, "" for none), ``split`` (``eval.split``, "" when not logged), ``layer``, ``scale`` (NaN for
-    baseline), ``start_time``, and every ``metrics.*`` column.
+    baseline), ``start_time``, ``sweep`` (the sweep whose cell it is, "" for none), and every ``metrics.*`` column.
 
     Args:
         runs: the run frame.
@@ -91,7 +91,7 @@ def variant_runs(runs: pd.DataFrame, exclude_parents: Iterable[str] = ()) -> pd.
     parents = tag(selected, TAG_PARENT).fillna("")
     selected = selected[~parents.isin(set(exclude_parents))]
     if selected.empty:
-        return _empty(["run_id", "model", "variant", "evaluation", "split", "layer", "scale", "start_time"])
+        return _empty(["run_id", "model", "variant", "evaluation", "split", "layer", "scale", "start_time", "sweep"])
 
     def setting(key: str) -> pd.Series:  # the variant's tag; a run without the tag falls back to the config
         tagged, configured = variant_tag(selected, key), param(selected, f"steering.{key.removeprefix('truthsteer.')}")
@@ -102,6 +102,7 @@ def variant_runs(runs: pd.DataFrame, exclude_parents: Iterable[str] = ()) -> pd.
         "run_id": column(selected, "run_id").astype(str), "model": model_of(selected),
         "variant": variant_tag(selected, artifacts.TAG_VARIANT).fillna(""), "evaluation": tag(selected, TAG_PARENT).fillna(""),
         "split": param(selected, "eval.split").fillna(""), "layer": setting(artifacts.TAG_LAYER), "scale": setting(artifacts.TAG_SCALE), "start_time": column(selected, "start_time"),
+        "sweep": tag(selected, artifacts.TAG_SWEEP_NAME).fillna(""),
     })
     metrics = selected[[c for c in selected.columns if c.startswith("metrics.")]]
     return pd.concat([frame, metrics], axis=1).reset_index(drop=True)
@@ -142,7 +143,9 @@ def reported(variants: pd.DataFrame) -> pd.DataFrame:
 
 def latest_evaluations(variants: pd.DataFrame, *, validation: bool = False) -> dict[str, str]:
     """Per model, the evaluation (parent run id) whose variant runs started last, of the ``reported`` ones, or
-    with ``validation`` of those on the val split only.
+    with ``validation`` of those on the val split only. A sweep's cells count only where a model has no other
+    evaluation, and then the cell with the most variants (its reference cell): the last cell is one point of a
+    grid, not the model's headline.
 
     Args:
         variants: ``variant_runs`` output.
@@ -156,9 +159,17 @@ def latest_evaluations(variants: pd.DataFrame, *, validation: bool = False) -> d
         variants = reported(variants)
     if variants.empty:
         return {}
-    started = variants.groupby(["model", "evaluation"], sort=True)["start_time"].max().reset_index()
+    sweeps = variants["sweep"] if "sweep" in variants else pd.Series("", index=variants.index)
+    grouped = variants.assign(in_sweep=sweeps.fillna("") != "").groupby(["model", "evaluation"], sort=True)
+    started = grouped.agg(start_time=("start_time", "max"), in_sweep=("in_sweep", "any"),
+                          n_variants=("variant", "nunique")).reset_index()
     started = started.sort_values(["model", "start_time"], kind="stable")
-    return {str(m): str(group["evaluation"].iloc[-1]) for m, group in started.groupby("model", sort=True)}
+    chosen = {}
+    for model, group in started.groupby("model", sort=True):
+        own = group[~group["in_sweep"]]
+        chosen[str(model)] = str(own["evaluation"].iloc[-1] if not own.empty else
+                                 group.sort_values("n_variants", kind="stable")["evaluation"].iloc[-1])
+    return chosen
 
 
 def _latest(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:

@@ -57,6 +57,12 @@ ANALYSIS_SCALE_SWEEP = "scale_sweep"
 ANALYSIS_RELATIVE_SCALE = "relative_scale"  # the metric against the relative scale, one line per model
 ANALYSIS_LAYER_SCALE = "layer_scale"
 ANALYSIS_CROSS_MODEL = "cross_model"
+ANALYSIS_SWEEP_SCALE = "sweep_scale"  # a sweep's figures (analysis.ablations): accuracy against scale,
+ANALYSIS_SWEEP_LAYER = "sweep_layer"  # against layer,
+ANALYSIS_SWEEP_MLP_ARMS = "sweep_mlp_arms"  # the MLP's width and branch arms,
+ANALYSIS_SWEEP_SEEDS = "sweep_seeds"  # and the spread over seeds
+ANALYSIS_SWEEP_RUNS = "sweep_runs.csv"  # one row per sweep variant run and metric
+ANALYSIS_SWEEP_POINTS = "sweep_points.csv"  # the same, averaged over seeds
 ANALYSIS_PARETO = "pareto"  # tune studies with a cost: each trial's gain against its cost, the front, the chosen one
 ANALYSIS_JUDGE_AGREEMENT = "judge_agreement"
 ANALYSIS_CATEGORY_DELTA = "category_delta"
@@ -138,6 +144,7 @@ SWEEP_STAGE = "sweep"
 SWEEP_CELLS = "sweep/cells.json"  # on the sweep's parent run: the grid, the reference point and every cell's run
 SWEEP_KNOBS = ("scale", "layer", "mlp_expansion", "branch", "seed")
 TAG_SWEEP_NAME = "sweep.name"  # the grid's name (its file's stem, or "inline")
+TAG_SWEEP_REFERENCE = "sweep.reference"  # JSON: the value each knob is held at in a figure that does not vary it
 
 
 def sweep_tag(knob: str) -> str:

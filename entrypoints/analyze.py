@@ -6,15 +6,22 @@ logged in Default are found too; or --parent-run and all its descendants), narro
 per model and variant: truthfulness against steering scale (and against the relative scale, one line
 per model), the tuning objective over layer and scale, what tuning buys against what steering costs
 (Pareto fronts), the models compared by size, the LLM judge against the semantic judge (Cohen's kappa), the
-change per category of the best variant, and the MLP training curves. A piece missing from some
-runs is listed in the report, never an error; no matching run is an error naming the filter.
+change per category of the best variant, and the MLP training curves. Where the selection holds a sweep's
+variant runs (tag sweep.name), its ablations too, one panel per model, sweep and metric (mc1 and
+judge_truthful_informative, else judge_truthful or semantic_acc), the knobs a figure does not vary held at the
+sweep's reference point, means over seeds with the bootstrap interval averaged over seeds: truthfulness against
+scale and against layer, the MLP arms by width and branch, and the spread over seeds; each only where a sweep
+varied its knob. A piece missing from some runs is listed in the report, never an error; no matching run is an
+error naming the filter.
 
 Parameters: --experiment, --models (aliases separated by |), --tags (key=value,...; params.key=value
 filters a param), --parent-run, --out-dir, --dry-run (list the runs and the figures; write nothing).
 Logs: to a new run tagged truthsteer.stage=analyze (params: the selection), under analysis/:
 report.md; per figure <name>.png, <name>.pdf and <name>.csv (the table it plots) for scale_sweep,
-relative_scale, layer_scale, pareto, cross_model, judge_agreement, category_delta and training_curves; variant_metrics.csv,
-best_settings.csv, runs.csv and missing.csv. The same files are written to --out-dir.
+relative_scale, layer_scale, pareto, cross_model, judge_agreement, category_delta and training_curves, and with sweep
+runs sweep_scale, sweep_layer, sweep_mlp_arms and sweep_seeds; variant_metrics.csv, best_settings.csv, sweep_runs.csv
+(one row per sweep variant run and metric), sweep_points.csv (the same averaged over seeds: seed_mean, seed_sd,
+n_seeds, ci_low_seed_mean, ci_high_seed_mean), runs.csv and missing.csv. The same files are written to --out-dir.
 """
 
 import argparse

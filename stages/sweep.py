@@ -47,6 +47,7 @@ from core.artifacts import (
     TAG_PARENT,
     TAG_REUSED,
     TAG_SWEEP_NAME,
+    TAG_SWEEP_REFERENCE,
     TAG_VARIANT,
     sweep_tag,
 )
@@ -59,7 +60,6 @@ SWEEPS_DIR = CONFIGS_DIR / "sweeps"
 BRANCH_KNOB_VALUES = ("mc", "gen", "joint")
 CELL_KNOBS = ("layer", "seed", "mlp_expansion", "scale")  # a cell's knobs, outermost first (branch: its MLP arms)
 DESIGNS = ("product", "one_at_a_time")
-REFERENCE_TAG = "sweep.reference"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,7 +328,7 @@ class CellOutcome:
 def tag_cell(run_id: str, cell: Cell, grid: Grid, ref: Mapping[str, Any], sampling: bool) -> None:
     """Tag a cell's evaluate run and its variant runs (set again on a reused cell: tags are not write-once)."""
     client = mlflow.MlflowClient()
-    common = {TAG_SWEEP_NAME: grid.name, REFERENCE_TAG: json.dumps(ref, sort_keys=True)}
+    common = {TAG_SWEEP_NAME: grid.name, TAG_SWEEP_REFERENCE: json.dumps(ref, sort_keys=True)}
     for key, value in {**common, **{sweep_tag(k): _text(v) for k, v in cell.knobs().items()}}.items():
         client.set_tag(run_id, key, value)
     run = client.get_run(run_id)

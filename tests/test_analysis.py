@@ -806,6 +806,19 @@ def test_docs_figures_are_redrawn_from_the_named_runs_and_say_which(at_store: St
     # gemma-full and its descendants: the train run, its two branches and the evaluation with its four variants
     assert f"| [curves.png](curves.png) | `training_curves` | gemma's MLP training | `{at_store.ids['gemma-full']}` " \
            "(9 runs in all) | not recorded |" in sources
+    # --only: one file redrawn, the other rows kept, what drew it noted below the table
+    sources_path = tmp_path / "SOURCES.md"
+    sources_path.write_text(sources.replace("(9 runs in all)", "(kept row)"))
+    plan.write_text(plan.read_text() + f"  - file: again.png\n    figure: {artifacts.ANALYSIS_TRAINING_CURVES}\n"
+                    f"    runs: [{at_store.ids['gemma-full']}]\n")
+    assert docs_figures.main(["--store", at_store.uri, "--plan", str(plan), "--only", "again.png"]) == 0
+    lines = sources_path.read_text().splitlines()
+    assert any(line.startswith("| [curves.png](curves.png)") and "(kept row)" in line for line in lines)
+    (row,) = [i for i, line in enumerate(lines) if line.startswith("| [again.png](again.png)")]
+    assert "(9 runs in all)" in lines[row] and lines[row + 1] == "" and lines[row + 2].startswith(
+        "`again.png` was redrawn alone (`--only`), at commit")
+    assert docs_figures.main(["--store", at_store.uri, "--plan", str(plan), "--only", "nope.png"]) == 1
+    assert "--only nope.png: not in" in capsys.readouterr().err
     plan.write_text("figures:\n  - {file: x.png, figure: cross_model, runs: [0123456789abcdef0123456789abcdef]}\n")
     assert docs_figures.main(["--store", at_store.uri, "--plan", str(plan)]) == 1
     assert "error: run 0123456789abcdef0123456789abcdef is not in the store" in capsys.readouterr().err
