@@ -13,7 +13,7 @@ import mlflow
 import pytest
 
 from core import artifacts
-from core.artifacts import TAG_HOST, TAG_PID
+from core.artifacts import TAG_HEARTBEAT, TAG_HOST, TAG_PID, TAG_REAPED
 from core.config_io import load_config, model_aliases, model_spec
 from stages import pipeline
 from tests.conftest import DATA_CSV, PROJECT_DIR, kill_once_stored
@@ -76,6 +76,31 @@ def test_runs_of_dead_processes_are_marked_killed(tracking: str) -> None:
     assert client.get_run(other_host.info.run_id).info.status == "RUNNING"
 
 
+def test_runs_of_other_hosts_are_reaped_only_when_their_heartbeat_is_older_than_the_lease(
+        tracking: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    client = mlflow.MlflowClient()
+    experiment = mlflow.set_experiment("truthsteer").experiment_id
+    now = time.time()
+
+    def other_host(beat_age: float | None) -> str:
+        beat = {} if beat_age is None else {TAG_HEARTBEAT: f"{now - beat_age:.0f}"}
+        return client.create_run(experiment, tags={TAG_HOST: "node-7", TAG_PID: "1", **beat}).info.run_id
+
+    silent, fresh, old_code = other_host(11 * 60), other_host(30), other_host(None)
+    almost = other_host(9 * 60)  # within the default lease of 10 min
+    assert pipeline.mark_stale_runs(experiment) == [silent]
+    assert client.get_run(silent).info.status == "KILLED"
+    assert "node-7 sent no heartbeat for 11 min" in client.get_run(silent).data.tags[TAG_REAPED]
+    assert [client.get_run(r).info.status for r in (fresh, old_code, almost)] == ["RUNNING"] * 3
+    monkeypatch.setenv("TRUTHSTEER_LEASE_SECONDS", "480")  # a shorter lease: 9 min is now too old
+    assert pipeline.mark_stale_runs(experiment) == [almost]
+    assert pipeline.mark_stale_runs(experiment, lease=60) == []  # fresh: its beat is 30 s old
+    assert pipeline.mark_stale_runs(experiment, lease=10) == [fresh]
+    assert client.get_run(old_code).info.status == "RUNNING"  # no heartbeat: nothing says it is dead
+
+
 def _full_command(overrides: str = SMALL, *extra: str) -> list[str]:
     return [sys.executable, "-m", "entrypoints.full", "--data", str(DATA_CSV), "--overrides", overrides, *extra]
 
@@ -110,7 +135,7 @@ def test_full_runs_every_stage_then_reuses_them(tracking: str, tmp_path: Path) -
     overrides += f",judge.labels={small_labels(tmp_path / 'labels', SMALL)},judge.hidden=[8],judge.folds=2,judge.min_kappa=0"
     first = _full(tmp_path, tracking, overrides=overrides)
     assert first.returncode == 0, first.stderr[-4000:]
-    expected = [s for s in pipeline.STAGES if s != "iti"]  # the default variants need every stage but iti
+    expected = [s for s in pipeline.STAGES if s not in ("iti", "train_joint")]  # what the default variants need
     runs = mlflow.search_runs(experiment_names=["truthsteer"], output_format="list")
     stages = sorted(r.data.tags.get("truthsteer.pipeline_stage", "") for r in runs if r.info.status == "FINISHED")
     assert [s for s in stages if s] == sorted(expected)
