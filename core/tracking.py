@@ -6,6 +6,8 @@ import functools
 import os
 import socket
 import subprocess
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any
 import mlflow
 from mlflow.entities import RunStatus
 
-from core.artifacts import TAG_CODE, TAG_HOST, TAG_MODEL, TAG_PID, TAG_STAGE
+from core.artifacts import TAG_CODE, TAG_HEARTBEAT, TAG_HOST, TAG_MODEL, TAG_PID, TAG_REAPED, TAG_STAGE
 from core.config import Config, ConfigError
 from core.config_io import config_yaml, flat_params
 
@@ -105,7 +107,8 @@ def tracked_run(stage: str, *, run_name: str, experiment: str = "", experiment_i
     and this process, nested under an active run when there is one.
 
     The run ends FINISHED, FAILED on an exception, or KILLED on Ctrl-C/SIGTERM; it is never left
-    RUNNING by an exception in the body, and a later ``full`` marks it KILLED if its process dies.
+    RUNNING by an exception in the body, and a later ``full`` marks it KILLED if its process dies (on another
+    host: once its ``truthsteer.heartbeat`` tag, refreshed every minute while the body runs, is a lease old).
 
     Args:
         stage: tagged as ``truthsteer.stage``.
@@ -123,12 +126,14 @@ def tracked_run(stage: str, *, run_name: str, experiment: str = "", experiment_i
 
             first_open("", lambda: mlflow.set_experiment(experiment))
     all_tags = {TAG_STAGE: stage, TAG_CODE: code_version(), TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid()),
-                **(tags or {})}
+                TAG_HEARTBEAT: f"{time.time():.0f}", **(tags or {})}
+    beat_every = heartbeat_seconds()  # a bad setting fails before the run exists
     run = mlflow.start_run(run_name=run_name, nested=nested, tags=all_tags)
     if not nested:
         reap_unstarted_launches(run.info.experiment_id, own=run.info.run_id)
     try:
-        yield run
+        with heartbeat(run.info.run_id, beat_every):
+            yield run
     except KeyboardInterrupt:
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
         raise
@@ -139,8 +144,64 @@ def tracked_run(stage: str, *, run_name: str, experiment: str = "", experiment_i
         mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
 
 
+HEARTBEAT_ENV = "TRUTHSTEER_HEARTBEAT_SECONDS"
+HEARTBEAT_SECONDS = 60.0
+LEASE_ENV = "TRUTHSTEER_LEASE_SECONDS"
+LEASE_SECONDS = 600.0  # a run of another host whose heartbeat is older than this is dead (ten missed beats)
+
+
+def _seconds(name: str, default: float) -> float:
+    text = os.environ.get(name, "")
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise ConfigError(f"{name}={text!r} must be > 0 seconds")
+    return value
+
+
+def heartbeat_seconds() -> float:
+    """Seconds between two heartbeats of a run (``$TRUTHSTEER_HEARTBEAT_SECONDS``, 60 by default)."""
+    return _seconds(HEARTBEAT_ENV, HEARTBEAT_SECONDS)
+
+
+def lease_seconds() -> float:
+    """How old another host's heartbeat may be before its run counts as dead (``$TRUTHSTEER_LEASE_SECONDS``, 600)."""
+    return _seconds(LEASE_ENV, LEASE_SECONDS)
+
+
+@contextmanager
+def heartbeat(run_id: str, every: float | None = None) -> Iterator[None]:
+    """Refresh the run's ``truthsteer.heartbeat`` tag (unix seconds) every ``every`` seconds from a daemon thread
+    while the block runs: a later run on another host reaps this one only once the beats have stopped for a lease
+    (``stages.pipeline.mark_stale_runs``). A beat that fails (a server away for a moment) is retried at the next.
+
+    Args:
+        run_id: the run.
+        every: seconds between beats; ``heartbeat_seconds()`` when None.
+    """
+    interval = heartbeat_seconds() if every is None else every
+    client = mlflow.MlflowClient()  # the store of this thread: the beats go where the run is
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            try:
+                client.set_tag(run_id, TAG_HEARTBEAT, f"{time.time():.0f}")
+            except Exception:  # the next beat retries; ten missed beats end the lease
+                continue
+
+    thread = threading.Thread(target=beat, name=f"truthsteer-heartbeat-{run_id[:8]}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)  # a beat stuck on a slow server is a daemon: it cannot hold the process
+
+
 LAUNCH_GRACE_SECONDS = 30 * 60  # a launch whose entry point has not started within this never will
-TAG_REAPED = "truthsteer.reaped"
 
 
 def reap_unstarted_launches(experiment_id: str, own: str = "", grace: float = LAUNCH_GRACE_SECONDS) -> list[str]:

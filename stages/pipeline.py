@@ -10,7 +10,8 @@ Each stage gets a *stage key*: a hash of its entry point, its parameters compare
 (the config sections it reads plus the run ids it consumes), the code version and the data split.
 A finished run in the experiment with the same key is reused instead of recomputed, so a killed
 ``full`` run simply continues when started again; the parent run records which stages were
-reused. Runs left RUNNING by a dead process on this host are marked KILLED first.
+reused. Runs left RUNNING by a dead process are marked KILLED first: on this host when their pid is gone, on
+another host (a shared tracking server) when their heartbeat is older than the lease.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import hashlib
 import json
 import os
 import socket
+import time
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -28,10 +30,10 @@ import mlflow
 from mlflow.entities import RunStatus
 
 from core import artifacts
-from core.artifacts import TAG_HOST, TAG_KEY, TAG_PID, TAG_REUSED, TAG_STAGE
+from core.artifacts import TAG_HEARTBEAT, TAG_HOST, TAG_KEY, TAG_PID, TAG_REAPED, TAG_REUSED, TAG_STAGE
 from core.config import Config, ConfigError
 from core.config_io import config_to_dict
-from core.tracking import code_version, download, stage_run
+from core.tracking import LEASE_ENV, code_version, download, lease_seconds, stage_run
 from steering.methods import check_variants, method
 
 STAGES = ("data", "train_judge", "calibrate", "extract", "bank", "train_mc", "train_gen", "train_joint", "iti",
@@ -163,18 +165,54 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def mark_stale_runs(experiment_id: str) -> list[str]:
-    """Mark KILLED the RUNNING runs whose process on this host is gone; return their ids."""
+def _heartbeat_age(tags: dict[str, str], now: float) -> float | None:
+    try:
+        return now - float(tags[TAG_HEARTBEAT])
+    except (KeyError, ValueError):
+        return None
+
+
+def mark_stale_runs(experiment_id: str, lease: float | None = None) -> list[str]:
+    """Mark KILLED the RUNNING runs whose process is gone; return their ids.
+
+    A run of this host is gone when its pid is; a run of another host (a SLURM node logging to the same server)
+    when its heartbeat (``core.tracking.heartbeat``) is older than ``lease``. A run of another host without a
+    heartbeat (older code) is left alone: nothing tells whether it lives. A run this user may not edit is skipped.
+
+    Args:
+        experiment_id: where to look.
+        lease: seconds; ``core.tracking.lease_seconds()`` (``$TRUTHSTEER_LEASE_SECONDS``, 600) when None.
+    """
+    lease = lease_seconds() if lease is None else lease
     client = mlflow.MlflowClient()
+    own = {active.info.run_id} if (active := mlflow.active_run()) else set()
+    host, now = socket.gethostname(), time.time()
     stale = []
     for run in mlflow.search_runs(experiment_ids=[experiment_id], filter_string="attributes.status = 'RUNNING'",
                                   output_format="list"):
         tags = run.data.tags
-        if tags.get(TAG_HOST) != socket.gethostname() or not tags.get(TAG_PID, "").isdigit():
+        if run.info.run_id in own:
             continue
-        if int(tags[TAG_PID]) != os.getpid() and not _alive(int(tags[TAG_PID])):
+        if tags.get(TAG_HOST) == host:
+            pid = tags.get(TAG_PID, "")
+            if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+                continue
+            reason = f"its process {pid} on this host ({host}) is gone"
+        else:
+            age = _heartbeat_age(tags, now)
+            if age is None or age <= lease:
+                continue
+            reason = (f"its host {tags.get(TAG_HOST, '?')} sent no heartbeat for {age / 60:.0f} min "
+                      f"(lease {lease / 60:g} min, {LEASE_ENV})")
+        try:
+            client.set_tag(run.info.run_id, TAG_REAPED, reason)
             client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
-            stale.append(run.info.run_id)
+        except mlflow.exceptions.MlflowException as err:
+            if err.error_code != "PERMISSION_DENIED":
+                raise
+            print(f"run {run.info.run_id} looks dead ({reason}) but this user may not end it; its owner can")
+            continue
+        stale.append(run.info.run_id)
     return stale
 
 

@@ -54,6 +54,26 @@ def test_params_are_write_once_with_a_clear_error(tracking: str) -> None:
             log_params_once({"a": "3"})
 
 
+def test_a_stage_run_refreshes_its_heartbeat_while_it_runs(tracking: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+
+    from core.artifacts import TAG_HEARTBEAT
+
+    monkeypatch.setenv("TRUTHSTEER_HEARTBEAT_SECONDS", "0.2")
+    client = mlflow.MlflowClient()
+    with stage_run("data", load_config()) as run:
+        first = float(client.get_run(run.info.run_id).data.tags[TAG_HEARTBEAT])  # set with the run
+        assert abs(first - time.time()) < 60
+        client.set_tag(run.info.run_id, TAG_HEARTBEAT, "0")  # as if it were old: the next beat replaces it
+        deadline = time.time() + 30
+        while client.get_run(run.info.run_id).data.tags[TAG_HEARTBEAT] == "0" and time.time() < deadline:
+            time.sleep(0.05)
+        assert float(client.get_run(run.info.run_id).data.tags[TAG_HEARTBEAT]) >= first
+    assert not [t for t in threading.enumerate() if t.name.startswith("truthsteer-heartbeat")]
+    assert mlflow.get_run(run.info.run_id).info.status == "FINISHED"
+
+
 @pytest.mark.long
 def test_sigterm_ends_a_stage_run_killed(tracking: str, tmp_path) -> None:
     script = tmp_path / "sleeper.py"
