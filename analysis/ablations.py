@@ -38,7 +38,7 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.frames import FigureSpec
+from analysis.frames import ABLATION_FIGURES
 from analysis.runs import (
     FINISHED,
     Missing,
@@ -82,30 +82,6 @@ SEED_COLUMNS = ["model", "sweep", "variant", *POINT_KNOBS, "metric", "seed", "va
                 "seed_mean", "seed_sd", "n_seeds", "ci_low_seed_mean", "ci_high_seed_mean", "n_questions", "run_id"]
 
 NO_SWEEP = "no sweep variant runs selected (evaluate.variant runs tagged sweep.name: mlflow run . -e sweep)"
-
-ABLATION_FIGURES = (
-    FigureSpec(ANALYSIS_SWEEP_SCALE, "Sweep: truthfulness against steering scale",
-               "Per model, sweep and metric: each steered variant against the steering scale, the other knobs at the "
-               "sweep's reference point (MLP arms at the reference layer and width, CAA at the reference layer); "
-               "points are means over seeds, error bars the per-question bootstrap interval averaged over seeds, "
-               "the band ± the standard deviation across seeds where there are several; variants without a scale "
-               "(baseline dashed, ITI dotted) as levels with their interval.",
-               "a sweep that varied scale at its reference point"),
-    FigureSpec(ANALYSIS_SWEEP_LAYER, "Sweep: truthfulness against steering layer",
-               "Per model, sweep and metric: each steered variant against the steering layer at the reference "
-               "scale and MLP width; error bars, bands and levels as in the scale figure.",
-               "a sweep that varied layer at its reference point"),
-    FigureSpec(ANALYSIS_SWEEP_MLP_ARMS, "Sweep: MLP width and branch",
-               "Per model, sweep and metric: the MLP arms at the reference scale and layer, grouped by width "
-               "(expansion), one bar per branch (mc, gen, joint), means over seeds with the bootstrap interval "
-               "averaged over seeds; baseline, CAA (and ITI) as levels.",
-               "a sweep that varied mlp_expansion or branch at its reference point"),
-    FigureSpec(ANALYSIS_SWEEP_SEEDS, "Sweep: spread over seeds",
-               "Per model, sweep and metric, at the reference point: each variant's runs, one dot per seed, their "
-               "mean ± the standard deviation across seeds (black), and beside it the per-question bootstrap "
-               "interval averaged over seeds (coloured).",
-               "a sweep with two or more seeds at its reference point"),
-)
 
 Reference = dict[str, Any]  # knob -> the value held: a float, or a str for branch
 

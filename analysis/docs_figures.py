@@ -50,8 +50,7 @@ class Entry:
 
 def read_plan(path: Path) -> list[Entry]:
     """The entries of a figures plan (YAML: ``figures: [{file, figure, runs, what}]``)."""
-    from analysis.ablations import ABLATION_FIGURES
-    from analysis.frames import FIGURES
+    from analysis.frames import ABLATION_FIGURES, FIGURES
 
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     stems = {spec.stem for spec in (*FIGURES, *ABLATION_FIGURES)}

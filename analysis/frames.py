@@ -78,6 +78,30 @@ FIGURES = (
                "whole train set's loss after training (diamond), from the latest train run.",
                "train runs (mc or gen) with train_loss and val_loss histories"),
 )
+# A sweep's figures (analysis.ablations draws their tables, analysis.ablation_figures the figures)
+ABLATION_FIGURES = (
+    FigureSpec(artifacts.ANALYSIS_SWEEP_SCALE, "Sweep: truthfulness against steering scale",
+               "Per model, sweep and metric: each steered variant against the steering scale, the other knobs at the "
+               "sweep's reference point (MLP arms at the reference layer and width, CAA at the reference layer); "
+               "points are means over seeds, error bars the per-question bootstrap interval averaged over seeds, "
+               "the band ± the standard deviation across seeds where there are several; variants without a scale "
+               "(baseline dashed, ITI dotted) as levels with their interval.",
+               "a sweep that varied scale at its reference point"),
+    FigureSpec(artifacts.ANALYSIS_SWEEP_LAYER, "Sweep: truthfulness against steering layer",
+               "Per model, sweep and metric: each steered variant against the steering layer at the reference "
+               "scale and MLP width; error bars, bands and levels as in the scale figure.",
+               "a sweep that varied layer at its reference point"),
+    FigureSpec(artifacts.ANALYSIS_SWEEP_MLP_ARMS, "Sweep: MLP width and branch",
+               "Per model, sweep and metric: the MLP arms at the reference scale and layer, grouped by width "
+               "(expansion), one bar per branch (mc, gen, joint), means over seeds with the bootstrap interval "
+               "averaged over seeds; baseline, CAA (and ITI) as levels.",
+               "a sweep that varied mlp_expansion or branch at its reference point"),
+    FigureSpec(artifacts.ANALYSIS_SWEEP_SEEDS, "Sweep: spread over seeds",
+               "Per model, sweep and metric, at the reference point: each variant's runs, one dot per seed, their "
+               "mean ± the standard deviation across seeds (black), and beside it the per-question bootstrap "
+               "interval averaged over seeds (coloured).",
+               "a sweep with two or more seeds at its reference point"),
+)
 
 
 class StoreReader(Protocol):

@@ -31,19 +31,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis import ablation_figures, categories, figures, sweep_figures, tables
-from analysis.ablations import (
-    ABLATION_FIGURES,
-    ANALYSIS_SWEEP_LAYER,
-    ANALYSIS_SWEEP_MLP_ARMS,
-    ANALYSIS_SWEEP_POINTS,
-    ANALYSIS_SWEEP_RUNS,
-    ANALYSIS_SWEEP_SCALE,
-    ANALYSIS_SWEEP_SEEDS,
-    AblationTables,
-    ablation_tables,
-)
+from analysis.ablations import AblationTables, ablation_tables
 from analysis.agreement import agreement_table
 from analysis.frames import (
+    ABLATION_FIGURES,
     FIGURES,
     MlflowReader,
     StoreReader,
@@ -56,7 +47,17 @@ from analysis.html_report import HTML_REPORT, render
 from analysis.markdown import markdown_table, report_markdown
 from analysis.runs import Missing, Selection, model_of, of_stage, run_listing, tag
 from core import artifacts
-from core.artifacts import ANALYZE_STAGE, TAG_MODELS, TAG_STAGE
+from core.artifacts import (
+    ANALYSIS_SWEEP_LAYER,
+    ANALYSIS_SWEEP_MLP_ARMS,
+    ANALYSIS_SWEEP_POINTS,
+    ANALYSIS_SWEEP_RUNS,
+    ANALYSIS_SWEEP_SCALE,
+    ANALYSIS_SWEEP_SEEDS,
+    ANALYZE_STAGE,
+    TAG_MODELS,
+    TAG_STAGE,
+)
 from core.tracking import log_params_once, tracked_run
 
 

@@ -32,7 +32,7 @@ def _grid(args: Namespace):  # type: ignore[no-untyped-def]
 
 
 ENTRY = SweepEntry(
-    "sweep", __doc__, lambda cfg, args: _cli.stage("sweep").plan(cfg, _grid(args)),
+    "sweep", __doc__, lambda cfg, args: _cli.stage("sweep_plan").plan(cfg, _grid(args)),
     lambda cfg, args: _cli.stage("sweep").run(cfg, _grid(args)),
     options=[("grid", str, "", "a sweep file (configs/sweeps/<name>.yaml, a path) or inline knob=[values];..."),
              ("judge", str, "", "judge model alias; default: judge.model")],

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -20,7 +18,7 @@ from core.config import ConfigError
 from core.config_io import load_config
 from stages import sweep
 from steering.mlp import MLPSteering, MLPSteeringConfig, mlp_hook_scale, save_mlp
-from tests.conftest import DATA_CSV, PROJECT_DIR
+from tests.conftest import DATA_CSV, PROJECT_DIR, kill_once_stored
 
 SMALL = ("data.pool=4,data.train=4,data.val=2,data.test=2,mlp.steps=2,mlp.batch_size=2,eval.max_new_tokens=8,"
          "eval.judges=[semantic,bleu],eval.n_bootstrap=50,effects.n_passages=2")
@@ -140,20 +138,6 @@ def test_dry_runs_of_the_shipped_grids_count_cells_and_estimate_the_work(tmp_pat
 # ------------------------------------------------------------------------------------- resumption
 
 
-def _kill_in_cell(command: list[str], env: dict[str, str], outputs: Path, answers: int) -> None:
-    """SIGKILL ``command`` once its generation store holds ``answers`` lines."""
-    proc = subprocess.Popen(command, cwd=PROJECT_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 900
-    while time.time() < deadline and proc.poll() is None:
-        stores = list(outputs.glob("evaluate/*/generations.jsonl"))
-        if stores and len(stores[0].read_bytes().splitlines()) >= answers:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, f"the sweep ended ({proc.returncode}) before it could be killed"
-
-
 @pytest.mark.slow
 def test_sweep_killed_mid_way_recomputes_no_finished_cell(tracking: str, tmp_path: Path) -> None:
     # cell 1: scale 0, cell 2: scale 4, each baseline, caa and mlp_joint on 2 questions, one per generate call
@@ -162,7 +146,7 @@ def test_sweep_killed_mid_way_recomputes_no_finished_cell(tracking: str, tmp_pat
     outputs = tmp_path / "outputs"
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "TRUTHSTEER_OUTPUTS": str(outputs)}
     # killed after cell 1's 6 answers and cell 2's first (its baseline's come from the store)
-    _kill_in_cell(_sweep_command(grid, overrides), env, outputs, answers=3 * 2 + 1)
+    kill_once_stored(_sweep_command(grid, overrides), env, outputs, answers=3 * 2 + 1)
 
     done = subprocess.run(_sweep_command(grid, overrides), cwd=PROJECT_DIR, env=env, capture_output=True, text=True,
                           timeout=900)
