@@ -96,7 +96,7 @@ def _drawn_at() -> str:
 def redraw_only(entries: list[Entry], out_dir: Path, sources: str) -> str:
     """Draw the entries alone into ``out_dir``; ``sources`` (the text of ``SOURCES.md``) with their rows replaced
     (or added) and a line saying what drew them."""
-    rows = redraw(entries, out_dir).splitlines()[6:]
+    rows = [line for line in redraw(entries, out_dir).splitlines() if line.startswith("| [")]  # one per entry
     lines = sources.splitlines()
     for entry, row in zip(entries, rows, strict=True):
         start = f"| [{entry.file}]({entry.file}) |"

@@ -41,6 +41,7 @@ from typing import Any
 
 import mlflow
 import yaml
+from mlflow.entities import RunTag
 
 from core.artifacts import (
     SWEEP_CELLS,
@@ -327,18 +328,20 @@ class CellOutcome:
 
 
 def tag_cell(run_id: str, cell: Cell, grid: Grid, ref: Mapping[str, Any], sampling: bool) -> None:
-    """Tag a cell's evaluate run and its variant runs (set again on a reused cell: tags are not write-once)."""
+    """Tag a cell's evaluate run and its variant runs (set again on a reused cell: tags are not write-once), one
+    batched request per run."""
     client = mlflow.MlflowClient()
     common = {TAG_SWEEP_NAME: grid.name, TAG_SWEEP_REFERENCE: json.dumps(ref, sort_keys=True)}
-    for key, value in {**common, **{sweep_tag(k): _text(v) for k, v in cell.knobs().items()}}.items():
-        client.set_tag(run_id, key, value)
+
+    def tag(run: str, tags: Mapping[str, str]) -> None:
+        client.log_batch(run, tags=[RunTag(key, value) for key, value in tags.items()])
+
+    tag(run_id, {**common, **{sweep_tag(k): _text(v) for k, v in cell.knobs().items()}})
     run = client.get_run(run_id)
     children = mlflow.search_runs(experiment_ids=[run.info.experiment_id], output_format="list",
                                   filter_string=f"tags.`{TAG_PARENT}` = '{run_id}'")
     for child in children:
-        variant = child.data.tags.get(TAG_VARIANT, "")
-        for key, value in {**common, **cell.tags(variant, sampling)}.items():
-            client.set_tag(child.info.run_id, key, value)
+        tag(child.info.run_id, {**common, **cell.tags(child.data.tags.get(TAG_VARIANT, ""), sampling)})
 
 
 def run(cfg: Config, grid: Grid) -> list[CellOutcome]:
