@@ -193,12 +193,20 @@ def wait_until_up(settings: ServerSettings, proc: subprocess.Popen[bytes], timeo
     return False
 
 
+# MLflow's gunicorn server rather than its default, uvicorn: uvicorn's --workers N leaves Nagle's algorithm on the
+# connections (uvicorn issue #3149), so each request on a kept-alive connection waited ~44 ms for a delayed ACK,
+# ~60 ms a request in all against ~10 ms here (benchmarks.server). Gunicorn's sync workers close each connection
+# and set TCP_NODELAY; a request may take 10 minutes (a large artifact on a slow link) before its worker is recycled.
+GUNICORN_OPTS = "--timeout 600 --graceful-timeout 30"
+
+
 def server_command(settings: ServerSettings) -> list[str]:
     """``mlflow server`` with the store, the served artifacts and the auth app: no secret among the arguments."""
     mlflow_cli = Path(sys.executable).with_name("mlflow")
     return [str(mlflow_cli), "server", "--backend-store-uri", settings.db, "--serve-artifacts",
             "--artifacts-destination", settings.artifacts, "--app-name", "basic-auth",
-            "--host", settings.host, "--port", str(settings.port), "--workers", str(settings.workers)]
+            "--host", settings.host, "--port", str(settings.port), "--workers", str(settings.workers),
+            "--gunicorn-opts", GUNICORN_OPTS]
 
 
 def server_env(settings: ServerSettings, ini: Path, base: Mapping[str, str]) -> dict[str, str]:

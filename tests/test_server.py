@@ -7,14 +7,19 @@ write (403); three ``data`` stages log at once through the server, each as its o
 through the server equals the one logged (byte for byte, and the server's own copy); the admin and user passwords
 appear in no param, tag, artifact, server log line or process argument list, and the auth ini the server reads is
 private. A server SIGKILLed between two ``data`` stage runs and started again on the same database loses no run,
-param, metric or artifact, and keeps its admin; the ini a killed launcher leaves behind holds no password.
+param, metric or artifact, and keeps its admin; the ini a killed launcher leaves behind holds no password. A server
+SIGKILLed while a smoke ``full`` generates, and started again, costs nothing: the run goes on (MLflow's client retries),
+every stage's artifacts and every variant's metrics equal those of the same pipeline on a sqlite store, no answer is
+generated twice, a second ``full`` reuses every stage, and ``analyze`` writes the same tables and report from both.
 Without PostgreSQL: the settings, the private ini and the server's arguments and environment.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -55,6 +60,7 @@ def test_settings_move_the_database_password_out_of_the_url_and_read_the_admin_p
     command = lab_server.server_command(settings)
     assert not [arg for arg in command if "pg-pass" in arg or "s3cret" in arg]
     assert command[command.index("--app-name") + 1] == "basic-auth" and "--serve-artifacts" in command
+    assert command[command.index("--gunicorn-opts") + 1] == lab_server.GUNICORN_OPTS  # not uvicorn: see there
     ini = lab_server.write_auth_ini(tmp_path, settings)
     assert stat.S_IMODE(ini.stat().st_mode) == 0o600 and "default_permission = READ" in ini.read_text()
     assert "admin_password = s3cret-from-a-file" in ini.read_text()
@@ -337,3 +343,105 @@ def test_a_server_killed_between_two_stage_runs_loses_nothing_and_keeps_its_admi
     second_ini = lab.auth_ini()
     lab.stop()  # SIGTERM: the launcher removes its folder
     assert not second_ini.parent.exists()
+
+
+# one question per generate call and four per variant, so that the kill lands between two appended answers
+EVAL_OVERRIDES = ("data.pool=4,data.train=4,data.val=2,data.test=4,mlp.steps=2,mlp.batch_size=2,eval.max_new_tokens=8,"
+                  "eval.judges=[semantic,bleu],eval.n_bootstrap=50,effects.n_passages=2,eval.batch_size=1")
+HEX_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def _stage(command: list[str], env: dict[str, str]) -> str:
+    done = subprocess.run(command, cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def _artifact_paths(client: mlflow.MlflowClient, run_id: str, path: str = "") -> list[str]:
+    found = []
+    for item in client.list_artifacts(run_id, path or None):
+        found.extend(_artifact_paths(client, run_id, item.path) if item.is_dir else [item.path])
+    return sorted(found)
+
+
+def _pipeline(client: mlflow.MlflowClient) -> tuple[dict[str, list[str]], dict[str, dict[str, float]], list[str]]:
+    """What a store holds of the smoke pipeline: each stage's artifact paths, each variant's metrics (no timing),
+    and the statuses of all its runs."""
+    runs = client.search_runs([client.get_experiment_by_name("truthsteer").experiment_id], max_results=1000)
+    stages = {r.data.tags["truthsteer.pipeline_stage"]: _artifact_paths(client, r.info.run_id)
+              for r in runs if "truthsteer.pipeline_stage" in r.data.tags}
+    variants = {r.data.tags["truthsteer.variant"]: {k: v for k, v in r.data.metrics.items() if "seconds" not in k}
+                for r in runs if r.data.tags.get("truthsteer.stage") == "evaluate.variant"}
+    return stages, variants, sorted({r.info.status for r in runs})
+
+
+def _report(out: Path) -> dict[str, str]:
+    """The files ``analyze`` wrote that hold numbers and text (not the images), with run ids and times masked."""
+    texts = {}
+    for path in sorted(out.iterdir()):
+        if path.suffix in (".csv", ".md"):
+            text = HEX_ID.sub("<run>", path.read_text())
+            texts[path.name] = re.sub(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(\.\d+)?(\+00:00)?", "<time>", text)
+    return texts
+
+
+@pytest.mark.long
+def test_a_server_restarted_during_an_evaluation_loses_nothing_and_analyze_reads_it_as_from_sqlite(
+        lab: Server, tmp_path: Path) -> None:
+    full = [sys.executable, "-m", "entrypoints.full", "--data", str(DATA_CSV), "--overrides", EVAL_OVERRIDES]
+    analyze = [sys.executable, "-m", "entrypoints.analyze", "--experiment", "truthsteer"]
+    # the reference: the same pipeline on a sqlite store
+    sqlite_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
+    sqlite_env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", TRUTHSTEER_OUTPUTS=str(tmp_path / "sq"))
+    _stage(full, sqlite_env)
+
+    password = secrets.token_urlsafe(15)
+    with as_user(lab, "admin", lab.admin_password):
+        lab_server.add_user(lab.uri, "alice", password, experiments=["truthsteer"], permission="EDIT")
+    outputs = tmp_path / "out"
+    # a beat every second, so that requests meet the dead server; MLflow's client retries them with backoff
+    env = {**lab.client_env("alice", password), "TRUTHSTEER_OUTPUTS": str(outputs), "TRUTHSTEER_HEARTBEAT_SECONDS": "1"}
+    with open(tmp_path / "full.log", "wb") as log:
+        proc = subprocess.Popen(full, cwd=PROJECT_DIR, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline, store = time.time() + 900, None
+    while time.time() < deadline and proc.poll() is None:
+        store = next(outputs.glob("evaluate/*/generations.jsonl"), None)
+        if store is not None and len(store.read_bytes().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None and store is not None, (tmp_path / "full.log").read_text()[-3000:]
+    answered = len(store.read_bytes().splitlines())
+    lab.kill()  # the whole server, while the evaluation generates
+    with pytest.raises(requests.ConnectionError):
+        _session().get(f"{lab.uri}/health", timeout=5)
+    time.sleep(5)
+    lab.start(tmp_path / "server2.log")
+    restarted = time.time()
+    assert proc.wait(timeout=900) == 0, (tmp_path / "full.log").read_text()[-4000:]
+
+    with as_user(lab, "alice", password) as client:
+        stages, variants, statuses = _pipeline(client)
+    reference = _pipeline(mlflow.MlflowClient(sqlite_env["MLFLOW_TRACKING_URI"]))
+    assert statuses == ["FINISHED"] and answered < 4 * 4  # the kill came mid-evaluation; nothing is left RUNNING
+    assert (stages, variants) == reference[:2]  # every stage's artifacts, every variant's metrics
+    assert sorted(variants) == ["baseline", "caa", "mlp_gen", "mlp_mc"]
+    keys = [(r["variant"], r["qid"]) for r in map(json.loads, store.read_text().splitlines())]
+    assert len(keys) == len(set(keys)) == 4 * 4  # no answer generated twice
+    with as_user(lab, "alice", password) as client:  # the evaluation went on after the restart, in the same run
+        (evaluation,) = client.search_runs([client.get_experiment_by_name("truthsteer").experiment_id],
+                                           "tags.`truthsteer.stage` = 'evaluate'")
+        assert evaluation.info.start_time / 1000 < restarted < evaluation.info.end_time / 1000
+
+    again = _stage(full, env)  # a second run reuses every stage logged across the restart
+    with as_user(lab, "alice", password) as client:
+        (last,) = client.search_runs([client.get_experiment_by_name("truthsteer").experiment_id],
+                                     "tags.`truthsteer.stage` = 'full'", order_by=["attributes.start_time DESC"],
+                                     max_results=1)
+        assert "reusing finished run" in again and set(last.data.tags["truthsteer.reused"].split(",")) == set(stages)
+    _stage(full, sqlite_env)  # so that both stores hold the same runs
+
+    _stage([*analyze, "--out-dir", str(tmp_path / "report-sqlite")], sqlite_env)
+    _stage([*analyze, "--out-dir", str(tmp_path / "report-server")], env)
+    from_sqlite, from_server = _report(tmp_path / "report-sqlite"), _report(tmp_path / "report-server")
+    assert "variant_metrics.csv" in from_sqlite and "report.md" in from_sqlite
+    assert from_server == from_sqlite
