@@ -137,15 +137,9 @@ class Server:
         with open(log, "ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "core.server"], cwd=PROJECT_DIR, env=self.env,
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the server exited ({self.proc.returncode}):\n{log.read_text()[-3000:]}")
-            with contextlib.suppress(requests.RequestException):
-                if _session().get(f"{self.uri}/health", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.3)
-        raise AssertionError(f"the server did not answer /health within 120 s:\n{log.read_text()[-3000:]}")
+        if not lab_server.wait_until_up(lab_server.settings_from_env(self.env), self.proc, timeout=120):
+            raise AssertionError(f"the server exited ({self.proc.poll()}) or did not answer /health within 120 s:\n"
+                                 f"{log.read_text()[-3000:]}")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
