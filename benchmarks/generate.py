@@ -27,11 +27,21 @@ run's throughput is set against it two ways:
   Padding and the tokens after a row's stop are not counted; attention scores are not counted either
   (under 3% here).
 
+What the roof cannot show: decode multiplies ``batch_size`` rows by the model's narrow weights, where the
+matmul library is slower than on large squares. ``decode_shape_gflops`` times those very products (each
+linear layer's and the LM head's shape at the batch's rows), the most decode can reach here.
+
+``prefill_then_decode`` sets the evaluate path (prompts prefilled in groups of similar length into a static
+cache, ``evaluation.generate.prefill_prompts``) against the earlier one (one forward over the padded batch
+into a cache that grows by concatenation each step), in the order grouped, padded, padded, grouped, with
+the same answers.
+
 Run: ``python -m benchmarks.generate`` (options: ``--help``); writes ``benchmarks/results/generate.json``.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 import statistics
 import tempfile
@@ -44,7 +54,7 @@ import torch
 from benchmarks import RESULTS_DIR, parser, smoke_caa, write_report
 from core.config import EvalConfig
 from core.models import load_model
-from evaluation.generate import generate_batch, generate_missing
+from evaluation.generate import generate_batch, generate_missing, generation_order, prefill_prompts
 from evaluation.generation_store import GenerationStore, variant_hash
 from steering.layers import decoder_layers
 from steering.methods.intervention import Steering
@@ -73,6 +83,53 @@ def matmul_flops(model: torch.nn.Module) -> tuple[float, float]:
     return float(layers), float(2 * head.weight.numel())
 
 
+def decode_shape_gflops(model: Any, rows: int, repeats: int = 5) -> float:
+    """The GFLOP/s of one decode step's matmuls at ``rows`` rows: each distinct (in, out) shape of the decoder
+    layers' linear layers and of the LM head timed alone (best of ``repeats``), weighted by how often a token
+    runs it. The most a batch of ``rows`` can reach in decode on this machine's matmul library."""
+    shapes = collections.Counter((m.in_features, m.out_features) for layer in decoder_layers(model)
+                                 for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    head = model.get_output_embeddings().weight  # (vocab, d_model)
+    shapes[(head.shape[1], head.shape[0])] += 1
+    seconds = flops = 0.0
+    for (n_in, n_out), count in shapes.items():
+        x, weight = torch.randn(rows, n_in), torch.randn(n_out, n_in)  # (rows, in), (out, in)
+        torch.nn.functional.linear(x, weight)
+        best = math.inf
+        for _ in range(repeats):
+            tick = time.perf_counter()
+            torch.nn.functional.linear(x, weight)
+            best = min(best, time.perf_counter() - tick)
+        seconds += count * best
+        flops += count * 2 * rows * n_in * n_out
+    return flops / seconds / 1e9
+
+
+def compare_prefills(loaded: Any, questions: list[Any], steering: Steering, decoding: EvalConfig,
+                     answers: list[str]) -> dict[str, Any]:
+    """Seconds to prefill and answer ``questions`` batch by batch with the grouped static prefill and with one
+    padded forward into a growing cache, A-B-B-A; each run's answers must equal ``answers``."""
+    ordered = generation_order(loaded, questions)
+    by_id = {q.id: i for i, q in enumerate(questions)}
+    chunks = [ordered[i:i + decoding.batch_size] for i in range(0, len(ordered), decoding.batch_size)]
+    seconds: dict[str, list[float]] = {"grouped_static": [], "padded_growing": []}
+    for name in ("grouped_static", "padded_growing", "padded_growing", "grouped_static"):
+        got = [""] * len(questions)
+        tick = time.perf_counter()
+        for chunk in chunks:
+            texts = [q.question for q in chunk]
+            prefill = prefill_prompts(loaded, texts, decoding.max_new_tokens if name == "grouped_static" else None)
+            for q, a in zip(chunk, generate_batch(loaded, texts, steering, decoding, prefill=prefill), strict=True):
+                got[by_id[q.id]] = a.text
+        seconds[name].append(time.perf_counter() - tick)
+        if got != answers:
+            raise AssertionError(f"{name}: {sum(g != a for g, a in zip(got, answers, strict=True))} answers differ")
+        print(f"{name}: {seconds[name][-1]:.1f} s", flush=True)
+    means = {name: statistics.mean(values) for name, values in seconds.items()}
+    return {"seconds": seconds, "mean_seconds": means, "speedup": means["padded_growing"] / means["grouped_static"],
+            "answers_identical": True}
+
+
 def main() -> None:
     p = parser("generate", __doc__, flags=('model', 'device', 'threads'))
     p.add_argument("--overrides", default="", help='config overrides, e.g. "eval.max_new_tokens=32"')
@@ -94,6 +151,9 @@ def main() -> None:
     generate_batch(loaded, [questions[0].question], steering, EvalConfig(max_new_tokens=4))  # warm-up
     roof = matmul_roof(args.roof_size)
     print(f"fp32 matmul roof: {roof:.1f} GFLOP/s ({args.roof_size}^3, {torch.get_num_threads()} threads)")
+    rows = min(decoding.batch_size, len(questions))
+    shape_gflops = decode_shape_gflops(loaded.model, rows)
+    print(f"the model's decode matmuls at {rows} rows: {shape_gflops:.1f} GFLOP/s ({shape_gflops / roof:.0%} of the roof)")
 
     with tempfile.TemporaryDirectory() as tmp:
         tick = time.perf_counter()
@@ -115,11 +175,19 @@ def main() -> None:
         "new_tokens_share_of_roof": new_tokens * (layer_flops + head_flops) / batched_seconds / (roof * 1e9),
         "prompt_tokens": prompt_tokens, "useful_gflops_per_second": useful / batched_seconds / 1e9,
         "useful_flops_share_of_roof": useful / batched_seconds / (roof * 1e9),
+        "decode_shape_gflops": shape_gflops, "decode_shape_share_of_roof": shape_gflops / roof,
+        "new_tokens_share_of_decode_shape_gflops": new_tokens * (layer_flops + head_flops) / batched_seconds
+        / (shape_gflops * 1e9),
+        # rows that stopped but stay in generate's batch until every row has (single batch: rows x longest)
+        "row_steps_after_stop_share": 1 - fed / (len(records) * max(r["n_new_tokens"] + (not r["truncated"])
+                                                                 for r in records)),
     }
     print(f"batched throughput: {throughput['new_tokens_per_second']:.0f} new tokens/s = "
           f"{throughput['new_tokens_share_of_roof']:.0%} of the roof's {throughput['roof_tokens_per_second']:.0f}; "
           f"with the prompts' work {throughput['useful_gflops_per_second']:.1f} GFLOP/s = "
           f"{throughput['useful_flops_share_of_roof']:.0%} of the roof")
+
+    prefill_then_decode = compare_prefills(loaded, questions, steering, decoding, [r["answer"] for r in records])
 
     subset = questions[:args.sequential] if args.sequential else questions
     tick = time.perf_counter()
@@ -168,6 +236,7 @@ def main() -> None:
                           "mean_new_tokens": statistics.mean(a.n_new_tokens for a in single),
                           "answers_identical_to_batched": f"{sum(matches)}/{len(matches)}"},
         "speedup_per_question": speedup,
+        "prefill_then_decode": prefill_then_decode,
         "throughput": throughput,
         "batched_bf16": bf16,
         "note": ("one at a time was timed on the first questions_timed questions of the split; the speedup "

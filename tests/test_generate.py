@@ -19,11 +19,19 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor
+from transformers import DynamicCache, StaticCache
 
 from core.config import EvalConfig, ModelSpec
 from core.data import Question, question_id
 from core.models import LoadedModel
-from evaluation.generate import decode_answer, generate_batch, generate_missing, stop_token_ids
+from evaluation.generate import (
+    decode_answer,
+    generate_batch,
+    generate_missing,
+    prefill_groups,
+    prefill_prompts,
+    stop_token_ids,
+)
 from evaluation.generation_store import (
     GenerationStore,
     default_store_path,
@@ -116,11 +124,14 @@ def test_caa_at_scale_zero_gives_the_baseline_answers() -> None:
 
 @pytest.mark.oracle
 @pytest.mark.parametrize("positions", ["from_prompt_end", "all"])
+@pytest.mark.parametrize("arch", ["gemma2", "llama"])
 @torch.no_grad()
-def test_cached_steered_generation_equals_a_full_recompute_loop(positions: str) -> None:
+def test_cached_steered_generation_equals_a_full_recompute_loop(arch: str, positions: str) -> None:
     """Oracle: greedy decoding without a KV cache, re-running the whole sequence each step with the
-    steering from the last prompt token (or everywhere) on."""
-    loaded = tiny_loaded("gemma2")
+    steering from the last prompt token (or everywhere) on. The tiny Gemma-2's sliding window (6) is
+    narrower than prompt and answer, so its prompts prefill into a growing cache; the Llama's into the
+    static cache of grouped prompts."""
+    loaded = tiny_loaded(arch)
     steering = Steering("caa", layer=LAYER, scale=1.0, vector=vector(loaded), positions=positions, source_run="r")
     question = QUESTIONS[2]
     ids = encode_text(loaded.tokenizer, format_prompt(question, loaded.tokenizer, "qa"))
@@ -134,6 +145,41 @@ def test_cached_steered_generation_equals_a_full_recompute_loop(positions: str) 
             break
     expected = decode_answer(loaded.tokenizer, generated, stop_token_ids(loaded.tokenizer, loaded.model), "qa")
     assert generate_batch(loaded, [question], steering, GREEDY) == [expected]
+
+
+@pytest.mark.oracle
+@torch.no_grad()
+def test_the_grouped_static_prefill_holds_the_keys_and_values_of_one_padded_forward() -> None:
+    """Oracle: the prompts in one left-padded forward into a growing cache (how generate prefills). The
+    grouped prefill computes each length group alone and lays the keys/values out left-padded in a
+    static cache with room for the new tokens; at every real position they must be the same (padding is
+    masked, whatever it holds)."""
+    loaded = tiny_loaded("llama")
+    lengths = [len(encode_text(loaded.tokenizer, format_prompt(q, loaded.tokenizer, "qa"))) for q in QUESTIONS]
+    assert len(prefill_groups(lengths)) >= 3  # the questions' lengths differ: several groups are laid out
+    grouped, plain = prefill_prompts(loaded, QUESTIONS, 10), prefill_prompts(loaded, QUESTIONS)
+    assert grouped is not None and plain is not None
+    assert isinstance(grouped.cache, StaticCache) and isinstance(plain.cache, DynamicCache)
+    width = max(lengths)
+    real = torch.arange(width - 1)[None, :] >= (width - torch.tensor(lengths))[:, None]  # (batch, width - 1)
+    layers: Any = zip(grouped.cache.layers, plain.cache.layers, strict=True)
+    for static, dynamic in layers:
+        assert static.keys.shape[2] == width - 1 + 10
+        for mine, theirs in ((static.keys, dynamic.keys), (static.values, dynamic.values)):
+            torch.testing.assert_close(mine[:, :, :width - 1].transpose(1, 2)[real],
+                                       theirs.transpose(1, 2)[real], rtol=1e-5, atol=1e-5)
+    assert grouped.fits(QUESTIONS, 10) and not grouped.fits(QUESTIONS, 11) and not grouped.fits(QUESTIONS[1:], 10)
+
+
+def test_prefill_groups_cover_every_row_once_with_bounded_padding() -> None:
+    lengths = [35, 71, 64, 70, 36, 50, 49, 2, 71]
+    groups = prefill_groups(lengths, padding=0.1)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        width = max(lengths[i] for i in group)
+        assert lengths[group[0]] == width and all(width - lengths[i] <= 0.1 * width for i in group)
+    assert [[lengths[i] for i in g] for g in groups] == [[71, 71, 70, 64], [50, 49], [36, 35], [2]]
+    assert prefill_groups(lengths, padding=1.0) == [[1, 8, 3, 2, 5, 6, 4, 0, 7]]
 
 
 def test_sampling_is_seeded_per_batch() -> None:
