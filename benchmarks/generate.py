@@ -32,9 +32,9 @@ matmul library is slower than on large squares. ``decode_shape_gflops`` times th
 linear layer's and the LM head's shape at the batch's rows), the most decode can reach here.
 
 ``prefill_then_decode`` sets the evaluate path (prompts prefilled in groups of similar length into a static
-cache, ``evaluation.generate.prefill_prompts``) against the earlier one (one forward over the padded batch
-into a cache that grows by concatenation each step), in the order grouped, padded, padded, grouped, with
-the same answers.
+cache, ``evaluation.generate.prefill_prompts``, and PyTorch's math attention kernel for decoding on a CPU)
+against the same with the default (flash) kernel and against the earlier path (one forward over the padded
+batch into a cache that grows by concatenation each step), in the order A B C C B A, with the same answers.
 
 Run: ``python -m benchmarks.generate`` (options: ``--help``); writes ``benchmarks/results/generate.json``.
 """
@@ -42,18 +42,21 @@ Run: ``python -m benchmarks.generate`` (options: ``--help``); writes ``benchmark
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 
 from benchmarks import RESULTS_DIR, parser, smoke_caa, write_report
 from core.config import EvalConfig
 from core.models import load_model
+from evaluation import generate as generation
 from evaluation.generate import generate_batch, generate_missing, generation_order, prefill_prompts
 from evaluation.generation_store import GenerationStore, variant_hash
 from steering.layers import decoder_layers
@@ -107,26 +110,35 @@ def decode_shape_gflops(model: Any, rows: int, repeats: int = 5) -> float:
 
 def compare_prefills(loaded: Any, questions: list[Any], steering: Steering, decoding: EvalConfig,
                      answers: list[str]) -> dict[str, Any]:
-    """Seconds to prefill and answer ``questions`` batch by batch with the grouped static prefill and with one
-    padded forward into a growing cache, A-B-B-A; each run's answers must equal ``answers``."""
+    """Seconds to prefill and answer ``questions`` batch by batch three ways, in the order A B C C B A: the
+    evaluate path (``grouped_static``), the same with PyTorch's default (flash) attention kernel for decoding
+    (``grouped_static_flash``), and one padded forward into a growing cache (``padded_growing``, math kernel);
+    each run's answers must equal ``answers``."""
     ordered = generation_order(loaded, questions)
     by_id = {q.id: i for i, q in enumerate(questions)}
     chunks = [ordered[i:i + decoding.batch_size] for i in range(0, len(ordered), decoding.batch_size)]
-    seconds: dict[str, list[float]] = {"grouped_static": [], "padded_growing": []}
-    for name in ("grouped_static", "padded_growing", "padded_growing", "grouped_static"):
+    names = ("grouped_static", "grouped_static_flash", "padded_growing")
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for name in (*names, *reversed(names)):
         got = [""] * len(questions)
+        kernel = (mock.patch.object(generation, "decode_attention", lambda device: contextlib.nullcontext())
+                  if name == "grouped_static_flash" else contextlib.nullcontext())
         tick = time.perf_counter()
-        for chunk in chunks:
-            texts = [q.question for q in chunk]
-            prefill = prefill_prompts(loaded, texts, decoding.max_new_tokens if name == "grouped_static" else None)
-            for q, a in zip(chunk, generate_batch(loaded, texts, steering, decoding, prefill=prefill), strict=True):
-                got[by_id[q.id]] = a.text
+        with kernel:
+            for chunk in chunks:
+                texts = [q.question for q in chunk]
+                room = None if name == "padded_growing" else decoding.max_new_tokens
+                prefill = prefill_prompts(loaded, texts, room)
+                for q, a in zip(chunk, generate_batch(loaded, texts, steering, decoding, prefill=prefill), strict=True):
+                    got[by_id[q.id]] = a.text
         seconds[name].append(time.perf_counter() - tick)
         if got != answers:
             raise AssertionError(f"{name}: {sum(g != a for g, a in zip(got, answers, strict=True))} answers differ")
         print(f"{name}: {seconds[name][-1]:.1f} s", flush=True)
     means = {name: statistics.mean(values) for name, values in seconds.items()}
-    return {"seconds": seconds, "mean_seconds": means, "speedup": means["padded_growing"] / means["grouped_static"],
+    return {"seconds": seconds, "mean_seconds": means,
+            "speedup_over_padded_growing": means["padded_growing"] / means["grouped_static"],
+            "speedup_of_math_over_flash_kernel": means["grouped_static_flash"] / means["grouped_static"],
             "answers_identical": True}
 
 

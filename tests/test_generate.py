@@ -58,8 +58,8 @@ LAYER = 1
 
 
 @functools.cache
-def tiny_loaded(arch: str) -> LoadedModel:
-    model, tokenizer = make_tiny(arch)
+def tiny_loaded(arch: str, sliding_window: int = 6) -> LoadedModel:
+    model, tokenizer = make_tiny(arch, sliding_window=sliding_window)
     spec = ModelSpec(alias=f"tiny-{arch}", source="hub", hf_id=f"tiny/{arch}",
                      architecture=arch, n_layers=3, d_model=32,  # type: ignore[arg-type]
                      n_params_b=0.0001, dtype="float32", prompt_format="qa")
@@ -134,8 +134,14 @@ def test_cached_steered_generation_equals_a_full_recompute_loop(arch: str, posit
     loaded = tiny_loaded(arch)
     steering = Steering("caa", layer=LAYER, scale=1.0, vector=vector(loaded), positions=positions, source_run="r")
     question = QUESTIONS[2]
+    assert generate_batch(loaded, [question], steering, GREEDY) == [recomputed_answer(loaded, steering, question)]
+
+
+@torch.no_grad()
+def recomputed_answer(loaded: LoadedModel, steering: Steering, question: str) -> Any:
+    """The greedy answer of a loop without a KV cache, steering the whole sequence each step."""
     ids = encode_text(loaded.tokenizer, format_prompt(question, loaded.tokenizer, "qa"))
-    start = torch.tensor([len(ids) - 1]) if positions == "from_prompt_end" else None
+    start = torch.tensor([len(ids) - 1]) if steering.positions == "from_prompt_end" else None
     generated: list[int] = []
     for _ in range(GREEDY.max_new_tokens):
         with steer(loaded.model, LAYER, vector=steering.vector, scale=1.0, start_positions=start):
@@ -143,8 +149,25 @@ def test_cached_steered_generation_equals_a_full_recompute_loop(arch: str, posit
         generated.append(int(logits[0, -1].argmax()))
         if generated[-1] == EOS_ID:
             break
-    expected = decode_answer(loaded.tokenizer, generated, stop_token_ids(loaded.tokenizer, loaded.model), "qa")
-    assert generate_batch(loaded, [question], steering, GREEDY) == [expected]
+    return decode_answer(loaded.tokenizer, generated, stop_token_ids(loaded.tokenizer, loaded.model), "qa")
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "gemma3_mm"])
+def test_gemma_with_a_window_wider_than_prompt_and_answer_decodes_from_the_static_cache(arch: str) -> None:
+    """Real Gemmas' windows (512 to 4096) hold a smoke prompt and its answer: their sliding layers get the
+    static cache too. Oracles: one question at a time, and the recompute loop."""
+    loaded = tiny_loaded(arch, sliding_window=96)
+    prefill = prefill_prompts(loaded, QUESTIONS, GREEDY.max_new_tokens)
+    assert prefill is not None and isinstance(prefill.cache, StaticCache)
+    answers = {}
+    for name, steering in steerings(loaded).items():
+        batched = generate_batch(loaded, QUESTIONS, steering, GREEDY)
+        assert batched == [generate_batch(loaded, [q], steering, GREEDY)[0] for q in QUESTIONS], name
+        answers[name] = [a.raw for a in batched]
+    assert answers["caa"] != answers["baseline"]
+    caa = steerings(loaded)["caa"]
+    assert generate_batch(loaded, QUESTIONS[2:3], caa, GREEDY) == [recomputed_answer(loaded, caa, QUESTIONS[2])]
 
 
 @pytest.mark.oracle

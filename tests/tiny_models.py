@@ -77,12 +77,13 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _build(arch: str) -> PreTrainedModel:
+def _build(arch: str, sliding_window: int) -> PreTrainedModel:
+    gemma = dict(_GEMMA, sliding_window=sliding_window)
     if arch == "llama":
         return LlamaForCausalLM(LlamaConfig(**_TEXT, tie_word_embeddings=False))
     if arch == "gemma2":
-        return Gemma2ForCausalLM(Gemma2Config(**_GEMMA, layer_types=_GEMMA_LAYER_TYPES))
-    text_config = Gemma3TextConfig(**_GEMMA, layer_types=_GEMMA_LAYER_TYPES)
+        return Gemma2ForCausalLM(Gemma2Config(**gemma, layer_types=_GEMMA_LAYER_TYPES))
+    text_config = Gemma3TextConfig(**gemma, layer_types=_GEMMA_LAYER_TYPES)
     if arch == "gemma3":
         return Gemma3ForCausalLM(text_config)
     # 16x16 images, 4x4 patches -> 16 patches, pooled 2x2 -> 4 soft tokens per image.
@@ -106,17 +107,18 @@ def _build(arch: str) -> PreTrainedModel:
     return Gemma3ForConditionalGeneration(config)
 
 
-def make_tiny(arch: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+def make_tiny(arch: str, seed: int = 0, sliding_window: int = 6) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Build a tiny randomly initialised model (fp32, eval mode, eager attention) and its tokenizer.
 
     Args:
         arch: One of `TINY_ARCHS`.
         seed: Seed for the random weights; the same seed gives the same weights.
+        sliding_window: the Gemma architectures' window (6: shorter than the test prompts).
     """
     if arch not in TINY_ARCHS:
         raise ValueError(f"unknown tiny arch {arch!r}; known: {', '.join(TINY_ARCHS)}")
     torch.manual_seed(seed)
-    model = _build(arch)
+    model = _build(arch, sliding_window)
     model.set_attn_implementation("eager")
     model.generation_config.pad_token_id = PAD_ID
     model.generation_config.bos_token_id = BOS_ID
