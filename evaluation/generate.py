@@ -218,7 +218,6 @@ def prefill_prompts(loaded: LoadedModel, questions: Sequence[str], max_new_token
         return PromptPrefill(tuple(questions), cache)
     lengths = encoded["attention_mask"].sum(dim=1).tolist()
     static = StaticCache(config=model.config, max_cache_len=width - 1 + max_new_tokens)
-    positions = torch.arange(width - 1, device=loaded.device)  # (width - 1,)
     allocated = False
     for rows in prefill_groups(lengths):
         group = encode_prompts(tokenizer, [prompts[i] for i in rows])
@@ -226,13 +225,14 @@ def prefill_prompts(loaded: LoadedModel, questions: Sequence[str], max_new_token
         if group_width < 2:
             continue  # one-token prompts: their row before the last token is all padding
         cache = _prefill_forward(base, group, loaded.device, DynamicCache(config=model.config))
-        at = torch.tensor(rows, device=loaded.device)  # (rows,)
         for index in range(len(cache.layers)):
             keys, values = _layer_states(cache, index)  # (rows, heads, group_width - 1, head_dim) each
             if not allocated:  # every row's room, zero over the prompts (padding stays zero, and masked)
+                positions = torch.arange(width - 1, device=keys.device)  # (width - 1,)
                 static.update(keys.new_zeros(len(questions), keys.shape[1], width - 1, keys.shape[-1]),
                               values.new_zeros(len(questions), values.shape[1], width - 1, values.shape[-1]),
                               index, {"cache_position": positions})
+            at = torch.tensor(rows, device=keys.device)  # (rows,); a layer's device (models split over GPUs)
             # the group's keys/values right-aligned in the batch's width, written into the static cache
             static_keys, static_values = _layer_states(static, index)
             static_keys[at, :, width - group_width:width - 1] = keys
