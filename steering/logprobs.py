@@ -32,6 +32,9 @@ def _softcap(logits: Tensor, cap: float | None) -> Tensor:
     return torch.tanh(logits / cap) * cap  # the order of operations of Gemma's forward
 
 
+HEAD_CHUNK = 256  # answer-predicting states through the LM head at a time
+
+
 def _predicting(answer_mask: Tensor) -> Tensor:
     """``(batch, seq - 1)`` bool: position t predicts token t + 1, an answer token."""
     return answer_mask[:, 1:].bool()
@@ -52,8 +55,11 @@ def answer_head_logprobs(model: nn.Module, hidden: Tensor, input_ids: Tensor, an
     predicts = _predicting(answer_mask)  # (batch, seq - 1)
     states = hidden[:, :-1][predicts]  # (n_tokens, d_model)
     targets = input_ids[:, 1:][predicts]  # (n_tokens,)
-    logits = head_logits(model, states)  # (n_tokens, vocab)
-    return logits.float().log_softmax(dim=-1).gather(-1, targets[:, None])[:, 0]  # (n_tokens,)
+    # HEAD_CHUNK tokens at a time: MC's 80 rows hold ~900 answer tokens, whose logits and log-softmax
+    # would take ~180 MB each at once for SmolLM2's 49,152 tokens (more for Gemma's 256k)
+    parts = [head_logits(model, states[at:at + HEAD_CHUNK]).float().log_softmax(dim=-1)  # (chunk, vocab)
+             .gather(-1, targets[at:at + HEAD_CHUNK, None])[:, 0] for at in range(0, len(states), HEAD_CHUNK)]
+    return torch.cat(parts) if parts else states.new_zeros(0, dtype=torch.float32)  # (n_tokens,)
 
 
 def head_logits(model: nn.Module, states: Tensor) -> Tensor:

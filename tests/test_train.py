@@ -24,6 +24,7 @@ from core.artifacts import MLP_DIR, TAG_BRANCH_RUN
 from core.config import ConfigError, MLPConfig
 from core.config_io import load_config
 from core.data import Question, load_questions, question_id
+from steering import logprobs
 from steering.hooks import active_hooks, masked_mean, record_residuals
 from steering.layers import d_model, decoder_layers
 from steering.logprobs import (
@@ -218,6 +219,18 @@ def test_answer_only_head_equals_full_logits_gather(arch: str) -> None:
     head, expected = _answer_head_case(model, tokenizer)
     assert torch.allclose(head, expected, atol=1e-5, rtol=0)
     assert final_logit_softcap(model) == (30.0 if arch == "gemma2" else None)
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_answer_only_head_in_chunks_equals_full_logits_gather(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The LM head runs over ``HEAD_CHUNK`` answer tokens at a time (a bounded transient); a batch with many
+    chunks, the last one partial, gives the full forward's log-probs."""
+    monkeypatch.setattr(logprobs, "HEAD_CHUNK", chunk)
+    model, tokenizer = tiny("gemma2")
+    head, expected = _answer_head_case(model, tokenizer)
+    assert len(expected) > 3 * chunk and len(expected) % 7 != 0
+    assert torch.allclose(head, expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.oracle
