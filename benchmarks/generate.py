@@ -32,7 +32,7 @@ matmul library is slower than on large squares. ``decode_shape_gflops`` times th
 linear layer's and the LM head's shape at the batch's rows), the most decode can reach here.
 
 ``prefill_then_decode`` sets the evaluate path (prompts prefilled in groups of similar length into a static
-cache, ``evaluation.generate.prefill_prompts``, and PyTorch's math attention kernel for decoding on a CPU)
+cache, ``evaluation.prefill.prefill_prompts``, and PyTorch's math attention kernel for decoding on a CPU)
 against the same with the default (flash) kernel and against the earlier path (one forward over the padded
 batch into a cache that grows by concatenation each step), in the order A B C C B A, with the same answers.
 
@@ -57,8 +57,9 @@ from benchmarks import RESULTS_DIR, parser, smoke_caa, write_report
 from core.config import EvalConfig
 from core.models import load_model
 from evaluation import generate as generation
-from evaluation.generate import generate_batch, generate_missing, generation_order, prefill_prompts
+from evaluation.generate import generate_batch, generate_missing, generation_order
 from evaluation.generation_store import GenerationStore, variant_hash
+from evaluation.prefill import prefill_prompts
 from steering.layers import decoder_layers
 from steering.methods.intervention import Steering
 from steering.prompts import encode_text, format_prompt

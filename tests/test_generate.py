@@ -28,8 +28,6 @@ from evaluation.generate import (
     decode_answer,
     generate_batch,
     generate_missing,
-    prefill_groups,
-    prefill_prompts,
     stop_token_ids,
 )
 from evaluation.generation_store import (
@@ -38,6 +36,7 @@ from evaluation.generation_store import (
     store_hash,
     variant_hash,
 )
+from evaluation.prefill import prefill_groups, prefill_prompts
 from steering.hooks import active_hooks, steer
 from steering.layers import d_model
 from steering.methods import method
