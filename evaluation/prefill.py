@@ -1,7 +1,9 @@
 """The prompts' unsteered prefill that every variant of a batch shares (``evaluation.generate``).
 
-``prefill_prompts`` runs a batch's prompts, all but their last token, in groups of similar length
-(``prefill_groups``: next to no padding is computed) and lays their keys/values out left-padded, as
+``prefill_prompts`` runs the tokens that every prompt of a batch starts with once (``shared_prefix``: a
+chat template's system prompt is 24 of the smoke prompts' 43 tokens on average for SmolLM2), then the rest
+of each prompt, all but its last token, in groups of similar length (``prefill_groups``: next to no
+padding is computed), and lays their keys/values out left-padded, as
 ``steering.prompts.encode_prompts`` pads them, in a ``StaticCache`` with room for the answers, which
 decoding then fills in place rather than concatenating a growing cache at every step. Models whose sliding
 window is narrower than prompt and answer get one padded forward into a growing ``DynamicCache``.
@@ -10,7 +12,7 @@ window is narrower than prompt and answer get one padded forward into a growing 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,7 +21,7 @@ from transformers import Cache, DynamicCache, StaticCache
 
 from core.models import LoadedModel
 from steering.cache import output_cache, with_cache
-from steering.prompts import encode_prompts, format_prompt
+from steering.prompts import encode_prompts, format_prompt, left_pad
 
 # Prefill groups: prompts sorted by length are cut where a group's shortest prompt would be padded by more
 # than this share of its longest, so the prefill computes (almost) no padding: the smoke test split's 80
@@ -80,8 +82,9 @@ def prefill_prompts(loaded: LoadedModel, questions: Sequence[str], max_new_token
     With ``max_new_tokens``, the prompts run in groups of similar length (``prefill_groups``: next to no
     padding is computed) and their keys/values are laid out left-padded in a ``StaticCache`` with room
     for ``max_new_tokens`` more positions, which decoding then writes in place instead of concatenating a
-    growing cache at every step. The keys/values of a row do not depend on its group: a row's padding is
-    masked and its position ids count its own tokens. Models with sliding-window layers narrower than the
+    growing cache at every step. The tokens every prompt starts with run once, in one row, and each group
+    attends to copies of their keys/values. The keys/values of a row do not depend on its group: a row's
+    padding is masked and its position ids count its own tokens. Models with sliding-window layers narrower than the
     prompts plus the new tokens (and ``max_new_tokens=None``) get one forward over the padded batch into a
     ``DynamicCache``.
 
@@ -97,32 +100,40 @@ def prefill_prompts(loaded: LoadedModel, questions: Sequence[str], max_new_token
     if width < 2:
         return None
     base: Any = model.base_model
+    lengths = encoded["attention_mask"].sum(dim=1).tolist()
+    rows_ids = [ids[width - n:].tolist() for ids, n in zip(encoded["input_ids"], lengths, strict=True)]
     window = _sliding_window(model)
     if max_new_tokens is None or (window is not None and width - 1 + max_new_tokens > window):
         # the cache generate would make (sliding-window layers as the config says), filled by one forward
-        cache = _prefill_forward(base, encoded, loaded.device, DynamicCache(config=model.config))
+        cache = _prefill_forward(base, rows_ids, tokenizer.pad_token_id, loaded.device, model.config, None)
         return PromptPrefill(tuple(questions), cache)
-    lengths = encoded["attention_mask"].sum(dim=1).tolist()
+    shared = shared_prefix(rows_ids)
+    prefix = _prefix_states(base, rows_ids[0][:shared], loaded.device, model.config) if shared else None
     static = StaticCache(config=model.config, max_cache_len=width - 1 + max_new_tokens)
     allocated = False
     for rows in prefill_groups(lengths):
-        group = encode_prompts(tokenizer, [prompts[i] for i in rows])
-        group_width = group["input_ids"].shape[1]
-        if group_width < 2:
+        suffixes = [rows_ids[i][shared:] for i in rows]
+        suffix_width = max(len(t) for t in suffixes)
+        if shared + suffix_width < 2:
             continue  # one-token prompts: their row before the last token is all padding
-        cache = _prefill_forward(base, group, loaded.device, DynamicCache(config=model.config))
+        cache = _prefill_forward(base, suffixes, tokenizer.pad_token_id, loaded.device, model.config, prefix)
         for index in range(len(cache.layers)):
-            keys, values = _layer_states(cache, index)  # (rows, heads, group_width - 1, head_dim) each
+            keys, values = _layer_states(cache, index)  # (rows, heads, shared + suffix_width - 1, head_dim) each
             if not allocated:  # every row's room, zero over the prompts (padding stays zero, and masked)
                 positions = torch.arange(width - 1, device=keys.device)  # (width - 1,)
                 static.update(keys.new_zeros(len(questions), keys.shape[1], width - 1, keys.shape[-1]),
                               values.new_zeros(len(questions), values.shape[1], width - 1, values.shape[-1]),
                               index, {"cache_position": positions})
-            at = torch.tensor(rows, device=keys.device)  # (rows,); a layer's device (models split over GPUs)
-            # the group's keys/values right-aligned in the batch's width, written into the static cache
             static_keys, static_values = _layer_states(static, index)
-            static_keys[at, :, width - group_width:width - 1] = keys
-            static_values[at, :, width - group_width:width - 1] = values
+            # the suffixes' keys/values (left-padded in the group) right-aligned in the batch's width
+            at = torch.tensor(rows, device=keys.device)  # (rows,); a layer's device (models split over GPUs)
+            static_keys[at, :, width - suffix_width:width - 1] = keys[:, :, shared:]
+            static_values[at, :, width - suffix_width:width - 1] = values[:, :, shared:]
+            # then the shared prefix just before each row's own tokens (over the padding the group gave it)
+            for length, same in _rows_by_length(rows, lengths).items():
+                start, at_same = width - length, torch.tensor(same, device=keys.device)  # (rows of this length,)
+                static_keys[at_same, :, start:start + shared] = keys[:1, :, :shared]
+                static_values[at_same, :, start:start + shared] = values[:1, :, :shared]
         allocated = True
     return PromptPrefill(tuple(questions), static, max_new_tokens)
 
@@ -133,15 +144,56 @@ def _layer_states(cache: Cache, index: int) -> tuple[torch.Tensor, torch.Tensor]
     return layer.keys, layer.values
 
 
-def _prefill_forward(base: Any, encoded: Mapping[str, torch.Tensor], device: torch.device, cache: Cache) -> Cache:
-    """``cache`` filled with the keys/values of every left-padded prompt but its last token."""
-    input_ids = encoded["input_ids"].to(device)  # (batch, width)
-    attention_mask = encoded["attention_mask"].to(device)  # (batch, width)
-    # the position ids generate gives left-padded rows (padding's are never attended to)
-    position_ids = (attention_mask.cumsum(dim=1) - 1).masked_fill(attention_mask == 0, 1)  # (batch, width)
+def shared_prefix(rows_ids: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every row shares (a chat template's system prompt, its turn markers), at most
+    the shortest row's length - 2, so that every row keeps a token of its own before its last one."""
+    if not rows_ids:
+        return 0
+    limit = min(len(ids) for ids in rows_ids) - 2
+    first = rows_ids[0]
+    shared = 0
+    while shared < limit and all(ids[shared] == first[shared] for ids in rows_ids):
+        shared += 1
+    return shared
+
+
+def _rows_by_length(rows: Sequence[int], lengths: Sequence[int]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for i in rows:
+        out.setdefault(lengths[i], []).append(i)
+    return out
+
+
+def _prefix_states(base: Any, prefix_ids: Sequence[int], device: torch.device, config: Any) -> Cache:
+    """The keys/values of the tokens every prompt starts with, from one row's forward."""
+    input_ids = torch.tensor([list(prefix_ids)], device=device)  # (1, shared)
+    out = base(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True,
+               **with_cache(base, DynamicCache(config=config)))
+    return output_cache(out)
+
+
+def _prefill_forward(base: Any, suffixes: Sequence[Sequence[int]], pad_id: int, device: torch.device, config: Any,
+                     prefix: Cache | None) -> Cache:
+    """A ``DynamicCache`` of the rows' shared prefix (``prefix``, copied to each row) and their own tokens,
+    left-padded, but the last: ``(rows, heads, shared + width - 1, head_dim)`` a layer."""
+    input_ids, suffix_mask = left_pad(suffixes, pad_id)  # (rows, width) each
+    input_ids, suffix_mask = input_ids.to(device), suffix_mask.to(device)
+    rows = input_ids.shape[0]
+    cache = DynamicCache(config=config)
+    shared = 0
+    if prefix is not None:
+        for index in range(len(prefix.layers)):
+            keys, values = _layer_states(prefix, index)  # (1, heads, shared, head_dim) each
+            cache.update(keys.expand(rows, -1, -1, -1).contiguous(), values.expand(rows, -1, -1, -1).contiguous(),
+                         index)
+            shared = keys.shape[2]
+    attention_mask = torch.cat([suffix_mask.new_ones(rows, shared), suffix_mask], dim=1)  # (rows, shared + width)
+    # the position ids generate gives left-padded rows, counted over each row's own tokens (padding's are never
+    # attended to)
+    position_ids = (shared + suffix_mask.cumsum(dim=1) - 1).masked_fill(suffix_mask == 0, 1)  # (rows, width)
     out = base(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=position_ids[:, :-1],
                use_cache=True, **with_cache(base, cache))
     return output_cache(out)
 
 
-__all__ = ['PREFILL_PADDING', 'PromptPrefill', 'prefill_groups', 'prefill_prompts']
+__all__ = ['PREFILL_PADDING', 'PromptPrefill', 'prefill_groups', 'prefill_prompts', 'shared_prefix']

@@ -36,7 +36,7 @@ from evaluation.generation_store import (
     store_hash,
     variant_hash,
 )
-from evaluation.prefill import prefill_groups, prefill_prompts
+from evaluation.prefill import prefill_groups, prefill_prompts, shared_prefix
 from steering.hooks import active_hooks, steer
 from steering.layers import d_model
 from steering.methods import method
@@ -121,6 +121,9 @@ def test_caa_at_scale_zero_gives_the_baseline_answers() -> None:
                                                                              GREEDY)
 
 
+SHARED_START = "Answer truthfully, in one sentence, as an expert would: "  # many tokens every prompt starts with
+
+
 @pytest.mark.oracle
 @pytest.mark.parametrize("positions", ["from_prompt_end", "all"])
 @pytest.mark.parametrize("arch", ["gemma2", "llama"])
@@ -134,6 +137,9 @@ def test_cached_steered_generation_equals_a_full_recompute_loop(arch: str, posit
     steering = Steering("caa", layer=LAYER, scale=1.0, vector=vector(loaded), positions=positions, source_run="r")
     question = QUESTIONS[2]
     assert generate_batch(loaded, [question], steering, GREEDY) == [recomputed_answer(loaded, steering, question)]
+    # a batch whose prompts share their first tokens: those run once, in one row, for every row
+    shared = [SHARED_START + q for q in QUESTIONS[:3]]
+    assert generate_batch(loaded, shared, steering, GREEDY) == [recomputed_answer(loaded, steering, q) for q in shared]
 
 
 @torch.no_grad()
@@ -170,16 +176,20 @@ def test_gemma_with_a_window_wider_than_prompt_and_answer_decodes_from_the_stati
 
 
 @pytest.mark.oracle
+@pytest.mark.parametrize("start", ["", SHARED_START])
 @torch.no_grad()
-def test_the_grouped_static_prefill_holds_the_keys_and_values_of_one_padded_forward() -> None:
+def test_the_grouped_static_prefill_holds_the_keys_and_values_of_one_padded_forward(start: str) -> None:
     """Oracle: the prompts in one left-padded forward into a growing cache (how generate prefills). The
-    grouped prefill computes each length group alone and lays the keys/values out left-padded in a
-    static cache with room for the new tokens; at every real position they must be the same (padding is
-    masked, whatever it holds)."""
+    grouped prefill runs the tokens every prompt starts with once, then each length group alone, and lays
+    the keys/values out left-padded in a static cache with room for the new tokens; at every real position
+    they must be the same (padding is masked, whatever it holds)."""
     loaded = tiny_loaded("llama")
-    lengths = [len(encode_text(loaded.tokenizer, format_prompt(q, loaded.tokenizer, "qa"))) for q in QUESTIONS]
+    questions = [start + q for q in QUESTIONS]
+    ids = [encode_text(loaded.tokenizer, format_prompt(q, loaded.tokenizer, "qa")) for q in questions]
+    lengths = [len(i) for i in ids]
     assert len(prefill_groups(lengths)) >= 3  # the questions' lengths differ: several groups are laid out
-    grouped, plain = prefill_prompts(loaded, QUESTIONS, 10), prefill_prompts(loaded, QUESTIONS)
+    assert shared_prefix(ids) >= (10 if start else 0)
+    grouped, plain = prefill_prompts(loaded, questions, 10), prefill_prompts(loaded, questions)
     assert grouped is not None and plain is not None
     assert isinstance(grouped.cache, StaticCache) and isinstance(plain.cache, DynamicCache)
     width = max(lengths)
@@ -190,7 +200,15 @@ def test_the_grouped_static_prefill_holds_the_keys_and_values_of_one_padded_forw
         for mine, theirs in ((static.keys, dynamic.keys), (static.values, dynamic.values)):
             torch.testing.assert_close(mine[:, :, :width - 1].transpose(1, 2)[real],
                                        theirs.transpose(1, 2)[real], rtol=1e-5, atol=1e-5)
-    assert grouped.fits(QUESTIONS, 10) and not grouped.fits(QUESTIONS, 11) and not grouped.fits(QUESTIONS[1:], 10)
+    assert grouped.fits(questions, 10) and not grouped.fits(questions, 11) and not grouped.fits(questions[1:], 10)
+
+
+def test_shared_prefix_leaves_every_row_a_token_before_its_last() -> None:
+    assert shared_prefix([[1, 2, 3, 4, 5], [1, 2, 3, 9, 9, 9], [1, 2, 3, 4, 7]]) == 3
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 3, 4, 5, 6]]) == 2  # the shortest keeps 3 and 4
+    assert shared_prefix([[1, 2, 3, 4]]) == 2
+    assert shared_prefix([[5, 2, 3], [1, 2, 3]]) == 0
+    assert shared_prefix([[1], [1, 2]]) == 0
 
 
 def test_prefill_groups_cover_every_row_once_with_bounded_padding() -> None:
