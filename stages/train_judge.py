@@ -9,7 +9,10 @@ folder of ``finetune_truth.jsonl`` and ``finetune_info.jsonl``; by default the d
 Logs: ``cv_<truth|info>_<all|nonref>_<accuracy|balanced_accuracy|kappa>`` (``judge.folds`` folds
 grouped by question over the training questions; ``nonref``: answers that are not verbatim
 reference answers; the run fails, registering nothing, when a label's kappa is below
-``judge.min_kappa``), ``n_<truth|info>_labels``, ``n_train_questions``, ``train_seconds``; artifacts
+``judge.min_kappa``), ``n_<truth|info>_labels``, ``n_train_questions``, ``train_seconds``; tag
+``truthsteer.judge_source``: ``trained``, or ``cache <key>`` when a judge trained on the same inputs is
+read from ``evaluation.judge_cache`` instead (its metrics are those its training logged;
+``train_seconds`` is this run's); artifacts
 ``judge/`` (``judge.safetensors``, ``judge.json`` with the training questions' ids) and the MLflow
 model ``judge_model`` (a pyfunc from code), registered as ``truthsteer-judge`` with the CV metrics as
 version tags; tag ``truthsteer.judge_uri`` (what ``judge.trained`` takes).
@@ -30,16 +33,19 @@ from core import artifacts, profile
 from core.artifacts import TAG_JUDGE_URI
 from core.config import Config, ConfigError
 from core.data import Question, is_local_source, load_questions, splits_for
+from core.data_sources import source_sha256
 from evaluation.human_labels import LABEL_FILES, Labelled, agreement, read_labels
-from evaluation.judge_features import Featurizer
+from evaluation.judge_cache import judge_cache_dir, judge_key, read_cached, write_cached
+from evaluation.judge_features import FEATURE_VERSION, Featurizer
 from evaluation.judges import JudgeError
 from evaluation.semantic_judge import minilm_encoder
-from evaluation.trained_judge import Head, TrainedJudge, cross_validated_heads, save_judge
+from evaluation.trained_judge import Head, TrainedJudge, cross_validated_heads, load_judge, save_judge
 
 JUDGE_ARTIFACT = artifacts.JUDGE_DIR
 MODEL_NAME = "judge_model"
 REGISTERED_MODEL = "truthsteer-judge"
 HELD_OUT_SPLITS = ("val", "test")
+TAG_JUDGE_SOURCE = "truthsteer.judge_source"  # "trained", or "cache <folder>" (evaluation.judge_cache)
 MODEL_CODE = Path(__file__).resolve().parents[1] / "evaluation" / "judge_model.py"  # the pyfunc model, from code
 
 
@@ -105,12 +111,45 @@ def run(cfg: Config, *, data_run: str = "") -> TrainedJudge:
     questions: list[Question] = load_questions(cfg.data.source)
     held_out = held_out_ids(cfg, data_run)
     train_questions = [q for q in questions if q.id not in held_out]
-    featurizer = Featurizer(minilm_encoder())
-    heads: dict[str, Head] = {}
     metrics: dict[str, float] = {"n_train_questions": float(len(train_questions)),
                                  "n_held_out_questions": float(len(held_out))}
-    data = {}
+    data_sha256 = source_sha256(cfg.data.source)
+    cached = None
+    if data_sha256 is not None:  # a hub dataset's content is not pinned here: no cache
+        settings = {"hidden": list(cfg.judge.hidden), "alpha": cfg.judge.alpha, "seed": cfg.judge.seed,
+                    "folds": cfg.judge.folds}
+        cached = judge_cache_dir(cfg.runtime.cache_dir) / judge_key(
+            [folder / name for name in LABEL_FILES.values()], data_sha256, [q.id for q in train_questions], settings,
+            FEATURE_VERSION)
+    found = read_cached(cached) if cached is not None else None
     profile.take()  # this stage's steps only
+    if found is not None and cached is not None:
+        judge = load_judge(cached)
+        metrics.update(found)
+        mlflow.set_tag(TAG_JUDGE_SOURCE, f"cache {cached.name}")
+        print(f"trained judge read from the cache {cached} (delete it to train again)")
+    else:
+        judge, trained = train(cfg, folder, train_questions)
+        metrics.update(trained)
+        if cached is not None:
+            write_cached(cached, lambda tmp: save_judge(judge, tmp), metrics)
+        mlflow.set_tag(TAG_JUDGE_SOURCE, "trained")
+    metrics["train_seconds"] = time.perf_counter() - started
+    mlflow.log_metrics(metrics)
+    print(", ".join(f"{step} {seconds:.1f} s" for step, seconds in profile.log().items()))
+    check_agreement(metrics, cfg.judge.min_kappa)
+    uri = log_judge(judge, metrics)
+    print(f"trained judge: {uri}")
+    return judge
+
+
+def train(cfg: Config, folder: Path, train_questions: list[Question]) -> tuple[TrainedJudge, dict[str, float]]:
+    """Featurise the training questions' labelled answers, fit both heads with grouped cross-validation;
+    the judge and its ``cv_*`` and ``n_*_labels`` metrics."""
+    featurizer = Featurizer(minilm_encoder())
+    heads: dict[str, Head] = {}
+    metrics: dict[str, float] = {}
+    data = {}
     for kind in LABEL_FILES:
         labelled = read_labels(folder / LABEL_FILES[kind], train_questions, kind)
         with profile.step("features"):
@@ -127,16 +166,10 @@ def run(cfg: Config, *, data_run: str = "") -> TrainedJudge:
         print(f"{kind}: {len(labelled)} labels; held-out-question kappa {metrics[f'cv_{kind}_all_kappa']:.3f} "
               f"(accuracy {metrics[f'cv_{kind}_all_accuracy']:.3f}), on non-reference answers "
               f"{metrics[f'cv_{kind}_nonref_kappa']:.3f}")
-    metrics["train_seconds"] = time.perf_counter() - started
     judge = TrainedJudge(heads["truth"], heads["info"], frozenset(q.id for q in train_questions), featurizer,
                          meta={"cv": {k: v for k, v in metrics.items() if k.startswith("cv_")},
                                "hidden": list(cfg.judge.hidden), "alpha": cfg.judge.alpha, "seed": cfg.judge.seed})
-    mlflow.log_metrics(metrics)
-    print(", ".join(f"{step} {seconds:.1f} s" for step, seconds in profile.log().items()))
-    check_agreement(metrics, cfg.judge.min_kappa)
-    uri = log_judge(judge, metrics)
-    print(f"trained judge: {uri}")
-    return judge
+    return judge, metrics
 
 
 def check_agreement(metrics: dict[str, float], min_kappa: float) -> None:

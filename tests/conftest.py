@@ -26,6 +26,13 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 DATA_CSV = (PROJECT_DIR / ".." / "shared" / "data" / "truthfulqa" / "TruthfulQA.csv").resolve()
 
 
+@pytest.fixture(autouse=True)
+def _judge_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test its own trained-judge cache (``evaluation.judge_cache``): a judge one test trained never
+    stands in for another test's training, and none is left in the user's cache."""
+    monkeypatch.setenv("TRUTHSTEER_JUDGE_CACHE", str(tmp_path_factory.mktemp("judge-cache")))
+
+
 @pytest.fixture(scope="session")
 def data_csv() -> Path:
     if not DATA_CSV.exists():

@@ -284,3 +284,37 @@ def test_train_judge_fails_a_judge_near_chance_and_registers_nothing(tracking: s
     assert mlflow.get_run(run.info.run_id).info.status == "FAILED"
     assert "cv_truth_all_kappa" in mlflow.get_run(run.info.run_id).data.metrics  # logged before failing
     assert mlflow.MlflowClient().search_registered_models() == []
+
+
+@pytest.mark.slow
+def test_a_second_train_judge_on_the_same_inputs_reads_the_judge_its_first_trained(tracking: str, tmp_path: Path) -> None:
+    """The cache (``evaluation.judge_cache``): the second run on the same labels, data and settings logs the
+    judge and the agreement the first one trained and measured; changed labels are trained again."""
+    from stages import train_judge
+
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for name in ("finetune_truth.jsonl", "finetune_info.jsonl"):
+        (labels / name).write_text("".join((DATA_CSV.parent / name).read_text().splitlines(keepends=True)[:600]))
+    cfg = load_config("smollm2-135m", f"data.source={DATA_CSV},judge.labels={labels},judge.hidden=[8],judge.folds=2,"
+                                      "judge.min_kappa=0")
+    runs = []
+    for _ in range(2):
+        with stage_run("train_judge", cfg) as run:
+            train_judge.run(cfg)
+        runs.append(mlflow.get_run(run.info.run_id))
+    first, second = runs
+    assert first.data.tags["truthsteer.judge_source"] == "trained"
+    assert second.data.tags["truthsteer.judge_source"].startswith("cache ")
+    cv = {k: v for k, v in first.data.metrics.items() if k.startswith(("cv_", "n_"))}
+    assert len(cv) > 10 and cv == {k: v for k, v in second.data.metrics.items() if k.startswith(("cv_", "n_"))}
+    judges = [load_judge(f"runs:/{r.info.run_id}/judge") for r in runs]
+    for kind in ("truth", "info"):
+        for a, b in zip(getattr(judges[0], kind).tensors(kind).values(), getattr(judges[1], kind).tensors(kind).values(),
+                        strict=True):
+            np.testing.assert_array_equal(a, b)
+    (labels / "finetune_info.jsonl").write_text("".join(
+        (DATA_CSV.parent / "finetune_info.jsonl").read_text().splitlines(keepends=True)[:550]))
+    with stage_run("train_judge", cfg) as run:
+        train_judge.run(cfg)
+    assert mlflow.get_run(run.info.run_id).data.tags["truthsteer.judge_source"] == "trained"
