@@ -2,11 +2,13 @@
 side-effect metrics add to ``evaluate``'s time in the same run (``effects_seconds``; target: < 20% of the rest).
 
 Runs ``python -m entrypoints.full`` in a child process against a fresh sqlite store and a fresh
-outputs folder (the converted-model cache is kept, as on any second run), and reads the child's
+outputs folder (the converted-model cache and the trained judge's cache, ``evaluation.judge_cache``, are
+kept, as on any second run: ``judge_source`` says whether the judge was trained or read; ``--cold-judge``
+gives the run a fresh judge cache, as on a machine's first run), and reads the child's
 peak resident memory from ``getrusage(RUSAGE_CHILDREN)``. Per-stage times come from the runs, and
 each variant's headline metrics (``HEADLINE``, with intervals and deltas) from its evaluate run.
 
-    python -m benchmarks.full [--data PATH] [--overrides "..."] [--profile]
+    python -m benchmarks.full [--data PATH] [--overrides "..."] [--profile] [--cold-judge]
 
 Writes ``benchmarks/results/full.json``. With ``--profile`` the child runs under ``cProfile`` as well, and
 ``benchmarks/results/full_profile.json`` gets where the time went: per stage (from the runs), inside
@@ -47,6 +49,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(DATA_CSV))
     parser.add_argument("--overrides", default="")
     parser.add_argument("--profile", action="store_true", help="also run under cProfile and write full_profile.json")
+    parser.add_argument("--cold-judge", action="store_true", help="a fresh trained-judge cache: train_judge trains")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
@@ -54,6 +57,8 @@ def main() -> None:
         mlflow.MlflowClient(uri).create_experiment("truthsteer", artifact_location=f"file://{tmp}/mlruns")
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "TRUTHSTEER_OUTPUTS": f"{tmp}/outputs",
                "MLFLOW_DISABLE_TELEMETRY": "true"}
+        if args.cold_judge:
+            env["TRUTHSTEER_JUDGE_CACHE"] = f"{tmp}/judges"
         command = [sys.executable, "-m", "entrypoints.full", "--data", args.data, "--overrides", args.overrides]
         if args.profile:
             command[1:1] = ["-m", "cProfile", "-o", f"{tmp}/full.prof"]
@@ -78,6 +83,8 @@ def main() -> None:
         judge_stages = {r.data.tags["truthsteer.pipeline_stage"]: {k: round(v, 4) for k, v in sorted(r.data.metrics.items())
                                                                    if not k.endswith(("_ci_low", "_ci_high"))}
                         for r in runs if r.data.tags["truthsteer.pipeline_stage"] in ("train_judge", "calibrate")}
+        judge_source = next((r.data.tags.get("truthsteer.judge_source", "") for r in runs
+                             if r.data.tags["truthsteer.pipeline_stage"] == "train_judge"), "no train_judge stage")
         steps = {k.removeprefix(PROFILE_PREFIX).removesuffix("_seconds"): round(v, 2)
                  for k, v in sorted(evaluate.data.metrics.items()) if k.startswith(PROFILE_PREFIX)}
         hot = top_functions(f"{tmp}/full.prof") if args.profile else []
@@ -85,6 +92,7 @@ def main() -> None:
         "command": " ".join(command[1:]),
         "wall_seconds": round(seconds, 1),
         "peak_rss_gib": round(peak_kib / 2**20, 3),
+        "judge_source": judge_source,
         "stage_seconds": {k: round(v, 1) for k, v in sorted(stages.items(), key=lambda kv: kv[0])},
         # what the side-effect metrics (evaluation.side_effects) add to evaluate's time, in the same run
         "effects_seconds": round(effects, 1),

@@ -21,7 +21,7 @@ from transformers import Cache, DynamicCache, StaticCache
 
 from core.models import LoadedModel
 from steering.cache import output_cache, with_cache
-from steering.prompts import encode_prompts, format_prompt, left_pad
+from steering.prompts import encode_prompts, format_prompt, left_pad, shared_prefix
 
 # Prefill groups: prompts sorted by length are cut where a group's shortest prompt would be padded by more
 # than this share of its longest, so the prefill computes (almost) no padding: the smoke test split's 80
@@ -144,19 +144,6 @@ def _layer_states(cache: Cache, index: int) -> tuple[torch.Tensor, torch.Tensor]
     return layer.keys, layer.values
 
 
-def shared_prefix(rows_ids: Sequence[Sequence[int]]) -> int:
-    """How many leading tokens every row shares (a chat template's system prompt, its turn markers), at most
-    the shortest row's length - 2, so that every row keeps a token of its own before its last one."""
-    if not rows_ids:
-        return 0
-    limit = min(len(ids) for ids in rows_ids) - 2
-    first = rows_ids[0]
-    shared = 0
-    while shared < limit and all(ids[shared] == first[shared] for ids in rows_ids):
-        shared += 1
-    return shared
-
-
 def _rows_by_length(rows: Sequence[int], lengths: Sequence[int]) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
     for i in rows:
@@ -196,4 +183,4 @@ def _prefill_forward(base: Any, suffixes: Sequence[Sequence[int]], pad_id: int, 
     return output_cache(out)
 
 
-__all__ = ['PREFILL_PADDING', 'PromptPrefill', 'prefill_groups', 'prefill_prompts', 'shared_prefix']
+__all__ = ['PREFILL_PADDING', 'PromptPrefill', 'prefill_groups', 'prefill_prompts']

@@ -60,6 +60,19 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     return input_ids, attention_mask
 
 
+def shared_prefix(rows_ids: Sequence[Sequence[int]], keep: int = 2) -> int:
+    """How many leading tokens every row shares (a chat template's system prompt, its turn markers), at most
+    the shortest row's length - ``keep``: every row keeps ``keep`` tokens of its own."""
+    if not rows_ids:
+        return 0
+    limit = min(len(ids) for ids in rows_ids) - keep
+    first = rows_ids[0]
+    shared = 0
+    while shared < limit and all(ids[shared] == first[shared] for ids in rows_ids):
+        shared += 1
+    return shared
+
+
 def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
     """Left-padded prompts for batched generation: ``input_ids`` and ``attention_mask``."""
     input_ids, attention_mask = left_pad([encode_text(tokenizer, p) for p in prompts], tokenizer.pad_token_id)

@@ -36,13 +36,13 @@ from evaluation.generation_store import (
     store_hash,
     variant_hash,
 )
-from evaluation.prefill import prefill_groups, prefill_prompts, shared_prefix
+from evaluation.prefill import prefill_groups, prefill_prompts
 from steering.hooks import active_hooks, steer
 from steering.layers import d_model
 from steering.methods import method
 from steering.methods.intervention import Steering, steering_key_fields
 from steering.mlp import MLPSteering, MLPSteeringConfig
-from steering.prompts import encode_text, format_prompt
+from steering.prompts import encode_text, format_prompt, shared_prefix
 from tests.tiny_models import EOS_ID, TINY_ARCHS, make_tiny
 
 QUESTIONS = [

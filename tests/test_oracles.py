@@ -22,6 +22,7 @@ Tiny Llama/Gemma-2/Gemma-3/Gemma-3-multimodal models, and (slow) ``smollm2-135m`
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -218,10 +219,13 @@ def tiny_questions() -> list[Question]:
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 @pytest.mark.parametrize("kind", ["caa", "caa_all", "mlp"])
-def test_prefix_cached_mc_logprobs_equal_a_plain_forward_with_an_independent_hook(arch: str, kind: str) -> None:
+@pytest.mark.parametrize("start", ["", "Be truthful, please. "])
+def test_prefix_cached_mc_logprobs_equal_a_plain_forward_with_an_independent_hook(arch: str, kind: str,
+                                                                                   start: str) -> None:
+    """With ``start``, every prompt begins with the same tokens, which the prompts' forward runs once."""
     loaded = tiny_loaded(arch)
     steering = tiny_steerings(loaded)[kind]
-    flat_q, flat_a = mc_rows(tiny_questions())
+    flat_q, flat_a = mc_rows([dataclasses.replace(q, question=start + q.question) for q in tiny_questions()])
     got, steered = answer_logprobs(loaded, flat_q, flat_a, steering, batch_size=3, max_length=256)
     expected = [plain_logprob(loaded, q, a, delta_of(steering), steering.positions == "all")
                 for q, a in zip(flat_q, flat_a, strict=True)]

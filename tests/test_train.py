@@ -37,7 +37,7 @@ from steering.logprobs import (
 )
 from steering.mlp import MLPSteering, MLPSteeringConfig, load_mlp
 from steering.prefix import PrefixCache, suffix_answer_logprobs
-from steering.prompts import answer_text, encode_prompt_answers, format_prompt
+from steering.prompts import answer_text, encode_prompt_answers, format_prompt, shared_prefix
 from steering.sequences import encode_examples, make_batch, pick_incorrect
 from steering.train import batch_order, fast_path_mismatch, subset, train_branch
 from steering.vector_bank import VectorBank
@@ -125,10 +125,14 @@ def test_batch_order_is_seeded_and_cycles_through_the_split() -> None:
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 @pytest.mark.parametrize("positions", ["from_prompt_end", "all"])
 @pytest.mark.parametrize("branch", ["mc", "gen"])
-def test_prefix_cache_scoring_equals_full_scoring(arch: str, positions: str, branch: str) -> None:
+@pytest.mark.parametrize("start", ["", "Be truthful, please. "])
+def test_prefix_cache_scoring_equals_full_scoring(arch: str, positions: str, branch: str, start: str) -> None:
+    """With ``start``, every sequence begins with the same tokens, which the cache's forward runs once."""
     model, tokenizer = tiny(arch)
     module = module_for(model)
-    seqs = sequences(tokenizer, branch)
+    questions = tuple(dataclasses.replace(q, question=start + q.question) for q in short_questions()[:8])
+    seqs = sequences(tokenizer, branch, questions)
+    assert shared_prefix(seqs.token_ids, keep=1) >= (len(start) if start else 0)
     # cached in batches of 3 sorted by length, read back in another grouping and padding
     cache = PrefixCache.build(model, LAYER, seqs, PAD_ID, batch_size=3, positions=positions)
     indices = seqs.sequence_indices([5, 0, 2, 7])
