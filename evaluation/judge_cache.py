@@ -19,12 +19,13 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from importlib.metadata import version
 from pathlib import Path
 
 from core.data_sources import file_sha256
 from core.models import cache_root
+from evaluation.trained_judge import TrainedJudge, load_judge, save_judge
 
 CACHE_ENV = "TRUTHSTEER_JUDGE_CACHE"
 METRICS_FILE = "metrics.json"
@@ -61,28 +62,27 @@ def judge_key(label_files: Iterable[Path], data_sha256: str, train_qids: Iterabl
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=list).encode()).hexdigest()[:24]
 
 
-def read_cached(folder: Path) -> dict[str, float] | None:
-    """The metrics of the judge cached in ``folder``, or None when there is none."""
+def read_cached(folder: Path) -> tuple[TrainedJudge, dict[str, float]] | None:
+    """The judge cached in ``folder`` and what its training logged, or None when there is none."""
     path = folder / METRICS_FILE
     if not path.is_file():
         return None
-    metrics: dict[str, float] = json.loads(path.read_text(encoding="utf-8"))
-    return metrics
+    return load_judge(folder), json.loads(path.read_text(encoding="utf-8"))
 
 
-def write_cached(folder: Path, write_judge: Callable[[Path], object], metrics: Mapping[str, float]) -> None:
-    """Write a judge (``write_judge(tmp_folder)``) and its metrics into ``folder`` atomically; a folder another
-    process wrote first is kept.
+def write_cached(folder: Path, judge: TrainedJudge, metrics: Mapping[str, float]) -> None:
+    """Write ``judge`` (``save_judge``) and its metrics into ``folder`` atomically; a folder another process
+    wrote first is kept.
 
     Args:
         folder: ``judge_cache_dir() / key``.
-        write_judge: writes the judge's files into the folder it is given (``save_judge``).
+        judge: the judge just trained.
         metrics: what its training logged.
     """
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    write_judge(tmp)
+    save_judge(judge, tmp)
     (tmp / METRICS_FILE).write_text(json.dumps(dict(metrics), indent=1, sort_keys=True), encoding="utf-8")
     try:
         os.replace(tmp, folder)

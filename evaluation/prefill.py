@@ -1,6 +1,6 @@
 """The prompts' unsteered prefill that every variant of a batch shares (``evaluation.generate``).
 
-``prefill_prompts`` runs the tokens that every prompt of a batch starts with once (``shared_prefix``: a
+``prefill_prompts`` runs the tokens that every prompt of a batch starts with once (``steering.shared_start``: a
 chat template's system prompt is 24 of the smoke prompts' 43 tokens on average for SmolLM2), then the rest
 of each prompt, all but its last token, in groups of similar length (``prefill_groups``: next to no
 padding is computed), and lays their keys/values out left-padded, as
@@ -16,12 +16,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import Cache, DynamicCache, StaticCache
 
 from core.models import LoadedModel
 from steering.cache import output_cache, with_cache
-from steering.prompts import encode_prompts, format_prompt, left_pad, shared_prefix
+from steering.prompts import encode_prompts, format_prompt, shared_prefix
+from steering.shared_start import prefix_forward, repeat_rows, sliding_window, suffix_inputs
 
 # Prefill groups: prompts sorted by length are cut where a group's shortest prompt would be padded by more
 # than this share of its longest, so the prefill computes (almost) no padding: the smoke test split's 80
@@ -70,11 +70,6 @@ def prefill_groups(lengths: Sequence[int], padding: float = PREFILL_PADDING) -> 
     return groups
 
 
-def _sliding_window(model: nn.Module) -> int | None:
-    config: Any = model.config
-    return getattr(config.get_text_config(decoder=True), "sliding_window", None)
-
-
 @torch.inference_mode()
 def prefill_prompts(loaded: LoadedModel, questions: Sequence[str], max_new_tokens: int | None = None) -> PromptPrefill | None:
     """The ``PromptPrefill`` of ``questions`` (None when the padded prompts are a single token).
@@ -102,13 +97,14 @@ def prefill_prompts(loaded: LoadedModel, questions: Sequence[str], max_new_token
     base: Any = model.base_model
     lengths = encoded["attention_mask"].sum(dim=1).tolist()
     rows_ids = [ids[width - n:].tolist() for ids, n in zip(encoded["input_ids"], lengths, strict=True)]
-    window = _sliding_window(model)
+    window = sliding_window(model)
     if max_new_tokens is None or (window is not None and width - 1 + max_new_tokens > window):
         # the cache generate would make (sliding-window layers as the config says), filled by one forward
-        cache = _prefill_forward(base, rows_ids, tokenizer.pad_token_id, loaded.device, model.config, None)
+        cache = _prefill_forward(base, rows_ids, tokenizer.pad_token_id, loaded.device,
+                                 DynamicCache(config=model.config), 0)
         return PromptPrefill(tuple(questions), cache)
     shared = shared_prefix(rows_ids)
-    prefix = _prefix_states(base, rows_ids[0][:shared], loaded.device, model.config) if shared else None
+    prefix = prefix_forward(base, rows_ids[0][:shared], loaded.device, model.config) if shared else None
     static = StaticCache(config=model.config, max_cache_len=width - 1 + max_new_tokens)
     allocated = False
     for rows in prefill_groups(lengths):
@@ -116,7 +112,10 @@ def prefill_prompts(loaded: LoadedModel, questions: Sequence[str], max_new_token
         suffix_width = max(len(t) for t in suffixes)
         if shared + suffix_width < 2:
             continue  # one-token prompts: their row before the last token is all padding
-        cache = _prefill_forward(base, suffixes, tokenizer.pad_token_id, loaded.device, model.config, prefix)
+        begun = DynamicCache(config=model.config) if prefix is None else repeat_rows(prefix, len(rows), model.config)
+        cache = _prefill_forward(base, suffixes, tokenizer.pad_token_id, loaded.device, begun, shared)
+        # where each row's shared start goes: just before its own tokens (over the padding the group gave it)
+        by_length = _rows_by_length(rows, lengths)
         for index in range(len(cache.layers)):
             keys, values = _layer_states(cache, index)  # (rows, heads, shared + suffix_width - 1, head_dim) each
             if not allocated:  # every row's room, zero over the prompts (padding stays zero, and masked)
@@ -129,11 +128,10 @@ def prefill_prompts(loaded: LoadedModel, questions: Sequence[str], max_new_token
             at = torch.tensor(rows, device=keys.device)  # (rows,); a layer's device (models split over GPUs)
             static_keys[at, :, width - suffix_width:width - 1] = keys[:, :, shared:]
             static_values[at, :, width - suffix_width:width - 1] = values[:, :, shared:]
-            # then the shared prefix just before each row's own tokens (over the padding the group gave it)
-            for length, same in _rows_by_length(rows, lengths).items():
-                start, at_same = width - length, torch.tensor(same, device=keys.device)  # (rows of this length,)
-                static_keys[at_same, :, start:start + shared] = keys[:1, :, :shared]
-                static_values[at_same, :, start:start + shared] = values[:1, :, :shared]
+            for length, same in by_length.items():
+                first, at_same = width - length, same.to(keys.device)  # (rows of this length,)
+                static_keys[at_same, :, first:first + shared] = keys[:1, :, :shared]
+                static_values[at_same, :, first:first + shared] = values[:1, :, :shared]
         allocated = True
     return PromptPrefill(tuple(questions), static, max_new_tokens)
 
@@ -144,40 +142,19 @@ def _layer_states(cache: Cache, index: int) -> tuple[torch.Tensor, torch.Tensor]
     return layer.keys, layer.values
 
 
-def _rows_by_length(rows: Sequence[int], lengths: Sequence[int]) -> dict[int, list[int]]:
+def _rows_by_length(rows: Sequence[int], lengths: Sequence[int]) -> dict[int, torch.Tensor]:
+    """The rows of a group by prompt length: ``length -> (rows,)`` indices."""
     out: dict[int, list[int]] = {}
     for i in rows:
         out.setdefault(lengths[i], []).append(i)
-    return out
+    return {length: torch.tensor(same) for length, same in out.items()}
 
 
-def _prefix_states(base: Any, prefix_ids: Sequence[int], device: torch.device, config: Any) -> Cache:
-    """The keys/values of the tokens every prompt starts with, from one row's forward."""
-    input_ids = torch.tensor([list(prefix_ids)], device=device)  # (1, shared)
-    out = base(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True,
-               **with_cache(base, DynamicCache(config=config)))
-    return output_cache(out)
-
-
-def _prefill_forward(base: Any, suffixes: Sequence[Sequence[int]], pad_id: int, device: torch.device, config: Any,
-                     prefix: Cache | None) -> Cache:
-    """A ``DynamicCache`` of the rows' shared prefix (``prefix``, copied to each row) and their own tokens,
+def _prefill_forward(base: Any, suffixes: Sequence[Sequence[int]], pad_id: int, device: torch.device, cache: Cache,
+                     shared: int) -> Cache:
+    """``cache`` (holding the rows' ``shared`` first tokens, or nothing) continued with their own tokens,
     left-padded, but the last: ``(rows, heads, shared + width - 1, head_dim)`` a layer."""
-    input_ids, suffix_mask = left_pad(suffixes, pad_id)  # (rows, width) each
-    input_ids, suffix_mask = input_ids.to(device), suffix_mask.to(device)
-    rows = input_ids.shape[0]
-    cache = DynamicCache(config=config)
-    shared = 0
-    if prefix is not None:
-        for index in range(len(prefix.layers)):
-            keys, values = _layer_states(prefix, index)  # (1, heads, shared, head_dim) each
-            cache.update(keys.expand(rows, -1, -1, -1).contiguous(), values.expand(rows, -1, -1, -1).contiguous(),
-                         index)
-            shared = keys.shape[2]
-    attention_mask = torch.cat([suffix_mask.new_ones(rows, shared), suffix_mask], dim=1)  # (rows, shared + width)
-    # the position ids generate gives left-padded rows, counted over each row's own tokens (padding's are never
-    # attended to)
-    position_ids = (shared + suffix_mask.cumsum(dim=1) - 1).masked_fill(suffix_mask == 0, 1)  # (rows, width)
+    input_ids, attention_mask, position_ids = suffix_inputs(suffixes, pad_id, shared, device)
     out = base(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=position_ids[:, :-1],
                use_cache=True, **with_cache(base, cache))
     return output_cache(out)

@@ -39,7 +39,7 @@ from evaluation.judge_cache import judge_cache_dir, judge_key, read_cached, writ
 from evaluation.judge_features import FEATURE_VERSION, Featurizer
 from evaluation.judges import JudgeError
 from evaluation.semantic_judge import minilm_encoder
-from evaluation.trained_judge import Head, TrainedJudge, cross_validated_heads, load_judge, save_judge
+from evaluation.trained_judge import Head, TrainedJudge, cross_validated_heads, save_judge
 
 JUDGE_ARTIFACT = artifacts.JUDGE_DIR
 MODEL_NAME = "judge_model"
@@ -124,16 +124,15 @@ def run(cfg: Config, *, data_run: str = "") -> TrainedJudge:
     found = read_cached(cached) if cached is not None else None
     profile.take()  # this stage's steps only
     if found is not None and cached is not None:
-        judge = load_judge(cached)
-        metrics.update(found)
+        judge, trained = found
         mlflow.set_tag(TAG_JUDGE_SOURCE, f"cache {cached.name}")
         print(f"trained judge read from the cache {cached} (delete it to train again)")
     else:
         judge, trained = train(cfg, folder, train_questions)
-        metrics.update(trained)
         if cached is not None:
-            write_cached(cached, lambda tmp: save_judge(judge, tmp), metrics)
+            write_cached(cached, judge, {**metrics, **trained})
         mlflow.set_tag(TAG_JUDGE_SOURCE, "trained")
+    metrics.update(trained)
     metrics["train_seconds"] = time.perf_counter() - started
     mlflow.log_metrics(metrics)
     print(", ".join(f"{step} {seconds:.1f} s" for step, seconds in profile.log().items()))

@@ -15,17 +15,17 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import Cache, DynamicCache
+from transformers import DynamicCache
 
-from steering.cache import output_cache, with_cache
+from steering.cache import with_cache
 from steering.hooks import SteeredCount, record_residuals
 from steering.layers import check_layer, decoder_layers
 from steering.logprobs import (
     answer_head_logprobs,
     full_logits_logprobs,
 )
-from steering.prompts import left_pad, shared_prefix
 from steering.sequences import Sequences
+from steering.shared_start import forward_chunks
 
 
 class _PassThrough(nn.Module):
@@ -219,7 +219,7 @@ class PrefixCache:
         splits = cls.split_points(seqs, positions, layer, n_layers)
         residuals: list[Tensor] = [torch.empty(0)] * len(splits)
         prefix_of, prefixes = [-1] * len(splits), _PrefixStore()
-        for chunk, width, cache, acts in _forward_chunks(model, seqs.token_ids, pad_id, batch_size, [layer]):
+        for chunk, width, cache, acts in forward_chunks(model, seqs.token_ids, pad_id, batch_size, [layer]):
             for row, i in enumerate(chunk):
                 first = width - len(seqs.token_ids[i])  # the row's first real token
                 residuals[i] = acts[layer][row, first + splits[i]:].clone()  # (n_suffix, d_model)
@@ -245,7 +245,7 @@ class PrefixCache:
         n_layers = len(decoder_layers(model))
         distinct = list(dict.fromkeys(ids[:n] for ids, n in zip(seqs.token_ids, splits, strict=True) if n))
         store = _PrefixStore()
-        for chunk, width, cache, _ in _forward_chunks(model, distinct, pad_id, batch_size, []):
+        for chunk, width, cache, _ in forward_chunks(model, distinct, pad_id, batch_size, []):
             for row, i in enumerate(chunk):
                 store.add(distinct[i], cache, row, width - len(distinct[i]), range(n_layers))
         prefix_of = [store.index[ids[:n]] if n else -1 for ids, n in zip(seqs.token_ids, splits, strict=True)]
@@ -312,72 +312,6 @@ class _PrefixStore:
             self.values.append(tuple((cache.layers[j].keys[row, :, first:end].clone(),  # (kv_heads, len, head_dim)
                                       cache.layers[j].values[row, :, first:end].clone()) for j in layers))
         return self.index[ids]
-
-
-def _forward_chunks(model: nn.Module, token_ids: Sequence[Sequence[int]], pad_id: int, batch_size: int,
-                    record: Sequence[int]) -> Iterator[tuple[list[int], int, Cache, dict[int, Tensor]]]:
-    """Unsteered forwards over ``token_ids`` in left-padded batches of similar length, with a plain
-    cache (every key of every layer kept) and positions counted from each row's first real token;
-    yields the chunk's indices, its padded width, the cache and the recorded layers' outputs, both laid
-    out left-padded. The tokens every row of a chunk starts with (a chat template's system prompt) run
-    once, in one row, and the rest of each row attends to copies of their keys/values (unless a sliding
-    window is narrower than the chunk)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
-    device = next(model.parameters()).device
-    base: Any = model.base_model
-    config: Any = model.config
-    window = getattr(config.get_text_config(decoder=True), "sliding_window", None)
-    order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        rows = [token_ids[i] for i in chunk]
-        width = max(len(r) for r in rows)
-        # sliding-window masks count cache slots, which the padding between prefix and rest would stretch
-        shared = shared_prefix(rows, keep=1) if len(rows) > 1 and (window is None or window >= width) else 0
-        cache: Any = DynamicCache()
-        acts: dict[int, Tensor] = {}
-        prefix_acts: dict[int, Tensor] = {}
-        if shared:
-            prefix_ids = torch.tensor([list(rows[0][:shared])], device=device)  # (1, shared)
-            with record_residuals(model, record) as recorded:
-                base(input_ids=prefix_ids, attention_mask=torch.ones_like(prefix_ids), use_cache=True,
-                     **with_cache(base, cache))
-            for layer in cache.layers:  # the prefix's keys/values, one copy per row
-                layer.keys, layer.values = (t.expand(len(rows), -1, -1, -1).contiguous()
-                                            for t in (layer.keys, layer.values))
-            prefix_acts = recorded
-        input_ids, suffix_mask = (t.to(device) for t in left_pad([r[shared:] for r in rows], pad_id))
-        attention_mask = torch.cat([suffix_mask.new_ones(len(rows), shared), suffix_mask], dim=1)  # (batch, seq)
-        position_ids = (shared + suffix_mask.cumsum(dim=1) - 1).clamp(min=0)  # (batch, suffix)
-        with record_residuals(model, record) as suffix_acts:
-            out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       **with_cache(base, cache), use_cache=True)
-        cache = output_cache(out)
-        for layer_index, states in suffix_acts.items():  # (batch, suffix, d_model)
-            acts[layer_index] = (torch.cat([prefix_acts[layer_index].expand(len(rows), -1, -1), states], dim=1)
-                                 if shared else states)  # (batch, seq, d_model)
-        if shared:  # [prefix][padding][rest] -> [padding][prefix][rest]: each row's prefix just before its rest
-            cache, acts = _left_padded(cache, acts, [len(r) for r in rows], shared, width)
-        yield chunk, width, cache, acts
-
-
-def _left_padded(cache: Any, acts: dict[int, Tensor], lengths: Sequence[int], shared: int,
-                 width: int) -> tuple[Cache, dict[int, Tensor]]:
-    """A chunk's cache and recorded outputs laid out ``[prefix][padding][rest]`` (the prefix run first, the
-    rest left-padded after it) moved to ``[padding][prefix][rest]``: the rest of each row is where it was,
-    its prefix moves to just before it."""
-    index = torch.arange(width).repeat(len(lengths), 1)  # (batch, width): where each position comes from
-    for row, n in enumerate(lengths):
-        index[row, width - n:width - n + shared] = torch.arange(shared)
-    for layer in cache.layers:  # layer by layer, in place: one layer's copy at a time
-        at = index.to(layer.keys.device)[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
-        layer.keys, layer.values = layer.keys.gather(2, at), layer.values.gather(2, at)
-    out = {}
-    for j, states in acts.items():
-        at = index.to(states.device)[:, :, None].expand(-1, -1, states.shape[2])
-        out[j] = states.gather(1, at)
-    return cache, out
 
 
 @torch.inference_mode()

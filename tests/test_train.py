@@ -132,7 +132,8 @@ def test_prefix_cache_scoring_equals_full_scoring(arch: str, positions: str, bra
     module = module_for(model)
     questions = tuple(dataclasses.replace(q, question=start + q.question) for q in short_questions()[:8])
     seqs = sequences(tokenizer, branch, questions)
-    assert shared_prefix(seqs.token_ids, keep=1) >= (len(start) if start else 0)
+    if start:  # the shared start runs once (the tiny Gemmas' window, 6, is narrower: they run it per row)
+        assert shared_prefix(seqs.token_ids, keep=1) >= len(start)
     # cached in batches of 3 sorted by length, read back in another grouping and padding
     cache = PrefixCache.build(model, LAYER, seqs, PAD_ID, batch_size=3, positions=positions)
     indices = seqs.sequence_indices([5, 0, 2, 7])
