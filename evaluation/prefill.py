@@ -2,7 +2,7 @@
 
 ``prefill_prompts`` runs the tokens that every prompt of a batch starts with once (``steering.shared_start``: a
 chat template's system prompt is 24 of the smoke prompts' 43 tokens on average for SmolLM2), then the rest
-of each prompt, all but its last token, in groups of similar length (``prefill_groups``: next to no
+of each prompt, all but its last token, in groups of similar length (``length_groups``: next to no
 padding is computed), and lays their keys/values out left-padded, as
 ``steering.prompts.encode_prompts`` pads them, in a ``StaticCache`` with room for the answers, which
 decoding then fills in place rather than concatenating a growing cache at every step. Models whose sliding
@@ -21,12 +21,7 @@ from transformers import Cache, DynamicCache, StaticCache
 from core.models import LoadedModel
 from steering.cache import output_cache, with_cache
 from steering.prompts import encode_prompts, format_prompt, shared_prefix
-from steering.shared_start import prefix_forward, repeat_rows, sliding_window, suffix_inputs
-
-# Prefill groups: prompts sorted by length are cut where a group's shortest prompt would be padded by more
-# than this share of its longest, so the prefill computes (almost) no padding: the smoke test split's 80
-# prompts pad to 5,680 positions in one forward and to 3,577 in 6 groups, for 3,439 real tokens.
-PREFILL_PADDING = 0.1
+from steering.shared_start import length_groups, prefix_forward, repeat_rows, sliding_window, suffix_inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,29 +47,11 @@ class PromptPrefill:
         return self.questions == tuple(questions) and self.max_new_tokens in (None, max_new_tokens)
 
 
-def prefill_groups(lengths: Sequence[int], padding: float = PREFILL_PADDING) -> list[list[int]]:
-    """Row indices in groups of similar prompt length, longest first: a group's shortest prompt is padded
-    by at most ``padding`` times its longest (a group of one when no other fits).
-
-    Args:
-        lengths: each row's prompt length in tokens.
-        padding: the largest share of a group's width that padding may fill in one row.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    groups: list[list[int]] = []
-    for i in order:
-        if groups and lengths[groups[-1][0]] - lengths[i] <= padding * lengths[groups[-1][0]]:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
-
-
 @torch.inference_mode()
 def prefill_prompts(loaded: LoadedModel, questions: Sequence[str], max_new_tokens: int | None = None) -> PromptPrefill | None:
     """The ``PromptPrefill`` of ``questions`` (None when the padded prompts are a single token).
 
-    With ``max_new_tokens``, the prompts run in groups of similar length (``prefill_groups``: next to no
+    With ``max_new_tokens``, the prompts run in groups of similar length (``length_groups``: next to no
     padding is computed) and their keys/values are laid out left-padded in a ``StaticCache`` with room
     for ``max_new_tokens`` more positions, which decoding then writes in place instead of concatenating a
     growing cache at every step. The tokens every prompt starts with run once, in one row, and each group
@@ -107,7 +84,7 @@ def prefill_prompts(loaded: LoadedModel, questions: Sequence[str], max_new_token
     prefix = prefix_forward(base, rows_ids[0][:shared], loaded.device, model.config) if shared else None
     static = StaticCache(config=model.config, max_cache_len=width - 1 + max_new_tokens)
     allocated = False
-    for rows in prefill_groups(lengths):
+    for rows in length_groups(lengths):
         suffixes = [rows_ids[i][shared:] for i in rows]
         suffix_width = max(len(t) for t in suffixes)
         if shared + suffix_width < 2:
@@ -160,4 +137,4 @@ def _prefill_forward(base: Any, suffixes: Sequence[Sequence[int]], pad_id: int, 
     return output_cache(out)
 
 
-__all__ = ['PREFILL_PADDING', 'PromptPrefill', 'prefill_groups', 'prefill_prompts']
+__all__ = ['PromptPrefill', 'prefill_prompts']

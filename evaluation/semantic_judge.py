@@ -10,11 +10,16 @@ incorrect ones) are embedded with all-MiniLM-L6-v2 (shipped offline in the packa
 - ``semantic_diff``: ``max_correct - max_incorrect``.
 
 Texts are embedded in batches, once each: embeddings are cached per unique text for the judge's
-lifetime, so the references shared by every variant of a question are embedded once.
+lifetime, so the references shared by every variant of a question are embedded once. ``minilm_encoder``
+itself is one per device and batch size in a process and keeps what it embedded (``EMBEDDING_MEMO``
+texts at most), so the trained judge's features and this judge, in ``calibrate`` and then in ``evaluate``
+of a ``full`` run, embed a text once and load MiniLM once.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,6 +31,7 @@ from evaluation.judges import BaseJudge, JudgeItem, register, truthfulqa_referen
 
 Encoder = Callable[[Sequence[str]], np.ndarray]  # texts -> (n_texts, dim) embeddings
 ENCODE_BATCH = 64  # texts per MiniLM forward pass
+EMBEDDING_MEMO = 65_536  # texts whose embedding an encoder keeps (float32: ~100 MB at MiniLM's 384 dims)
 
 
 def minilm_path() -> str:
@@ -41,21 +47,39 @@ def minilm_path() -> str:
 
 
 def minilm_encoder(device: str = "cpu", batch_size: int = ENCODE_BATCH) -> Encoder:
-    """A batched MiniLM encoder, loaded offline from the local package.
+    """The batched MiniLM encoder of ``device``, loaded offline from the local package once per process.
+
+    Every caller in a process with the same arguments gets the same encoder, and with it the
+    embeddings it already computed: only texts it has not seen are encoded (in one ``encode`` call,
+    ``batch_size`` at a time), and it keeps the last ``EMBEDDING_MEMO`` texts' embeddings. A text's
+    embedding can differ in the last bits with the other texts of its batch (padding), under 1e-6.
 
     Args:
         device: torch device for the embedder (``cpu``, ``cuda:1``...).
         batch_size: texts per forward pass.
     """
+    return _encoder(str(device), int(batch_size))  # minilm_encoder() is minilm_encoder("cpu", 64)
+
+
+@functools.cache
+def _encoder(device: str, batch_size: int) -> Encoder:
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(minilm_path(), device=device, local_files_only=True)
+    memo: dict[str, np.ndarray] = {}  # text -> (dim,) float32, oldest first
+    lock = threading.Lock()
 
     def encode(texts: Sequence[str]) -> np.ndarray:
-        return np.asarray(
-            model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False),
-            dtype=np.float64,
-        )  # (n_texts, dim)
+        with lock:
+            new = [t for t in dict.fromkeys(texts) if t not in memo]
+            if new:
+                vectors = model.encode(new, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+                memo.update(zip(new, np.asarray(vectors, dtype=np.float32), strict=True))  # (n_new, dim) rows
+            out = np.stack([memo[t] for t in texts]).astype(np.float64) if texts else np.zeros((0, 0))  # (n, dim)
+            if len(memo) > EMBEDDING_MEMO:  # the oldest go
+                for old in list(memo)[:len(memo) - EMBEDDING_MEMO]:
+                    del memo[old]
+        return out
 
     return encode
 

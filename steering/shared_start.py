@@ -5,6 +5,8 @@ row, and the rest of each row attends to copies of their keys/values.
 ``prefix_forward``, ``repeat_rows`` and ``suffix_inputs`` are the pieces (``evaluation.prefill`` lays the
 result out in a static cache for generation); ``forward_chunks`` is the unsteered chunked forward of the
 prefix cache (``steering.prefix``: MC's prompts, answer KL, training), its output laid out left-padded.
+Both run the rest of the rows in groups of similar length (``length_groups``), so next to no padding is
+computed.
 Position ids count each row's own tokens, so a row's keys/values do not depend on what it shares. A
 sliding window narrower than the rows is left alone: its mask counts cache slots, which the padding
 between the shared start and the rest would stretch.
@@ -22,6 +24,29 @@ from transformers import Cache, DynamicCache
 from steering.cache import output_cache, with_cache
 from steering.hooks import record_residuals
 from steering.prompts import left_pad, shared_prefix
+
+# Length groups: rows sorted by length are cut where a group's shortest row would be padded by more than this
+# share of its longest, so the forwards compute (almost) no padding: the smoke test split's 80 prompts pad to
+# 5,680 positions in one forward and to 3,577 in 6 groups, for 3,439 real tokens.
+GROUP_PADDING = 0.1
+
+
+def length_groups(lengths: Sequence[int], padding: float = GROUP_PADDING) -> list[list[int]]:
+    """Row indices in groups of similar length, longest first: a group's shortest row is padded by at most
+    ``padding`` times its longest (a group of one when no other fits).
+
+    Args:
+        lengths: each row's length in tokens.
+        padding: the largest share of a group's width that padding may fill in one row.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[groups[-1][0]] - lengths[i] <= padding * lengths[groups[-1][0]]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def sliding_window(model: nn.Module) -> int | None:
@@ -60,13 +85,15 @@ def suffix_inputs(suffixes: Sequence[Sequence[int]], pad_id: int, shared: int,
 
 
 def forward_chunks(model: nn.Module, token_ids: Sequence[Sequence[int]], pad_id: int, batch_size: int,
-                    record: Sequence[int]) -> Iterator[tuple[list[int], int, Cache, dict[int, Tensor]]]:
-    """Unsteered forwards over ``token_ids`` in left-padded batches of similar length, with a plain
-    cache (every key of every layer kept) and positions counted from each row's first real token;
-    yields the chunk's indices, its padded width, the cache and the recorded layers' outputs, both laid
-    out left-padded. The tokens every row of a chunk starts with (a chat template's system prompt) run
-    once, in one row, and the rest of each row attends to copies of their keys/values (unless a sliding
-    window is narrower than the chunk)."""
+                   record: Sequence[int]) -> Iterator[tuple[list[int], int, Cache, dict[int, Tensor]]]:
+    """Unsteered forwards over ``token_ids``, ``batch_size`` rows at most at a time, with a plain cache (every
+    key of every layer kept) and positions counted from each row's first real token; yields each group's
+    indices, its padded width, the cache and the recorded layers' outputs, both laid out left-padded.
+
+    Rows sorted by length are taken ``batch_size`` at a time (a chunk). The tokens every row of a chunk
+    starts with (a chat template's system prompt) run once, in one row (unless a sliding window is narrower
+    than the chunk); the rest of the chunk's rows run in groups of similar length (``length_groups``),
+    each row attending to copies of those keys/values."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     device = next(model.parameters()).device
@@ -78,22 +105,26 @@ def forward_chunks(model: nn.Module, token_ids: Sequence[Sequence[int]], pad_id:
         rows = [token_ids[i] for i in chunk]
         width = max(len(r) for r in rows)
         shared = shared_prefix(rows, keep=1) if len(rows) > 1 and (window is None or window >= width) else 0
-        cache: Any = DynamicCache()
+        prefix: Cache | None = None
         prefix_acts: dict[int, Tensor] = {}
         if shared:
             with record_residuals(model, record) as prefix_acts:
                 prefix = prefix_forward(base, rows[0][:shared], device)
-            cache = repeat_rows(prefix, len(rows))
-        input_ids, attention_mask, position_ids = suffix_inputs([r[shared:] for r in rows], pad_id, shared, device)
-        with record_residuals(model, record) as acts:
-            out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       **with_cache(base, cache), use_cache=True)
-        cache = output_cache(out)
-        if shared:  # [prefix][padding][rest] -> [padding][prefix][rest]: each row's prefix just before its rest
-            acts = {j: torch.cat([prefix_acts[j].expand(len(rows), -1, -1), states], dim=1)  # (batch, seq, d_model)
-                    for j, states in acts.items()}
-            cache, acts = _left_padded(cache, acts, [len(r) for r in rows], shared, width)
-        yield chunk, width, cache, acts
+        for group in length_groups([len(r) for r in rows]):
+            members = [rows[g] for g in group]
+            group_width = max(len(r) for r in members)
+            cache: Any = repeat_rows(prefix, len(members)) if prefix is not None else DynamicCache()
+            input_ids, attention_mask, position_ids = suffix_inputs([r[shared:] for r in members], pad_id, shared,
+                                                                    device)
+            with record_residuals(model, record) as acts:
+                out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           **with_cache(base, cache), use_cache=True)
+            cache = output_cache(out)
+            if shared:  # [prefix][padding][rest] -> [padding][prefix][rest]: each row's prefix just before its rest
+                acts = {j: torch.cat([prefix_acts[j].expand(len(members), -1, -1), states], dim=1)  # (rows, seq, d)
+                        for j, states in acts.items()}
+                cache, acts = _left_padded(cache, acts, [len(r) for r in members], shared, group_width)
+            yield [chunk[g] for g in group], group_width, cache, acts
 
 
 def _left_padded(cache: Any, acts: dict[int, Tensor], lengths: Sequence[int], shared: int,
@@ -114,4 +145,4 @@ def _left_padded(cache: Any, acts: dict[int, Tensor], lengths: Sequence[int], sh
     return cache, out
 
 
-__all__ = ['forward_chunks', 'prefix_forward', 'repeat_rows', 'sliding_window', 'suffix_inputs']
+__all__ = ['GROUP_PADDING', 'forward_chunks', 'length_groups', 'prefix_forward', 'repeat_rows', 'sliding_window', 'suffix_inputs']

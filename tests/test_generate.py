@@ -36,13 +36,14 @@ from evaluation.generation_store import (
     store_hash,
     variant_hash,
 )
-from evaluation.prefill import prefill_groups, prefill_prompts
+from evaluation.prefill import prefill_prompts
 from steering.hooks import active_hooks, steer
 from steering.layers import d_model
 from steering.methods import method
 from steering.methods.intervention import Steering, steering_key_fields
 from steering.mlp import MLPSteering, MLPSteeringConfig
 from steering.prompts import encode_text, format_prompt, shared_prefix
+from steering.shared_start import length_groups
 from tests.tiny_models import EOS_ID, TINY_ARCHS, make_tiny
 
 QUESTIONS = [
@@ -187,7 +188,7 @@ def test_the_grouped_static_prefill_holds_the_keys_and_values_of_one_padded_forw
     questions = [start + q for q in QUESTIONS]
     ids = [encode_text(loaded.tokenizer, format_prompt(q, loaded.tokenizer, "qa")) for q in questions]
     lengths = [len(i) for i in ids]
-    assert len(prefill_groups(lengths)) >= 3  # the questions' lengths differ: several groups are laid out
+    assert len(length_groups(lengths)) >= 3  # the questions' lengths differ: several groups are laid out
     if start:  # the shared start runs once
         assert shared_prefix(ids) >= 10
     grouped, plain = prefill_prompts(loaded, questions, 10), prefill_prompts(loaded, questions)
@@ -212,15 +213,15 @@ def test_shared_prefix_leaves_every_row_a_token_before_its_last() -> None:
     assert shared_prefix([[1], [1, 2]]) == 0
 
 
-def test_prefill_groups_cover_every_row_once_with_bounded_padding() -> None:
+def test_length_groups_cover_every_row_once_with_bounded_padding() -> None:
     lengths = [35, 71, 64, 70, 36, 50, 49, 2, 71]
-    groups = prefill_groups(lengths, padding=0.1)
+    groups = length_groups(lengths, padding=0.1)
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
     for group in groups:
         width = max(lengths[i] for i in group)
         assert lengths[group[0]] == width and all(width - lengths[i] <= 0.1 * width for i in group)
     assert [[lengths[i] for i in g] for g in groups] == [[71, 71, 70, 64], [50, 49], [36, 35], [2]]
-    assert prefill_groups(lengths, padding=1.0) == [[1, 8, 3, 2, 5, 6, 4, 0, 7]]
+    assert length_groups(lengths, padding=1.0) == [[1, 8, 3, 2, 5, 6, 4, 0, 7]]
 
 
 def test_sampling_is_seeded_per_batch() -> None:

@@ -39,6 +39,7 @@ from steering.mlp import MLPSteering, MLPSteeringConfig, load_mlp
 from steering.prefix import PrefixCache, suffix_answer_logprobs
 from steering.prompts import answer_text, encode_prompt_answers, format_prompt, shared_prefix
 from steering.sequences import encode_examples, make_batch, pick_incorrect
+from steering.shared_start import forward_chunks, sliding_window
 from steering.train import batch_order, fast_path_mismatch, subset, train_branch
 from steering.vector_bank import VectorBank
 from tests.conftest import DATA_CSV
@@ -152,6 +153,38 @@ def test_prefix_cache_scoring_equals_full_scoring(arch: str, positions: str, bra
     expected_prefixes = 0 if positions == "all" else \
         len({ids[:n] for ids, n in zip(seqs.token_ids, cache.splits, strict=True)})
     assert len(cache.prefixes) == expected_prefixes == (0 if positions == "all" else seqs.n_examples)
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_forward_chunks_in_length_groups_hold_what_each_row_alone_computes(arch: str) -> None:
+    """Chunks of 5 rows that share 12 first tokens, each chunk's rest in groups of similar length (the tiny
+    Gemma-2's window, 6, is narrower than the rows: no shared start, groups alone). Oracle: a forward of each
+    row alone, without padding; its cache and ``output_hidden_states`` (entry ``LAYER + 1`` is that layer's
+    output, not normed)."""
+    model, _ = tiny(arch)
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randint(6, 262, (12,), generator=generator).tolist()
+    rows = [start + torch.randint(6, 262, (n,), generator=generator).tolist() for n in (1, 2, 3, 15, 16, 30, 31, 8)]
+    seen: list[int] = []
+    n_groups = 0
+    with torch.no_grad():
+        for group, width, cache, acts in forward_chunks(model, rows, PAD_ID, 5, [LAYER]):
+            n_groups += 1
+            for row, i in enumerate(group):
+                seen.append(i)
+                alone = model.base_model(input_ids=torch.tensor([rows[i]]), use_cache=True, output_hidden_states=True)
+                first = width - len(rows[i])
+                assert torch.allclose(acts[LAYER][row, first:], alone.hidden_states[LAYER + 1][0], atol=1e-5, rtol=0)
+                for mine, theirs in zip(cache.layers, alone.past_key_values.layers, strict=True):
+                    kept = theirs.keys.shape[2]  # a sliding layer of the model's own cache keeps its window's
+                    assert kept == len(rows[i]) or arch != "llama"
+                    assert torch.allclose(mine.keys[row, :, width - kept:width], theirs.keys[0], atol=1e-5, rtol=0)
+                    assert torch.allclose(mine.values[row, :, width - kept:width], theirs.values[0], atol=1e-5, rtol=0)
+    assert sorted(seen) == list(range(len(rows)))  # every row once
+    assert n_groups > 2  # two chunks, and at least one of them in several groups
+    # every chunk shares its 12 first tokens: Llama runs them once, the tiny Gemma-2 (window 6) per row
+    assert shared_prefix(rows[:5], keep=1) >= 12 and (sliding_window(model) is None) == (arch == "llama")
 
 
 def test_prefix_cache_batch_layout() -> None:
