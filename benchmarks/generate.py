@@ -32,9 +32,11 @@ matmul library is slower than on large squares. ``decode_shape_gflops`` times th
 linear layer's and the LM head's shape at the batch's rows), the most decode can reach here.
 
 ``prefill_then_decode`` sets the evaluate path (prompts prefilled in groups of similar length into a static
-cache, ``evaluation.prefill.prefill_prompts``, and PyTorch's math attention kernel for decoding on a CPU)
-against the same with the default (flash) kernel and against the earlier path (one forward over the padded
-batch into a cache that grows by concatenation each step), in the order A B C C B A, with the same answers.
+cache, ``evaluation.prefill.prefill_prompts``, PyTorch's math attention kernel for decoding on a CPU, and
+greedy decoding that drops a row from the batch when it stops, ``evaluation.generate.greedy_decode``)
+against the same with the default (flash) kernel, against the same through ``model.generate`` (every row
+decoded to the end) and against the earlier prefill (one forward over the padded batch into a cache that
+grows by concatenation each step), in the order A B C D D C B A, with the same answers.
 
 Run: ``python -m benchmarks.generate`` (options: ``--help``); writes ``benchmarks/results/generate.json``.
 """
@@ -111,19 +113,23 @@ def decode_shape_gflops(model: Any, rows: int, repeats: int = 5) -> float:
 
 def compare_prefills(loaded: Any, questions: list[Any], steering: Steering, decoding: EvalConfig,
                      answers: list[str]) -> dict[str, Any]:
-    """Seconds to prefill and answer ``questions`` batch by batch three ways, in the order A B C C B A: the
-    evaluate path (``grouped_static``), the same with PyTorch's default (flash) attention kernel for decoding
-    (``grouped_static_flash``), and one padded forward into a growing cache (``padded_growing``, math kernel);
-    each run's answers must equal ``answers``."""
+    """Seconds to prefill and answer ``questions`` batch by batch four ways, in the order A B C D D C B A: the
+    evaluate path (``grouped_static``: greedy decoding that drops each row when it stops), the same with
+    PyTorch's default (flash) attention kernel for decoding (``grouped_static_flash``), the same through
+    ``model.generate``, which keeps every row to the end (``grouped_static_generate``), and one padded forward
+    into a growing cache (``padded_growing``, math kernel, our decoding); each run's answers must equal
+    ``answers``."""
     ordered = generation_order(loaded, questions)
     by_id = {q.id: i for i, q in enumerate(questions)}
     chunks = [ordered[i:i + decoding.batch_size] for i in range(0, len(ordered), decoding.batch_size)]
-    names = ("grouped_static", "grouped_static_flash", "padded_growing")
+    names = ("grouped_static", "grouped_static_flash", "grouped_static_generate", "padded_growing")
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for name in (*names, *reversed(names)):
         got = [""] * len(questions)
         kernel = (mock.patch.object(generation, "decode_attention", lambda device: contextlib.nullcontext())
-                  if name == "grouped_static_flash" else contextlib.nullcontext())
+                  if name == "grouped_static_flash" else
+                  mock.patch.object(generation, "greedy_processors", lambda model: ["(benchmark)"])  # generate's path
+                  if name == "grouped_static_generate" else contextlib.nullcontext())
         tick = time.perf_counter()
         with kernel:
             for chunk in chunks:
@@ -140,6 +146,7 @@ def compare_prefills(loaded: Any, questions: list[Any], steering: Steering, deco
     return {"seconds": seconds, "mean_seconds": means,
             "speedup_over_padded_growing": means["padded_growing"] / means["grouped_static"],
             "speedup_of_math_over_flash_kernel": means["grouped_static_flash"] / means["grouped_static"],
+            "speedup_of_dropping_stopped_rows_over_generate": means["grouped_static_generate"] / means["grouped_static"],
             "answers_identical": True}
 
 
@@ -191,7 +198,8 @@ def main() -> None:
         "decode_shape_gflops": shape_gflops, "decode_shape_share_of_roof": shape_gflops / roof,
         "new_tokens_share_of_decode_shape_gflops": new_tokens * (layer_flops + head_flops) / batched_seconds
         / (shape_gflops * 1e9),
-        # rows that stopped but stay in generate's batch until every row has (single batch: rows x longest)
+        # rows that stopped: model.generate would keep them in the batch until every row has (rows x longest);
+        # greedy_decode drops them
         "row_steps_after_stop_share": 1 - fed / (len(records) * max(r["n_new_tokens"] + (not r["truncated"])
                                                                  for r in records)),
     }

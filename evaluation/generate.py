@@ -1,14 +1,16 @@
 """Batched, left-padded, steered generation.
 
-``generate_batch`` answers a batch of questions in one ``model.generate`` call: prompts are
-left-padded (``steering.prompts.encode_prompts``) so that every row's prompt ends at the same
-index, and the variant's steering (``Steering``) is active for the whole call, with the KV cache. The
-prompts' tokens before the last one are never steered (from the last prompt token on), so they are
-prefilled unsteered (``evaluation.prefill.prefill_prompts``: in groups of similar length, into a static
-cache with room for the answers) and ``generate`` starts from a copy of that cache.
-Decoding is greedy unless ``eval.do_sample``; sampling is seeded per batch. An answer is the
-decoded new tokens, cut at the first end-of-turn token (and, for ``Q:/A:`` prompts, before the
-model starts a next ``Q:``), stripped.
+``generate_batch`` answers a batch of questions together: prompts are left-padded
+(``steering.prompts.encode_prompts``) so that every row's prompt ends at the same index, and the
+variant's steering (``Steering``) is active for every forward, with the KV cache. The prompts' tokens
+before the last one are never steered (from the last prompt token on), so they are prefilled unsteered
+(``evaluation.prefill.prefill_prompts``: in groups of similar length, into a static cache with room for
+the answers) and decoding starts from a copy of that cache.
+Decoding is greedy unless ``eval.do_sample``. Greedy decoding is a loop of our own (``greedy_decode``):
+a row that has stopped leaves the batch and its cache (``Cache.reorder_cache``), so the rest decode
+fewer rows; ``generate`` would go on feeding padding through every stopped row until the last one stops.
+Sampling goes through ``model.generate``, seeded per batch. An answer is the decoded new tokens, cut at
+the first end-of-turn token (and, for ``Q:/A:`` prompts, before the model starts a next ``Q:``), stripped.
 
 Answers go to a ``evaluation.generation_store.GenerationStore``; ``generate_missing`` (one variant) and
 ``generate_missing_variants`` (batch by batch, every variant in turn, one prefill per batch) generate only
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from core import profile
 from core.config import EvalConfig
@@ -37,7 +39,7 @@ from core.models import LoadedModel
 from evaluation.generation_store import GenerationStore
 from evaluation.prefill import PromptPrefill, prefill_prompts
 from steering.cache import with_cache
-from steering.hooks import check_steered
+from steering.hooks import SteeredCount, check_steered
 from steering.methods.intervention import Steering
 from steering.prompts import PromptFormat, encode_prompts, format_prompt
 
@@ -128,6 +130,101 @@ def decode_attention(device: torch.device) -> contextlib.AbstractContextManager[
     return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else contextlib.nullcontext()
 
 
+# generation_config fields under which greedy decoding is not a plain argmax (transformers adds a logits
+# processor for each): a model whose config sets one of them decodes through ``model.generate``.
+GREEDY_PROCESSORS = ("repetition_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+                     "min_length", "min_new_tokens", "suppress_tokens", "begin_suppress_tokens", "sequence_bias",
+                     "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty",
+                     "guidance_scale", "epsilon_cutoff", "eta_cutoff")
+_NEUTRAL = {"repetition_penalty": 1.0, "guidance_scale": 1.0, "min_length": 0, "min_new_tokens": 0,
+            "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+
+
+def greedy_processors(model: nn.Module) -> list[str]:
+    """The ``GREEDY_PROCESSORS`` that ``model``'s generation config sets (empty: greedy is a plain argmax)."""
+    config = getattr(model, "generation_config", None)
+    return [name for name in GREEDY_PROCESSORS
+            if getattr(config, name, None) not in (None, _NEUTRAL.get(name), [], ())]
+
+
+@dataclasses.dataclass
+class Decoded:
+    """What ``greedy_decode`` produced.
+
+    Args:
+        new_ids: ``(batch, n_new)`` new tokens, padding after a row's stop token.
+        count: the positions the steering hooks edited, over every forward.
+        expected: the positions they must have edited: from each row's start on, for the forwards it took part in.
+        first: ``time.perf_counter()`` when the first new token was picked (the end of the prompts' prefill).
+    """
+
+    new_ids: torch.Tensor
+    count: SteeredCount
+    expected: int
+    first: float
+
+
+@torch.inference_mode()
+def greedy_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any,
+                  steering: Steering, prompt_end: torch.Tensor, max_new_tokens: int, stop_ids: Sequence[int],
+                  pad_id: int) -> Decoded:
+    """Greedy new tokens of left-padded prompts under ``steering``, a row leaving the batch when it stops.
+
+    ``cache`` holds the prompts' first positions (``PromptPrefill``: all but the last token; an empty cache:
+    none); the first forward runs the rest of the prompts, each later one the tokens just picked. The rows
+    still answering keep their place in the cache; a row that picked a stop id is dropped from the batch
+    and from the cache. The same tokens as ``model.generate``'s greedy search, which keeps every row to the
+    end; position ids count each row's own tokens, as ``generate`` counts them for left-padded rows.
+
+    Args:
+        model: the causal LM; ``greedy_processors(model)`` must be empty.
+        input_ids: ``(batch, width)`` left-padded prompts.
+        attention_mask: ``(batch, width)``.
+        cache: a ``transformers.Cache`` holding the prompts' first ``cache.get_seq_length()`` positions.
+        steering: the variant's steering, from ``prompt_end`` on (or everywhere).
+        prompt_end: ``(batch,)`` index of each row's last prompt token.
+        max_new_tokens: new tokens at most.
+        stop_ids: ids that end an answer (``stop_token_ids``).
+        pad_id: the id after a row's stop.
+    """
+    batch, width = input_ids.shape
+    device = input_ids.device
+    rows = torch.arange(batch, device=device)  # (rows,) the rows still answering
+    new_ids = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (batch, max_new)
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)  # (n_stops,)
+    seen = int(cache.get_seq_length())
+    step_ids = input_ids[:, seen:]  # (rows, width - seen): the prompts' rest, then one token a step
+    positions = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)[:, seen:]  # (rows, width - seen)
+    mask = attention_mask  # (rows, fed)
+    count = SteeredCount()
+    expected, first, n_new = 0, 0.0, 0
+    for step in range(max_new_tokens):
+        fed = mask.shape[1]  # positions 0 .. fed - 1 have run once this forward is done
+        starts = prompt_end[rows]  # (rows,)
+        with steering.applied(model, starts) as edited:
+            logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                           logits_to_keep=1, **with_cache(model, cache)).logits[:, -1]  # (rows, vocab)
+        count.add(edited.total)
+        # this forward fed positions fed - step_ids.shape[1] .. fed - 1: the hook must edit those from each row's start
+        expected += steering.expected_steered(starts, fed) - steering.expected_steered(starts, fed - step_ids.shape[1])
+        token = logits.argmax(dim=-1)  # (rows,)
+        new_ids[rows, step] = token
+        n_new = step + 1
+        if step == 0:
+            first = time.perf_counter()
+        going = ~torch.isin(token, stops)  # (rows,)
+        if n_new == max_new_tokens or not bool(going.any()):
+            break
+        if not bool(going.all()):  # stopped rows leave the batch and the cache
+            keep = going.nonzero()[:, 0]  # (kept,)
+            cache.reorder_cache(keep)
+            rows, token, mask, positions = rows[keep], token[keep], mask[keep], positions[keep]
+        step_ids = token[:, None]  # (rows, 1)
+        positions = positions[:, -1:] + 1  # (rows, 1)
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)  # (rows, fed + 1)
+    return Decoded(new_ids[:, :n_new], count, expected, first)
+
+
 def _sampling_seed(seed: int, batch_index: int) -> int:
     return (seed * 1_000_003 + batch_index) % (2**63)
 
@@ -141,10 +238,12 @@ def generate_batch(
     batch_index: int = 0,
     prefill: PromptPrefill | None = None,
 ) -> list[Answer]:
-    """Answer ``questions`` in one steered ``model.generate`` call.
+    """Answer ``questions`` as one steered batch: ``greedy_decode`` (each row leaves the batch when it stops), or
+    one ``model.generate`` call when sampling (or when the model's generation config adds a logits processor
+    to greedy search, ``greedy_processors``).
 
     Unless steering starts before the last prompt token (``positions=all``), the prompts' tokens before
-    it come from their unsteered ``PromptPrefill`` (``prefill``, or computed here), and ``generate`` runs
+    it come from their unsteered ``PromptPrefill`` (``prefill``, or computed here), and decoding runs
     from the last prompt token on. Always the same path, so an answer never depends on whether other
     variants shared the prefill.
 
@@ -167,33 +266,42 @@ def generate_batch(
     # Left padding: every prompt's last token sits at the last index.
     prompt_end = torch.full((batch,), width - 1, dtype=torch.long, device=loaded.device)  # (batch,)
     stop_ids = stop_token_ids(tokenizer, model)
-    options: dict[str, Any] = {"max_new_tokens": decoding.max_new_tokens, "do_sample": decoding.do_sample,
-                               "pad_token_id": tokenizer.pad_token_id, "eos_token_id": stop_ids}
-    if decoding.do_sample:
-        options.update(temperature=decoding.temperature, top_p=decoding.top_p, top_k=0)
+    cache = None
     if steering.positions == "from_prompt_end" or not steering.steers:
         if prefill is None or not prefill.fits(questions, decoding.max_new_tokens):
             with profile.step("generate.prompts"):
                 prefill = prefill_prompts(loaded, questions, decoding.max_new_tokens)
         if prefill is not None:
-            options.update(with_cache(model, copy.deepcopy(prefill.cache)))
-    devices = [loaded.device] if loaded.device.type == "cuda" else []
-    clock = _FirstTokenClock()
-    with (torch.inference_mode(), torch.random.fork_rng(devices=devices), decode_attention(loaded.device),
-          steering.applied(model, prompt_end) as count):
-        torch.manual_seed(_sampling_seed(decoding.seed, batch_index))
-        started = time.perf_counter()
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                stopping_criteria=StoppingCriteriaList([clock]), **options)  # (batch, seq + new)
-        finished = time.perf_counter()
-    first = clock.at if clock.at is not None else finished
+            cache = copy.deepcopy(prefill.cache)
+    started = time.perf_counter()
+    if not decoding.do_sample and not greedy_processors(model):
+        with decode_attention(loaded.device):  # nothing prefilled (steering from the first token on): a fresh cache
+            decoded = greedy_decode(model, input_ids, attention_mask, cache or DynamicCache(config=model.config),
+                                    steering, prompt_end, decoding.max_new_tokens, stop_ids, tokenizer.pad_token_id)
+        new, count, expected, first = decoded.new_ids, decoded.count, decoded.expected, decoded.first
+    else:
+        options: dict[str, Any] = {"max_new_tokens": decoding.max_new_tokens, "do_sample": decoding.do_sample,
+                                   "pad_token_id": tokenizer.pad_token_id, "eos_token_id": stop_ids,
+                                   **(with_cache(model, cache) if cache is not None else {})}
+        if decoding.do_sample:
+            options.update(temperature=decoding.temperature, top_p=decoding.top_p, top_k=0)
+        devices = [loaded.device] if loaded.device.type == "cuda" else []
+        clock = _FirstTokenClock()
+        with (torch.inference_mode(), torch.random.fork_rng(devices=devices), decode_attention(loaded.device),
+              steering.applied(model, prompt_end) as count):
+            torch.manual_seed(_sampling_seed(decoding.seed, batch_index))
+            output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                    stopping_criteria=StoppingCriteriaList([clock]), **options)  # (batch, seq + new)
+        new = output[:, width:]  # (batch, new)
+        first = clock.at if clock.at is not None else time.perf_counter()
+        # Prefill runs the prompt, then every new token but the last is fed back: width + n_new - 1 positions a row.
+        expected = steering.expected_steered(prompt_end, width + new.shape[1] - 1)
+    finished = time.perf_counter()
     profile.add("generate.prefill", first - started)
     profile.add("generate.decode", finished - first)
-    n_new = output.shape[1] - width
-    # Prefill runs the prompt, then every new token but the last is fed back: width + n_new - 1 positions a row.
-    check_steered(count, steering.expected_steered(prompt_end, width + n_new - 1),
-                  f"generation of {batch} answers ({n_new} new tokens each) by {steering.variant}")
-    new_ids = output[:, width:].tolist()  # (batch, new)
+    n_new = new.shape[1]
+    check_steered(count, expected, f"generation of {batch} answers ({n_new} new tokens at most) by {steering.variant}")
+    new_ids = new.tolist()  # (batch, new)
     answers = [decode_answer(tokenizer, row, stop_ids, loaded.prompt_format) for row in new_ids]
     if not steering.steers:
         return answers
@@ -313,5 +421,5 @@ def generate_missing_variants(
     return out
 
 
-__all__ = ['Answer', 'decode_answer', 'decode_attention', 'generate_batch', 'generate_missing', 'generate_missing_variants',
-           'generation_order', 'stop_token_ids']
+__all__ = ['Answer', 'Decoded', 'GREEDY_PROCESSORS', 'decode_answer', 'decode_attention', 'generate_batch', 'generate_missing',
+           'generate_missing_variants', 'generation_order', 'greedy_decode', 'greedy_processors', 'stop_token_ids']

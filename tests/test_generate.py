@@ -24,6 +24,7 @@ from transformers import DynamicCache, StaticCache
 from core.config import EvalConfig, ModelSpec
 from core.data import Question, question_id
 from core.models import LoadedModel
+from evaluation import generate as generation
 from evaluation.generate import (
     decode_answer,
     generate_batch,
@@ -251,21 +252,17 @@ def test_decode_answer_cuts_at_the_end_of_turn_and_strips() -> None:
 
 
 @pytest.fixture
-def counted_generate() -> Iterator[list[int]]:
-    """Instrumentation: the batch size of every `model.generate` call of the tiny Llama."""
-    model = tiny_loaded("llama").model
-    original = model.generate
+def counted_generate(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Instrumentation: the batch size of every greedy decoding call (``greedy_decode``)."""
+    original = generation.greedy_decode
     calls: list[int] = []
 
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        calls.append(int(kwargs["input_ids"].shape[0]))
-        return original(*args, **kwargs)
+    def counting(model: Any, input_ids: Tensor, *args: Any, **kwargs: Any) -> Any:
+        calls.append(int(input_ids.shape[0]))
+        return original(model, input_ids, *args, **kwargs)
 
-    model.generate = counting
-    try:
-        yield calls
-    finally:
-        del model.generate  # back to the class's method
+    monkeypatch.setattr(generation, "greedy_decode", counting)
+    yield calls
 
 
 class Crash(Exception):

@@ -22,6 +22,7 @@ Tiny Llama/Gemma-2/Gemma-3/Gemma-3-multimodal models, and (slow) ``smollm2-135m`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +33,7 @@ import mlflow
 import pytest
 import torch
 from torch import Tensor, nn
+from transformers import DynamicCache
 
 from core.config import EvalConfig
 from core.config_io import load_config
@@ -45,6 +47,7 @@ from evaluation.generate import (
     generate_missing,
     generate_missing_variants,
     generation_order,
+    greedy_decode,
     stop_token_ids,
 )
 from evaluation.generation_store import GenerationStore
@@ -172,6 +175,40 @@ def test_cached_batched_generation_equals_a_recompute_with_an_independent_hook(a
     baseline = generate_batch(loaded, QUESTIONS, Steering.baseline(), decoding)
     assert [a.text for a in baseline] != expected and all(a.steered_tokens == 0 for a in baseline)
     assert active_hooks(loaded.model) == 0
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_rows_that_stop_leave_the_batch_and_the_others_answer_as_the_recompute_does(arch: str) -> None:
+    """A token the batch's answers pick at different steps (or never) is made a stop id (in a copy of the
+    model's generation config), so rows stop one by one: greedy decoding drops each from the batch and its
+    cache. Oracle: ``recompute_greedy``, which keeps every row to the end, without a cache."""
+    loaded = tiny_loaded(arch)
+    # a light touch: at scale 1 the tiny Llama answers every question with one repeated token
+    steering = dataclasses.replace(tiny_steerings(loaded)["caa"], scale=0.01)
+    decoding = EvalConfig(max_new_tokens=MAX_NEW, batch_size=len(QUESTIONS))
+    enc = encode_prompts(loaded.tokenizer, [format_prompt(q, loaded.tokenizer, "qa") for q in QUESTIONS])
+    first = greedy_decode(loaded.model, enc["input_ids"], enc["attention_mask"], DynamicCache(config=loaded.model.config),
+                          steering, torch.full((len(QUESTIONS),), enc["input_ids"].shape[1] - 1), MAX_NEW,
+                          stop_token_ids(loaded.tokenizer, loaded.model), loaded.tokenizer.pad_token_id).new_ids
+    def first_at(token: int) -> list[int]:  # each row's first step picking ``token`` (MAX_NEW: never)
+        return [int((row == token).nonzero()[0, 0]) if bool((row == token).any()) else MAX_NEW for row in first]
+
+    stop = max(first.unique().tolist(), key=lambda t: len(set(first_at(t))))  # the most different stopping steps
+    assert len(set(first_at(stop))) > 1
+    model = copy.deepcopy(loaded.model)
+    model.generation_config.eos_token_id = [*stop_token_ids(loaded.tokenizer, model), stop]
+    stopping = dataclasses.replace(loaded, model=model)
+    answers = generate_batch(stopping, QUESTIONS, steering, decoding)
+    assert [a.text for a in answers] == recompute_greedy(stopping, QUESTIONS, delta_of(steering), LAYER, "prompt_end",
+                                                         MAX_NEW)
+    assert [a.n_new_tokens for a in answers] == first_at(stop)  # each row stopped where it first picked it
+    # the rows left decode alone: fewer (row, position) pairs than the whole batch for every step
+    decoded = greedy_decode(model, enc["input_ids"], enc["attention_mask"], DynamicCache(config=model.config), steering,
+                            torch.full((len(QUESTIONS),), enc["input_ids"].shape[1] - 1), MAX_NEW,
+                            stop_token_ids(loaded.tokenizer, model), loaded.tokenizer.pad_token_id)
+    # steered from the last prompt token: one position a row and forward, and rows left after they stopped
+    assert decoded.count.total == decoded.expected < len(QUESTIONS) * decoded.new_ids.shape[1]
+    assert active_hooks(model) == 0
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
