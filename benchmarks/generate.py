@@ -33,7 +33,7 @@ linear layer's and the LM head's shape at the batch's rows), the most decode can
 
 ``prefill_then_decode`` sets the evaluate path (prompts prefilled in groups of similar length into a static
 cache, ``evaluation.prefill.prefill_prompts``, PyTorch's math attention kernel for decoding on a CPU, and
-greedy decoding that drops a row from the batch when it stops, ``evaluation.generate.greedy_decode``)
+greedy decoding that drops a row from the batch when it stops, ``evaluation.decode.greedy_decode``)
 against the same with the default (flash) kernel, against the same through ``model.generate`` (every row
 decoded to the end) and against the earlier prefill (one forward over the padded batch into a cache that
 grows by concatenation each step), in the order A B C D D C B A, with the same answers.

@@ -9,6 +9,7 @@ of an uninterrupted run; a torn last line is dropped, a torn middle line is an e
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -418,3 +419,21 @@ def test_steering_rejects_inconsistent_settings() -> None:
         method("cca")
     with pytest.raises(ValueError, match="positions='end' must be from_prompt_end or all"):
         Steering("caa", layer=1, vector=torch.ones(4), positions="end")
+
+
+@pytest.mark.oracle
+def test_a_generation_config_with_a_logits_processor_decodes_through_generate() -> None:
+    """Greedy search under a repetition penalty is no plain argmax: such a model keeps ``model.generate``, and
+    the penalty shows (the steered tiny Llama otherwise repeats one token)."""
+    loaded = tiny_loaded("llama")
+    steering = steerings(loaded)["caa"]
+    assert generation.greedy_processors(loaded.model) == []
+    model = copy.deepcopy(loaded.model)
+    model.generation_config.repetition_penalty = 3.0
+    penalised = dataclasses.replace(loaded, model=model)
+    assert generation.greedy_processors(model) == ["repetition_penalty"]
+    plain = generate_batch(loaded, QUESTIONS, steering, GREEDY)
+    batched = generate_batch(penalised, QUESTIONS, steering, GREEDY)
+    assert batched == [generate_batch(penalised, [q], steering, GREEDY)[0] for q in QUESTIONS]
+    assert [a.raw for a in batched] != [a.raw for a in plain]
+    assert all(a.steered_tokens > 0 for a in batched)

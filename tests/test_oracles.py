@@ -41,13 +41,13 @@ from core.data import Question, question_id
 from core.models import LoadedModel, load_model
 from core.tracking import stage_run
 from evaluation import mc
+from evaluation.decode import greedy_decode
 from evaluation.generate import (
     decode_answer,
     generate_batch,
     generate_missing,
     generate_missing_variants,
     generation_order,
-    greedy_decode,
     stop_token_ids,
 )
 from evaluation.generation_store import GenerationStore

@@ -1,0 +1,119 @@
+"""Greedy decoding that drops each row from the batch when it stops (``evaluation.generate`` calls it).
+
+``model.generate`` keeps every row of a batch until the last one stops, feeding padding through the rows
+that already have; on the smoke split a tenth of its row-steps are such rows. ``greedy_decode`` removes a
+stopped row from the batch and from the KV cache (``transformers.Cache.reorder_cache``), so the rows still
+answering decode alone. It is a plain argmax: a model whose generation config adds a logits processor to
+greedy search (``greedy_processors``) decodes through ``model.generate``, as sampling does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from steering.cache import with_cache
+from steering.hooks import SteeredCount
+from steering.methods.intervention import Steering
+
+# generation_config fields under which greedy decoding is not a plain argmax (transformers adds a logits
+# processor for each): a model whose config sets one of them decodes through ``model.generate``.
+GREEDY_PROCESSORS = ("repetition_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+                     "min_length", "min_new_tokens", "suppress_tokens", "begin_suppress_tokens", "sequence_bias",
+                     "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty",
+                     "guidance_scale", "epsilon_cutoff", "eta_cutoff", "watermarking_config")
+_NEUTRAL = {"repetition_penalty": 1.0, "guidance_scale": 1.0, "min_length": 0, "min_new_tokens": 0,
+            "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+
+
+def greedy_processors(model: nn.Module) -> list[str]:
+    """The ``GREEDY_PROCESSORS`` that ``model``'s generation config sets (empty: greedy is a plain argmax)."""
+    config = getattr(model, "generation_config", None)
+    return [name for name in GREEDY_PROCESSORS
+            if getattr(config, name, None) not in (None, _NEUTRAL.get(name), [], ())]
+
+
+@dataclasses.dataclass
+class Decoded:
+    """What ``greedy_decode`` produced.
+
+    Args:
+        new_ids: ``(batch, n_new)`` new tokens, padding after a row's stop token.
+        count: the positions the steering hooks edited, over every forward.
+        expected: the positions they must have edited: from each row's start on, for the forwards it took part in.
+        first: ``time.perf_counter()`` when the first new token was picked (the end of the prompts' prefill).
+    """
+
+    new_ids: torch.Tensor
+    count: SteeredCount
+    expected: int
+    first: float
+
+
+@torch.inference_mode()
+def greedy_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any,
+                  steering: Steering, prompt_end: torch.Tensor, max_new_tokens: int, stop_ids: Sequence[int],
+                  pad_id: int) -> Decoded:
+    """Greedy new tokens of left-padded prompts under ``steering``, a row leaving the batch when it stops.
+
+    ``cache`` holds the prompts' first positions (``PromptPrefill``: all but the last token; an empty cache:
+    none); the first forward runs the rest of the prompts, each later one the tokens just picked. The rows
+    still answering keep their place in the cache; a row that picked a stop id is dropped from the batch
+    and from the cache. The same tokens as ``model.generate``'s greedy search, which keeps every row to the
+    end; position ids count each row's own tokens, as ``generate`` counts them for left-padded rows.
+
+    Args:
+        model: the causal LM; ``greedy_processors(model)`` must be empty.
+        input_ids: ``(batch, width)`` left-padded prompts.
+        attention_mask: ``(batch, width)``.
+        cache: a ``transformers.Cache`` holding the prompts' first ``cache.get_seq_length()`` positions.
+        steering: the variant's steering, from ``prompt_end`` on (or everywhere).
+        prompt_end: ``(batch,)`` index of each row's last prompt token.
+        max_new_tokens: new tokens at most.
+        stop_ids: ids that end an answer (``stop_token_ids``).
+        pad_id: the id after a row's stop.
+    """
+    batch, width = input_ids.shape
+    device = input_ids.device
+    rows = torch.arange(batch, device=device)  # (rows,) the rows still answering
+    new_ids = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (batch, max_new)
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)  # (n_stops,)
+    seen = int(cache.get_seq_length())
+    step_ids = input_ids[:, seen:]  # (rows, width - seen): the prompts' rest, then one token a step
+    positions = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)[:, seen:]  # (rows, width - seen)
+    mask = attention_mask  # (rows, fed)
+    count = SteeredCount()
+    expected, first, n_new = 0, 0.0, 0
+    for step in range(max_new_tokens):
+        fed = mask.shape[1]  # positions 0 .. fed - 1 have run once this forward is done
+        starts = prompt_end[rows]  # (rows,)
+        with steering.applied(model, starts) as edited:
+            logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                           logits_to_keep=1, **with_cache(model, cache)).logits[:, -1]  # (rows, vocab)
+        count.add(edited.total)
+        # this forward fed positions fed - step_ids.shape[1] .. fed - 1: the hook must edit those from each row's start
+        expected += steering.expected_steered(starts, fed) - steering.expected_steered(starts, fed - step_ids.shape[1])
+        token = logits.argmax(dim=-1)  # (rows,)
+        new_ids[rows, step] = token
+        n_new = step + 1
+        if step == 0:
+            first = time.perf_counter()
+        going = ~torch.isin(token, stops)  # (rows,)
+        if n_new == max_new_tokens or not bool(going.any()):
+            break
+        if not bool(going.all()):  # stopped rows leave the batch and the cache
+            keep = going.nonzero()[:, 0]  # (kept,)
+            cache.reorder_cache(keep)
+            rows, token, mask, positions = rows[keep], token[keep], mask[keep], positions[keep]
+        step_ids = token[:, None]  # (rows, 1)
+        positions = positions[:, -1:] + 1  # (rows, 1)
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)  # (rows, fed + 1)
+    return Decoded(new_ids[:, :n_new], count, expected, first)
+
+
+__all__ = ['GREEDY_PROCESSORS', 'Decoded', 'greedy_decode', 'greedy_processors']
