@@ -19,7 +19,6 @@ the answers it lacks, so a killed evaluation restarts without regenerating anyth
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import time
@@ -28,7 +27,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
@@ -36,6 +34,7 @@ from core import profile
 from core.config import EvalConfig
 from core.data import Question
 from core.models import LoadedModel
+from evaluation.attention import decode_attention
 from evaluation.decode import greedy_decode, greedy_processors
 from evaluation.generation_store import GenerationStore
 from evaluation.prefill import PromptPrefill, prefill_prompts
@@ -123,14 +122,6 @@ class _FirstTokenClock(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)  # (batch,)
 
 
-def decode_attention(device: torch.device) -> contextlib.AbstractContextManager[None]:
-    """The scaled-dot-product attention kernel for decoding on ``device``: on a CPU, PyTorch's math kernel,
-    whose matmuls serve one query token per row better than its flash kernel (about 2 ms a layer for the
-    smoke batch of 80 rows, a fifth of a decode step: ``benchmarks.generate``); elsewhere PyTorch's choice.
-    Both compute the same attention; greedy answers were identical on the smoke test split."""
-    return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else contextlib.nullcontext()
-
-
 def _sampling_seed(seed: int, batch_index: int) -> int:
     return (seed * 1_000_003 + batch_index) % (2**63)
 
@@ -181,7 +172,7 @@ def generate_batch(
             cache = copy.deepcopy(prefill.cache)
     started = time.perf_counter()
     if not decoding.do_sample and not greedy_processors(model):
-        with decode_attention(loaded.device):  # nothing prefilled (steering from the first token on): a fresh cache
+        with decode_attention(model, loaded.device):  # nothing prefilled (steering from the first token on): a fresh cache
             decoded = greedy_decode(model, input_ids, attention_mask,
                                     cache if cache is not None else DynamicCache(config=model.config), steering,
                                     prompt_end, decoding.max_new_tokens, stop_ids, tokenizer.pad_token_id)
@@ -194,7 +185,7 @@ def generate_batch(
             options.update(temperature=decoding.temperature, top_p=decoding.top_p, top_k=0)
         devices = [loaded.device] if loaded.device.type == "cuda" else []
         clock = _FirstTokenClock()
-        with (torch.inference_mode(), torch.random.fork_rng(devices=devices), decode_attention(loaded.device),
+        with (torch.inference_mode(), torch.random.fork_rng(devices=devices), decode_attention(model, loaded.device),
               steering.applied(model, prompt_end) as count):
             torch.manual_seed(_sampling_seed(decoding.seed, batch_index))
             output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
@@ -328,5 +319,5 @@ def generate_missing_variants(
     return out
 
 
-__all__ = ['Answer', 'decode_answer', 'decode_attention', 'generate_batch', 'generate_missing', 'generate_missing_variants',
+__all__ = ['Answer', 'decode_answer', 'generate_batch', 'generate_missing', 'generate_missing_variants',
            'generation_order', 'stop_token_ids']

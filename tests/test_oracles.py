@@ -33,7 +33,7 @@ import mlflow
 import pytest
 import torch
 from torch import Tensor, nn
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
 
 from core.config import EvalConfig
 from core.config_io import load_config
@@ -41,6 +41,7 @@ from core.data import Question, question_id
 from core.models import LoadedModel, load_model
 from core.tracking import stage_run
 from evaluation import mc
+from evaluation.attention import PACKED_DECODE, decode_attention, packed_decode_attention
 from evaluation.decode import greedy_decode
 from evaluation.generate import (
     decode_answer,
@@ -234,6 +235,46 @@ def test_generation_of_every_variant_batch_by_batch_equals_each_alone_and_the_re
                             strict=True))
         assert [r["answer"] for r in alone] == [expected[q.question] for q in questions], name
     assert active_hooks(loaded.model) == 0
+
+
+@pytest.mark.parametrize("arch", [a for a in TINY_ARCHS if a != "gemma2"])  # Gemma-2's soft-capping needs eager
+@pytest.mark.parametrize("kind", ["caa", "mlp"])
+def test_packed_decode_attention_answers_as_the_recompute_does(arch: str, kind: str) -> None:
+    """The tiny models run eager attention; on sdpa, what real checkpoints load with (Gemma-2 aside), a CPU
+    decodes through ``packed_decode_attention``, which skips the columns no row attends (the left padding
+    common to all rows, Gemma-3's sliding window, a static cache's unfilled end). Oracle: the recompute,
+    without a cache, on transformers' own sdpa attention; both the prefilled static cache (``generate_batch``)
+    and a growing cache (``greedy_decode`` from an empty one)."""
+    loaded = tiny_loaded(arch)
+    model = copy.deepcopy(loaded.model)
+    model.set_attn_implementation("sdpa")
+    on_sdpa = dataclasses.replace(loaded, model=model)
+    steering = tiny_steerings(on_sdpa)[kind]
+    expected = recompute_greedy(on_sdpa, QUESTIONS, delta_of(steering), LAYER, "prompt_end", MAX_NEW)
+    one_token = []
+
+    def counted(module: nn.Module, query: Tensor, *args: Any, **kwargs: Any) -> Any:
+        one_token.append(query.shape[2] == 1)
+        return packed_decode_attention(module, query, *args, **kwargs)
+
+    AttentionInterface.register(PACKED_DECODE, counted)
+    try:
+        answers = generate_batch(on_sdpa, QUESTIONS, steering, EvalConfig(max_new_tokens=MAX_NEW,
+                                                                          batch_size=len(QUESTIONS)))
+        enc = encode_prompts(model_tokenizer := on_sdpa.tokenizer,
+                             [format_prompt(q, model_tokenizer, "qa") for q in QUESTIONS])
+        with decode_attention(model, torch.device("cpu")):
+            grown = greedy_decode(model, enc["input_ids"], enc["attention_mask"], DynamicCache(config=model.config),
+                                  steering, torch.full((len(QUESTIONS),), enc["input_ids"].shape[1] - 1), MAX_NEW,
+                                  stop_token_ids(model_tokenizer, model), model_tokenizer.pad_token_id).new_ids
+    finally:
+        AttentionInterface.register(PACKED_DECODE, packed_decode_attention)
+    assert [a.text for a in answers] == expected
+    stops = stop_token_ids(model_tokenizer, model)
+    assert [decode_answer(model_tokenizer, row, stops, "qa").text for row in grown.tolist()] == expected
+    n_layers = len(model.get_decoder().layers) if arch != "gemma3_mm" else model.config.text_config.num_hidden_layers
+    assert sum(one_token) >= 2 * n_layers * (min(a.n_new_tokens for a in answers) - 1) > 0  # the packed path ran
+    assert model.config._attn_implementation == "sdpa"
 
 
 # ---------------------------------------------------------------- MC scoring

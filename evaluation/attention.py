@@ -1,0 +1,99 @@
+"""Attention for decoding on a CPU: one query token a row, heads that share a key/value head packed together.
+
+A decode step attends each row's one new token to its whole KV cache, and on a CPU that reading is the
+cost: PyTorch's math kernel (what ``transformers``' ``sdpa`` runs there) rescales the cache's keys at every
+step and layer before multiplying, and a static cache holds columns that no row has filled yet.
+``packed_decode_attention`` computes the same softmax attention with the query scaled instead of the keys,
+the query heads that share a key/value head as the rows of one product (grouped-query attention without
+copying the cache), and only the columns some row attends. It is registered with ``transformers``'
+``AttentionInterface`` as ``PACKED_DECODE`` and ``decode_attention`` switches a model to it while it decodes.
+
+Anything else (several query tokens a row, a float mask, soft-capped scores, attention sinks, dropout) is
+passed on to ``transformers``' own ``sdpa`` attention, under the math kernel as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+PACKED_DECODE = "truthsteer_packed_decode"
+_PASSED_ON = ("softcap", "s_aux", "position_bias")  # attention keywords the packed path does not implement
+
+
+def packed_decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                            is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Softmax attention of one query token a row, as ``transformers``' attention functions are called.
+
+    Args:
+        module: the attention module (passed on to ``sdpa`` when the packed path does not apply).
+        query: ``(batch, heads, 1, head_dim)``.
+        key: ``(batch, kv_heads, kv_len, head_dim)``; ``heads`` is a multiple of ``kv_heads``.
+        value: ``(batch, kv_heads, kv_len, head_dim)``.
+        attention_mask: ``(batch, 1, 1, kv_len)`` boolean, True where a row attends; None: every column.
+        dropout: must be 0 for the packed path.
+        scaling: the scores' scale (``head_dim ** -0.5`` when None).
+        is_causal: passed on to ``sdpa`` only (one query token attends to the whole cache).
+
+    Returns:
+        ``(batch, 1, heads, head_dim)`` attention output, and None (no weights).
+    """
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    mask = attention_mask
+    if (q_len != 1 or dropout or heads % kv_heads or any(kwargs.get(name) is not None for name in _PASSED_ON)
+            or (mask is not None and (mask.dtype != torch.bool or mask.shape[1] != 1 or mask.shape[2] != 1))):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    lo, hi = 0, kv_len
+    if mask is not None:
+        flat = mask.reshape(-1, kv_len)  # (batch or 1, kv_len)
+        if not bool(flat.any(dim=1).all()):  # a row attending nothing: sdpa's softmax gives it zeros
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, is_causal=is_causal, **kwargs)
+        attended = flat.any(dim=0).nonzero()  # (n_attended, 1): the columns some row attends
+        lo, hi = int(attended[0, 0]), int(attended[-1, 0]) + 1
+        mask = mask[..., lo:hi]  # (batch, 1, 1, hi - lo)
+    scale = head_dim**-0.5 if scaling is None else scaling
+    packed = query.reshape(batch, kv_heads, heads // kv_heads, head_dim) * scale  # (batch, kv_heads, groups, head_dim)
+    scores = packed @ key[:, :, lo:hi].transpose(-1, -2)  # (batch, kv_heads, groups, hi - lo)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))  # (batch, kv_heads, groups, hi - lo)
+    output = scores.softmax(dim=-1) @ value[:, :, lo:hi]  # (batch, kv_heads, groups, head_dim)
+    return output.reshape(batch, 1, heads, head_dim), None  # (batch, 1, heads, head_dim)
+
+
+AttentionInterface.register(PACKED_DECODE, packed_decode_attention)
+AttentionMaskInterface.register(PACKED_DECODE, sdpa_mask)  # the same boolean masks as sdpa
+
+
+@contextlib.contextmanager
+def decode_attention(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Decode ``model`` with the attention that suits ``device``: on a CPU, a model on ``sdpa`` attention
+    switches to ``packed_decode_attention`` (what it passes on runs under PyTorch's math kernel), and back
+    on exit; elsewhere, or on another attention (eager for soft-capped Gemma-2), nothing changes."""
+    if device.type != "cpu":
+        yield
+        return
+    config = getattr(model, "config", None)
+    switch = getattr(config, "_attn_implementation", None) == "sdpa"
+    try:
+        if switch:
+            model.set_attn_implementation(PACKED_DECODE)  # type: ignore[operator]
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        if switch:
+            model.set_attn_implementation("sdpa")  # type: ignore[operator]
+
+
+__all__ = ['PACKED_DECODE', 'decode_attention', 'packed_decode_attention']

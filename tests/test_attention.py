@@ -1,0 +1,123 @@
+"""``evaluation.attention``: the packed decode attention against softmax attention written out here in float64,
+what it passes on to ``transformers``' sdpa, and the switch that ``decode_attention`` makes on a CPU.
+
+The end-to-end oracle (tiny models on sdpa attention decoding through it, against a recompute without a
+cache on transformers' own attention) is ``test_oracles.test_packed_decode_attention_answers_as_the_recompute_does``.
+Marked ``oracle``: the attention function is called the way ``transformers`` calls it, a contract that CI
+checks again on the newest versions ``pyproject.toml`` allows.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from evaluation.attention import PACKED_DECODE, decode_attention, packed_decode_attention
+from tests.tiny_models import make_tiny
+
+pytestmark = pytest.mark.oracle
+
+BATCH, HEAD_DIM, KV_LEN = 4, 8, 11
+
+
+class Grouped(torch.nn.Module):
+    """What sdpa reads from an attention module: how many query heads share a key/value head."""
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.num_key_value_groups = groups
+
+
+def written_out(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                scale: float) -> torch.Tensor:
+    """Softmax attention one row, head and column at a time in float64: head h reads key/value head
+    h // (heads // kv_heads); a row attends the columns its mask marks."""
+    batch, heads, _, head_dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    out = torch.zeros(batch, 1, heads, head_dim, dtype=torch.float64)  # (batch, 1, heads, head_dim)
+    for b in range(batch):
+        cols = [c for c in range(kv_len) if mask is None or bool(mask[b, 0, 0, c])]
+        for h in range(heads):
+            kv = h // (heads // kv_heads)
+            scores = [scale * sum(float(query[b, h, 0, d]) * float(key[b, kv, c, d]) for d in range(head_dim))
+                      for c in cols]
+            top = max(scores)
+            weights = [math.exp(s - top) for s in scores]
+            for w, c in zip(weights, cols, strict=True):
+                out[b, 0, h] += w / sum(weights) * value[b, kv, c].double()
+    return out
+
+
+def left_padded_mask(filled: int) -> torch.Tensor:
+    """``(BATCH, 1, 1, KV_LEN)``: row b starts at column b (left padding), the columns from ``filled`` on are a
+    static cache's unfilled end, and row 1 also skips column 6 (a sliding window's hole, say)."""
+    mask = torch.zeros(BATCH, 1, 1, KV_LEN, dtype=torch.bool)  # (batch, 1, 1, kv_len)
+    for b in range(BATCH):
+        mask[b, 0, 0, b + 1:filled] = True
+    mask[1, 0, 0, 6] = False
+    return mask
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(6, 2), (6, 6), (6, 1)])
+@pytest.mark.parametrize("masked", [True, False])
+def test_packed_decode_attention_equals_softmax_attention_written_out(heads: int, kv_heads: int, masked: bool) -> None:
+    g = torch.Generator().manual_seed(heads + kv_heads)
+    query = torch.randn(BATCH, heads, 1, HEAD_DIM, generator=g)  # (batch, heads, 1, head_dim)
+    key = torch.randn(BATCH, kv_heads, KV_LEN, HEAD_DIM, generator=g)  # (batch, kv_heads, kv_len, head_dim)
+    value = torch.randn(BATCH, kv_heads, KV_LEN, HEAD_DIM, generator=g)  # (batch, kv_heads, kv_len, head_dim)
+    mask = left_padded_mask(filled=8) if masked else None
+    got, weights = packed_decode_attention(Grouped(heads // kv_heads), query, key, value, mask, scaling=0.3)
+    assert weights is None and got.shape == (BATCH, 1, heads, HEAD_DIM)
+    assert torch.allclose(got.double(), written_out(query, key, value, mask, 0.3), atol=1e-6)
+    # the same as transformers' sdpa attention on the same call, to float32 rounding
+    expected, _ = sdpa_attention_forward(Grouped(heads // kv_heads), query, key, value, mask, scaling=0.3)
+    assert torch.allclose(got, expected, atol=1e-6)
+    # the columns after the mask's last are never read: garbage there changes nothing
+    if masked:
+        key[:, :, 8:] = value[:, :, 8:] = float("nan")
+        assert torch.equal(packed_decode_attention(Grouped(heads // kv_heads), query, key, value, mask, scaling=0.3)[0],
+                           got)
+
+
+def test_what_the_packed_path_does_not_cover_goes_to_sdpa_unchanged() -> None:
+    g = torch.Generator().manual_seed(1)
+    key = torch.randn(BATCH, 2, KV_LEN, HEAD_DIM, generator=g)  # (batch, kv_heads, kv_len, head_dim)
+    value = torch.randn(BATCH, 2, KV_LEN, HEAD_DIM, generator=g)  # (batch, kv_heads, kv_len, head_dim)
+    module = Grouped(3)
+    # several query tokens a row (a prefill): sdpa's own result, bit for bit
+    several = torch.randn(BATCH, 6, 3, HEAD_DIM, generator=g)  # (batch, heads, 3, head_dim)
+    causal = torch.ones(BATCH, 1, 3, KV_LEN, dtype=torch.bool).tril(KV_LEN - 3)  # (batch, 1, 3, kv_len)
+    assert torch.equal(packed_decode_attention(module, several, key, value, causal)[0],
+                       sdpa_attention_forward(module, several, key, value, causal)[0])
+    # a row that attends nothing: sdpa's safe softmax gives it zeros, not NaN
+    one = torch.randn(BATCH, 6, 1, HEAD_DIM, generator=g)  # (batch, heads, 1, head_dim)
+    empty_row = left_padded_mask(filled=8)
+    empty_row[2] = False
+    got = packed_decode_attention(module, one, key, value, empty_row)[0]
+    assert torch.equal(got, sdpa_attention_forward(module, one, key, value, empty_row)[0])
+    assert not got.isnan().any() and bool((got[2] == 0).all())
+    # a float (additive) mask
+    additive = torch.zeros(BATCH, 1, 1, KV_LEN).masked_fill(~left_padded_mask(filled=8), float("-inf"))
+    assert torch.equal(packed_decode_attention(module, one, key, value, additive)[0],
+                       sdpa_attention_forward(module, one, key, value, additive)[0])
+
+
+def test_decode_attention_switches_an_sdpa_model_on_a_cpu_and_back() -> None:
+    model, _ = make_tiny("llama")
+    model.set_attn_implementation("sdpa")
+    with decode_attention(model, torch.device("cpu")):
+        assert model.config._attn_implementation == PACKED_DECODE
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(KeyError), decode_attention(model, torch.device("cpu")):
+        raise KeyError("a failure while decoding")
+    assert model.config._attn_implementation == "sdpa"  # switched back on an error too
+    with decode_attention(model, torch.device("cuda")):  # a GPU keeps its own kernels (only the type is read)
+        assert model.config._attn_implementation == "sdpa"
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")  # e.g. Gemma-2, whose soft-capped scores need eager attention
+    with decode_attention(eager, torch.device("cpu")):
+        assert eager.config._attn_implementation == "eager"
