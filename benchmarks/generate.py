@@ -32,11 +32,17 @@ matmul library is slower than on large squares. ``decode_shape_gflops`` times th
 linear layer's and the LM head's shape at the batch's rows), the most decode can reach here.
 
 ``prefill_then_decode`` sets the evaluate path (prompts prefilled in groups of similar length into a static
-cache, ``evaluation.prefill.prefill_prompts``, PyTorch's math attention kernel for decoding on a CPU, and
-greedy decoding that drops a row from the batch when it stops, ``evaluation.decode.greedy_decode``)
-against the same with the default (flash) kernel, against the same through ``model.generate`` (every row
+cache, ``evaluation.prefill.prefill_prompts``, on a CPU ``evaluation.attention.packed_decode_attention``
+for decoding, and greedy decoding that drops a row from the batch when it stops,
+``evaluation.decode.greedy_decode``) against the same with ``transformers``' ``sdpa`` attention under
+PyTorch's math kernel (the previous decoding attention), against the same through ``model.generate`` (every row
 decoded to the end) and against the earlier prefill (one forward over the padded batch into a cache that
 grows by concatenation each step), in the order A B C D D C B A, with the same answers.
+
+``in_place`` times one more batched run from the inside (``in_place_breakdown``): the linear layers' and the
+LM head's seconds and GFLOP/s as they run in decoding, and each one-token attention call run both ways
+(packed and ``sdpa`` under the math kernel) in alternating order. Whole runs here vary by 10-20% from one
+to the next, more than attention's share of a step; timing both kernels on the same calls does not.
 
 Run: ``python -m benchmarks.generate`` (options: ``--help``); writes ``benchmarks/results/generate.json``.
 """
@@ -54,11 +60,15 @@ from typing import Any
 from unittest import mock
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from benchmarks import RESULTS_DIR, parser, smoke_caa, write_report
 from core.config import EvalConfig
 from core.models import load_model
 from evaluation import generate as generation
+from evaluation.attention import PACKED_DECODE, packed_decode_attention
 from evaluation.generate import generate_batch, generate_missing, generation_order
 from evaluation.generation_store import GenerationStore, variant_hash
 from evaluation.prefill import prefill_prompts
@@ -114,20 +124,20 @@ def decode_shape_gflops(model: Any, rows: int, repeats: int = 5) -> float:
 def compare_prefills(loaded: Any, questions: list[Any], steering: Steering, decoding: EvalConfig,
                      answers: list[str]) -> dict[str, Any]:
     """Seconds to prefill and answer ``questions`` batch by batch four ways, in the order A B C D D C B A: the
-    evaluate path (``grouped_static``: greedy decoding that drops each row when it stops), the same with
-    PyTorch's default (flash) attention kernel for decoding (``grouped_static_flash``), the same through
+    evaluate path (``grouped_static``: packed decode attention, greedy decoding that drops each row when it
+    stops), the same with ``sdpa`` attention under PyTorch's math kernel (``grouped_static_sdpa``), the same through
     ``model.generate``, which keeps every row to the end (``grouped_static_generate``), and one padded forward
-    into a growing cache (``padded_growing``, math kernel, our decoding); each run's answers must equal
+    into a growing cache (``padded_growing``, packed decode attention, our decoding); each run's answers must equal
     ``answers``."""
     ordered = generation_order(loaded, questions)
     by_id = {q.id: i for i, q in enumerate(questions)}
     chunks = [ordered[i:i + decoding.batch_size] for i in range(0, len(ordered), decoding.batch_size)]
-    names = ("grouped_static", "grouped_static_flash", "grouped_static_generate", "padded_growing")
+    names = ("grouped_static", "grouped_static_sdpa", "grouped_static_generate", "padded_growing")
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for name in (*names, *reversed(names)):
         got = [""] * len(questions)
-        kernel = (mock.patch.object(generation, "decode_attention", lambda device: contextlib.nullcontext())
-                  if name == "grouped_static_flash" else
+        kernel = (mock.patch.object(generation, "decode_attention", lambda model, device: sdpa_kernel(SDPBackend.MATH))
+                  if name == "grouped_static_sdpa" else
                   mock.patch.object(generation, "greedy_processors", lambda model: ["(benchmark)"])  # generate's path
                   if name == "grouped_static_generate" else contextlib.nullcontext())
         tick = time.perf_counter()
@@ -145,9 +155,67 @@ def compare_prefills(loaded: Any, questions: list[Any], steering: Steering, deco
     means = {name: statistics.mean(values) for name, values in seconds.items()}
     return {"seconds": seconds, "mean_seconds": means,
             "speedup_over_padded_growing": means["padded_growing"] / means["grouped_static"],
-            "speedup_of_math_over_flash_kernel": means["grouped_static_flash"] / means["grouped_static"],
+            "speedup_of_packed_attention_over_sdpa_math": means["grouped_static_sdpa"] / means["grouped_static"],
             "speedup_of_dropping_stopped_rows_over_generate": means["grouped_static_generate"] / means["grouped_static"],
             "answers_identical": True}
+
+
+def in_place_breakdown(loaded: Any, questions: list[Any], steering: Steering, decoding: EvalConfig,
+                       answers: list[str]) -> dict[str, Any]:
+    """One more batched generation of ``questions`` (the evaluate path), timed from the inside: every linear
+    layer's and the LM head's forward (their seconds and GFLOP/s where they run, their weights streaming
+    from memory between other work, unlike ``decode_shape_gflops``), and every one-token attention call run
+    twice, ``packed_decode_attention`` and ``transformers``' ``sdpa`` under the math kernel, in alternating
+    order, so that both meet the same machine state (a paired comparison the whole-run timings cannot
+    resolve here); the packed result goes on, and the answers must equal ``answers``."""
+    linear = {"seconds": 0.0, "flops": 0.0}
+    attention = {"packed": 0.0, "sdpa": 0.0, "calls": 0}
+    started: dict[int, float] = {}
+
+    def before(module: torch.nn.Module, args: Any) -> None:
+        started[id(module)] = time.perf_counter()
+
+    def after(module: Any, args: Any, output: torch.Tensor) -> None:
+        linear["seconds"] += time.perf_counter() - started.pop(id(module))
+        linear["flops"] += 2.0 * output[..., :1].numel() * module.in_features * module.out_features
+
+    def paired(module: torch.nn.Module, query: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if query.shape[2] != 1:
+            return packed_decode_attention(module, query, *args, **kwargs)
+        attention["calls"] += 1
+        kernels = [("packed", packed_decode_attention), ("sdpa", sdpa_attention_forward)]
+        results = {}
+        for name, kernel in kernels if attention["calls"] % 2 else reversed(kernels):
+            tick = time.perf_counter()
+            results[name] = kernel(module, query, *args, **kwargs)
+            attention[name] += time.perf_counter() - tick
+        return results["packed"]
+
+    linears = [m for layer in decoder_layers(loaded.model) for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    linears.append(loaded.model.get_output_embeddings())
+    handles = [h for m in linears for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    AttentionInterface.register(PACKED_DECODE, paired)
+    try:
+        tick = time.perf_counter()
+        got = [a.text for i in range(0, len(questions), decoding.batch_size)
+               for a in generate_batch(loaded, [q.question for q in questions[i:i + decoding.batch_size]],
+                                       steering, decoding)]
+        seconds = time.perf_counter() - tick
+    finally:
+        AttentionInterface.register(PACKED_DECODE, packed_decode_attention)
+        for handle in handles:
+            handle.remove()
+    if got != answers:
+        raise AssertionError(f"in place: {sum(g != a for g, a in zip(got, answers, strict=True))} answers differ")
+    report = {"seconds_with_both_attentions": seconds, "linear_seconds": linear["seconds"],
+              "linear_gflops": linear["flops"] / linear["seconds"] / 1e9,
+              "one_token_attention_calls": attention["calls"], "packed_attention_seconds": attention["packed"],
+              "sdpa_math_attention_seconds": attention["sdpa"],
+              "speedup_of_packed_attention_over_sdpa_math": attention["sdpa"] / attention["packed"]}
+    print(f"in place: linear layers {linear['seconds']:.1f} s at {report['linear_gflops']:.0f} GFLOP/s; one-token "
+          f"attention {attention['packed']:.2f} s packed vs {attention['sdpa']:.2f} s sdpa (math kernel), paired",
+          flush=True)
+    return report
 
 
 def main() -> None:
@@ -209,6 +277,11 @@ def main() -> None:
           f"{throughput['useful_flops_share_of_roof']:.0%} of the roof")
 
     prefill_then_decode = compare_prefills(loaded, questions, steering, decoding, [r["answer"] for r in records])
+    by_id = {r["qid"]: r["answer"] for r in records}
+    ordered = generation_order(loaded, questions)
+    breakdown = in_place_breakdown(loaded, ordered, steering, decoding, [by_id[q.id] for q in ordered])
+    throughput["linear_gflops_in_place"] = breakdown["linear_gflops"]
+    throughput["linear_share_of_roof_in_place"] = breakdown["linear_gflops"] / roof
 
     subset = questions[:args.sequential] if args.sequential else questions
     tick = time.perf_counter()
@@ -258,6 +331,7 @@ def main() -> None:
                           "answers_identical_to_batched": f"{sum(matches)}/{len(matches)}"},
         "speedup_per_question": speedup,
         "prefill_then_decode": prefill_then_decode,
+        "in_place": breakdown,
         "throughput": throughput,
         "batched_bf16": bf16,
         "note": ("one at a time was timed on the first questions_timed questions of the split; the speedup "
