@@ -137,6 +137,7 @@ TAG_LAYER = "truthsteer.layer"  # unset for baseline
 TAG_SCALE = "truthsteer.scale"  # the hook multiplier; unset for baseline
 TAG_DTYPE = "truthsteer.dtype"
 TAG_STORE = "truthsteer.generation_store"
+TAG_LINEAR = "truthsteer.linear"  # onednn: the fp32 linear layers on a CPU by oneDNN (evaluation.linear); torch
 TAG_SOURCE_RUN = "truthsteer.source_run"
 TAG_JUDGE_URI = "truthsteer.judge_uri"
 TAG_KEY = "truthsteer.stage_key"

@@ -37,6 +37,7 @@ from core.models import LoadedModel
 from evaluation.attention import decode_attention
 from evaluation.decode import greedy_decode, greedy_processors
 from evaluation.generation_store import GenerationStore
+from evaluation.linear import onednn_linears
 from evaluation.prefill import PromptPrefill, prefill_prompts
 from steering.cache import with_cache
 from steering.hooks import check_steered
@@ -163,40 +164,41 @@ def generate_batch(
     # Left padding: every prompt's last token sits at the last index.
     prompt_end = torch.full((batch,), width - 1, dtype=torch.long, device=loaded.device)  # (batch,)
     stop_ids = stop_token_ids(tokenizer, model)
-    cache = None
-    if steering.positions == "from_prompt_end" or not steering.steers:
-        if prefill is None or not prefill.fits(questions, decoding.max_new_tokens):
-            with profile.step("generate.prompts"):
-                prefill = prefill_prompts(loaded, questions, decoding.max_new_tokens)
-        if prefill is not None:
-            cache = copy.deepcopy(prefill.cache)
-    started = time.perf_counter()
-    if not decoding.do_sample and not greedy_processors(model):
-        with decode_attention(model, loaded.device):  # nothing prefilled (steering from the first token on): a fresh cache
-            decoded = greedy_decode(model, input_ids, attention_mask,
-                                    cache if cache is not None else DynamicCache(config=model.config), steering,
-                                    prompt_end, decoding.max_new_tokens, stop_ids, tokenizer.pad_token_id)
-        new, count, expected, first = decoded.new_ids, decoded.count, decoded.expected, decoded.first
-    else:
-        options: dict[str, Any] = {"max_new_tokens": decoding.max_new_tokens, "do_sample": decoding.do_sample,
-                                   "pad_token_id": tokenizer.pad_token_id, "eos_token_id": stop_ids,
-                                   **(with_cache(model, cache) if cache is not None else {})}
-        if decoding.do_sample:
-            options.update(temperature=decoding.temperature, top_p=decoding.top_p, top_k=0)
-        devices = [loaded.device] if loaded.device.type == "cuda" else []
-        clock = _FirstTokenClock()
-        with (torch.inference_mode(), torch.random.fork_rng(devices=devices), decode_attention(model, loaded.device),
-              steering.applied(model, prompt_end) as count):
-            torch.manual_seed(_sampling_seed(decoding.seed, batch_index))
-            output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                    stopping_criteria=StoppingCriteriaList([clock]), **options)  # (batch, seq + new)
-        new = output[:, width:]  # (batch, new)
-        first = clock.at if clock.at is not None else time.perf_counter()
-        # Prefill runs the prompt, then every new token but the last is fed back: width + n_new - 1 positions a row.
-        expected = steering.expected_steered(prompt_end, width + new.shape[1] - 1)
-    finished = time.perf_counter()
-    profile.add("generate.prefill", first - started)
-    profile.add("generate.decode", finished - first)
+    with onednn_linears(model, loaded.device):  # a no-op where the caller has switched them already
+        cache = None
+        if steering.positions == "from_prompt_end" or not steering.steers:
+            if prefill is None or not prefill.fits(questions, decoding.max_new_tokens):
+                with profile.step("generate.prompts"):
+                    prefill = prefill_prompts(loaded, questions, decoding.max_new_tokens)
+            if prefill is not None:
+                cache = copy.deepcopy(prefill.cache)
+        started = time.perf_counter()
+        if not decoding.do_sample and not greedy_processors(model):
+            with decode_attention(model, loaded.device):  # nothing prefilled (steering from the first token on): a fresh cache
+                decoded = greedy_decode(model, input_ids, attention_mask,
+                                        cache if cache is not None else DynamicCache(config=model.config), steering,
+                                        prompt_end, decoding.max_new_tokens, stop_ids, tokenizer.pad_token_id)
+            new, count, expected, first = decoded.new_ids, decoded.count, decoded.expected, decoded.first
+        else:
+            options: dict[str, Any] = {"max_new_tokens": decoding.max_new_tokens, "do_sample": decoding.do_sample,
+                                       "pad_token_id": tokenizer.pad_token_id, "eos_token_id": stop_ids,
+                                       **(with_cache(model, cache) if cache is not None else {})}
+            if decoding.do_sample:
+                options.update(temperature=decoding.temperature, top_p=decoding.top_p, top_k=0)
+            devices = [loaded.device] if loaded.device.type == "cuda" else []
+            clock = _FirstTokenClock()
+            with (torch.inference_mode(), torch.random.fork_rng(devices=devices), decode_attention(model, loaded.device),
+                  steering.applied(model, prompt_end) as count):
+                torch.manual_seed(_sampling_seed(decoding.seed, batch_index))
+                output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                        stopping_criteria=StoppingCriteriaList([clock]), **options)  # (batch, seq + new)
+            new = output[:, width:]  # (batch, new)
+            first = clock.at if clock.at is not None else time.perf_counter()
+            # Prefill runs the prompt, then every new token but the last is fed back: width + n_new - 1 positions a row.
+            expected = steering.expected_steered(prompt_end, width + new.shape[1] - 1)
+        finished = time.perf_counter()
+        profile.add("generate.prefill", first - started)
+        profile.add("generate.decode", finished - first)
     n_new = new.shape[1]
     check_steered(count, expected, f"generation of {batch} answers ({n_new} new tokens at most) by {steering.variant}")
     new_ids = new.tolist()  # (batch, new)
@@ -285,7 +287,8 @@ def generate_missing_variants(
     missing = sum((q.id, s.variant, key) not in store for s, key in variants.values() for q in questions)
     n_generated = dict.fromkeys(variants, 0)
     names = ", ".join(variants)
-    with tqdm(total=missing, desc=f"generate {names}", unit="answer", disable=not progress) as bar:
+    with (tqdm(total=missing, desc=f"generate {names}", unit="answer", disable=not progress) as bar,
+          onednn_linears(loaded.model, loaded.device)):  # the prompts' prefill too
         for index, chunk in enumerate(chunks):
             prefill: PromptPrefill | None = None
             for variant, (steering, key) in variants.items():

@@ -34,7 +34,8 @@ What no variant changes is computed once for all of them: each batch's prompt pr
 (``generate_missing_variants``), MC's prompts and the layers up to the steering layer
 (``MCJudge.bind_all``), the side-effect passes' unsteered layers. The parent run gets where the time went,
 ``profile/<step>_seconds`` (``core.profile``: load, generate and its prompts/prefill/decode, effects, each
-judge, statistics, mlflow_logging).
+judge, statistics, mlflow_logging). On a CPU the model's fp32 linear layers run by oneDNN during the stage
+(``evaluation.linear.onednn_linears``; tag ``truthsteer.linear``: ``onednn``, or ``torch`` for PyTorch's own).
 
 The active (parent) run gets the generations table (one row per question and variant: answer,
 references, every judge's fields) as an MLflow table, JSONL and CSV, the per-category table, and
@@ -53,7 +54,7 @@ import mlflow
 import pandas as pd
 
 from core import artifacts, profile
-from core.artifacts import TAG_DTYPE, TAG_LAYER, TAG_SCALE, TAG_STORE, TAG_VARIANT, VARIANT_STAGE
+from core.artifacts import TAG_DTYPE, TAG_LAYER, TAG_LINEAR, TAG_SCALE, TAG_STORE, TAG_VARIANT, VARIANT_STAGE
 from core.config import Config, ConfigError
 from core.config_io import flat_params
 from core.data import Question, splits_for
@@ -70,6 +71,7 @@ from evaluation.generate import generate_missing_variants
 from evaluation.generation_store import GenerationStore, default_store_path, variant_hash
 from evaluation.judge_loading import check_trained_judge, load_judge_model, make_judges
 from evaluation.judges import Judge
+from evaluation.linear import onednn_linears
 from evaluation.side_effects import measure_effects
 from evaluation.variant_metrics import (
     category_table,
@@ -328,48 +330,51 @@ def run(
     mlflow.set_tag(TAG_STORE, str(store.path.resolve()))
     print(f"generation store: {store.path} ({len(store)} answers stored)")
 
-    rows_by_variant: dict[str, list[dict[str, Any]]] = {}
-    counts: dict[str, dict[str, float]] = {}
-    n_generated: dict[str, int] = {}
-    info: dict[str, dict[str, Any]] = {}
-    keys = {v: (steerings[v], variant_hash(cfg.model, dtype, decoding, steerings[v].key_fields())) for v in variants}
-    with profile.step("generate"):  # batch by batch, every variant in turn: the prompts' prefill runs once
-        generated = generate_missing_variants(loaded, questions, keys, decoding, store, progress=progress)
-    for variant in variants:
-        steering = steerings[variant]
-        records, n_generated[variant] = generated[variant]
-        rows_by_variant[variant] = [table_row(q, r, model=cfg.model.alias, dtype=dtype, steering=steering)
-                                    for q, r in zip(questions, records, strict=True)]
-        counts[variant] = {"n_generated": float(n_generated[variant]),
-                           "n_reused": float(len(questions) - n_generated[variant]), **scale_metrics(steering),
-                           **answer_rates([str(r["answer"]) for r in records])}
-        info[variant] = {"model": cfg.model.alias, "dtype": dtype, "layer": steering.layer,
-                         "scale": steering.scale if steering.layer is not None else None}
+    # on a CPU the model's fp32 linear layers by oneDNN, for generation, effects and mc alike
+    with onednn_linears(loaded.model, loaded.device) as switched:
+        mlflow.set_tag(TAG_LINEAR, "onednn" if switched else "torch")
+        rows_by_variant: dict[str, list[dict[str, Any]]] = {}
+        counts: dict[str, dict[str, float]] = {}
+        n_generated: dict[str, int] = {}
+        info: dict[str, dict[str, Any]] = {}
+        keys = {v: (steerings[v], variant_hash(cfg.model, dtype, decoding, steerings[v].key_fields())) for v in variants}
+        with profile.step("generate"):  # batch by batch, every variant in turn: the prompts' prefill runs once
+            generated = generate_missing_variants(loaded, questions, keys, decoding, store, progress=progress)
+        for variant in variants:
+            steering = steerings[variant]
+            records, n_generated[variant] = generated[variant]
+            rows_by_variant[variant] = [table_row(q, r, model=cfg.model.alias, dtype=dtype, steering=steering)
+                                        for q, r in zip(questions, records, strict=True)]
+            counts[variant] = {"n_generated": float(n_generated[variant]),
+                               "n_reused": float(len(questions) - n_generated[variant]), **scale_metrics(steering),
+                               **answer_rates([str(r["answer"]) for r in records])}
+            info[variant] = {"model": cfg.model.alias, "dtype": dtype, "layer": steering.layer,
+                             "scale": steering.scale if steering.layer is not None else None}
 
-    if any(RELATIVE_SCALE_METRIC not in c for c in counts.values()):  # every variant logs the same metric names
-        for c in counts.values():
-            c.pop(RELATIVE_SCALE_METRIC, None)
-    if cfg.effects.enabled:  # what steering costs: KL and CE on neutral text, KL on each variant's own answers
-        started = time.perf_counter()
-        with profile.step("effects"):
-            effects, per_answer = measure_effects(cfg, loaded, steerings, [q.question for q in questions],
-                                                  {v: [str(r["raw_answer"]) for r in rows]
-                                                   for v, rows in rows_by_variant.items()})
-        for variant, rows in rows_by_variant.items():
-            counts[variant].update(effects[variant])
-            for row, kl in zip(rows, per_answer[variant], strict=True):
-                row["kl_answers"] = kl
-        mlflow.log_metric("effects_seconds", time.perf_counter() - started)
+        if any(RELATIVE_SCALE_METRIC not in c for c in counts.values()):  # every variant logs the same metric names
+            for c in counts.values():
+                c.pop(RELATIVE_SCALE_METRIC, None)
+        if cfg.effects.enabled:  # what steering costs: KL and CE on neutral text, KL on each variant's own answers
+            started = time.perf_counter()
+            with profile.step("effects"):
+                effects, per_answer = measure_effects(cfg, loaded, steerings, [q.question for q in questions],
+                                                      {v: [str(r["raw_answer"]) for r in rows]
+                                                       for v, rows in rows_by_variant.items()})
+            for variant, rows in rows_by_variant.items():
+                counts[variant].update(effects[variant])
+                for row, kl in zip(rows, per_answer[variant], strict=True):
+                    row["kl_answers"] = kl
+            mlflow.log_metric("effects_seconds", time.perf_counter() - started)
 
-    # mc scores every variant in one pass over the questions: what no variant changes runs once
-    bound = {id(j): j.bind_all(loaded, steerings) for j in judges if isinstance(j, _mc.MCJudge)}
+        # mc scores every variant in one pass over the questions: what no variant changes runs once
+        bound = {id(j): j.bind_all(loaded, steerings) for j in judges if isinstance(j, _mc.MCJudge)}
 
-    def judges_for(variant: str) -> list[Judge]:
-        return [bound[id(j)][variant] if isinstance(j, _mc.MCJudge) else j for j in judges]
+        def judges_for(variant: str) -> list[Judge]:
+            return [bound[id(j)][variant] if isinstance(j, _mc.MCJudge) else j for j in judges]
 
-    flat = flat_params(cfg)
-    params = {v: variant_params(flat, steerings[v].key_fields(), module=steerings[v].module) for v in variants}
-    result = judge_and_log(cfg, rows_by_variant, judges_for, info, extra_metrics=counts, params=params)
+        flat = flat_params(cfg)
+        params = {v: variant_params(flat, steerings[v].key_fields(), module=steerings[v].module) for v in variants}
+        result = judge_and_log(cfg, rows_by_variant, judges_for, info, extra_metrics=counts, params=params)
     profile.log()
     return dataclasses.replace(result, store_path=store.path, n_generated=n_generated)
 

@@ -40,7 +40,7 @@ from core.config_io import load_config
 from core.data import Question, question_id
 from core.models import LoadedModel, load_model
 from core.tracking import stage_run
-from evaluation import mc
+from evaluation import linear, mc
 from evaluation.attention import PACKED_DECODE, decode_attention, packed_decode_attention
 from evaluation.decode import greedy_decode
 from evaluation.generate import (
@@ -277,6 +277,37 @@ def test_packed_decode_attention_answers_as_the_recompute_does(arch: str, kind: 
     # not vacuous: every decode step of both runs, in every layer, took the packed path
     assert sum(packed) >= 2 * len(decoder_layers(model)) * (min(a.n_new_tokens for a in answers) - 1) > 0
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_onednn_linear_layers_answer_and_score_as_torchs_own_do(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU, generation and the evaluate stage run the model's fp32 linear layers by oneDNN
+    (``evaluation.linear``). Oracle: the recompute and the plain forward, outside any such block, on PyTorch's
+    own linear layers."""
+    loaded = tiny_loaded(arch)
+    steering = tiny_steerings(loaded)["caa"]
+    products = []
+    real = linear.onednn_product
+
+    def counted(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        products.append(x.shape[:-1].numel())
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(linear, "onednn_product", counted)
+    answers = generate_batch(loaded, QUESTIONS, steering, EvalConfig(max_new_tokens=MAX_NEW, batch_size=len(QUESTIONS)))
+    n_linear = sum(isinstance(m, nn.Linear) for m in decoder_layers(loaded.model)[0].modules())
+    # not vacuous: every decode step's layers ran by oneDNN
+    assert len(products) >= n_linear * len(decoder_layers(loaded.model)) * min(a.n_new_tokens for a in answers) > 0
+    assert all("forward" not in vars(m) for m in loaded.model.modules())
+    expected = recompute_greedy(loaded, QUESTIONS, delta_of(steering), LAYER, "prompt_end", MAX_NEW)
+    assert [a.text for a in answers] == expected
+    flat_q, flat_a = mc_rows(tiny_questions())
+    products.clear()
+    with linear.onednn_linears(loaded.model, torch.device("cpu")):
+        got, _ = answer_logprobs(loaded, flat_q, flat_a, steering, batch_size=3, max_length=256)
+    assert products
+    oracle = [plain_logprob(loaded, q, a, delta_of(steering)) for q, a in zip(flat_q, flat_a, strict=True)]
+    assert got == pytest.approx(oracle, abs=1e-4)
 
 
 # ---------------------------------------------------------------- MC scoring

@@ -1,0 +1,110 @@
+"""Linear layers on a CPU by oneDNN while a model generates and scores.
+
+PyTorch multiplies an fp32 ``nn.Linear`` on a CPU with its BLAS (MKL). On this project's 2-core AMD machine
+oneDNN, which PyTorch also ships (``torch.ops.mkldnn._linear_pointwise``, what PyTorch's own compiler calls
+for linear layers on a CPU), multiplies the same fp32 weights faster: the decode's narrow products (one
+token for each of a batch's rows against the model's weights) and large squares alike
+(``benchmarks.generate``: ``roof_gflops_by_library``, ``decode_shape_gflops_by_library``, and the layers
+timed both ways in place). ``onednn_linears`` runs a model's fp32 linear layers through it until the block
+exits; then the layers are as they were.
+
+What it changes, and what it does not:
+- the weights are read where they are: no copy of them is kept;
+- the products are summed in another order than MKL's: they agree to float32 rounding, not bit for bit,
+  and each layer's first product in a block is checked against PyTorch's on one row (``check_product``);
+- a layer falls back to ``torch.nn.functional.linear`` with gradients on, and on an input that is not fp32
+  on a CPU or is empty;
+- ``TRUTHSTEER_CPU_LINEAR=torch`` keeps PyTorch's own linear layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+OPT_OUT = "TRUTHSTEER_CPU_LINEAR"  # =torch: PyTorch's own linear layers on a CPU too
+
+
+def switches(device: torch.device) -> bool:
+    """Whether ``onednn_linears`` switches layers on ``device``: a CPU, PyTorch built with oneDNN, and not
+    ``TRUTHSTEER_CPU_LINEAR=torch``."""
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and os.environ.get(OPT_OUT, "") != "torch"
+
+
+def onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias`` by oneDNN (fp32 on a CPU, no gradients)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def check_product(name: str, module: nn.Linear, x: torch.Tensor, out: torch.Tensor) -> None:
+    """Fail when a product's first row differs from PyTorch's own by more than float32 rounding can: each output
+    may differ by ``in_features`` roundings of its terms' magnitudes in either sum, so by at most
+    ``2 * in_features * eps * (|x| @ |W|.T + |b|)``."""
+    row = x.reshape(-1, x.shape[-1])[:1]  # (1, in)
+    want = F.linear(row, module.weight, module.bias)  # (1, out)
+    scale = F.linear(row.abs(), module.weight.abs(), None if module.bias is None else module.bias.abs())  # (1, out)
+    bound = 2 * module.in_features * torch.finfo(torch.float32).eps * scale  # (1, out)
+    diff = (out.reshape(-1, out.shape[-1])[:1] - want).abs()  # (1, out)
+    if not bool((diff <= bound).all()):
+        worst = int((diff - bound).argmax())
+        raise RuntimeError(f"{name}: oneDNN's product differs from PyTorch's by {float(diff[0, worst]):.3g} at "
+                           f"output {worst} (float32 rounding allows {float(bound[0, worst]):.3g}); run with "
+                           f"{OPT_OUT}=torch to use PyTorch's own")
+
+
+class _OneDNN:
+    """A linear layer's forward by oneDNN, its first product in the block checked (``check_product``)."""
+
+    def __init__(self, name: str, module: nn.Linear) -> None:
+        self.name, self.module, self.checked = name, module, False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        module = self.module
+        if torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu" or not x.numel():
+            return F.linear(x, module.weight, module.bias)
+        out = onednn_product(x, module.weight, module.bias)
+        if not self.checked:
+            check_product(self.name, module, x, out)
+            self.checked = True
+        return out
+
+
+def switchable(module: nn.Module) -> bool:
+    """A plain ``nn.Linear`` (not a subclass: quantised or wrapped layers keep their own forward) with an fp32
+    weight (and bias) on a CPU, and no forward of its own set on the instance (accelerate's hooks set one)."""
+    return (type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu"
+            and (module.bias is None or module.bias.dtype == torch.float32) and "forward" not in vars(module))
+
+
+@contextlib.contextmanager
+def onednn_linears(model: nn.Module, device: torch.device) -> Iterator[int]:
+    """Run ``model``'s fp32 linear layers (the ``switchable`` ones, where ``switches(device)``) by oneDNN; on
+    exit, and on an error, every layer gets its own forward back. Nested blocks leave the layers to the
+    outermost one.
+
+    Args:
+        model: the model; every switchable ``nn.Linear`` in it is switched.
+        device: where the model runs; elsewhere than on a CPU nothing changes.
+
+    Yields:
+        how many layers were switched.
+    """
+    switched: list[nn.Module] = []
+    try:
+        if switches(device):
+            for name, module in model.named_modules():
+                if switchable(module):
+                    module.forward = _OneDNN(name, module)  # type: ignore[arg-type]
+                    switched.append(module)
+        yield len(switched)
+    finally:
+        for module in switched:
+            del module.forward
+
+
+__all__ = ['OPT_OUT', 'check_product', 'onednn_linears', 'onednn_product', 'switchable', 'switches']

@@ -1,0 +1,149 @@
+"""``evaluation.linear``: linear layers by oneDNN against the products written out in float64, what falls back to
+``torch.nn.functional.linear``, the run-time check of each layer's first product, and the switch's restore.
+
+The end-to-end oracle (tiny models generating and scoring with oneDNN's linear layers against a recompute and
+a plain forward on PyTorch's own) is ``test_oracles.test_onednn_linear_layers_answer_and_score_as_torchs_own_do``.
+Marked ``oracle``: ``torch.ops.mkldnn`` is a private PyTorch interface, which CI checks again on the newest
+versions ``pyproject.toml`` allows.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from evaluation import linear
+from evaluation.linear import OPT_OUT, onednn_linears, switchable, switches
+
+pytestmark = pytest.mark.oracle
+
+CPU = torch.device("cpu")
+
+
+class Layers(nn.Module):
+    """Linear layers of the shapes a decoder has (narrow and wide, with and without a bias) and one that is not
+    a plain ``nn.Linear``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = nn.Linear(24, 40, bias=False)
+        self.down = nn.Linear(40, 24, bias=True)
+        self.head = nn.Linear(24, 97, bias=False)
+        self.other = Subclassed(24, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.down(torch.relu(self.up(x)))) + self.other(x).sum(-1, keepdim=True)
+
+
+class Subclassed(nn.Linear):
+    """A layer with a forward of its own (a quantised layer, say): never switched."""
+
+
+def in_float64(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """The layer's product one output at a time in float64."""
+    weight = layer.weight.detach().double()  # (out, in)
+    out = torch.stack([(x.double() * weight[o]).sum(-1) for o in range(weight.shape[0])], dim=-1)  # (..., out)
+    return out if layer.bias is None else out + layer.bias.detach().double()
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The rows of every product oneDNN runs."""
+    rows: list[int] = []
+    real = linear.onednn_product
+
+    def counting(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        rows.append(x.shape[:-1].numel())
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(linear, "onednn_product", counting)
+    return rows
+
+
+@pytest.mark.parametrize("shape", [(1, 24), (7, 24), (80, 24), (3, 5, 24)])
+def test_switched_layers_multiply_as_float64_does(shape: tuple[int, ...], counted: list[int]) -> None:
+    model = Layers()
+    x = torch.randn(*shape)
+    hidden = torch.randn(*shape[:-1], 40)
+    with torch.inference_mode(), onednn_linears(model, CPU) as switched:
+        assert switched == 3  # up, down, head; not the subclass
+        for layer, inputs in ((model.up, x), (model.head, x), (model.down, hidden)):
+            got = layer(inputs)
+            assert got.shape == (*shape[:-1], layer.out_features)
+            assert torch.allclose(got.double(), in_float64(inputs, layer), rtol=1e-5, atol=1e-5)
+    assert counted == [x[..., 0].numel()] * 3  # not vacuous: oneDNN ran each product
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
+def test_what_oneDNN_cannot_run_falls_back_to_torch(counted: list[int]) -> None:
+    model = Layers()
+    x = torch.randn(4, 24, requires_grad=True)
+    with onednn_linears(model, CPU):
+        out = model.up(x)  # gradients on: torch's linear, bit for bit, and it backpropagates
+        assert torch.equal(out, F.linear(x, model.up.weight))
+        out.sum().backward()
+        assert x.grad is not None and torch.allclose(x.grad, model.up.weight.detach().sum(0).expand(4, 24), atol=1e-6)
+        with torch.inference_mode():
+            assert model.up(x.detach()[:0]).shape == (0, 40)  # empty
+    assert counted == []
+
+
+def test_a_weight_changed_in_place_is_read_as_it_is_now() -> None:
+    model = Layers()
+    x = torch.randn(5, 24)
+    with torch.inference_mode(), onednn_linears(model, CPU):
+        before = model.head(x)
+        with torch.no_grad():
+            model.head.weight.mul_(2)
+        after = model.head(x)
+    assert torch.allclose(after, 2 * before, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(after.double(), in_float64(x, model.head), rtol=1e-5, atol=1e-5)
+
+
+def test_the_switch_is_undone_on_exit_and_on_an_error_and_nests() -> None:
+    model = Layers()
+    x = torch.randn(6, 24)
+    with torch.inference_mode():
+        plain = model(x)
+        with pytest.raises(RuntimeError, match="inside"), onednn_linears(model, CPU):
+            with onednn_linears(model, CPU) as inner:
+                assert inner == 0  # already switched: the outer block owns them
+            assert "forward" in vars(model.up)
+            raise RuntimeError("an error inside")
+        assert all("forward" not in vars(m) for m in model.modules())
+        assert torch.equal(model(x), plain)  # torch's own linear layers again, bit for bit
+
+
+def test_only_plain_fp32_linear_layers_on_a_cpu_are_switched() -> None:
+    assert switches(CPU) == torch.backends.mkldnn.is_available()
+    assert not switches(torch.device("cuda")) and not switches(torch.device("meta"))
+    assert not switchable(Subclassed(4, 4)) and not switchable(nn.Linear(4, 4).to(torch.bfloat16))
+    assert not switchable(nn.Embedding(4, 4)) and switchable(nn.Linear(4, 4))
+    model = Layers()
+    with onednn_linears(model, torch.device("cuda")) as switched:
+        assert switched == 0 and "forward" not in vars(model.up)
+
+
+def test_the_opt_out_keeps_torchs_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(OPT_OUT, "torch")
+    model = Layers()
+    with onednn_linears(model, CPU) as switched:
+        assert switched == 0 and not switches(CPU)
+
+
+def test_a_product_beyond_float32_rounding_fails_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run-time check: each layer's first product in a block is set against torch's on one row."""
+    model = Layers()
+    real = linear.onednn_product
+
+    def off_by_a_little(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = real(x, weight, bias)
+        return out + 1e-3 * out.abs().max()
+
+    monkeypatch.setattr(linear, "onednn_product", off_by_a_little)
+    with (torch.inference_mode(), onednn_linears(model, CPU),
+          pytest.raises(RuntimeError, match=r"head: oneDNN.*TRUTHSTEER_CPU_LINEAR=torch")):
+        model.head(torch.randn(4, 24))
