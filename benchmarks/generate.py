@@ -16,8 +16,9 @@ process from the smoke pool split with ``steering.extract``, times ``steering.sc
   from fp32 ones and depend on the batch size; the report counts how many agree.
 
 One warm-up generation runs first. The machine's fp32 matmul throughput (the *roof*: the best of a few
-square ``torch.mm`` of ``--roof-size``, on the same threads) is measured in the same run, and the batched
-run's throughput is set against it two ways:
+square products of ``--roof-size`` on the same threads, with ``torch.mm``, with oneDNN as decoding runs it,
+and with oneDNN on a factor laid out for it beforehand, whichever is fastest) is measured in the same run,
+and the batched run's throughput is set against it two ways:
 
 - ``new_tokens_share_of_roof``: new tokens per second times the model's matmul FLOPs per token (2 x the
   weights of every decoder layer's linear layers and of the LM head), over the roof: the issue's measure,
@@ -28,21 +29,24 @@ run's throughput is set against it two ways:
   (under 3% here).
 
 What the roof cannot show: decode multiplies ``batch_size`` rows by the model's narrow weights, where the
-matmul library is slower than on large squares. ``decode_shape_gflops`` times those very products (each
-linear layer's and the LM head's shape at the batch's rows), the most decode can reach here.
+matmul libraries are slower than on large squares. ``decode_shape_gflops`` times those very products (each
+linear layer's and the LM head's shape at the batch's rows) with each library, the most decode can reach here.
 
 ``prefill_then_decode`` sets the evaluate path (prompts prefilled in groups of similar length into a static
-cache, ``evaluation.prefill.prefill_prompts``, on a CPU ``evaluation.attention.packed_decode_attention``
-for decoding, and greedy decoding that drops a row from the batch when it stops,
-``evaluation.decode.greedy_decode``) against the same with ``transformers``' ``sdpa`` attention under
-PyTorch's math kernel (the previous decoding attention), against the same through ``model.generate`` (every row
-decoded to the end) and against the earlier prefill (one forward over the padded batch into a cache that
-grows by concatenation each step), in the order A B C D D C B A, with the same answers.
+cache, ``evaluation.prefill.prefill_prompts``; on a CPU the linear layers by oneDNN,
+``evaluation.linear.onednn_linears``, and ``evaluation.attention.packed_decode_attention`` for
+decoding; greedy decoding that drops a row from the batch when it stops, ``evaluation.decode.greedy_decode``)
+against the same with PyTorch's own linear layers (``TRUTHSTEER_CPU_LINEAR=torch``), against the same with
+``transformers``' ``sdpa`` attention under PyTorch's math kernel (the previous decoding attention), against the
+same through ``model.generate`` (every row decoded to the end) and against the earlier prefill (one forward
+over the padded batch into a cache that grows by concatenation each step), in the order A B C D E E D C B A,
+with the same answers.
 
 ``in_place`` times one more batched run from the inside (``in_place_breakdown``): the linear layers' and the
-LM head's seconds and GFLOP/s as they run in decoding, and each one-token attention call run both ways
-(packed and ``sdpa`` under the math kernel) in alternating order. Whole runs here vary by 10-20% from one
-to the next, more than attention's share of a step; timing both kernels on the same calls does not.
+LM head's seconds and GFLOP/s as they run in decoding, each of their calls run again by PyTorch's own
+``linear`` on the same input, and each one-token attention call run both ways (packed and ``sdpa`` under
+the math kernel), each pair in alternating order. Whole runs here vary by 10-20% from one to the next, more
+than attention's share of a step; timing both kernels on the same calls does not.
 
 Run: ``python -m benchmarks.generate`` (options: ``--help``); writes ``benchmarks/results/generate.json``.
 """
@@ -51,10 +55,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import math
+import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -71,6 +78,7 @@ from evaluation import generate as generation
 from evaluation.attention import PACKED_DECODE, packed_decode_attention
 from evaluation.generate import generate_batch, generate_missing, generation_order
 from evaluation.generation_store import GenerationStore, variant_hash
+from evaluation.linear import OPT_OUT, onednn_linears, onednn_product, switches
 from evaluation.prefill import prefill_prompts
 from steering.layers import decoder_layers
 from steering.methods.intervention import Steering
@@ -79,16 +87,31 @@ from steering.prompts import encode_text, format_prompt
 RESULTS = RESULTS_DIR / "generate.json"
 
 
-def matmul_roof(size: int, repeats: int = 5) -> float:
-    """The best GFLOP/s of ``repeats`` fp32 ``(size, size) @ (size, size)`` products, after a warm-up."""
-    a, b = torch.randn(size, size), torch.randn(size, size)  # (size, size) each
-    torch.mm(a, b)
+def best_seconds(call: Callable[[], Any], repeats: int) -> float:
+    """The fewest seconds of ``repeats`` calls of ``call``, after a warm-up call."""
+    call()
     best = math.inf
     for _ in range(repeats):
         tick = time.perf_counter()
-        torch.mm(a, b)
+        call()
         best = min(best, time.perf_counter() - tick)
-    return 2 * size**3 / best / 1e9
+    return best
+
+
+def matmul_roof(size: int, repeats: int = 5) -> dict[str, float]:
+    """The best GFLOP/s of ``repeats`` fp32 ``(size, size) @ (size, size)`` products with each of PyTorch's CPU
+    matmul libraries: ``torch.mm`` (its BLAS, MKL) and, where ``evaluation.linear`` switches, oneDNN on the
+    second factor as it is (what ``evaluation.linear`` runs) and laid out for it beforehand
+    (``torch.ops.mkldnn._reorder_linear_weight``, what PyTorch's compiler does for frozen models); the roof is
+    the fastest."""
+    a, b = torch.randn(size, size), torch.randn(size, size)  # (size, size) each
+    roofs = {"torch_mm": functools.partial(torch.mm, a, b)}
+    if switches(a.device):
+        weight = b.T.contiguous()  # (size, size): b as a linear layer's weight
+        laid_out = torch.ops.mkldnn._reorder_linear_weight(weight, size)
+        roofs.update(onednn=functools.partial(onednn_product, a, weight, None),
+                     onednn_laid_out=functools.partial(onednn_product, a, laid_out, None))
+    return {library: 2 * size**3 / best_seconds(call, repeats) / 1e9 for library, call in roofs.items()}
 
 
 def matmul_flops(model: torch.nn.Module) -> tuple[float, float]:
@@ -99,49 +122,51 @@ def matmul_flops(model: torch.nn.Module) -> tuple[float, float]:
     return float(layers), float(2 * head.weight.numel())
 
 
-def decode_shape_gflops(model: Any, rows: int, repeats: int = 5) -> float:
+def decode_shape_gflops(model: Any, rows: int, repeats: int = 5) -> dict[str, float]:
     """The GFLOP/s of one decode step's matmuls at ``rows`` rows: each distinct (in, out) shape of the decoder
     layers' linear layers and of the LM head timed alone (best of ``repeats``), weighted by how often a token
-    runs it. The most a batch of ``rows`` can reach in decode on this machine's matmul library."""
+    runs it, with PyTorch's ``torch.nn.functional.linear`` (MKL) and, where ``evaluation.linear`` switches, with
+    oneDNN as ``evaluation.linear`` runs it. The most a batch of ``rows`` can reach in decode with each."""
     shapes = collections.Counter((m.in_features, m.out_features) for layer in decoder_layers(model)
                                  for m in layer.modules() if isinstance(m, torch.nn.Linear))
     head = model.get_output_embeddings().weight  # (vocab, d_model)
     shapes[(head.shape[1], head.shape[0])] += 1
-    seconds = flops = 0.0
+    seconds: dict[str, float] = collections.defaultdict(float)
+    flops = 0.0
     for (n_in, n_out), count in shapes.items():
         x, weight = torch.randn(rows, n_in), torch.randn(n_out, n_in)  # (rows, in), (out, in)
-        torch.nn.functional.linear(x, weight)
-        best = math.inf
-        for _ in range(repeats):
-            tick = time.perf_counter()
-            torch.nn.functional.linear(x, weight)
-            best = min(best, time.perf_counter() - tick)
-        seconds += count * best
+        seconds["torch_linear"] += count * best_seconds(functools.partial(torch.nn.functional.linear, x, weight), repeats)
+        if switches(x.device):
+            seconds["onednn"] += count * best_seconds(functools.partial(onednn_product, x, weight, None), repeats)
         flops += count * 2 * rows * n_in * n_out
-    return flops / seconds / 1e9
+    return {library: flops / s / 1e9 for library, s in seconds.items()}
 
 
 def compare_prefills(loaded: Any, questions: list[Any], steering: Steering, decoding: EvalConfig,
                      answers: list[str]) -> dict[str, Any]:
-    """Seconds to prefill and answer ``questions`` batch by batch four ways, in the order A B C D D C B A: the
-    evaluate path (``grouped_static``: packed decode attention, greedy decoding that drops each row when it
-    stops), the same with ``sdpa`` attention under PyTorch's math kernel (``grouped_static_sdpa``), the same through
-    ``model.generate``, which keeps every row to the end (``grouped_static_generate``), and one padded forward
-    into a growing cache (``padded_growing``, packed decode attention, our decoding); each run's answers must equal
-    ``answers``."""
+    """Seconds to prefill and answer ``questions`` batch by batch five ways, in the order A B C D E E D C B A: the
+    evaluate path (``grouped_static``: linear layers by oneDNN, packed decode attention,
+    greedy decoding that drops each row when it stops), the same with PyTorch's own linear layers
+    (``grouped_static_torch_linear``), the same with ``sdpa`` attention under PyTorch's math kernel
+    (``grouped_static_sdpa``), the same through ``model.generate``, which keeps every row to the end
+    (``grouped_static_generate``), and one padded forward into a growing cache (``padded_growing``, our
+    kernels and decoding); each run's answers must equal ``answers``."""
     ordered = generation_order(loaded, questions)
     by_id = {q.id: i for i, q in enumerate(questions)}
     chunks = [ordered[i:i + decoding.batch_size] for i in range(0, len(ordered), decoding.batch_size)]
-    names = ("grouped_static", "grouped_static_sdpa", "grouped_static_generate", "padded_growing")
+    names = ("grouped_static", "grouped_static_torch_linear", "grouped_static_sdpa", "grouped_static_generate",
+             "padded_growing")
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for name in (*names, *reversed(names)):
         got = [""] * len(questions)
         kernel = (mock.patch.object(generation, "decode_attention", lambda model, device: sdpa_kernel(SDPBackend.MATH))
                   if name == "grouped_static_sdpa" else
                   mock.patch.object(generation, "greedy_processors", lambda model: ["(benchmark)"])  # generate's path
-                  if name == "grouped_static_generate" else contextlib.nullcontext())
+                  if name == "grouped_static_generate" else
+                  mock.patch.dict(os.environ, {OPT_OUT: "torch"}) if name == "grouped_static_torch_linear" else
+                  contextlib.nullcontext())
         tick = time.perf_counter()
-        with kernel:
+        with kernel, onednn_linears(loaded.model, loaded.device):
             for chunk in chunks:
                 texts = [q.question for q in chunk]
                 room = None if name == "padded_growing" else decoding.max_new_tokens
@@ -156,6 +181,7 @@ def compare_prefills(loaded: Any, questions: list[Any], steering: Steering, deco
     return {"seconds": seconds, "mean_seconds": means,
             "speedup_over_padded_growing": means["padded_growing"] / means["grouped_static"],
             "speedup_of_packed_attention_over_sdpa_math": means["grouped_static_sdpa"] / means["grouped_static"],
+            "speedup_of_onednn_linear_over_torch_linear": means["grouped_static_torch_linear"] / means["grouped_static"],
             "speedup_of_dropping_stopped_rows_over_generate": means["grouped_static_generate"] / means["grouped_static"],
             "answers_identical": True}
 
@@ -164,20 +190,32 @@ def in_place_breakdown(loaded: Any, questions: list[Any], steering: Steering, de
                        answers: list[str]) -> dict[str, Any]:
     """One more batched generation of ``questions`` (the evaluate path), timed from the inside: every linear
     layer's and the LM head's forward (their seconds and GFLOP/s where they run, their weights streaming
-    from memory between other work, unlike ``decode_shape_gflops``), and every one-token attention call run
-    twice, ``packed_decode_attention`` and ``transformers``' ``sdpa`` under the math kernel, in alternating
-    order, so that both meet the same machine state (a paired comparison the whole-run timings cannot
-    resolve here); the packed result goes on, and the answers must equal ``answers``."""
-    linear = {"seconds": 0.0, "flops": 0.0}
+    from memory between other work, unlike ``decode_shape_gflops``), each also run by PyTorch's own
+    ``torch.nn.functional.linear`` on the same input (before the layer on odd calls, after it on even ones),
+    and every one-token attention call run twice, ``packed_decode_attention`` and ``transformers``' ``sdpa``
+    under the math kernel, in alternating order, so that both meet the same machine state (a paired comparison
+    the whole-run timings cannot resolve here); the layer's and the packed results go on, and the answers must
+    equal ``answers``."""
+    linear = {"seconds": 0.0, "torch_seconds": 0.0, "flops": 0.0, "calls": 0}
     attention = {"packed": 0.0, "sdpa": 0.0, "calls": 0}
     started: dict[int, float] = {}
 
+    def torch_linear(module: Any, args: Any) -> None:
+        tick = time.perf_counter()
+        torch.nn.functional.linear(args[0], module.weight, module.bias)
+        linear["torch_seconds"] += time.perf_counter() - tick
+
     def before(module: torch.nn.Module, args: Any) -> None:
+        linear["calls"] += 1
+        if linear["calls"] % 2:  # PyTorch's own product on the same input, before the layer's on odd calls
+            torch_linear(module, args)
         started[id(module)] = time.perf_counter()
 
     def after(module: Any, args: Any, output: torch.Tensor) -> None:
         linear["seconds"] += time.perf_counter() - started.pop(id(module))
         linear["flops"] += 2.0 * output[..., :1].numel() * module.in_features * module.out_features
+        if not linear["calls"] % 2:  # and after it on even ones
+            torch_linear(module, args)
 
     def paired(module: torch.nn.Module, query: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if query.shape[2] != 1:
@@ -207,12 +245,16 @@ def in_place_breakdown(loaded: Any, questions: list[Any], steering: Steering, de
             handle.remove()
     if got != answers:
         raise AssertionError(f"in place: {sum(g != a for g, a in zip(got, answers, strict=True))} answers differ")
-    report = {"seconds_with_both_attentions": seconds, "linear_seconds": linear["seconds"],
-              "linear_gflops": linear["flops"] / linear["seconds"] / 1e9,
+    report = {"seconds_with_both_attentions_and_linears": seconds, "linear_seconds": linear["seconds"],
+              "linear_gflops": linear["flops"] / linear["seconds"] / 1e9, "linear_calls": linear["calls"],
+              "torch_linear_seconds": linear["torch_seconds"],
+              "torch_linear_gflops": linear["flops"] / linear["torch_seconds"] / 1e9,
+              "speedup_of_onednn_linear_over_torch_linear": linear["torch_seconds"] / linear["seconds"],
               "one_token_attention_calls": attention["calls"], "packed_attention_seconds": attention["packed"],
               "sdpa_math_attention_seconds": attention["sdpa"],
               "speedup_of_packed_attention_over_sdpa_math": attention["sdpa"] / attention["packed"]}
-    print(f"in place: linear layers {linear['seconds']:.1f} s at {report['linear_gflops']:.0f} GFLOP/s; one-token "
+    print(f"in place: linear layers {linear['seconds']:.1f} s at {report['linear_gflops']:.0f} GFLOP/s (PyTorch's own "
+          f"on the same inputs, paired: {linear['torch_seconds']:.1f} s); one-token "
           f"attention {attention['packed']:.2f} s packed vs {attention['sdpa']:.2f} s sdpa (math kernel), paired",
           flush=True)
     return report
@@ -237,11 +279,15 @@ def main() -> None:
     decoding = cfg.eval
     key = variant_hash(cfg.model, "float32", decoding, steering.key_fields())
     generate_batch(loaded, [questions[0].question], steering, EvalConfig(max_new_tokens=4))  # warm-up
-    roof = matmul_roof(args.roof_size)
-    print(f"fp32 matmul roof: {roof:.1f} GFLOP/s ({args.roof_size}^3, {torch.get_num_threads()} threads)")
+    roofs = matmul_roof(args.roof_size)
+    roof = max(roofs.values())
+    print(f"fp32 matmul roof: {roof:.1f} GFLOP/s ({args.roof_size}^3, {torch.get_num_threads()} threads; "
+          + ", ".join(f"{library} {gflops:.1f}" for library, gflops in roofs.items()) + ")")
     rows = min(decoding.batch_size, len(questions))
-    shape_gflops = decode_shape_gflops(loaded.model, rows)
-    print(f"the model's decode matmuls at {rows} rows: {shape_gflops:.1f} GFLOP/s ({shape_gflops / roof:.0%} of the roof)")
+    shapes = decode_shape_gflops(loaded.model, rows)
+    shape_gflops = max(shapes.values())
+    print(f"the model's decode matmuls at {rows} rows: " + ", ".join(
+        f"{library} {gflops:.1f} GFLOP/s ({gflops / roof:.0%} of the roof)" for library, gflops in shapes.items()))
 
     with tempfile.TemporaryDirectory() as tmp:
         tick = time.perf_counter()
@@ -257,13 +303,14 @@ def main() -> None:
                                                                         loaded.prompt_format))) for q in questions)
     useful = (prompt_tokens + fed) * layer_flops + fed * head_flops
     throughput = {
-        "roof_gflops": roof, "matmul_gflops_per_token": (layer_flops + head_flops) / 1e9,
+        "roof_gflops": roof, "roof_gflops_by_library": roofs, "matmul_gflops_per_token": (layer_flops + head_flops) / 1e9,
         "new_tokens": new_tokens, "new_tokens_per_second": new_tokens / batched_seconds,
         "roof_tokens_per_second": roof * 1e9 / (layer_flops + head_flops),
         "new_tokens_share_of_roof": new_tokens * (layer_flops + head_flops) / batched_seconds / (roof * 1e9),
         "prompt_tokens": prompt_tokens, "useful_gflops_per_second": useful / batched_seconds / 1e9,
         "useful_flops_share_of_roof": useful / batched_seconds / (roof * 1e9),
-        "decode_shape_gflops": shape_gflops, "decode_shape_share_of_roof": shape_gflops / roof,
+        "decode_shape_gflops": shape_gflops, "decode_shape_gflops_by_library": shapes,
+        "decode_shape_share_of_roof": shape_gflops / roof,
         "new_tokens_share_of_decode_shape_gflops": new_tokens * (layer_flops + head_flops) / batched_seconds
         / (shape_gflops * 1e9),
         # rows that stopped: model.generate would keep them in the batch until every row has (rows x longest);
