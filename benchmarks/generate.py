@@ -100,13 +100,13 @@ def best_seconds(call: Callable[[], Any], repeats: int) -> float:
 
 def matmul_roof(size: int, repeats: int = 5) -> dict[str, float]:
     """The best GFLOP/s of ``repeats`` fp32 ``(size, size) @ (size, size)`` products with each of PyTorch's CPU
-    matmul libraries: ``torch.mm`` (its BLAS, MKL) and, where ``evaluation.linear`` switches, oneDNN on the
-    second factor as it is (what ``evaluation.linear`` runs) and laid out for it beforehand
+    matmul libraries: ``torch.mm`` (its BLAS, MKL) and, where PyTorch has oneDNN (whether or not
+    ``TRUTHSTEER_CPU_LINEAR`` opts out of it: the roof is the machine's), oneDNN on the second factor as it is (what ``evaluation.linear`` runs) and laid out for it beforehand
     (``torch.ops.mkldnn._reorder_linear_weight``, what PyTorch's compiler does for frozen models); the roof is
     the fastest."""
     a, b = torch.randn(size, size), torch.randn(size, size)  # (size, size) each
     roofs = {"torch_mm": functools.partial(torch.mm, a, b)}
-    if switches(a.device):
+    if torch.backends.mkldnn.is_available():
         weight = b.T.contiguous()  # (size, size): b as a linear layer's weight
         laid_out = torch.ops.mkldnn._reorder_linear_weight(weight, size)
         roofs.update(onednn=functools.partial(onednn_product, a, weight, None),

@@ -44,17 +44,20 @@ def onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 def check_product(name: str, module: nn.Linear, x: torch.Tensor, out: torch.Tensor) -> None:
     """Fail when a product's first row differs from PyTorch's own by more than float32 rounding can: each output
     may differ by ``in_features`` roundings of its terms' magnitudes in either sum, so by at most
-    ``2 * in_features * eps * (|x| @ |W|.T + |b|)``."""
+    ``2 * in_features * eps * (|x| @ |W|.T + |b|)``. Where PyTorch's output is not finite (an overflowed
+    input, say: the run's own checks report that), oneDNN's must not be finite either."""
     row = x.reshape(-1, x.shape[-1])[:1]  # (1, in)
     want = F.linear(row, module.weight, module.bias)  # (1, out)
     scale = F.linear(row.abs(), module.weight.abs(), None if module.bias is None else module.bias.abs())  # (1, out)
     bound = 2 * module.in_features * torch.finfo(torch.float32).eps * scale  # (1, out)
-    diff = (out.reshape(-1, out.shape[-1])[:1] - want).abs()  # (1, out)
-    if not bool((diff <= bound).all()):
-        worst = int((diff - bound).argmax())
-        raise RuntimeError(f"{name}: oneDNN's product differs from PyTorch's by {float(diff[0, worst]):.3g} at "
-                           f"output {worst} (float32 rounding allows {float(bound[0, worst]):.3g}); run with "
-                           f"{OPT_OUT}=torch to use PyTorch's own")
+    got = out.reshape(-1, out.shape[-1])[:1]  # (1, out)
+    diff = (got - want).abs()  # (1, out)
+    agree = torch.where(torch.isfinite(want), diff <= bound, ~torch.isfinite(got))  # (1, out)
+    if not bool(agree.all()):
+        worst = int((~agree[0]).nonzero()[0, 0])
+        raise RuntimeError(f"{name}: oneDNN's product differs from PyTorch's at output {worst}: "
+                           f"{float(got[0, worst]):.6g} against {float(want[0, worst]):.6g} (float32 rounding "
+                           f"allows {float(bound[0, worst]):.3g}); run with {OPT_OUT}=torch to use PyTorch's own")
 
 
 class _OneDNN:

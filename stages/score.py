@@ -14,6 +14,7 @@ source runs rebuild the model and each variant's steering.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ from core.tracking import CONFIG_ARTIFACT, download
 from evaluation import judge_loading
 from evaluation import mc as _mc
 from evaluation.judges import Judge
+from evaluation.linear import onednn_linears
 from stages import evaluate
 from stages.source_runs import SourceRuns
 from steering.methods.intervention import Steering
@@ -152,7 +154,8 @@ def run(cfg: Config, *, source_run: str = "", generations: str = "") -> evaluate
 
     info = {v: {k: rows[0].get(k) for k in ("model", "dtype", "layer", "scale")} for v, rows in grouped.items()}
     profile.take()  # this stage's steps only
-    result = evaluate.judge_and_log(cfg, grouped, judges_for, info, extra_tags={artifacts.TAG_SOURCE_RUN: origin})
+    with onednn_linears(main.model, main.device) if main is not None else contextlib.nullcontext():  # as evaluate
+        result = evaluate.judge_and_log(cfg, grouped, judges_for, info, extra_tags={artifacts.TAG_SOURCE_RUN: origin})
     profile.log()
     return result
 

@@ -203,10 +203,12 @@ class TrialScorer:
 
         steering = self.steering(params)
         if not self.objective.generates:
+            from evaluation.linear import onednn_linears
             from evaluation.mc import MCJudge
 
             judge = MCJudge.from_config(self.cfg).bind(self.loaded, steering)
-            return judge.score([JudgeItem.from_question(q, "") for q in questions])
+            with onednn_linears(self.loaded.model, self.loaded.device):  # as evaluate scores it
+                return judge.score([JudgeItem.from_question(q, "") for q in questions])
         from evaluation.generate import generate_batch
 
         answers = generate_batch(self.loaded, [q.question for q in questions], steering,

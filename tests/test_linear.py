@@ -145,5 +145,18 @@ def test_a_product_beyond_float32_rounding_fails_the_run(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(linear, "onednn_product", off_by_a_little)
     with (torch.inference_mode(), onednn_linears(model, CPU),
-          pytest.raises(RuntimeError, match=r"head: oneDNN.*TRUTHSTEER_CPU_LINEAR=torch")):
+          pytest.raises(RuntimeError, match=r"head: oneDNN.*against.*TRUTHSTEER_CPU_LINEAR=torch")):
         model.head(torch.randn(4, 24))
+
+
+def test_a_product_that_is_not_finite_where_torchs_is_not_either_passes_the_check() -> None:
+    """An overflowed input (a steering scale of 1e39, say) gives inf/NaN both ways: that is for the run's own
+    non-finite checks to report, not a disagreement between the libraries."""
+    model = Layers()
+    x = torch.randn(3, 24)
+    x[0, 5] = float("inf")
+    with torch.inference_mode(), onednn_linears(model, CPU):
+        got = model.up(x)
+    want = F.linear(x, model.up.weight)
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want)) and not bool(torch.isfinite(got[0]).all())
+    assert torch.allclose(got[1:], want[1:], rtol=1e-5, atol=1e-6)

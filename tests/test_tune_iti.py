@@ -33,6 +33,7 @@ from core.data import splits_for
 from core.models import load_from_config
 from core.tracking import stage_run
 from evaluation.judges import JudgeItem
+from evaluation.linear import onednn_linears
 from evaluation.mc import MCJudge
 from stages import iti as iti_stage
 from stages import pipeline, tune, tune_iti, tune_storage
@@ -142,7 +143,8 @@ def test_an_iti_grid_worker_on_smollm2_scores_alpha_0_as_the_baseline(tracking: 
     at_0, at_30 = (float(t.value) for t in trials)  # type: ignore[arg-type]  # COMPLETE: a value
     assert math.isfinite(at_0) and math.isfinite(at_30) and at_0 != at_30
     items = [JudgeItem.from_question(q, "") for q in splits_for(cfg)["val"]]
-    rows = MCJudge.from_config(cfg).bind(loaded, Steering.baseline()).score(items)
+    with onednn_linears(loaded.model, loaded.device):  # the linear layers tune's MC runs on (as evaluate's)
+        rows = MCJudge.from_config(cfg).bind(loaded, Steering.baseline()).score(items)
     assert at_0 == math.fsum(r["mc2"] for r in rows) / len(rows)  # alpha 0 shifts nothing
     fragment = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(
         run_id=parent.info.run_id, artifact_path=artifacts.TUNED)).read_text())
