@@ -15,8 +15,10 @@ frozen parameters. ``HF_TOKEN`` is read by huggingface_hub from the environment 
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
+import gc
 import importlib
 import importlib.metadata
 import importlib.util
@@ -292,3 +294,16 @@ def load_from_config(cfg: Config, *, dtype: str | None = None) -> LoadedModel:
         max_memory=cfg.runtime.max_memory,
         cache_dir=cfg.runtime.cache_dir,
     )
+
+
+def release_memory() -> None:
+    """Hand what was freed back to the system: a finished stage's model and tensors (or a decoded variant's KV
+    cache) are garbage once it is done, but glibc keeps freed heap pages mapped, so the next peak would stack on
+    this one's (the smoke pipeline's resident memory grew stage by stage to 2.5 GiB before evaluate). No-op off
+    glibc."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.malloc_trim(0)

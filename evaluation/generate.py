@@ -4,8 +4,8 @@
 (``steering.prompts.encode_prompts``) so that every row's prompt ends at the same index, and the
 variant's steering (``Steering``) is active for every forward, with the KV cache. The prompts' tokens
 before the last one are never steered (from the last prompt token on), so they are prefilled unsteered
-(``evaluation.prefill.prefill_prompts``: in groups of similar length, into a static cache with room for
-the answers) and decoding starts from a copy of that cache.
+(``evaluation.prefill.prefill_prompts``: in groups of similar length, into a static cache of the prompts'
+width) and decoding starts from a copy of it with room for the answers (``PromptPrefill.decoding_cache``).
 Decoding is greedy unless ``eval.do_sample``. Greedy decoding is a loop of our own (``evaluation.decode``):
 a row that has stopped leaves the batch and its cache (``Cache.reorder_cache``), so the rest decode
 fewer rows; ``generate`` would go on feeding padding through every stopped row until the last one stops.
@@ -19,7 +19,6 @@ the answers it lacks, so a killed evaluation restarts without regenerating anyth
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,7 +32,7 @@ from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 from core import profile
 from core.config import EvalConfig
 from core.data import Question
-from core.models import LoadedModel
+from core.models import LoadedModel, release_memory
 from evaluation.attention import decode_attention
 from evaluation.decode import greedy_decode, greedy_processors
 from evaluation.generation_store import GenerationStore
@@ -171,7 +170,7 @@ def generate_batch(
                 with profile.step("generate.prompts"):
                     prefill = prefill_prompts(loaded, questions, decoding.max_new_tokens)
             if prefill is not None:
-                cache = copy.deepcopy(prefill.cache)
+                cache = prefill.decoding_cache()
         started = time.perf_counter()
         if not decoding.do_sample and not greedy_processors(model):
             with decode_attention(model, loaded.device):  # nothing prefilled (steering from the first token on): a fresh cache
@@ -268,7 +267,8 @@ def generate_missing_variants(
     Batches are fixed chunks of ``generation_order(questions)``: a restarted run meets the same
     batches (and sampling seeds) and generates only the rows not yet stored. Each batch is answered by
     every variant in turn, so its prompts' ``PromptPrefill`` is computed once for all the variants that
-    need the whole batch; what is kept at a time is one batch's (``eval.batch_size`` prompts).
+    need the whole batch; what is kept at a time is one batch's (``eval.batch_size`` prompts). Each variant's
+    decoding cache is handed back to the system before the next (``core.models.release_memory``).
 
     Args:
         loaded: the model.
@@ -300,6 +300,7 @@ def generate_missing_variants(
                     with profile.step("generate.prompts"):
                         prefill = prefill_prompts(loaded, texts, decoding.max_new_tokens)
                 answers = generate_batch(loaded, texts, steering, decoding, batch_index=index, prefill=prefill)
+                release_memory()  # the variant's decoding cache, before the next variant's
                 store.append([
                     {"qid": q.id, "variant": steering.variant, "variant_hash": key, "question": q.question,
                      "answer": a.text, "raw_answer": a.raw, "n_new_tokens": a.n_new_tokens,

@@ -4,13 +4,16 @@
 chat template's system prompt is 24 of the smoke prompts' 43 tokens on average for SmolLM2), then the rest
 of each prompt, all but its last token, in groups of similar length (``length_groups``: next to no
 padding is computed), and lays their keys/values out left-padded, as
-``steering.prompts.encode_prompts`` pads them, in a ``StaticCache`` with room for the answers, which
-decoding then fills in place rather than concatenating a growing cache at every step. Models whose sliding
+``steering.prompts.encode_prompts`` pads them, in a ``StaticCache`` of the prompts' width. Each variant decodes
+from its own copy with room for the answers (``PromptPrefill.decoding_cache``), which decoding fills in place
+rather than concatenating a growing cache at every step; what is kept for the variants holds no room (on the
+smoke split, 52% of a decoding cache's positions). Models whose sliding
 window is narrower than prompt and answer get one padded forward into a growing ``DynamicCache``.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
@@ -32,19 +35,33 @@ class PromptPrefill:
 
     Args:
         questions: the batch's questions, in order (the prefill fits only this batch).
-        cache: the KV cache of every layer over positions ``0 .. width - 2``; copy it before use.
-        max_new_tokens: the new tokens the cache has room for after the prompts (a ``StaticCache``
+        cache: the KV cache of every layer over positions ``0 .. width - 2``; decode from ``decoding_cache()``.
+        max_new_tokens: the new tokens ``decoding_cache()`` has room for after the prompts (a ``StaticCache``
             of ``width - 1 + max_new_tokens`` positions), or None for a ``DynamicCache`` that grows.
+        config: the model's config (for the ``StaticCache`` with room).
     """
 
     questions: tuple[str, ...]
     cache: Cache
     max_new_tokens: int | None = None
+    config: Any = None
 
     def fits(self, questions: Sequence[str], max_new_tokens: int) -> bool:
         """Whether this prefill is that of ``questions`` for ``max_new_tokens`` new tokens (a static cache's
         room must be exact: its length is what attention runs over)."""
         return self.questions == tuple(questions) and self.max_new_tokens in (None, max_new_tokens)
+
+    def decoding_cache(self) -> Cache:
+        """A copy of the prompts' keys/values to decode from: a ``StaticCache`` with room for ``max_new_tokens``
+        more positions (zero there), or a copy of the ``DynamicCache``. This prefill is not changed."""
+        if self.max_new_tokens is None:
+            return copy.deepcopy(self.cache)
+        width = int(self.cache.get_seq_length())  # width - 1 prompt positions
+        room = StaticCache(config=self.config, max_cache_len=width + self.max_new_tokens)
+        for index in range(len(self.cache.layers)):
+            keys, values = _layer_states(self.cache, index)  # (batch, heads, width - 1, head_dim) each
+            room.update(keys, values, index, {"cache_position": torch.arange(width, device=keys.device)})
+        return room
 
 
 @torch.inference_mode()
@@ -52,9 +69,9 @@ def prefill_prompts(loaded: LoadedModel, questions: Sequence[str], max_new_token
     """The ``PromptPrefill`` of ``questions`` (None when the padded prompts are a single token).
 
     With ``max_new_tokens``, the prompts run in groups of similar length (``length_groups``: next to no
-    padding is computed) and their keys/values are laid out left-padded in a ``StaticCache`` with room
-    for ``max_new_tokens`` more positions, which decoding then writes in place instead of concatenating a
-    growing cache at every step. The tokens every prompt starts with run once, in one row, and each group
+    padding is computed) and their keys/values are laid out left-padded in a ``StaticCache`` of the prompts'
+    width; ``decoding_cache()`` copies it into one with room for ``max_new_tokens`` more positions, which
+    decoding then writes in place instead of concatenating a growing cache at every step. The tokens every prompt starts with run once, in one row, and each group
     attends to copies of their keys/values. The keys/values of a row do not depend on its group: a row's
     padding is masked and its position ids count its own tokens. Models with sliding-window layers narrower than the
     prompts plus the new tokens (and ``max_new_tokens=None``) get one forward over the padded batch into a
@@ -63,7 +80,7 @@ def prefill_prompts(loaded: LoadedModel, questions: Sequence[str], max_new_token
     Args:
         loaded: the model, its tokenizer and prompt format.
         questions: question texts, formatted with ``format_prompt``.
-        max_new_tokens: the new tokens the cache must have room for, or None for a growing cache.
+        max_new_tokens: the new tokens ``decoding_cache()`` must have room for, or None for a growing cache.
     """
     tokenizer, model = loaded.tokenizer, loaded.model
     prompts = [format_prompt(q, tokenizer, loaded.prompt_format) for q in questions]
@@ -82,7 +99,7 @@ def prefill_prompts(loaded: LoadedModel, questions: Sequence[str], max_new_token
         return PromptPrefill(tuple(questions), cache)
     shared = shared_prefix(rows_ids)
     prefix = prefix_forward(base, rows_ids[0][:shared], loaded.device, model.config) if shared else None
-    static = StaticCache(config=model.config, max_cache_len=width - 1 + max_new_tokens)
+    static = StaticCache(config=model.config, max_cache_len=width - 1)  # decoding_cache adds the room
     allocated = False
     for rows in length_groups(lengths):
         suffixes = [rows_ids[i][shared:] for i in rows]
@@ -110,7 +127,7 @@ def prefill_prompts(loaded: LoadedModel, questions: Sequence[str], max_new_token
                 static_keys[at_same, :, first:first + shared] = keys[:1, :, :shared]
                 static_values[at_same, :, first:first + shared] = values[:1, :, :shared]
         allocated = True
-    return PromptPrefill(tuple(questions), static, max_new_tokens)
+    return PromptPrefill(tuple(questions), static, max_new_tokens, model.config)
 
 
 def _layer_states(cache: Cache, index: int) -> tuple[torch.Tensor, torch.Tensor]:

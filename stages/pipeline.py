@@ -16,10 +16,8 @@ another host (a shared tracking server) when their heartbeat is older than the l
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
-import gc
 import hashlib
 import json
 import os
@@ -277,20 +275,9 @@ def run_stage(stage: str, cfg: Config, runs: dict[str, str], experiment_id: str,
         mlflow.log_params({k: v for k, v in params.items() if k.startswith("run.") or k in (key_extra or {})})
         (runner or _runners(cfg, runs)[stage])()
         runs[stage] = child.info.run_id
+    from core.models import release_memory  # torch: imported when a stage has run
     release_memory()
     return StageOutcome(stage, runs[stage], False)
-
-
-def release_memory() -> None:
-    """Hand what a finished stage freed back to the system: its model and tensors are garbage once it returns,
-    but glibc keeps freed heap pages mapped, so the next stage's peak would stack on this one's (the smoke
-    pipeline's resident memory grew stage by stage to 2.5 GiB before evaluate). No-op off glibc."""
-    gc.collect()
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.malloc_trim(0)
 
 
 def start(cfg: Config, caller: str) -> str:

@@ -198,9 +198,12 @@ def test_the_grouped_static_prefill_holds_the_keys_and_values_of_one_padded_forw
     assert isinstance(grouped.cache, StaticCache) and isinstance(plain.cache, DynamicCache)
     width = max(lengths)
     real = torch.arange(width - 1)[None, :] >= (width - torch.tensor(lengths))[:, None]  # (batch, width - 1)
-    layers: Any = zip(grouped.cache.layers, plain.cache.layers, strict=True)
-    for static, dynamic in layers:
-        assert static.keys.shape[2] == width - 1 + 10
+    decoding: Any = grouped.decoding_cache()  # a copy with room for the 10 new tokens
+    assert isinstance(decoding, StaticCache) and int(decoding.get_seq_length()) == width - 1
+    for static, dynamic, room in zip(grouped.cache.layers, plain.cache.layers, decoding.layers, strict=True):
+        assert static.keys.shape[2] == width - 1  # what is kept for the variants holds no room
+        assert room.keys.shape[2] == width - 1 + 10 and not room.keys[:, :, width - 1:].any()
+        assert torch.equal(room.keys[:, :, :width - 1], static.keys) and torch.equal(room.values[:, :, :width - 1], static.values)
         for mine, theirs in ((static.keys, dynamic.keys), (static.values, dynamic.values)):
             torch.testing.assert_close(mine[:, :, :width - 1].transpose(1, 2)[real],
                                        theirs.transpose(1, 2)[real], rtol=1e-5, atol=1e-5)
