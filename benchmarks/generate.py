@@ -33,13 +33,14 @@ matmul libraries are slower than on large squares. ``decode_shape_gflops`` times
 linear layer's and the LM head's shape at the batch's rows) with each library, the most decode can reach here.
 
 ``prefill_then_decode`` sets the evaluate path (prompts prefilled in groups of similar length into a static
-cache, ``evaluation.prefill.prefill_prompts``; on a CPU the linear layers by oneDNN,
+cache, ``evaluation.prefill.prefill_prompts``; on a CPU the linear layers by oneDNN on weights laid out for it,
 ``evaluation.linear.onednn_linears``, and ``evaluation.attention.packed_decode_attention`` for
 decoding; greedy decoding that drops a row from the batch when it stops, ``evaluation.decode.greedy_decode``)
-against the same with PyTorch's own linear layers (``TRUTHSTEER_CPU_LINEAR=torch``), against the same with
+against the same with oneDNN on the weights as they are, against the same with PyTorch's own linear layers
+(``TRUTHSTEER_CPU_LINEAR=torch``), against the same with
 ``transformers``' ``sdpa`` attention under PyTorch's math kernel (the previous decoding attention), against the
 same through ``model.generate`` (every row decoded to the end) and against the earlier prefill (one forward
-over the padded batch into a cache that grows by concatenation each step), in the order A B C D E E D C B A,
+over the padded batch into a cache that grows by concatenation each step), in the order A B C D E F F E D C B A,
 with the same answers.
 
 ``in_place`` times one more batched run from the inside (``in_place_breakdown``): the linear layers' and the
@@ -144,9 +145,10 @@ def decode_shape_gflops(model: Any, rows: int, repeats: int = 5) -> dict[str, fl
 
 def compare_prefills(loaded: Any, questions: list[Any], steering: Steering, decoding: EvalConfig,
                      answers: list[str]) -> dict[str, Any]:
-    """Seconds to prefill and answer ``questions`` batch by batch five ways, in the order A B C D E E D C B A: the
-    evaluate path (``grouped_static``: linear layers by oneDNN, packed decode attention,
-    greedy decoding that drops each row when it stops), the same with PyTorch's own linear layers
+    """Seconds to prefill and answer ``questions`` batch by batch six ways, in the order A B C D E F F E D C B A: the
+    evaluate path (``grouped_static``: linear layers by oneDNN on weights laid out for it, packed decode attention,
+    greedy decoding that drops each row when it stops), the same with oneDNN on the weights as they are
+    (``grouped_static_weights_as_they_are``), the same with PyTorch's own linear layers
     (``grouped_static_torch_linear``), the same with ``sdpa`` attention under PyTorch's math kernel
     (``grouped_static_sdpa``), the same through ``model.generate``, which keeps every row to the end
     (``grouped_static_generate``), and one padded forward into a growing cache (``padded_growing``, our
@@ -154,8 +156,8 @@ def compare_prefills(loaded: Any, questions: list[Any], steering: Steering, deco
     ordered = generation_order(loaded, questions)
     by_id = {q.id: i for i, q in enumerate(questions)}
     chunks = [ordered[i:i + decoding.batch_size] for i in range(0, len(ordered), decoding.batch_size)]
-    names = ("grouped_static", "grouped_static_torch_linear", "grouped_static_sdpa", "grouped_static_generate",
-             "padded_growing")
+    names = ("grouped_static", "grouped_static_weights_as_they_are", "grouped_static_torch_linear",
+             "grouped_static_sdpa", "grouped_static_generate", "padded_growing")
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for name in (*names, *reversed(names)):
         got = [""] * len(questions)
@@ -166,7 +168,8 @@ def compare_prefills(loaded: Any, questions: list[Any], steering: Steering, deco
                   mock.patch.dict(os.environ, {OPT_OUT: "torch"}) if name == "grouped_static_torch_linear" else
                   contextlib.nullcontext())
         tick = time.perf_counter()
-        with kernel, onednn_linears(loaded.model, loaded.device):
+        rows = None if name == "grouped_static_weights_as_they_are" else decoding.batch_size
+        with kernel, onednn_linears(loaded.model, loaded.device, laid_out_rows=rows):
             for chunk in chunks:
                 texts = [q.question for q in chunk]
                 room = None if name == "padded_growing" else decoding.max_new_tokens
@@ -182,6 +185,8 @@ def compare_prefills(loaded: Any, questions: list[Any], steering: Steering, deco
             "speedup_over_padded_growing": means["padded_growing"] / means["grouped_static"],
             "speedup_of_packed_attention_over_sdpa_math": means["grouped_static_sdpa"] / means["grouped_static"],
             "speedup_of_onednn_linear_over_torch_linear": means["grouped_static_torch_linear"] / means["grouped_static"],
+            "speedup_of_laid_out_weights_over_weights_as_they_are":
+                means["grouped_static_weights_as_they_are"] / means["grouped_static"],
             "speedup_of_dropping_stopped_rows_over_generate": means["grouped_static_generate"] / means["grouped_static"],
             "answers_identical": True}
 
@@ -235,9 +240,10 @@ def in_place_breakdown(loaded: Any, questions: list[Any], steering: Steering, de
     AttentionInterface.register(PACKED_DECODE, paired)
     try:
         tick = time.perf_counter()
-        got = [a.text for i in range(0, len(questions), decoding.batch_size)
-               for a in generate_batch(loaded, [q.question for q in questions[i:i + decoding.batch_size]],
-                                       steering, decoding)]
+        with onednn_linears(loaded.model, loaded.device, laid_out_rows=decoding.batch_size):  # as evaluate lays them out
+            got = [a.text for i in range(0, len(questions), decoding.batch_size)
+                   for a in generate_batch(loaded, [q.question for q in questions[i:i + decoding.batch_size]],
+                                           steering, decoding)]
         seconds = time.perf_counter() - tick
     finally:
         AttentionInterface.register(PACKED_DECODE, packed_decode_attention)

@@ -267,8 +267,10 @@ def generate_missing_variants(
     Batches are fixed chunks of ``generation_order(questions)``: a restarted run meets the same
     batches (and sampling seeds) and generates only the rows not yet stored. Each batch is answered by
     every variant in turn, so its prompts' ``PromptPrefill`` is computed once for all the variants that
-    need the whole batch; what is kept at a time is one batch's (``eval.batch_size`` prompts). Each variant's
-    decoding cache is handed back to the system before the next (``core.models.release_memory``).
+    need the whole batch; what is kept at a time is one batch's (``eval.batch_size`` prompts). On a CPU the
+    model's linear weights are held laid out for oneDNN's products of ``eval.batch_size`` rows meanwhile
+    (``evaluation.linear.onednn_linears``' ``laid_out_rows``: a copy of them, dropped when it returns), and
+    each variant's decoding cache is handed back to the system before the next (``core.models.release_memory``).
 
     Args:
         loaded: the model.
@@ -288,7 +290,7 @@ def generate_missing_variants(
     n_generated = dict.fromkeys(variants, 0)
     names = ", ".join(variants)
     with (tqdm(total=missing, desc=f"generate {names}", unit="answer", disable=not progress) as bar,
-          onednn_linears(loaded.model, loaded.device)):  # the prompts' prefill too
+          onednn_linears(loaded.model, loaded.device, laid_out_rows=decoding.batch_size)):  # the prompts' prefill too
         for index, chunk in enumerate(chunks):
             prefill: PromptPrefill | None = None
             for variant, (steering, key) in variants.items():

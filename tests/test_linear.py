@@ -160,3 +160,53 @@ def test_a_product_that_is_not_finite_where_torchs_is_not_either_passes_the_chec
     want = F.linear(x, model.up.weight)
     assert torch.equal(torch.isfinite(got), torch.isfinite(want)) and not bool(torch.isfinite(got[0]).all())
     assert torch.allclose(got[1:], want[1:], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 80])
+def test_weights_laid_out_for_onednn_multiply_as_float64_does_until_the_block_exits(rows: int) -> None:
+    """A nested block with ``laid_out_rows`` (what generation asks for) multiplies by a copy of each weight in
+    oneDNN's own layout, whatever the batch, and drops the copies when it exits; the outer block keeps its layers."""
+    model = Layers()
+    x, hidden = torch.randn(rows, 24), torch.randn(rows, 40)
+    factors: list[torch.Tensor] = []
+    real = linear.onednn_product
+
+    def recording(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        factors.append(weight)
+        return real(x, weight, bias)
+
+    with pytest.MonkeyPatch.context() as patch, torch.inference_mode(), onednn_linears(model, CPU):
+        patch.setattr(linear, "onednn_product", recording)
+        with onednn_linears(model, CPU, laid_out_rows=80) as inner:
+            assert inner == 0
+            for layer, inputs in ((model.up, x), (model.head, x), (model.down, hidden), (model.up, x[:3])):
+                assert torch.allclose(layer(inputs).double(), in_float64(inputs, layer), rtol=1e-5, atol=1e-5)
+        assert len(factors) == 4 and all(f.is_mkldnn for f in factors)  # not vacuous: the laid-out copies ran
+        assert all(vars(m)["forward"].laid_out is None for m in (model.up, model.down, model.head))  # dropped
+        model.up(x)
+        assert not factors[-1].is_mkldnn  # the outer block's layers multiply the weights as they are again
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
+def test_a_laid_out_weight_changed_in_place_or_replaced_is_laid_out_again() -> None:
+    model = Layers()
+    x, zeros = torch.randn(5, 24), nn.Parameter(torch.zeros(97, 24), requires_grad=False)
+    with torch.inference_mode(), onednn_linears(model, CPU, laid_out_rows=5):
+        before = model.head(x)
+        with torch.no_grad():
+            model.head.weight.mul_(2)
+        assert torch.allclose(model.head(x), 2 * before, rtol=1e-5, atol=1e-6)
+        model.head.weight = zeros
+        assert torch.equal(model.head(x), torch.zeros(5, 97))
+
+
+def test_a_laid_out_product_beyond_float32_rounding_fails_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first product on a laid-out copy is checked against PyTorch's on the weight itself."""
+    model = Layers()
+    real = linear.onednn_product
+    monkeypatch.setattr(linear, "onednn_product",
+                        lambda x, w, b: real(x, w, b) + (1e-2 if getattr(w, "is_mkldnn", False) else 0.0))
+    with torch.inference_mode(), onednn_linears(model, CPU):
+        model.up(torch.randn(3, 24))  # checked on the weight as it is: passes
+        with pytest.raises(RuntimeError, match="up: oneDNN's product differs"), onednn_linears(model, CPU, 3):
+            model.up(torch.randn(3, 24))

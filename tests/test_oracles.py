@@ -280,27 +280,41 @@ def test_packed_decode_attention_answers_as_the_recompute_does(arch: str, kind: 
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_onednn_linear_layers_answer_and_score_as_torchs_own_do(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_onednn_linear_layers_answer_and_score_as_torchs_own_do(arch: str, monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Any) -> None:
     """On a CPU, generation and the evaluate stage run the model's fp32 linear layers by oneDNN
     (``evaluation.linear``). Oracle: the recompute and the plain forward, outside any such block, on PyTorch's
     own linear layers."""
     loaded = tiny_loaded(arch)
     steering = tiny_steerings(loaded)["caa"]
     products = []
+    laid_out = []
     real = linear.onednn_product
 
     def counted(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         products.append(x.shape[:-1].numel())
+        laid_out.append(weight.is_mkldnn)
         return real(x, weight, bias)
 
     monkeypatch.setattr(linear, "onednn_product", counted)
-    answers = generate_batch(loaded, QUESTIONS, steering, EvalConfig(max_new_tokens=MAX_NEW, batch_size=len(QUESTIONS)))
+    decoding = EvalConfig(max_new_tokens=MAX_NEW, batch_size=len(QUESTIONS))
+    answers = generate_batch(loaded, QUESTIONS, steering, decoding)
     n_linear = sum(isinstance(m, nn.Linear) for m in decoder_layers(loaded.model)[0].modules())
     # not vacuous: every decode step's layers ran by oneDNN
     assert len(products) >= n_linear * len(decoder_layers(loaded.model)) * min(a.n_new_tokens for a in answers) > 0
+    assert not any(laid_out)  # one call multiplies the weights as they are
     assert all("forward" not in vars(m) for m in loaded.model.modules())
     expected = recompute_greedy(loaded, QUESTIONS, delta_of(steering), LAYER, "prompt_end", MAX_NEW)
     assert [a.text for a in answers] == expected
+    # evaluate's path multiplies by the weights laid out for oneDNN (copies, dropped when it returns)
+    laid_out.clear()
+    questions = [Question(id=question_id(q), question=q, category="Misc", type="t", best_answer="",
+                          correct_answers=(), incorrect_answers=()) for q in QUESTIONS]
+    together = generate_missing_variants(loaded, questions, {"caa": (steering, "key")}, decoding,
+                                         GenerationStore(tmp_path / "g.jsonl"), progress=False)
+    assert laid_out and all(laid_out)
+    assert [r["answer"] for r in together["caa"][0]] == [a.text for a in answers]
+    assert all("forward" not in vars(m) for m in loaded.model.modules())
     flat_q, flat_a = mc_rows(tiny_questions())
     products.clear()
     with linear.onednn_linears(loaded.model, torch.device("cpu")):
