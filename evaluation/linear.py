@@ -12,7 +12,8 @@ What it changes, and what it does not:
 - the weights are read where they are: no copy of them is kept, except under ``laid_out_rows``: while a
   batch of prompts is answered (``evaluation.generate``), each weight is also held laid out for oneDNN
   (``torch.ops.mkldnn._reorder_linear_weight``, what PyTorch's compiler does for frozen models), a copy of
-  every linear weight for the block (1.16x faster decoding on the smoke split, ``benchmarks.generate``);
+  every linear weight for the block (the smoke split generates 1.15x faster, ``benchmarks.generate``); not where
+  that copy would take over half the memory available;
 - the products are summed in another order than MKL's: they agree to float32 rounding, not bit for bit,
   and each layer's first product in a block is checked against PyTorch's on one row (``check_product``);
 - a layer falls back to ``torch.nn.functional.linear`` with gradients on, and on an input that is not fp32
@@ -61,6 +62,19 @@ def check_product(name: str, module: nn.Linear, x: torch.Tensor, out: torch.Tens
         raise RuntimeError(f"{name}: oneDNN's product differs from PyTorch's at output {worst}: "
                            f"{float(got[0, worst]):.6g} against {float(want[0, worst]):.6g} (float32 rounding "
                            f"allows {float(bound[0, worst]):.3g}); run with {OPT_OUT}=torch to use PyTorch's own")
+
+
+def available_bytes() -> int | None:
+    """The memory the system can give without swapping (``MemAvailable`` of ``/proc/meminfo``), None where it
+    cannot be read (not Linux)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def _version(weight: torch.Tensor) -> int:
@@ -123,7 +137,8 @@ def onednn_linears(model: nn.Module, device: torch.device, laid_out_rows: int | 
         model: the model; every switchable ``nn.Linear`` in it is switched.
         device: where the model runs; elsewhere than on a CPU nothing changes.
         laid_out_rows: also hold each weight laid out for oneDNN's products of about this many rows (a copy
-            of every linear weight, dropped on exit), as decoding a batch of that many rows wants it.
+            of every linear weight, dropped on exit), as decoding a batch of that many rows wants it; not where
+            the copy would take over half the memory the system has available (``available_bytes``).
 
     Yields:
         how many layers this block switched (0 in a nested block).
@@ -137,11 +152,17 @@ def onednn_linears(model: nn.Module, device: torch.device, laid_out_rows: int | 
                     module.forward = _OneDNN(name, module)  # type: ignore[arg-type]
                     switched.append(module)
             if laid_out_rows is not None:
-                for module in model.modules():
-                    forward = vars(module).get("forward")
-                    if isinstance(forward, _OneDNN) and forward.laid_out is None:
-                        forward.lay_out(laid_out_rows)
-                        laid.append(forward)
+                waiting = [forward for module in model.modules()
+                           if isinstance(forward := vars(module).get("forward"), _OneDNN) and forward.laid_out is None]
+                copy_bytes = sum(f.module.weight.nbytes for f in waiting)
+                available = available_bytes()
+                if available is not None and copy_bytes > available // 2:
+                    print(f"linear weights not laid out for oneDNN: the copy ({copy_bytes / 2**30:.1f} GiB) would take "
+                          f"over half the memory available ({available / 2**30:.1f} GiB); multiplying them as they are")
+                    waiting = []
+                for forward in waiting:
+                    forward.lay_out(laid_out_rows)
+                    laid.append(forward)
         yield len(switched)
     finally:
         for forward in laid:
@@ -150,4 +171,4 @@ def onednn_linears(model: nn.Module, device: torch.device, laid_out_rows: int | 
             del module.forward
 
 
-__all__ = ['OPT_OUT', 'check_product', 'onednn_linears', 'onednn_product', 'switchable', 'switches']
+__all__ = ['OPT_OUT', 'available_bytes', 'check_product', 'onednn_linears', 'onednn_product', 'switchable', 'switches']

@@ -210,3 +210,19 @@ def test_a_laid_out_product_beyond_float32_rounding_fails_the_run(monkeypatch: p
         model.up(torch.randn(3, 24))  # checked on the weight as it is: passes
         with pytest.raises(RuntimeError, match="up: oneDNN's product differs"), onednn_linears(model, CPU, 3):
             model.up(torch.randn(3, 24))
+
+
+def test_weights_are_not_laid_out_where_the_copy_would_take_over_half_the_available_memory(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    model = Layers()
+    weights = sum(m.weight.nbytes for m in (model.up, model.down, model.head))
+    assert linear.available_bytes() is None or linear.available_bytes() > 2 * weights  # this machine's: laid out
+    monkeypatch.setattr(linear, "available_bytes", lambda: 2 * weights - 1)
+    x = torch.randn(4, 24)
+    with torch.inference_mode(), onednn_linears(model, CPU, laid_out_rows=4):
+        assert all(vars(m)["forward"].laid_out is None for m in (model.up, model.down, model.head))
+        assert torch.allclose(model.head(x).double(), in_float64(x, model.head), rtol=1e-5, atol=1e-5)
+    assert "not laid out for oneDNN" in capsys.readouterr().out
+    monkeypatch.setattr(linear, "available_bytes", lambda: 2 * weights)
+    with torch.inference_mode(), onednn_linears(model, CPU, laid_out_rows=4):
+        assert all(vars(m)["forward"].laid_out is not None for m in (model.up, model.down, model.head))
