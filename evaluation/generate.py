@@ -126,6 +126,12 @@ def _sampling_seed(seed: int, batch_index: int) -> int:
     return (seed * 1_000_003 + batch_index) % (2**63)
 
 
+def starts_from_prefill(steering: Steering) -> bool:
+    """Whether ``steering`` leaves every prompt token before the last unsteered, so that its generation starts
+    from the batch's shared ``PromptPrefill`` (steering from the prompt's end on, or none)."""
+    return steering.positions == "from_prompt_end" or not steering.steers
+
+
 def generate_batch(
     loaded: LoadedModel,
     questions: Sequence[str],
@@ -134,6 +140,7 @@ def generate_batch(
     *,
     batch_index: int = 0,
     prefill: PromptPrefill | None = None,
+    last_use: bool = False,
 ) -> list[Answer]:
     """Answer ``questions`` as one steered batch: ``greedy_decode`` (each row leaves the batch when it stops), or
     one ``model.generate`` call when sampling (or when the model's generation config adds a logits processor
@@ -151,6 +158,7 @@ def generate_batch(
         decoding: decoding settings (``batch_size`` is not used here).
         batch_index: the batch's place in its variant, which seeds sampling.
         prefill: ``prefill_prompts(loaded, questions)``, shared by several variants (copied, not changed).
+        last_use: no later variant needs ``prefill``: it is used up as it is copied (``decoding_cache``).
     """
     if not questions:
         return []
@@ -165,12 +173,12 @@ def generate_batch(
     stop_ids = stop_token_ids(tokenizer, model)
     with onednn_linears(model, loaded.device):  # a no-op where the caller has switched them already
         cache = None
-        if steering.positions == "from_prompt_end" or not steering.steers:
+        if starts_from_prefill(steering):
             if prefill is None or not prefill.fits(questions, decoding.max_new_tokens):
                 with profile.step("generate.prompts"):
-                    prefill = prefill_prompts(loaded, questions, decoding.max_new_tokens)
+                    prefill, last_use = prefill_prompts(loaded, questions, decoding.max_new_tokens), True
             if prefill is not None:
-                cache = prefill.decoding_cache()
+                cache = prefill.decoding_cache(last_use)
         started = time.perf_counter()
         if not decoding.do_sample and not greedy_processors(model):
             with decode_attention(model, loaded.device):  # nothing prefilled (steering from the first token on): a fresh cache
@@ -293,15 +301,22 @@ def generate_missing_variants(
           onednn_linears(loaded.model, loaded.device, laid_out_rows=decoding.batch_size)):  # the prompts' prefill too
         for index, chunk in enumerate(chunks):
             prefill: PromptPrefill | None = None
+            todos = {variant: [q for q in chunk if (q.id, steering.variant, key) not in store]
+                     for variant, (steering, key) in variants.items()}
+            # the variants that decode from the whole batch's prefill: the last of them uses it up
+            sharing = [v for v, (steering, _) in variants.items() if len(todos[v]) == len(chunk)
+                       and starts_from_prefill(steering)]
             for variant, (steering, key) in variants.items():
-                todo = [q for q in chunk if (q.id, steering.variant, key) not in store]
+                todo = todos[variant]
                 if not todo:
                     continue
                 texts = [q.question for q in todo]
-                if len(todo) == len(chunk) and prefill is None:
+                if variant in sharing and prefill is None:
                     with profile.step("generate.prompts"):
                         prefill = prefill_prompts(loaded, texts, decoding.max_new_tokens)
-                answers = generate_batch(loaded, texts, steering, decoding, batch_index=index, prefill=prefill)
+                answers = generate_batch(loaded, texts, steering, decoding, batch_index=index,
+                                         prefill=prefill if variant in sharing else None,
+                                         last_use=variant == sharing[-1] if sharing else False)
                 release_memory()  # the variant's decoding cache, before the next variant's
                 store.append([
                     {"qid": q.id, "variant": steering.variant, "variant_hash": key, "question": q.question,
@@ -326,4 +341,4 @@ def generate_missing_variants(
 
 
 __all__ = ['Answer', 'decode_answer', 'generate_batch', 'generate_missing', 'generate_missing_variants',
-           'generation_order', 'stop_token_ids']
+           'generation_order', 'starts_from_prefill', 'stop_token_ids']

@@ -27,7 +27,7 @@ from steering.prompts import encode_prompts, format_prompt, shared_prefix
 from steering.shared_start import length_groups, prefix_forward, repeat_rows, sliding_window, suffix_inputs
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class PromptPrefill:
     """The unsteered keys/values of a batch of prompts, all but their last token, left-padded as
     ``encode_prompts`` pads them: what every variant that steers from the last prompt token on (and
@@ -39,28 +39,39 @@ class PromptPrefill:
         max_new_tokens: the new tokens ``decoding_cache()`` has room for after the prompts (a ``StaticCache``
             of ``width - 1 + max_new_tokens`` positions), or None for a ``DynamicCache`` that grows.
         config: the model's config (for the ``StaticCache`` with room).
+        used_up: set by ``decoding_cache(last_use=True)``: the keys/values were handed over or dropped.
     """
 
     questions: tuple[str, ...]
     cache: Cache
     max_new_tokens: int | None = None
     config: Any = None
+    used_up: bool = False
 
     def fits(self, questions: Sequence[str], max_new_tokens: int) -> bool:
         """Whether this prefill is that of ``questions`` for ``max_new_tokens`` new tokens (a static cache's
-        room must be exact: its length is what attention runs over)."""
-        return self.questions == tuple(questions) and self.max_new_tokens in (None, max_new_tokens)
+        room must be exact: its length is what attention runs over), and not used up."""
+        return not self.used_up and self.questions == tuple(questions) and self.max_new_tokens in (None, max_new_tokens)
 
-    def decoding_cache(self) -> Cache:
+    def decoding_cache(self, last_use: bool = False) -> Cache:
         """A copy of the prompts' keys/values to decode from: a ``StaticCache`` with room for ``max_new_tokens``
-        more positions (zero there), or a copy of the ``DynamicCache``. This prefill is not changed."""
+        more positions (zero there), or a copy of the ``DynamicCache``. This prefill is not changed, unless
+        ``last_use``: then the growing cache itself is handed over, or each layer's keys/values are dropped
+        as soon as they are copied (the last variant of a batch decodes without the prefill held beside it),
+        and ``fits`` is False from then on."""
+        if self.used_up:
+            raise RuntimeError("this PromptPrefill was used up by decoding_cache(last_use=True)")
+        self.used_up = last_use
         if self.max_new_tokens is None:
-            return copy.deepcopy(self.cache)
+            return self.cache if last_use else copy.deepcopy(self.cache)
         width = int(self.cache.get_seq_length())  # width - 1 prompt positions
         room = StaticCache(config=self.config, max_cache_len=width + self.max_new_tokens)
         for index in range(len(self.cache.layers)):
             keys, values = _layer_states(self.cache, index)  # (batch, heads, width - 1, head_dim) each
             room.update(keys, values, index, {"cache_position": torch.arange(width, device=keys.device)})
+            if last_use:
+                layer: Any = self.cache.layers[index]
+                layer.keys, layer.values = keys.new_empty(0), values.new_empty(0)
         return room
 
 

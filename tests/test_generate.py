@@ -208,6 +208,14 @@ def test_the_grouped_static_prefill_holds_the_keys_and_values_of_one_padded_forw
             torch.testing.assert_close(mine[:, :, :width - 1].transpose(1, 2)[real],
                                        theirs.transpose(1, 2)[real], rtol=1e-5, atol=1e-5)
     assert grouped.fits(questions, 10) and not grouped.fits(questions, 11) and not grouped.fits(questions[1:], 10)
+    # the last variant of a batch uses the prefill up: the same cache, the prefill's own keys/values dropped
+    last: Any = grouped.decoding_cache(last_use=True)
+    for room, again in zip(decoding.layers, last.layers, strict=True):
+        assert torch.equal(room.keys, again.keys) and torch.equal(room.values, again.values)
+    assert all(layer.keys.numel() == 0 for layer in grouped.cache.layers) and not grouped.fits(questions, 10)
+    with pytest.raises(RuntimeError, match="used up"):
+        grouped.decoding_cache()
+    assert plain.decoding_cache(last_use=True) is plain.cache and not plain.fits(questions, 10)
 
 
 def test_shared_prefix_leaves_every_row_a_token_before_its_last() -> None:
