@@ -62,6 +62,7 @@ from core.models import (
     TORCH_DTYPES,
     LoadedModel,
     load_from_config,
+    release_memory,
 )
 from core.tracking import log_params_once, stage_run
 from evaluation import mc as _mc  # registers the "mc" judge
@@ -340,6 +341,7 @@ def run(
         keys = {v: (steerings[v], variant_hash(cfg.model, dtype, decoding, steerings[v].key_fields())) for v in variants}
         with profile.step("generate"):  # batch by batch, every variant in turn: the prompts' prefill runs once
             generated = generate_missing_variants(loaded, questions, keys, decoding, store, progress=progress)
+        release_memory()  # the decoding caches and the laid-out weights, before the effect passes
         for variant in variants:
             steering = steerings[variant]
             records, n_generated[variant] = generated[variant]
@@ -365,6 +367,7 @@ def run(
                 for row, kl in zip(rows, per_answer[variant], strict=True):
                     row["kl_answers"] = kl
             mlflow.log_metric("effects_seconds", time.perf_counter() - started)
+            release_memory()  # the effect passes' activations, before MC's
 
         # mc scores every variant in one pass over the questions: what no variant changes runs once
         bound = {id(j): j.bind_all(loaded, steerings) for j in judges if isinstance(j, _mc.MCJudge)}
