@@ -302,6 +302,12 @@ def release_memory() -> None:
     this one's (the smoke pipeline's resident memory grew stage by stage to 2.5 GiB before evaluate). No-op off
     glibc."""
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """glibc's ``malloc_trim``: freed heap pages back to the system (no garbage collection first: cheap enough to
+    run after every batch of a loop whose tensors change size from batch to batch). No-op off glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

@@ -28,7 +28,7 @@ import torch
 
 from core import profile
 from core.config import Config
-from core.models import LoadedModel
+from core.models import LoadedModel, trim_heap
 from evaluation.judges import BaseJudge, JudgeError, JudgeItem, register
 from steering.hooks import check_steered
 from steering.layers import decoder_layers
@@ -166,6 +166,8 @@ def answer_logprobs_by_variant(
                 totals = out[variant][0]
                 for r, total in zip(batch_rows, row_totals.tolist(), strict=True):
                     totals[rows[r]] = total
+            del batch
+            trim_heap()  # each batch's padded prompt keys/values and caches differ in size: hand back the last one's
     return out
 
 
