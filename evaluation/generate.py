@@ -157,7 +157,7 @@ def generate_batch(
         steering: the variant's steering, active during the whole call.
         decoding: decoding settings (``batch_size`` is not used here).
         batch_index: the batch's place in its variant, which seeds sampling.
-        prefill: ``prefill_prompts(loaded, questions)``, shared by several variants (copied, not changed).
+        prefill: ``prefill_prompts(loaded, questions)``, shared by several variants (copied; used up under ``last_use``).
         last_use: no later variant needs ``prefill``: it is used up as it is copied (``decoding_cache``).
     """
     if not questions:
