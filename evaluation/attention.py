@@ -5,7 +5,8 @@ cost: PyTorch's math kernel (what ``transformers``' ``sdpa`` runs there) rescale
 step and layer before multiplying, and a static cache holds columns that no row has filled yet.
 ``packed_decode_attention`` computes the same softmax attention with the query scaled instead of the keys,
 the query heads that share a key/value head as the rows of one product (grouped-query attention without
-copying the cache), and only the columns some row attends. It is registered with ``transformers``'
+copying the cache), and only the columns some row attends (worked out once a forward from its mask, which
+every layer shares). It is registered with ``transformers``'
 ``AttentionInterface`` as ``PACKED_DECODE`` and ``decode_attention`` switches a model to it while it decodes.
 
 Anything else (several query tokens a row, a float mask, soft-capped scores, attention sinks, dropout) is
@@ -54,22 +55,42 @@ def packed_decode_attention(module: nn.Module, query: torch.Tensor, key: torch.T
             or (mask is not None and (mask.dtype != torch.bool or mask.shape[1] != 1 or mask.shape[2] != 1))):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    lo, hi = 0, kv_len
+    lo, hi, blocked = 0, kv_len, None
     if mask is not None:
-        flat = mask.reshape(-1, kv_len)  # (batch or 1, kv_len)
-        if not bool(flat.any(dim=1).all()):  # a row attending nothing: sdpa's softmax gives it zeros
+        span = _attended_span(mask, kv_len)
+        if span is None:  # a row attending nothing: sdpa's softmax gives it zeros
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, is_causal=is_causal, **kwargs)
-        attended = flat.any(dim=0).nonzero()  # (n_attended, 1): the columns some row attends
-        lo, hi = int(attended[0, 0]), int(attended[-1, 0]) + 1
-        mask = mask[..., lo:hi]  # (batch, 1, 1, hi - lo)
+        lo, hi, blocked = span
     scale = head_dim**-0.5 if scaling is None else scaling
     packed = query.reshape(batch, kv_heads, heads // kv_heads, head_dim) * scale  # (batch, kv_heads, groups, head_dim)
     scores = packed @ key[:, :, lo:hi].transpose(-1, -2)  # (batch, kv_heads, groups, hi - lo)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))  # (batch, kv_heads, groups, hi - lo)
+    if blocked is not None:
+        scores = scores.masked_fill(blocked, float("-inf"))  # (batch, kv_heads, groups, hi - lo)
     output = scores.softmax(dim=-1) @ value[:, :, lo:hi]  # (batch, kv_heads, groups, head_dim)
     return output.reshape(batch, 1, heads, head_dim), None  # (batch, 1, heads, head_dim)
+
+
+# the last mask seen and its span: every layer of a forward gets the same mask object (transformers makes one a
+# forward and does not change it), so its span is worked out once a forward, not once a layer; the mask is held
+# (its id cannot be reused meanwhile) until ``decode_attention`` exits
+_last_span: list[Any] = [None, None]
+
+
+def _attended_span(mask: torch.Tensor, kv_len: int) -> tuple[int, int, torch.Tensor] | None:
+    """The columns ``lo .. hi - 1`` that some row of a ``(batch, 1, 1, kv_len)`` boolean mask attends, and
+    the mask's complement over them (``(batch, 1, 1, hi - lo)``, True where a row does not attend); None when
+    a row attends no column."""
+    if _last_span[0] is mask:
+        return _last_span[1]  # type: ignore[no-any-return]
+    flat = mask.reshape(-1, kv_len)  # (batch or 1, kv_len)
+    span = None
+    if bool(flat.any(dim=1).all()):
+        attended = flat.any(dim=0).nonzero()  # (n_attended, 1): the columns some row attends
+        lo, hi = int(attended[0, 0]), int(attended[-1, 0]) + 1
+        span = lo, hi, ~mask[..., lo:hi]
+    _last_span[:] = [mask, span]
+    return span
 
 
 AttentionInterface.register(PACKED_DECODE, packed_decode_attention)
@@ -92,6 +113,7 @@ def decode_attention(model: nn.Module, device: torch.device) -> Iterator[None]:
         with sdpa_kernel(SDPBackend.MATH):
             yield
     finally:
+        _last_span[:] = [None, None]
         if switch:
             model.set_attn_implementation("sdpa")  # type: ignore[operator]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 
 import pytest
 import torch
@@ -121,3 +122,27 @@ def test_decode_attention_switches_an_sdpa_model_on_a_cpu_and_back() -> None:
     eager.set_attn_implementation("eager")  # e.g. Gemma-2, whose soft-capped scores need eager attention
     with decode_attention(eager, torch.device("cpu")):
         assert eager.config._attn_implementation == "eager"
+
+
+def test_a_masks_span_is_read_once_per_mask_object_and_each_new_mask_afresh() -> None:
+    """Every layer of a forward gets the same mask object, so its attended columns are worked out once; the next
+    forward's mask (in a static cache: the same shape, one more column filled) must be read again, and the mask
+    held for that is let go when ``decode_attention`` exits."""
+    g = torch.Generator().manual_seed(2)
+    module = Grouped(3)
+    query = torch.randn(BATCH, 6, 1, HEAD_DIM, generator=g)  # (batch, heads, 1, head_dim)
+    key = torch.randn(BATCH, 2, KV_LEN, HEAD_DIM, generator=g)  # (batch, kv_heads, kv_len, head_dim)
+    value = torch.randn(BATCH, 2, KV_LEN, HEAD_DIM, generator=g)  # (batch, kv_heads, kv_len, head_dim)
+    model, _ = make_tiny("llama")
+    model.set_attn_implementation("sdpa")
+    with decode_attention(model, torch.device("cpu")):
+        for filled in (8, 9, 10):  # three steps, each a new mask of the same shape
+            mask = left_padded_mask(filled)
+            got = packed_decode_attention(module, query, key, value, mask, scaling=0.3)[0]
+            assert torch.allclose(got.double(), written_out(query, key, value, mask, 0.3), atol=1e-6), filled
+            # the next layer of the same forward: the same mask object, the same result
+            assert torch.equal(packed_decode_attention(module, query, key, value, mask, scaling=0.3)[0], got)
+        held = weakref.ref(mask)
+        del mask
+        assert held() is not None  # kept while decoding: its id cannot be reused by another mask
+    assert held() is None
