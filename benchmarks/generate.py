@@ -58,6 +58,7 @@ Run: ``python -m benchmarks.generate`` (options: ``--help``); writes ``benchmark
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -77,7 +78,7 @@ from core.config import EvalConfig
 from core.models import load_model
 from evaluation import generate as generation
 from evaluation.attention import PACKED_DECODE, packed_decode_attention
-from evaluation.generate import generate_batch, generate_missing, generation_order
+from evaluation.generate import generate_batch, generate_missing, generate_missing_variants, generation_order
 from evaluation.generation_store import GenerationStore, variant_hash
 from evaluation.linear import OPT_OUT, onednn_linears
 from evaluation.prefill import prefill_prompts
@@ -134,6 +135,40 @@ def compare_prefills(loaded: Any, questions: list[Any], steering: Steering, deco
                 means["grouped_static_weights_as_they_are"] / means["grouped_static"],
             "speedup_of_dropping_stopped_rows_over_generate": means["grouped_static_generate"] / means["grouped_static"],
             "answers_identical": True}
+
+
+def decode_together(loaded: Any, questions: list[Any], steering: Steering, decoding: EvalConfig,
+                    repeats: int) -> dict[str, Any]:
+    """Two steered variants of the split, as ``evaluate`` generates several (``generate_missing_variants``, each
+    run into a fresh store): the caa variant and the same vector at half the scale, decoded together
+    (``eval.decode_rows`` = two batches' rows: one greedy decoding of each question's row twice) and one after the
+    other (``decode_rows=0``), ``repeats`` times each in alternating order (T A A T ...); every run must give
+    the same answers, and the caa variant's must equal the single-variant runs' (checked by the caller's
+    records)."""
+    half = dataclasses.replace(steering, scale=steering.scale / 2)
+    variants = {"caa": (steering, "caa"), "caa_half": (half, "caa_half")}
+    configs = {"together": dataclasses.replace(decoding, decode_rows=2 * decoding.batch_size),
+               "one_after_the_other": dataclasses.replace(decoding, decode_rows=0)}
+    seconds: dict[str, list[float]] = {name: [] for name in configs}
+    answers: list[list[str]] = []
+    for i in range(repeats):
+        for name in (configs if i % 2 == 0 else reversed(configs)):
+            with tempfile.TemporaryDirectory() as tmp:
+                tick = time.perf_counter()
+                got = generate_missing_variants(loaded, questions, variants, configs[name],
+                                                GenerationStore(Path(tmp) / "g.jsonl"), progress=False)
+                seconds[name].append(time.perf_counter() - tick)
+            texts = [[r["answer"] for r in got[v][0]] for v in variants]
+            if answers and texts != answers:
+                raise AssertionError(f"two variants, {name}: the answers differ from the first run's")
+            answers = answers or texts
+            new_tokens = sum(r["n_new_tokens"] for v in variants for r in got[v][0])
+            print(f"two variants {name}: {seconds[name][-1]:.1f} s", flush=True)
+    return {"variants": {"caa": steering.scale, "caa_half": half.scale}, "decode_rows": 2 * decoding.batch_size,
+            "seconds": seconds, "new_tokens": new_tokens,
+            "speedup_of_together_over_one_after_the_other":
+                statistics.median(seconds["one_after_the_other"]) / statistics.median(seconds["together"]),
+            "answers_identical": True, "caa_answers": answers[0]}
 
 
 def in_place_breakdown(loaded: Any, questions: list[Any], steering: Steering, decoding: EvalConfig,
@@ -257,6 +292,9 @@ def main() -> None:
     print(f"batched: {len(questions)} questions in " + ", ".join(f"{s:.1f}" for s in runs)
           + f" s ({args.repeats} runs; best {batched_seconds / len(questions):.3f} s/question, batch size "
           f"{decoding.batch_size})")
+    together = decode_together(loaded, questions, steering, decoding, args.repeats)
+    if together.pop("caa_answers") != [r["answer"] for r in records]:
+        raise AssertionError("two variants: the caa variant's answers differ from its answers alone")
     layer_flops, head_flops = matmul_flops(loaded.model)
     new_tokens = sum(r["n_new_tokens"] for r in records)
     fed = sum(r["n_new_tokens"] + (not r["truncated"]) for r in records)  # up to and including the stop token
@@ -272,7 +310,12 @@ def main() -> None:
         "new_tokens_share_of_roof_first_run": new_tokens * (layer_flops + head_flops) / runs[0] / (roof * 1e9),
         "prompt_tokens": prompt_tokens, "useful_gflops_per_second": useful / batched_seconds / 1e9,
         "useful_flops_share_of_roof": useful / batched_seconds / (roof * 1e9),
-        "decode_shape_gflops": shape_gflops, "decode_shape_gflops_by_library": shapes,
+        "decode_shape_gflops": shape_gflops,
+        **{f"two_variants_together_new_tokens_share_of_roof{suffix}":
+           together["new_tokens"] * (layer_flops + head_flops) / seconds / (roof * 1e9)
+           for suffix, seconds in (("", min(together["seconds"]["together"])),
+                                   ("_median_run", statistics.median(together["seconds"]["together"])),
+                                   ("_first_run", together["seconds"]["together"][0]))}, "decode_shape_gflops_by_library": shapes,
         "decode_shape_share_of_roof": shape_gflops / roof,
         "new_tokens_share_of_decode_shape_gflops": new_tokens * (layer_flops + head_flops) / batched_seconds
         / (shape_gflops * 1e9),
@@ -287,6 +330,12 @@ def main() -> None:
           f"{throughput['new_tokens_share_of_roof_first_run']:.1%}); "
           f"with the prompts' work {throughput['useful_gflops_per_second']:.1f} GFLOP/s = "
           f"{throughput['useful_flops_share_of_roof']:.0%} of the roof")
+
+    print(f"two variants decoded together: {throughput['two_variants_together_new_tokens_share_of_roof']:.1%} of the "
+          f"roof in new tokens (median run "
+          f"{throughput['two_variants_together_new_tokens_share_of_roof_median_run']:.1%}, first run "
+          f"{throughput['two_variants_together_new_tokens_share_of_roof_first_run']:.1%}); "
+          f"{together['speedup_of_together_over_one_after_the_other']:.2f}x the two one after the other", flush=True)
 
     prefill_then_decode = compare_prefills(loaded, questions, steering, decoding, [r["answer"] for r in records])
     by_id = {r["qid"]: r["answer"] for r in records}
@@ -343,6 +392,7 @@ def main() -> None:
                           "mean_new_tokens": statistics.mean(a.n_new_tokens for a in single),
                           "answers_identical_to_batched": f"{sum(matches)}/{len(matches)}"},
         "speedup_per_question": speedup,
+        "two_variants": together,
         "prefill_then_decode": prefill_then_decode,
         "in_place": breakdown,
         "throughput": throughput,

@@ -262,6 +262,7 @@ class EvalConfig:
     judges: tuple[str, ...] = ("judge", "semantic", "mc")
     max_new_tokens: int = 64
     batch_size: int = 16
+    decode_rows: int = 0  # variants of a batch decoded together, rows in all at most (0: one variant at a time)
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
@@ -282,6 +283,9 @@ class EvalConfig:
             _choice("eval", "judges", judge, JUDGES)
         if not self.variants:
             raise ConfigError(f"eval.variants is empty; choose from {', '.join(VARIANTS)}")
+        if self.decode_rows < 0:
+            raise ConfigError(f"eval.decode_rows={self.decode_rows} must be >= 0 (0: each variant decodes alone; "
+                              "e.g. 2 * eval.batch_size decodes two variants' rows together)")
         _positive("eval", max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
                   temperature=self.temperature, n_bootstrap=self.n_bootstrap)
         _finite("eval", temperature=self.temperature, top_p=self.top_p, confidence=self.confidence,

@@ -5,10 +5,16 @@ that already have; on the smoke split a tenth of its row-steps are such rows. ``
 stopped row from the batch and from the KV cache (``transformers.Cache.reorder_cache``), so the rows still
 answering decode alone. It is a plain argmax: a model whose generation config adds a logits processor to
 greedy search (``greedy_processors``) decodes through ``model.generate``, as sampling does.
+
+Several variants can decode one batch together (``evaluation.generate``: ``eval.decode_rows``): each question's
+row is repeated once per variant, and each variant's hooks edit its own rows only (the others get a start
+position no token reaches), so every product runs over more rows at once and each step's fixed cost is shared.
+A row's tokens do not depend on the rows beside it (fp32: the oracle tests decode variants together and alone).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -27,6 +33,7 @@ GREEDY_PROCESSORS = ("repetition_penalty", "no_repeat_ngram_size", "encoder_no_r
                      "min_length", "min_new_tokens", "suppress_tokens", "begin_suppress_tokens", "sequence_bias",
                      "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty",
                      "guidance_scale", "epsilon_cutoff", "eta_cutoff", "watermarking_config")
+NEVER = torch.iinfo(torch.long).max  # the start position of a row another variant steers: no position reaches it
 _NEUTRAL = {"repetition_penalty": 1.0, "guidance_scale": 1.0, "min_length": 0, "min_new_tokens": 0,
             "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
 
@@ -44,20 +51,21 @@ class Decoded:
 
     Args:
         new_ids: ``(batch, n_new)`` new tokens, padding after a row's stop token.
-        count: the positions the steering hooks edited, over every forward.
-        expected: the positions they must have edited: from each row's start on, for the forwards it took part in.
+        counts: per steering, the positions its hooks edited, over every forward.
+        expected: per steering, the positions they must have edited: from each of its rows' start on, for the
+            forwards the row took part in.
         first: ``time.perf_counter()`` when the first new token was picked (the end of the prompts' prefill).
     """
 
     new_ids: torch.Tensor
-    count: SteeredCount
-    expected: int
+    counts: list[SteeredCount]
+    expected: list[int]
     first: float
 
 
 @torch.inference_mode()
 def greedy_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any,
-                  steering: Steering, prompt_end: torch.Tensor, max_new_tokens: int, stop_ids: Sequence[int],
+                  steering: Steering | Sequence[Steering], prompt_end: torch.Tensor, max_new_tokens: int, stop_ids: Sequence[int],
                   pad_id: int) -> Decoded:
     """Greedy new tokens of left-padded prompts under ``steering``, a row leaving the batch when it stops.
 
@@ -72,7 +80,8 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
         input_ids: ``(batch, width)`` left-padded prompts.
         attention_mask: ``(batch, width)``.
         cache: a ``transformers.Cache`` holding the prompts' first ``cache.get_seq_length()`` positions.
-        steering: the variant's steering, from ``prompt_end`` on (or everywhere).
+        steering: the variant's steering, from ``prompt_end`` on (or everywhere); or ``k`` variants' steerings,
+            each from ``prompt_end`` on (or none), row ``r`` steered by the ``r % k``-th.
         prompt_end: ``(batch,)`` index of each row's last prompt token.
         max_new_tokens: new tokens at most.
         stop_ids: ids that end an answer (``stop_token_ids``).
@@ -80,6 +89,13 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     """
     batch, width = input_ids.shape
     device = input_ids.device
+    parts = [steering] if isinstance(steering, Steering) else list(steering)
+    if batch % len(parts):
+        raise ValueError(f"{batch} rows cannot be shared by {len(parts)} steerings: give each the same rows")
+    if len(parts) > 1 and any(p.steers and p.positions != "from_prompt_end" for p in parts):
+        raise ValueError("variants decode together only when each steers from the prompt's end on (or not at all); "
+                         "decode a positions=all variant alone")
+    part = torch.arange(batch, device=device) % len(parts)  # (batch,) the steering of each row
     rows = torch.arange(batch, device=device)  # (rows,) the rows still answering
     new_ids = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (batch, max_new)
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)  # (n_stops,)
@@ -87,17 +103,23 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     step_ids = input_ids[:, seen:]  # (rows, width - seen): the prompts' rest, then one token a step
     positions = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)[:, seen:]  # (rows, width - seen)
     mask = attention_mask  # (rows, fed)
-    count = SteeredCount()
-    expected, first, n_new = 0, 0.0, 0
+    counts = [SteeredCount() for _ in parts]
+    expected, first, n_new = [0] * len(parts), 0.0, 0
     for step in range(max_new_tokens):
         fed = mask.shape[1]  # positions 0 .. fed - 1 have run once this forward is done
         starts = prompt_end[rows]  # (rows,)
-        with steering.applied(model, starts) as edited:
+        # each steering's start positions: its own rows', and NEVER on the others' rows
+        each = [starts] if len(parts) == 1 else [torch.where(part[rows] == i, starts, NEVER) for i in range(len(parts))]
+        with contextlib.ExitStack() as stack:
+            edited = [stack.enter_context(p.applied(model, s)) for p, s in zip(parts, each, strict=True)]
             logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                            logits_to_keep=1, **with_cache(model, cache)).logits[:, -1]  # (rows, vocab)
-        count.add(edited.total)
-        # this forward fed positions fed - step_ids.shape[1] .. fed - 1: the hook must edit those from each row's start
-        expected += steering.expected_steered(starts, fed) - steering.expected_steered(starts, fed - step_ids.shape[1])
+        for i, p in enumerate(parts):
+            counts[i].add(edited[i].total)
+            # this forward fed positions fed - step_ids.shape[1] .. fed - 1: the hook must edit those from each of
+            # its own rows' start on (counted over those rows alone: a hook that edits other rows is caught)
+            own = starts if len(parts) == 1 else starts[part[rows] == i]  # (own rows,)
+            expected[i] += p.expected_steered(own, fed) - p.expected_steered(own, fed - step_ids.shape[1])
         token = logits.argmax(dim=-1)  # (rows,)
         new_ids[rows, step] = token
         n_new = step + 1
@@ -113,7 +135,7 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
         step_ids = token[:, None]  # (rows, 1)
         positions = positions[:, -1:] + 1  # (rows, 1)
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)  # (rows, fed + 1)
-    return Decoded(new_ids[:, :n_new], count, expected, first)
+    return Decoded(new_ids[:, :n_new], counts, expected, first)
 
 
-__all__ = ['GREEDY_PROCESSORS', 'Decoded', 'greedy_decode', 'greedy_processors']
+__all__ = ['GREEDY_PROCESSORS', 'NEVER', 'Decoded', 'greedy_decode', 'greedy_processors']

@@ -14,7 +14,9 @@ the first end-of-turn token (and, for ``Q:/A:`` prompts, before the model starts
 
 Answers go to a ``evaluation.generation_store.GenerationStore``; ``generate_missing`` (one variant) and
 ``generate_missing_variants`` (batch by batch, every variant in turn, one prefill per batch) generate only
-the answers it lacks, so a killed evaluation restarts without regenerating anything it wrote.
+the answers it lacks, so a killed evaluation restarts without regenerating anything it wrote. With
+``eval.decode_rows``, a batch's greedy variants decode together (``generate_together``: each question's row
+once per variant, each variant's hooks on its own rows), as many as fit in that many rows.
 """
 
 from __future__ import annotations
@@ -132,6 +134,18 @@ def starts_from_prefill(steering: Steering) -> bool:
     return steering.positions == "from_prompt_end" or not steering.steers
 
 
+def together(decoding: EvalConfig, rows: int) -> int:
+    """How many variants decode a batch of ``rows`` questions together: ``eval.decode_rows // rows`` (at least one)."""
+    return max(1, decoding.decode_rows // max(1, rows))
+
+
+def decodes_together(loaded: LoadedModel, steering: Steering, decoding: EvalConfig) -> bool:
+    """Whether ``steering``'s answers can be decoded in one batch with other variants' (``generate_together``):
+    greedy decoding that is a plain argmax (not sampling, no ``greedy_processors``) from the batch's shared
+    ``PromptPrefill`` (``starts_from_prefill``)."""
+    return not decoding.do_sample and not greedy_processors(loaded.model) and starts_from_prefill(steering)
+
+
 def generate_batch(
     loaded: LoadedModel,
     questions: Sequence[str],
@@ -160,33 +174,75 @@ def generate_batch(
         prefill: ``prefill_prompts(loaded, questions)``, shared by several variants (copied; used up under ``last_use``).
         last_use: no later variant needs ``prefill``: it is used up as it is copied (``decoding_cache``).
     """
+    return _generate(loaded, questions, [steering], decoding, batch_index, prefill, last_use)[0]
+
+
+def generate_together(
+    loaded: LoadedModel,
+    questions: Sequence[str],
+    steerings: Sequence[Steering],
+    decoding: EvalConfig,
+    *,
+    prefill: PromptPrefill | None = None,
+    last_use: bool = False,
+) -> list[list[Answer]]:
+    """Answer ``questions`` once under each of ``steerings`` in one greedy decoding: each question's row is
+    there once per steering (``len(questions) * len(steerings)`` rows), each steering edits its own rows
+    (``greedy_decode``), and all start from one copy per steering of the prompts' ``PromptPrefill``. The
+    answers equal ``generate_batch``'s for each steering alone (fp32: ``tests/test_oracles.py``), and each
+    steering's edits are checked on its own rows (``check_steered``).
+
+    Args:
+        loaded: the model, its tokenizer and prompt format.
+        questions: question texts, formatted with ``format_prompt``.
+        steerings: the variants' steerings, each ``decodes_together``.
+        decoding: decoding settings (``batch_size`` and ``decode_rows`` are not used here).
+        prefill: ``prefill_prompts(loaded, questions)``, shared by several variants (copied; used up under ``last_use``).
+        last_use: no later variant needs ``prefill``: it is used up as it is copied (``decoding_cache``).
+
+    Returns:
+        Per steering, in order, the answers of ``questions``.
+    """
+    apart = [s.variant for s in steerings if not decodes_together(loaded, s, decoding)]
+    if apart:
+        raise ValueError(f"{', '.join(apart)} cannot decode together with other variants: only greedy decoding "
+                         "from the prompts' end on does; answer it with generate_batch")
+    return _generate(loaded, questions, steerings, decoding, 0, prefill, last_use)
+
+
+def _generate(loaded: LoadedModel, questions: Sequence[str], steerings: Sequence[Steering], decoding: EvalConfig,
+              batch_index: int, prefill: PromptPrefill | None, last_use: bool) -> list[list[Answer]]:
+    """``generate_batch`` of one steering, or ``generate_together`` of several (rows ``r * k .. r * k + k - 1``
+    answer question ``r``, one per steering)."""
     if not questions:
-        return []
+        return [[] for _ in steerings]
     tokenizer, model = loaded.tokenizer, loaded.model
+    k = len(steerings)
     prompts = [format_prompt(q, tokenizer, loaded.prompt_format) for q in questions]
     encoded = encode_prompts(tokenizer, prompts)
-    input_ids = encoded["input_ids"].to(loaded.device)  # (batch, seq)
-    attention_mask = encoded["attention_mask"].to(loaded.device)  # (batch, seq)
+    input_ids = encoded["input_ids"].to(loaded.device).repeat_interleave(k, dim=0)  # (batch, seq)
+    attention_mask = encoded["attention_mask"].to(loaded.device).repeat_interleave(k, dim=0)  # (batch, seq)
     batch, width = input_ids.shape
     # Left padding: every prompt's last token sits at the last index.
     prompt_end = torch.full((batch,), width - 1, dtype=torch.long, device=loaded.device)  # (batch,)
     stop_ids = stop_token_ids(tokenizer, model)
     with onednn_linears(model, loaded.device):  # a no-op where the caller has switched them already
         cache = None
-        if starts_from_prefill(steering):
+        if all(starts_from_prefill(s) for s in steerings):
             if prefill is None or not prefill.fits(questions, decoding.max_new_tokens):
                 with profile.step("generate.prompts"):
                     prefill, last_use = prefill_prompts(loaded, questions, decoding.max_new_tokens), True
             if prefill is not None:
-                cache = prefill.decoding_cache(last_use)
+                cache = prefill.decoding_cache(last_use, copies=k)
         started = time.perf_counter()
         if not decoding.do_sample and not greedy_processors(model):
             with decode_attention(model, loaded.device):  # nothing prefilled (steering from the first token on): a fresh cache
                 decoded = greedy_decode(model, input_ids, attention_mask,
-                                        cache if cache is not None else DynamicCache(config=model.config), steering,
+                                        cache if cache is not None else DynamicCache(config=model.config), steerings,
                                         prompt_end, decoding.max_new_tokens, stop_ids, tokenizer.pad_token_id)
-            new, count, expected, first = decoded.new_ids, decoded.count, decoded.expected, decoded.first
+            new, counts, expected, first = decoded.new_ids, decoded.counts, decoded.expected, decoded.first
         else:
+            (steering,) = steerings  # generate_together decodes greedily only
             options: dict[str, Any] = {"max_new_tokens": decoding.max_new_tokens, "do_sample": decoding.do_sample,
                                        "pad_token_id": tokenizer.pad_token_id, "eos_token_id": stop_ids,
                                        **(with_cache(model, cache) if cache is not None else {})}
@@ -202,18 +258,22 @@ def generate_batch(
             new = output[:, width:]  # (batch, new)
             first = clock.at if clock.at is not None else time.perf_counter()
             # Prefill runs the prompt, then every new token but the last is fed back: width + n_new - 1 positions a row.
-            expected = steering.expected_steered(prompt_end, width + new.shape[1] - 1)
+            counts, expected = [count], [steering.expected_steered(prompt_end, width + new.shape[1] - 1)]
         finished = time.perf_counter()
         profile.add("generate.prefill", first - started)
         profile.add("generate.decode", finished - first)
     n_new = new.shape[1]
-    check_steered(count, expected, f"generation of {batch} answers ({n_new} new tokens at most) by {steering.variant}")
     new_ids = new.tolist()  # (batch, new)
-    answers = [decode_answer(tokenizer, row, stop_ids, loaded.prompt_format) for row in new_ids]
-    if not steering.steers:
-        return answers
-    # Checked above: the state predicting each new token was steered.
-    return [dataclasses.replace(a, steered_tokens=min(n_new, a.n_new_tokens + (not a.truncated))) for a in answers]
+    out = []
+    for i, steering in enumerate(steerings):
+        check_steered(counts[i], expected[i],
+                      f"generation of {len(questions)} answers ({n_new} new tokens at most) by {steering.variant}")
+        answers = [decode_answer(tokenizer, row, stop_ids, loaded.prompt_format) for row in new_ids[i::k]]
+        if steering.steers:  # checked above: the state predicting each new token was steered
+            answers = [dataclasses.replace(a, steered_tokens=min(n_new, a.n_new_tokens + (not a.truncated)))
+                       for a in answers]
+        out.append(answers)
+    return out
 
 
 def generation_order(loaded: LoadedModel, questions: Sequence[Question]) -> list[Question]:
@@ -275,10 +335,13 @@ def generate_missing_variants(
     Batches are fixed chunks of ``generation_order(questions)``: a restarted run meets the same
     batches (and sampling seeds) and generates only the rows not yet stored. Each batch is answered by
     every variant in turn, so its prompts' ``PromptPrefill`` is computed once for all the variants that
-    need the whole batch; what is kept at a time is one batch's (``eval.batch_size`` prompts). On a CPU the
-    model's linear weights are held laid out for oneDNN's products of ``eval.batch_size`` rows meanwhile
-    (``evaluation.linear.onednn_linears``' ``laid_out_rows``: a copy of them, dropped when it returns), and
-    each variant's decoding cache is handed back to the system before the next (``core.models.trim_heap``).
+    need the whole batch; what is kept at a time is one batch's (``eval.batch_size`` prompts). With
+    ``eval.decode_rows``, those of them that ``decodes_together`` decode in groups of
+    ``decode_rows // len(batch)`` (``generate_together``: the same answers, more rows per product, and a
+    decoding cache of as many rows). On a CPU the model's linear weights are held laid out for oneDNN's
+    products of that many rows meanwhile (``evaluation.linear.onednn_linears``' ``laid_out_rows``: a copy of
+    them, dropped when it returns), and each group's decoding cache is handed back to the system before the
+    next (``core.models.trim_heap``).
 
     Args:
         loaded: the model.
@@ -297,8 +360,10 @@ def generate_missing_variants(
     missing = sum((q.id, s.variant, key) not in store for s, key in variants.values() for q in questions)
     n_generated = dict.fromkeys(variants, 0)
     names = ", ".join(variants)
+    # the most rows a product multiplies at once: a batch's, or decode_rows' where variants decode together
+    rows = min(len(ordered), decoding.batch_size) * max(1, min(len(variants), together(decoding, decoding.batch_size)))
     with (tqdm(total=missing, desc=f"generate {names}", unit="answer", disable=not progress) as bar,
-          onednn_linears(loaded.model, loaded.device, laid_out_rows=decoding.batch_size)):  # the prompts' prefill too
+          onednn_linears(loaded.model, loaded.device, laid_out_rows=rows)):  # the prompts' prefill too
         for index, chunk in enumerate(chunks):
             prefill: PromptPrefill | None = None
             todos = {variant: [q for q in chunk if (q.id, steering.variant, key) not in store]
@@ -306,30 +371,39 @@ def generate_missing_variants(
             # the variants that decode from the whole batch's prefill: the last of them uses it up
             sharing = [v for v, (steering, _) in variants.items() if len(todos[v]) == len(chunk)
                        and starts_from_prefill(steering)]
-            for variant, (steering, key) in variants.items():
-                todo = todos[variant]
-                if not todo:
-                    continue
-                texts = [q.question for q in todo]
-                if variant in sharing and prefill is None:
+            # those that decode together, decode_rows // len(chunk) at a time; the others one by one
+            size = together(decoding, len(chunk))
+            joint = [v for v in sharing if decodes_together(loaded, variants[v][0], decoding)] if size > 1 else []
+            groups = [joint[i:i + size] for i in range(0, len(joint), size)]
+            groups += [[v] for v in variants if todos[v] and v not in joint]
+            for group in groups:
+                texts = [q.question for q in todos[group[0]]]
+                if group[0] in sharing and prefill is None:
                     with profile.step("generate.prompts"):
                         prefill = prefill_prompts(loaded, texts, decoding.max_new_tokens)
-                answers = generate_batch(loaded, texts, steering, decoding, batch_index=index,
-                                         prefill=prefill if variant in sharing else None,
-                                         last_use=variant == sharing[-1] if sharing else False)
-                # the variant's decoding cache, before the next variant's: freed as generate_batch returns (no
+                last_use = bool(sharing) and sharing[-1] in group
+                if len(group) > 1:
+                    answered = generate_together(loaded, texts, [variants[v][0] for v in group], decoding,
+                                                 prefill=prefill, last_use=last_use)
+                else:
+                    answered = [generate_batch(loaded, texts, variants[group[0]][0], decoding, batch_index=index,
+                                               prefill=prefill if group[0] in sharing else None, last_use=last_use)]
+                # the group's decoding cache, before the next group's: freed as generation returns (no
                 # garbage collection needed, and a full one takes ~0.3 s), but glibc keeps the pages mapped
                 trim_heap()
-                store.append([
-                    {"qid": q.id, "variant": steering.variant, "variant_hash": key, "question": q.question,
-                     "answer": a.text, "raw_answer": a.raw, "n_new_tokens": a.n_new_tokens,
-                     "truncated": a.truncated, "steered_tokens": a.steered_tokens}
-                    for q, a in zip(todo, answers, strict=True)
-                ])
-                n_generated[variant] += len(todo)
-                bar.update(len(todo))
-                if on_batch is not None:
-                    on_batch(len(todo))
+                for variant, answers in zip(group, answered, strict=True):
+                    steering, key = variants[variant]
+                    todo = todos[variant]
+                    store.append([
+                        {"qid": q.id, "variant": steering.variant, "variant_hash": key, "question": q.question,
+                         "answer": a.text, "raw_answer": a.raw, "n_new_tokens": a.n_new_tokens,
+                         "truncated": a.truncated, "steered_tokens": a.steered_tokens}
+                        for q, a in zip(todo, answers, strict=True)
+                    ])
+                    n_generated[variant] += len(todo)
+                    bar.update(len(todo))
+                    if on_batch is not None:
+                        on_batch(len(todo))
     out: dict[str, tuple[list[dict[str, Any]], int]] = {}
     for variant, (steering, key) in variants.items():
         records = []
@@ -342,5 +416,6 @@ def generate_missing_variants(
     return out
 
 
-__all__ = ['Answer', 'decode_answer', 'generate_batch', 'generate_missing', 'generate_missing_variants',
-           'generation_order', 'starts_from_prefill', 'stop_token_ids']
+__all__ = ['Answer', 'decode_answer', 'decodes_together', 'generate_batch', 'generate_missing',
+           'generate_missing_variants', 'generate_together', 'generation_order', 'starts_from_prefill',
+           'stop_token_ids', 'together']

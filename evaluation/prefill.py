@@ -53,21 +53,27 @@ class PromptPrefill:
         room must be exact: its length is what attention runs over), and not used up."""
         return not self.used_up and self.questions == tuple(questions) and self.max_new_tokens in (None, max_new_tokens)
 
-    def decoding_cache(self, last_use: bool = False) -> Cache:
+    def decoding_cache(self, last_use: bool = False, copies: int = 1) -> Cache:
         """A copy of the prompts' keys/values to decode from: a ``StaticCache`` with room for ``max_new_tokens``
-        more positions (zero there), or a copy of the ``DynamicCache``. This prefill is not changed, unless
-        ``last_use``: then the growing cache itself is handed over, or each layer's keys/values are dropped
-        as soon as they are copied (the last variant of a batch decodes without the prefill held beside it),
-        and ``fits`` is False from then on."""
+        more positions (zero there), or a copy of the ``DynamicCache``. With ``copies``, each row is there
+        ``copies`` times in a row (row ``r`` of the batch is row ``r // copies`` of the prompts), for as many
+        variants decoding together. This prefill is not changed, unless ``last_use``: then the growing cache
+        itself is handed over, or each layer's keys/values are dropped as soon as they are copied (the last
+        variant of a batch decodes without the prefill held beside it), and ``fits`` is False from then on."""
         if self.used_up:
             raise RuntimeError("this PromptPrefill was used up by decoding_cache(last_use=True)")
         self.used_up = last_use
         if self.max_new_tokens is None:
-            return self.cache if last_use else copy.deepcopy(self.cache)
+            grown = self.cache if last_use else copy.deepcopy(self.cache)
+            if copies > 1:
+                grown.batch_repeat_interleave(copies)
+            return grown
         width = int(self.cache.get_seq_length())  # width - 1 prompt positions
         room = StaticCache(config=self.config, max_cache_len=width + self.max_new_tokens)
         for index in range(len(self.cache.layers)):
             keys, values = _layer_states(self.cache, index)  # (batch, heads, width - 1, head_dim) each
+            if copies > 1:  # (batch * copies, heads, width - 1, head_dim) each
+                keys, values = keys.repeat_interleave(copies, dim=0), values.repeat_interleave(copies, dim=0)
             room.update(keys, values, index, {"cache_position": torch.arange(width, device=keys.device)})
             if last_use:
                 layer: Any = self.cache.layers[index]

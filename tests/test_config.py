@@ -129,6 +129,9 @@ def test_yaml_is_read_safely_and_checked(tmp_path: Path) -> None:
     (configs / "base.yaml").write_text("model: m\nsteering: {scale: .nan}\n")
     with pytest.raises(ConfigError, match="steering.scale=nan must be a finite number"):
         load_config(configs_dir=configs)
+    (configs / "base.yaml").write_text("model: m\neval: {decode_rows: -1}\n")
+    with pytest.raises(ConfigError, match=r"eval.decode_rows=-1 must be >= 0 \(0: each variant decodes alone"):
+        load_config(configs_dir=configs)
     (configs / "base.yaml").write_text("model: m\nmlp: {hiden: 3}\n")
     with pytest.raises(ConfigError, match="unknown config key mlp.hiden"):
         load_config(configs_dir=configs)

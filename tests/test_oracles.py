@@ -40,7 +40,8 @@ from core.config_io import load_config
 from core.data import Question, question_id
 from core.models import LoadedModel, load_model
 from core.tracking import stage_run
-from evaluation import linear, mc
+from evaluation import decode, linear, mc
+from evaluation import generate as generation
 from evaluation.attention import PACKED_DECODE, decode_attention, packed_decode_attention
 from evaluation.decode import greedy_decode
 from evaluation.generate import (
@@ -48,6 +49,7 @@ from evaluation.generate import (
     generate_batch,
     generate_missing,
     generate_missing_variants,
+    generate_together,
     generation_order,
     stop_token_ids,
 )
@@ -209,32 +211,76 @@ def test_rows_that_stop_leave_the_batch_and_the_others_answer_as_the_recompute_d
                             torch.full((len(QUESTIONS),), enc["input_ids"].shape[1] - 1), MAX_NEW,
                             stop_token_ids(loaded.tokenizer, model), loaded.tokenizer.pad_token_id)
     # steered from the last prompt token: one position a row and forward, and rows left after they stopped
-    assert decoded.count.total == decoded.expected < len(QUESTIONS) * decoded.new_ids.shape[1]
+    assert decoded.counts[0].total == decoded.expected[0] < len(QUESTIONS) * decoded.new_ids.shape[1]
     assert active_hooks(model) == 0
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_generation_of_every_variant_batch_by_batch_equals_each_alone_and_the_recompute(arch: str, tmp_path: Any) -> None:
+@pytest.mark.parametrize("decode_rows", [0, 64])
+def test_generation_of_every_variant_batch_by_batch_equals_each_alone_and_the_recompute(
+        arch: str, decode_rows: int, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """evaluate's path: each batch's prompts are prefilled once for all variants; every variant's answers
-    equal generating it alone and the recompute oracle (positions=all does not share the prefill)."""
+    equal generating it alone and the recompute oracle (positions=all does not share the prefill). With
+    ``decode_rows``, the variants that start from the prefill decode in one batch, each on its own rows
+    (vectors on two layers, a module, ITI's heads, and baseline), and still answer as each alone does."""
+    from steering.methods.iti import ItiSteering
+    from tests.test_iti import heads_of, random_directions
+
     loaded = tiny_loaded(arch)
-    steerings = {"baseline": Steering.baseline(), **tiny_steerings(loaded)}
+    steerings = {"baseline": Steering.baseline(), **tiny_steerings(loaded),
+                 "caa_layer0": tiny_steerings(loaded, layer=0)["caa"],
+                 "iti": ItiSteering("iti", layer=LAYER, scale=4.0, source_run="r",
+                                    directions=random_directions([(LAYER, 0), (2, 1)], heads_of(loaded.model)[1]))}
     questions = tiny_questions()
-    decoding = EvalConfig(max_new_tokens=MAX_NEW, batch_size=len(questions))
+    decoding = EvalConfig(max_new_tokens=MAX_NEW, batch_size=len(questions), decode_rows=decode_rows)
     variants = {name: (s, f"key-{name}") for name, s in steerings.items()}
+    rows: list[int] = []
+    original = generation.greedy_decode
+
+    def counting(model: Any, input_ids: Tensor, *args: Any, **kwargs: Any) -> Any:
+        rows.append(int(input_ids.shape[0]))
+        return original(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "greedy_decode", counting)
     together = generate_missing_variants(loaded, questions, variants, decoding, GenerationStore(tmp_path / "all.jsonl"),
                                          progress=False)
+    # decode_rows=64: the five variants that start from the prefill in one batch of 5 x 6 rows, caa_all alone
+    assert sorted(rows) == ([len(questions)] * 6 if not decode_rows else [len(questions), 5 * len(questions)])
+    monkeypatch.setattr(generation, "greedy_decode", original)
     order = [q.question for q in generation_order(loaded, questions)]
     for name, steering in steerings.items():
-        alone, n = generate_missing(loaded, questions, steering, decoding, GenerationStore(tmp_path / f"{name}.jsonl"),
+        alone, n = generate_missing(loaded, questions, steering, EvalConfig(max_new_tokens=MAX_NEW,
+                                    batch_size=len(questions)), GenerationStore(tmp_path / f"{name}.jsonl"),
                                     f"key-{name}", progress=False)
         assert [r["answer"] for r in together[name][0]] == [r["answer"] for r in alone], name
+        assert [r["steered_tokens"] for r in together[name][0]] == [r["steered_tokens"] for r in alone], name
         assert together[name][1] == n == len(questions)
+        if name == "iti":
+            continue  # its oracle is tests/test_iti's; the hook here is a residual-stream one
         steer_from = "all" if steering.positions == "all" else "prompt_end"
         expected = dict(zip(order, recompute_greedy(loaded, order, delta_of(steering) if steering.steers else
-                                                    (lambda h: torch.zeros_like(h)), LAYER, steer_from, MAX_NEW),
-                            strict=True))
+                                                    (lambda h: torch.zeros_like(h)), 0 if name == "caa_layer0"
+                                                    else LAYER, steer_from, MAX_NEW), strict=True))
         assert [r["answer"] for r in alone] == [expected[q.question] for q in questions], name
+    assert len({tuple(r["answer"] for r in records) for records, _ in together.values()}) > 3  # variants differ
+    assert active_hooks(loaded.model) == 0
+
+
+def test_variants_decoding_together_fail_when_a_hook_edits_another_variants_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run-time guard: each variant's edits are counted on its own rows; a hook that also edits the
+    rows of the variants beside it (here: every row's start given to every variant) stops the generation."""
+    loaded = tiny_loaded("llama")
+    steerings = tiny_steerings(loaded)
+    both = [steerings["caa"], steerings["mlp"]]
+    decoding = EvalConfig(max_new_tokens=MAX_NEW, batch_size=len(QUESTIONS))
+    answers = generate_together(loaded, QUESTIONS, both, decoding)
+    assert [[a.text for a in part] for part in answers] == [[a.text for a in generate_batch(loaded, QUESTIONS, s, decoding)]
+                                                           for s in both]
+    monkeypatch.setattr(decode, "NEVER", 0)  # no row is another variant's: each steers them all
+    with pytest.raises(SteeringNotApplied, match="by caa"):
+        generate_together(loaded, QUESTIONS, both, decoding)
+    with pytest.raises(ValueError, match="caa cannot decode together"):
+        generate_together(loaded, QUESTIONS, [steerings["caa_all"], steerings["caa"]], decoding)
     assert active_hooks(loaded.model) == 0
 
 
@@ -495,6 +541,22 @@ def test_smollm2_cached_steered_generation_equals_the_recompute_oracle() -> None
     assert [a.text for a in answers] == expected
     prompt_only = recompute_greedy(loaded, SMOL_QUESTIONS, delta_of(steering), SMOL_LAYER, "prompt_only", 12)
     assert sum(a != b for a, b in zip(prompt_only, expected, strict=True)) >= 2, (prompt_only, expected)
+
+
+@pytest.mark.slow
+def test_smollm2_variants_decoded_together_answer_as_each_alone_and_the_recompute() -> None:
+    """Real weights, oneDNN's products on weights laid out for the rows decoded together, packed attention: three
+    variants on one batch (each question's row three times) answer as each alone and as the recompute does."""
+    loaded = smollm2()
+    steerings = [Steering.baseline(), smol_steering(loaded, scale=2.0), smol_steering(loaded, scale=-2.0)]
+    decoding = EvalConfig(max_new_tokens=12)
+    with linear.onednn_linears(loaded.model, loaded.device, laid_out_rows=3 * len(SMOL_QUESTIONS)):
+        together = [[a.text for a in part] for part in generate_together(loaded, SMOL_QUESTIONS, steerings, decoding)]
+    alone = [[a.text for a in generate_batch(loaded, SMOL_QUESTIONS, s, decoding)] for s in steerings]
+    assert together == alone
+    for steering, answers in zip(steerings[1:], together[1:], strict=True):
+        assert answers == recompute_greedy(loaded, SMOL_QUESTIONS, delta_of(steering), SMOL_LAYER, "prompt_end", 12)
+    assert together[1] != together[0] != together[2]
 
 
 @pytest.mark.slow
