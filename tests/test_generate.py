@@ -30,6 +30,7 @@ from evaluation.generate import (
     decode_answer,
     generate_batch,
     generate_missing,
+    generate_missing_variants,
     stop_token_ids,
 )
 from evaluation.generation_store import (
@@ -325,6 +326,45 @@ def test_a_partly_stored_batch_generates_only_its_missing_rows(tmp_path: Path, c
                                             progress=False)
     assert (n_generated, counted_generate) == (1, [1])
     assert records == full  # fp32 greedy: a row's answer does not depend on its batch
+
+
+def test_variants_decoding_together_restart_with_what_each_lacks(tmp_path: Path, counted_generate: list[int]) -> None:
+    """``eval.decode_rows``: a batch's variants that lack the whole batch decode together, ``decode_rows //
+    len(batch)`` at a time (two here, three for the last batch of one question);
+    after a crash each variant generates only what the store lacks (a variant with part of a batch stored
+    decodes those rows alone), and every answer equals generating each variant alone."""
+    loaded = tiny_loaded("llama")
+    qs = questions()
+    variants = {name: (s, variant_hash(loaded.spec, "float32", GREEDY, s.key_fields()))
+                for name, s in steerings(loaded).items()}
+    alone = {name: generate_missing(loaded, qs, s, GREEDY, GenerationStore(tmp_path / f"{name}.jsonl"), key,
+                                    progress=False)[0] for name, (s, key) in variants.items()}
+    counted_generate.clear()
+    together = dataclasses.replace(GREEDY, decode_rows=2 * GREEDY.batch_size)
+    path = tmp_path / "together.jsonl"
+
+    seen: list[int] = []
+
+    def crash_after_two_variants(n: int) -> None:
+        seen.append(n)
+        if len(seen) == 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        generate_missing_variants(loaded, qs, variants, together, GenerationStore(path), progress=False,
+                                  on_batch=crash_after_two_variants)
+    # batch 1: baseline and caa together (2 x 2 rows), stored, then the crash
+    assert counted_generate == [4] and len(path.read_text().splitlines()) == 4
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[1:]) + "\n")  # and baseline loses its first answer
+    counted_generate.clear()
+    done = generate_missing_variants(loaded, qs, variants, together, GenerationStore(path), progress=False)
+    # batch 1: mlp_gen, the one variant left with the whole batch, then baseline's lost row, then caa_all (which
+    # never starts from the prefill); batch 2: baseline with caa, then mlp_gen, then caa_all; batch 3 (one
+    # question): baseline, caa and mlp_gen together, then caa_all
+    assert counted_generate == [2, 1, 2, 4, 2, 2, 3, 1]
+    assert {name: done[name][0] for name in variants} == alone
+    assert {name: done[name][1] for name in variants} == {"baseline": 4, "caa": 3, "caa_all": 5, "mlp_gen": 5}
 
 
 def test_variants_and_settings_have_separate_keys_in_one_store(tmp_path: Path) -> None:
