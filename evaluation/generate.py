@@ -361,9 +361,9 @@ def generate_missing_variants(
     n_generated = dict.fromkeys(variants, 0)
     names = ", ".join(variants)
     # the most rows a product multiplies at once: a batch's, or decode_rows' where variants decode together
-    rows = min(len(ordered), decoding.batch_size) * max(1, min(len(variants), together(decoding, decoding.batch_size)))
+    rows = max(1, min(len(ordered), decoding.batch_size)) * max(1, min(len(variants), together(decoding, decoding.batch_size)))
     with (tqdm(total=missing, desc=f"generate {names}", unit="answer", disable=not progress) as bar,
-          onednn_linears(loaded.model, loaded.device, laid_out_rows=rows)):  # the prompts' prefill too
+          onednn_linears(loaded.model, loaded.device, laid_out_rows=rows if missing else None)):  # the prompts' prefill too
         for index, chunk in enumerate(chunks):
             prefill: PromptPrefill | None = None
             todos = {variant: [q for q in chunk if (q.id, steering.variant, key) not in store]
