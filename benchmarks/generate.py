@@ -13,6 +13,11 @@ process from the smoke pool split with ``steering.extract``, times ``steering.sc
   ``--sequential 0``) and reports seconds per question; the speedup compares per-question rates (the loop's one
   run against the batched path's median run).
   Its answers are checked against the batched ones (fp32 greedy: they must be identical);
+- ``two_variants``: two steered variants (the caa vector at ``steering.scale`` and at half of it), as ``evaluate``
+  generates several, decoded together (``eval.decode_rows`` = two batches' rows, ``generate_together``) and one
+  after the other (``decode_rows=0``), ``--repeats`` times each in alternating order, each run into a fresh store
+  with the same answers, the caa variant's equal to its answers alone; ``throughput`` sets the runs together
+  against the roof as for one variant (``two_variants_together_new_tokens_share_of_roof``, its median and first run);
 - ``batched_bf16`` (unless ``--no-bf16``): the batched path again with the model in bf16
   (``--overrides model.dtype=bfloat16`` in the stages), the same CAA vector. bf16 answers differ
   from fp32 ones and depend on the batch size; the report counts how many agree.
