@@ -38,7 +38,7 @@ from core.models import LoadedModel, trim_heap
 from evaluation.attention import decode_attention
 from evaluation.decode import greedy_decode, greedy_processors
 from evaluation.generation_store import GenerationStore
-from evaluation.linear import onednn_linears
+from evaluation.linear import available_bytes, onednn_linears
 from evaluation.prefill import PromptPrefill, prefill_prompts
 from steering.cache import with_cache
 from steering.hooks import check_steered
@@ -137,6 +137,24 @@ def starts_from_prefill(steering: Steering) -> bool:
 def together(decoding: EvalConfig, rows: int) -> int:
     """How many variants decode a batch of ``rows`` questions together: ``eval.decode_rows // rows`` (at least one)."""
     return max(1, decoding.decode_rows // max(1, rows))
+
+
+def _fitting(prefill: PromptPrefill | None, size: int, rows: int, max_new_tokens: int) -> int:
+    """``size`` variants decoding ``rows`` questions together, fewer where their decoding caches (each the
+    prefill's keys/values per row, with room for ``max_new_tokens`` more positions) would take over half the
+    memory the system has available (``evaluation.linear.available_bytes``), as the laid-out weights are bounded."""
+    available = available_bytes()
+    if prefill is None or available is None:
+        return size
+    layers: Any = prefill.cache.layers
+    width = max(1, int(prefill.cache.get_seq_length()))
+    per_row = sum(layer.keys.nbytes + layer.values.nbytes for layer in layers) / rows * (width + max_new_tokens) / width
+    fits = max(1, int(available // 2 // max(1.0, per_row * rows)))
+    if fits < size:
+        print(f"eval.decode_rows: {fits} variant(s) at a time instead of {size}: their decoding caches "
+              f"({size * rows * per_row / 2**30:.1f} GiB) would take over half the memory available "
+              f"({available / 2**30:.1f} GiB)")
+    return min(size, fits)
 
 
 def decodes_together(loaded: LoadedModel, steering: Steering, decoding: EvalConfig) -> bool:
@@ -338,7 +356,7 @@ def generate_missing_variants(
     need the whole batch; what is kept at a time is one batch's (``eval.batch_size`` prompts). With
     ``eval.decode_rows``, those of them that ``decodes_together`` decode in groups of
     ``decode_rows // len(batch)`` (``generate_together``: the same answers, more rows per product, and a
-    decoding cache of as many rows). On a CPU the model's linear weights are held laid out for oneDNN's
+    decoding cache of as many rows; fewer where those caches would take over half the memory available). On a CPU the model's linear weights are held laid out for oneDNN's
     products of that many rows meanwhile (``evaluation.linear.onednn_linears``' ``laid_out_rows``: a copy of
     them, dropped when it returns), and each group's decoding cache is handed back to the system before the
     next (``core.models.trim_heap``).
@@ -374,6 +392,10 @@ def generate_missing_variants(
             # those that decode together, decode_rows // len(chunk) at a time; the others one by one
             size = together(decoding, len(chunk))
             joint = [v for v in sharing if decodes_together(loaded, variants[v][0], decoding)] if size > 1 else []
+            if len(joint) > 1:  # the prefill first: what a row's decoding cache takes bounds the group
+                with profile.step("generate.prompts"):
+                    prefill = prefill_prompts(loaded, [q.question for q in chunk], decoding.max_new_tokens)
+                size = _fitting(prefill, size, len(chunk), decoding.max_new_tokens)
             groups = [joint[i:i + size] for i in range(0, len(joint), size)]
             groups += [[v] for v in variants if todos[v] and v not in joint]
             for group in groups:

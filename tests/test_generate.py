@@ -367,6 +367,28 @@ def test_variants_decoding_together_restart_with_what_each_lacks(tmp_path: Path,
     assert {name: done[name][1] for name in variants} == {"baseline": 4, "caa": 3, "caa_all": 5, "mlp_gen": 5}
 
 
+def test_variants_decode_together_only_as_far_as_their_caches_fit_in_memory(
+        tmp_path: Path, counted_generate: list[int], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``eval.decode_rows`` asks for three variants at a time; where their decoding caches would take over half
+    the memory available, fewer decode together (one at a time here), with a line that says so, and the
+    answers are the same."""
+    loaded = tiny_loaded("llama")
+    qs = questions()[:2]
+    chosen = {name: s for name, s in steerings(loaded).items() if name != "caa_all"}
+    variants = {name: (s, variant_hash(loaded.spec, "float32", GREEDY, s.key_fields())) for name, s in chosen.items()}
+    together = dataclasses.replace(GREEDY, decode_rows=3 * GREEDY.batch_size)
+    roomy = generate_missing_variants(loaded, qs, variants, together, GenerationStore(tmp_path / "a.jsonl"),
+                                      progress=False)
+    assert counted_generate == [6]
+    counted_generate.clear()
+    monkeypatch.setattr(generation, "available_bytes", lambda: 1)
+    tight = generate_missing_variants(loaded, qs, variants, together, GenerationStore(tmp_path / "b.jsonl"),
+                                      progress=False)
+    assert counted_generate == [2, 2, 2] and tight == roomy
+    assert "eval.decode_rows: 1 variant(s) at a time instead of 3" in capsys.readouterr().out
+
+
 def test_variants_and_settings_have_separate_keys_in_one_store(tmp_path: Path) -> None:
     loaded = tiny_loaded("llama")
     store = GenerationStore(tmp_path / "g.jsonl")
