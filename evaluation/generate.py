@@ -10,7 +10,8 @@ Decoding is greedy unless ``eval.do_sample``. Greedy decoding is a loop of our o
 a row that has stopped leaves the batch and its cache (``Cache.reorder_cache``), so the rest decode
 fewer rows; ``generate`` would go on feeding padding through every stopped row until the last one stops.
 Sampling goes through ``model.generate``, seeded per batch. An answer is the decoded new tokens, cut at
-the first end-of-turn token (and, for ``Q:/A:`` prompts, before the model starts a next ``Q:``), stripped.
+the first end-of-turn token (and, for ``Q:/A:`` prompts, before the model starts a next ``Q:``), stripped
+(``evaluation.answers``).
 
 Answers go to a ``evaluation.generation_store.GenerationStore``; ``generate_missing`` (one variant) and
 ``generate_missing_variants`` (batch by batch, every variant in turn, one prefill per batch) generate only
@@ -27,7 +28,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
@@ -35,6 +35,7 @@ from core import profile
 from core.config import EvalConfig
 from core.data import Question
 from core.models import LoadedModel, trim_heap
+from evaluation.answers import END_OF_TURN_TOKENS, QA_NEXT_TURN, Answer, decode_answer, stop_token_ids
 from evaluation.attention import decode_attention
 from evaluation.decode import greedy_decode, greedy_processors
 from evaluation.generation_store import GenerationStore
@@ -43,73 +44,7 @@ from evaluation.prefill import PromptPrefill, prefill_prompts
 from steering.cache import with_cache
 from steering.hooks import check_steered
 from steering.methods.intervention import Steering
-from steering.prompts import PromptFormat, encode_prompts, format_prompt
-
-# Tokens that end an assistant turn in the chat templates of the supported families (Gemma,
-# SmolLM2/ChatML, Llama-3), whichever of them the tokenizer knows; its EOS always counts.
-END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<eos>")
-QA_NEXT_TURN = "\nQ:"  # a base model answering `Q: ...\nA:` goes on to invent the next question
-
-
-
-
-def stop_token_ids(tokenizer: Any, model: nn.Module | None = None) -> list[int]:
-    """Ids that end an answer: EOS, the generation config's EOS ids and known end-of-turn tokens.
-
-    Args:
-        tokenizer: the model's tokenizer.
-        model: the model, for its ``generation_config.eos_token_id``.
-    """
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if configured is not None:
-        ids.update(int(i) for i in (configured if isinstance(configured, list | tuple) else [configured]))
-    vocab = tokenizer.get_vocab()
-    ids.update(int(vocab[token]) for token in END_OF_TURN_TOKENS if token in vocab)
-    return sorted(ids)
-
-
-@dataclasses.dataclass(frozen=True)
-class Answer:
-    """One generated answer.
-
-    Args:
-        text: the answer: new tokens up to the end of turn, decoded and stripped.
-        raw: every new token decoded, special tokens included (for debugging prompts).
-        n_new_tokens: tokens up to (not including) the end of turn.
-        truncated: True when ``max_new_tokens`` ran out before the end of turn.
-        steered_tokens: the answer's tokens (the end-of-turn token included) predicted from a
-            steered state; ``generate_batch`` checks that the hook edited every position it should,
-            so for a steered variant this is every one of them, 0 for baseline. Not compared.
-    """
-
-    text: str
-    raw: str
-    n_new_tokens: int
-    truncated: bool
-    steered_tokens: int = dataclasses.field(default=0, compare=False)
-
-
-def decode_answer(tokenizer: Any, new_ids: Sequence[int], stop_ids: Sequence[int], fmt: PromptFormat) -> Answer:
-    """Cut generated ids at the first stop id, decode, cut a ``Q:/A:`` answer before a next ``Q:``.
-
-    Args:
-        tokenizer: the model's tokenizer.
-        new_ids: the generated token ids (padding after the end included).
-        stop_ids: ``stop_token_ids`` of the model.
-        fmt: the prompt format, ``chat`` or ``qa``.
-    """
-    stops = set(stop_ids)
-    end = next((i for i, t in enumerate(new_ids) if t in stops), None)
-    kept = list(new_ids[:end]) if end is not None else list(new_ids)
-    text = tokenizer.decode(kept, skip_special_tokens=True)
-    truncated = end is None
-    if fmt == "qa" and QA_NEXT_TURN in text:
-        text, truncated = text.split(QA_NEXT_TURN, 1)[0], False
-    raw = tokenizer.decode(list(new_ids), skip_special_tokens=False)
-    return Answer(text=text.strip(), raw=raw, n_new_tokens=len(kept), truncated=truncated)
+from steering.prompts import encode_prompts, format_prompt
 
 
 class _FirstTokenClock(StoppingCriteria):
@@ -438,6 +373,6 @@ def generate_missing_variants(
     return out
 
 
-__all__ = ['Answer', 'decode_answer', 'decodes_together', 'generate_batch', 'generate_missing',
+__all__ = ['END_OF_TURN_TOKENS', 'QA_NEXT_TURN', 'Answer', 'decode_answer', 'decodes_together', 'generate_batch', 'generate_missing',
            'generate_missing_variants', 'generate_together', 'generation_order', 'starts_from_prefill',
            'stop_token_ids', 'together']
