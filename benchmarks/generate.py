@@ -26,15 +26,21 @@ One warm-up generation runs first. The machine's fp32 matmul throughput (the *ro
 square products of ``--roof-size`` on the same threads, with ``torch.mm``, with oneDNN as decoding runs it,
 and with oneDNN on a factor laid out for it beforehand, whichever is fastest) is measured in the same run,
 and the batched path's best run (the roof is a best of five on the same machine, whose other tenants slow some
-runs by 10-20%; the median and the first run are reported beside it) is set against it two ways:
+runs by 10-20%; the median and the first run are reported beside it) is set against it two ways, and each run
+against the roof sustained beside it:
 
 - ``new_tokens_share_of_roof``: new tokens per second times the model's matmul FLOPs per token (2 x the
   weights of every decoder layer's linear layers and of the LM head), over the roof: the issue's measure,
   where the prompts' prefill counts as overhead;
-- ``useful_flops_share_of_roof``: every real token's work (prompt tokens through the layers, answer
+- ``useful_flops_share_of_roof``: every real token's work the batched path does (prompt tokens through the
+  layers, a batch's shared start once as ``evaluation.prefill`` runs it (``prompt_tokens_computed``); answer
   tokens up to and including their stop token through the layers and the head) per second, over the roof.
   Padding and the tokens after a row's stop are not counted; attention scores are not counted either
-  (under 3% here).
+  (under 3% here);
+- ``new_tokens_share_of_sustained_roof_each_run``: each batched run's new tokens against the roof sustained on
+  either side of it (``sustained_roof_gflops``: the roof's fastest library run back to back for about a second,
+  its median product, before the first run and after each; ``benchmarks.roof.sustained_gflops``): the machine's
+  other tenants slow some stretches of a run by 10-20%, which the best of five short products does not see.
 
 What the roof cannot show: decode multiplies ``batch_size`` rows by the model's narrow weights, where the
 matmul libraries are slower than on large squares. ``decode_shape_gflops`` times those very products (each
@@ -45,17 +51,19 @@ cache, ``evaluation.prefill.prefill_prompts``; on a CPU the linear layers by one
 ``evaluation.linear.onednn_linears``, and ``evaluation.attention.packed_decode_attention`` for
 decoding; greedy decoding that drops a row from the batch when it stops, ``evaluation.decode.greedy_decode``)
 against the same with oneDNN on the weights as they are, against the same with PyTorch's own linear layers
-(``TRUTHSTEER_CPU_LINEAR=torch``), against the same with
+(``TRUTHSTEER_CPU_LINEAR=torch``), against the same with the packed attention's products by PyTorch's ``bmm``
+(``TRUTHSTEER_CPU_ATTENTION=torch``, not ``evaluation.native``'s C++ ones), against the same with
 ``transformers``' ``sdpa`` attention under PyTorch's math kernel (the previous decoding attention), against the
 same through ``model.generate`` (every row decoded to the end) and against the earlier prefill (one forward
-over the padded batch into a cache that grows by concatenation each step), in the order A B C D E F F E D C B A,
+over the padded batch into a cache that grows by concatenation each step), in the order A B C D E F G G F E D C B A,
 with the same answers.
 
-``in_place`` times one more batched run from the inside (``in_place_breakdown``): the linear layers' and the
+``in_place`` times one more batched run from the inside (``benchmarks.in_place``): the linear layers' and the
 LM head's seconds and GFLOP/s as they run in decoding, each of their calls run again by PyTorch's own
-``linear`` on the same input, and each one-token attention call run both ways (packed and ``sdpa`` under
-the math kernel), each pair in alternating order. Whole runs here vary by 10-20% from one to the next, more
-than attention's share of a step; timing both kernels on the same calls does not.
+``linear`` on the same input, and each one-token attention call run three ways (packed with its C++ products,
+packed with PyTorch's ``bmm``, and ``sdpa`` under the math kernel), in alternating order. Whole runs here vary
+by 10-20% from one to the next, more than attention's share of a step; timing the kernels on the same calls
+does not.
 
 Run: ``python -m benchmarks.generate`` (options: ``--help``); writes ``benchmarks/results/generate.json``.
 """
@@ -73,34 +81,33 @@ from unittest import mock
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from benchmarks import RESULTS_DIR, parser, smoke_caa, write_report
-from benchmarks.roof import decode_shape_gflops, matmul_flops, matmul_roof
+from benchmarks.in_place import in_place_breakdown
+from benchmarks.roof import decode_shape_gflops, matmul_flops, matmul_roof, sustained_gflops
 from benchmarks.two_variants import decode_together
 from core.config import EvalConfig
 from core.models import load_model
 from evaluation import generate as generation
-from evaluation.attention import PACKED_DECODE, packed_decode_attention
+from evaluation import native
 from evaluation.generate import generate_batch, generate_missing, generation_order
 from evaluation.generation_store import GenerationStore, variant_hash
 from evaluation.linear import OPT_OUT, onednn_linears
 from evaluation.prefill import prefill_prompts
-from steering.layers import decoder_layers
 from steering.methods.intervention import Steering
-from steering.prompts import encode_text, format_prompt
+from steering.prompts import encode_text, format_prompt, shared_prefix
 
 RESULTS = RESULTS_DIR / "generate.json"
 
 
 def compare_prefills(loaded: Any, questions: list[Any], steering: Steering, decoding: EvalConfig,
                      answers: list[str]) -> dict[str, Any]:
-    """Seconds to prefill and answer ``questions`` batch by batch six ways, in the order A B C D E F F E D C B A: the
-    evaluate path (``grouped_static``: linear layers by oneDNN on weights laid out for it, packed decode attention,
-    greedy decoding that drops each row when it stops), the same with oneDNN on the weights as they are
-    (``grouped_static_weights_as_they_are``), the same with PyTorch's own linear layers
-    (``grouped_static_torch_linear``), the same with ``sdpa`` attention under PyTorch's math kernel
+    """Seconds to prefill and answer ``questions`` batch by batch seven ways, in the order A B C D E F G G F E D C B
+    A: the evaluate path (``grouped_static``: linear layers by oneDNN on weights laid out for it, packed decode
+    attention with its C++ products, greedy decoding that drops each row when it stops), the same with oneDNN on
+    the weights as they are (``grouped_static_weights_as_they_are``), the same with PyTorch's own linear layers
+    (``grouped_static_torch_linear``), the same with the packed attention's products by PyTorch's ``bmm``
+    (``grouped_static_bmm_attention``), the same with ``sdpa`` attention under PyTorch's math kernel
     (``grouped_static_sdpa``), the same through ``model.generate``, which keeps every row to the end
     (``grouped_static_generate``), and one padded forward into a growing cache (``padded_growing``, our
     kernels and decoding); each run's answers must equal ``answers``."""
@@ -108,7 +115,7 @@ def compare_prefills(loaded: Any, questions: list[Any], steering: Steering, deco
     by_id = {q.id: i for i, q in enumerate(questions)}
     chunks = [ordered[i:i + decoding.batch_size] for i in range(0, len(ordered), decoding.batch_size)]
     names = ("grouped_static", "grouped_static_weights_as_they_are", "grouped_static_torch_linear",
-             "grouped_static_sdpa", "grouped_static_generate", "padded_growing")
+             "grouped_static_bmm_attention", "grouped_static_sdpa", "grouped_static_generate", "padded_growing")
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for name in (*names, *reversed(names)):
         got = [""] * len(questions)
@@ -117,6 +124,7 @@ def compare_prefills(loaded: Any, questions: list[Any], steering: Steering, deco
                   mock.patch.object(generation, "greedy_processors", lambda model: ["(benchmark)"])  # generate's path
                   if name == "grouped_static_generate" else
                   mock.patch.dict(os.environ, {OPT_OUT: "torch"}) if name == "grouped_static_torch_linear" else
+                  mock.patch.dict(os.environ, {native.OPT_OUT: "torch"}) if name == "grouped_static_bmm_attention" else
                   contextlib.nullcontext())
         tick = time.perf_counter()
         rows = None if name == "grouped_static_weights_as_they_are" else decoding.batch_size
@@ -135,86 +143,13 @@ def compare_prefills(loaded: Any, questions: list[Any], steering: Steering, deco
     return {"seconds": seconds, "mean_seconds": means,
             "speedup_over_padded_growing": means["padded_growing"] / means["grouped_static"],
             "speedup_of_packed_attention_over_sdpa_math": means["grouped_static_sdpa"] / means["grouped_static"],
+            "speedup_of_cpp_attention_products_over_bmm":
+                means["grouped_static_bmm_attention"] / means["grouped_static"],
             "speedup_of_onednn_linear_over_torch_linear": means["grouped_static_torch_linear"] / means["grouped_static"],
             "speedup_of_laid_out_weights_over_weights_as_they_are":
                 means["grouped_static_weights_as_they_are"] / means["grouped_static"],
             "speedup_of_dropping_stopped_rows_over_generate": means["grouped_static_generate"] / means["grouped_static"],
             "answers_identical": True}
-
-
-def in_place_breakdown(loaded: Any, questions: list[Any], steering: Steering, decoding: EvalConfig,
-                       answers: list[str]) -> dict[str, Any]:
-    """One more batched generation of ``questions`` (the evaluate path), timed from the inside: every linear
-    layer's and the LM head's forward (their seconds and GFLOP/s where they run, their weights streaming
-    from memory between other work, unlike ``decode_shape_gflops``), each also run by PyTorch's own
-    ``torch.nn.functional.linear`` on the same input (before the layer on odd calls, after it on even ones),
-    and every one-token attention call run twice, ``packed_decode_attention`` and ``transformers``' ``sdpa``
-    under the math kernel, in alternating order, so that both meet the same machine state (a paired comparison
-    the whole-run timings cannot resolve here); the layer's and the packed results go on, and the answers must
-    equal ``answers``."""
-    linear = {"seconds": 0.0, "torch_seconds": 0.0, "flops": 0.0, "calls": 0}
-    attention = {"packed": 0.0, "sdpa": 0.0, "calls": 0}
-    started: dict[int, float] = {}
-
-    def torch_linear(module: Any, args: Any) -> None:
-        tick = time.perf_counter()
-        torch.nn.functional.linear(args[0], module.weight, module.bias)
-        linear["torch_seconds"] += time.perf_counter() - tick
-
-    def before(module: torch.nn.Module, args: Any) -> None:
-        linear["calls"] += 1
-        if linear["calls"] % 2:  # PyTorch's own product on the same input, before the layer's on odd calls
-            torch_linear(module, args)
-        started[id(module)] = time.perf_counter()
-
-    def after(module: Any, args: Any, output: torch.Tensor) -> None:
-        linear["seconds"] += time.perf_counter() - started.pop(id(module))
-        linear["flops"] += 2.0 * output[..., :1].numel() * module.in_features * module.out_features
-        if not linear["calls"] % 2:  # and after it on even ones
-            torch_linear(module, args)
-
-    def paired(module: torch.nn.Module, query: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if query.shape[2] != 1:
-            return packed_decode_attention(module, query, *args, **kwargs)
-        attention["calls"] += 1
-        kernels = [("packed", packed_decode_attention), ("sdpa", sdpa_attention_forward)]
-        results = {}
-        for name, kernel in kernels if attention["calls"] % 2 else reversed(kernels):
-            tick = time.perf_counter()
-            results[name] = kernel(module, query, *args, **kwargs)
-            attention[name] += time.perf_counter() - tick
-        return results["packed"]
-
-    linears = [m for layer in decoder_layers(loaded.model) for m in layer.modules() if isinstance(m, torch.nn.Linear)]
-    linears.append(loaded.model.get_output_embeddings())
-    handles = [h for m in linears for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
-    AttentionInterface.register(PACKED_DECODE, paired)
-    try:
-        tick = time.perf_counter()
-        with onednn_linears(loaded.model, loaded.device, laid_out_rows=decoding.batch_size):  # as evaluate lays them out
-            got = [a.text for i in range(0, len(questions), decoding.batch_size)
-                   for a in generate_batch(loaded, [q.question for q in questions[i:i + decoding.batch_size]],
-                                           steering, decoding)]
-        seconds = time.perf_counter() - tick
-    finally:
-        AttentionInterface.register(PACKED_DECODE, packed_decode_attention)
-        for handle in handles:
-            handle.remove()
-    if got != answers:
-        raise AssertionError(f"in place: {sum(g != a for g, a in zip(got, answers, strict=True))} answers differ")
-    report = {"seconds_with_both_attentions_and_linears": seconds, "linear_seconds": linear["seconds"],
-              "linear_gflops": linear["flops"] / linear["seconds"] / 1e9, "linear_calls": linear["calls"],
-              "torch_linear_seconds": linear["torch_seconds"],
-              "torch_linear_gflops": linear["flops"] / linear["torch_seconds"] / 1e9,
-              "speedup_of_onednn_linear_over_torch_linear": linear["torch_seconds"] / linear["seconds"],
-              "one_token_attention_calls": attention["calls"], "packed_attention_seconds": attention["packed"],
-              "sdpa_math_attention_seconds": attention["sdpa"],
-              "speedup_of_packed_attention_over_sdpa_math": attention["sdpa"] / attention["packed"]}
-    print(f"in place: linear layers {linear['seconds']:.1f} s at {report['linear_gflops']:.0f} GFLOP/s (PyTorch's own "
-          f"on the same inputs, paired: {linear['torch_seconds']:.1f} s); one-token "
-          f"attention {attention['packed']:.2f} s packed vs {attention['sdpa']:.2f} s sdpa (math kernel), paired",
-          flush=True)
-    return report
 
 
 def main() -> None:
@@ -250,12 +185,15 @@ def main() -> None:
 
     runs: list[float] = []
     records: list[dict[str, Any]] = []
+    fastest = max(roofs, key=roofs.__getitem__)
+    sustained = [sustained_gflops(args.roof_size, fastest)]  # before the first run and after each: run i between i, i + 1
     for _ in range(args.repeats):  # each into a fresh store: the whole evaluate path each time
         with tempfile.TemporaryDirectory() as tmp:
             tick = time.perf_counter()
             got, _ = generate_missing(loaded, questions, steering, decoding, GenerationStore(Path(tmp) / "g.jsonl"),
                                       key, progress=False)
             runs.append(time.perf_counter() - tick)
+        sustained.append(sustained_gflops(args.roof_size, fastest))
         if records and [r["answer"] for r in got] != [r["answer"] for r in records]:
             raise AssertionError("the batched runs answered differently from one another")
         records = records or got
@@ -269,9 +207,14 @@ def main() -> None:
     layer_flops, head_flops = matmul_flops(loaded.model)
     new_tokens = sum(r["n_new_tokens"] for r in records)
     fed = sum(r["n_new_tokens"] + (not r["truncated"]) for r in records)  # up to and including the stop token
-    prompt_tokens = sum(len(encode_text(loaded.tokenizer, format_prompt(q.question, loaded.tokenizer,
-                                                                        loaded.prompt_format))) for q in questions)
-    useful = (prompt_tokens + fed) * layer_flops + fed * head_flops
+    prompt_ids = [encode_text(loaded.tokenizer, format_prompt(q.question, loaded.tokenizer, loaded.prompt_format))
+                  for q in generation_order(loaded, questions)]
+    prompt_tokens = sum(len(ids) for ids in prompt_ids)
+    computed = 0  # each batch's shared start runs once (evaluation.prefill), the rest of every prompt in its row
+    for i in range(0, len(prompt_ids), decoding.batch_size):
+        shared = shared_prefix(prompt_ids[i:i + decoding.batch_size])
+        computed += shared + sum(len(ids) - shared for ids in prompt_ids[i:i + decoding.batch_size])
+    useful = (computed + fed) * layer_flops + fed * head_flops
     throughput = {
         "roof_gflops": roof, "roof_gflops_by_library": roofs, "matmul_gflops_per_token": (layer_flops + head_flops) / 1e9,
         "new_tokens": new_tokens, "new_tokens_per_second": new_tokens / batched_seconds,
@@ -279,14 +222,21 @@ def main() -> None:
         "new_tokens_share_of_roof": new_tokens * (layer_flops + head_flops) / batched_seconds / (roof * 1e9),
         "new_tokens_share_of_roof_median_run": new_tokens * (layer_flops + head_flops) / median_seconds / (roof * 1e9),
         "new_tokens_share_of_roof_first_run": new_tokens * (layer_flops + head_flops) / runs[0] / (roof * 1e9),
-        "prompt_tokens": prompt_tokens, "useful_gflops_per_second": useful / batched_seconds / 1e9,
+        "prompt_tokens": prompt_tokens, "prompt_tokens_computed": computed, "useful_gflops_per_second": useful / batched_seconds / 1e9,
         "useful_flops_share_of_roof": useful / batched_seconds / (roof * 1e9),
         "decode_shape_gflops": shape_gflops,
-        **{f"two_variants_together_new_tokens_share_of_roof{suffix}":
-           together["new_tokens"] * (layer_flops + head_flops) / seconds / (roof * 1e9)
-           for suffix, seconds in (("", min(together["seconds"]["together"])),
-                                   ("_median_run", statistics.median(together["seconds"]["together"])),
-                                   ("_first_run", together["seconds"]["together"][0]))}, "decode_shape_gflops_by_library": shapes,
+        # each run against the roof sustained on either side of it (products back to back for ~1 s, their median)
+        "sustained_roof_gflops": sustained,
+        "new_tokens_share_of_sustained_roof_each_run": [
+            new_tokens * (layer_flops + head_flops) / seconds / (statistics.mean(sustained[i:i + 2]) * 1e9)
+            for i, seconds in enumerate(runs)],
+        # two variants as evaluate generates them: together (decode_rows), or one after the other (the shipped
+        # configs' decode_rows=0), the prompts' prefill shared either way
+        **{f"two_variants_{way}_new_tokens_share_of_roof{suffix}":
+           together["new_tokens"] * (layer_flops + head_flops) / pick(together["seconds"][way]) / (roof * 1e9)
+           for way in ("together", "one_after_the_other")
+           for suffix, pick in (("", min), ("_median_run", statistics.median), ("_first_run", lambda s: s[0]))},
+        "decode_shape_gflops_by_library": shapes,
         "decode_shape_share_of_roof": shape_gflops / roof,
         "new_tokens_share_of_decode_shape_gflops": new_tokens * (layer_flops + head_flops) / batched_seconds
         / (shape_gflops * 1e9),
@@ -301,12 +251,16 @@ def main() -> None:
           f"{throughput['new_tokens_share_of_roof_first_run']:.1%}); "
           f"with the prompts' work {throughput['useful_gflops_per_second']:.1f} GFLOP/s = "
           f"{throughput['useful_flops_share_of_roof']:.0%} of the roof")
+    print("each run against the roof sustained on either side of it (" + ", ".join(f"{g:.0f}" for g in sustained)
+          + " GFLOP/s): " + ", ".join(f"{share:.1%}" for share in throughput["new_tokens_share_of_sustained_roof_each_run"]))
 
     print(f"two variants decoded together: {throughput['two_variants_together_new_tokens_share_of_roof']:.1%} of the "
           f"roof in new tokens (median run "
           f"{throughput['two_variants_together_new_tokens_share_of_roof_median_run']:.1%}, first run "
           f"{throughput['two_variants_together_new_tokens_share_of_roof_first_run']:.1%}); "
-          f"{together['speedup_of_together_over_one_after_the_other']:.2f}x the two one after the other", flush=True)
+          f"{together['speedup_of_together_over_one_after_the_other']:.2f}x the two one after the other, which reach "
+          f"{throughput['two_variants_one_after_the_other_new_tokens_share_of_roof']:.1%} (median run "
+          f"{throughput['two_variants_one_after_the_other_new_tokens_share_of_roof_median_run']:.1%})", flush=True)
 
     prefill_then_decode = compare_prefills(loaded, questions, steering, decoding, [r["answer"] for r in records])
     by_id = {r["qid"]: r["answer"] for r in records}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import functools
 import math
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,14 +36,34 @@ def matmul_roof(size: int, repeats: int = 5) -> dict[str, float]:
     ``TRUTHSTEER_CPU_LINEAR`` opts out of it: the roof is the machine's), oneDNN on the second factor as it is (what ``evaluation.linear`` runs) and laid out for it beforehand
     (``torch.ops.mkldnn._reorder_linear_weight``, what PyTorch's compiler does for frozen models); the roof is
     the fastest."""
+    return {library: 2 * size**3 / best_seconds(call, repeats) / 1e9 for library, call in products(size).items()}
+
+
+def products(size: int) -> dict[str, Callable[[], Any]]:
+    """One fp32 ``(size, size) @ (size, size)`` product with each of ``matmul_roof``'s libraries, by name."""
     a, b = torch.randn(size, size), torch.randn(size, size)  # (size, size) each
-    roofs = {"torch_mm": functools.partial(torch.mm, a, b)}
+    calls: dict[str, Callable[[], Any]] = {"torch_mm": functools.partial(torch.mm, a, b)}
     if torch.backends.mkldnn.is_available():
         weight = b.T.contiguous()  # (size, size): b as a linear layer's weight
         laid_out = torch.ops.mkldnn._reorder_linear_weight(weight, size)
-        roofs.update(onednn=functools.partial(onednn_product, a, weight, None),
+        calls.update(onednn=functools.partial(onednn_product, a, weight, None),
                      onednn_laid_out=functools.partial(onednn_product, a, laid_out, None))
-    return {library: 2 * size**3 / best_seconds(call, repeats) / 1e9 for library, call in roofs.items()}
+    return calls
+
+
+def sustained_gflops(size: int, library: str, seconds: float = 1.0) -> float:
+    """The median GFLOP/s of ``library``'s ``(size, size)`` products (``products``) run back to back for about
+    ``seconds`` after a warm-up call: what the machine sustains at one stretch of a run, where ``matmul_roof``'s
+    best of a few calls finds its fastest moment."""
+    call = products(size)[library]
+    call()
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < 3:
+        tick = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - tick)
+    return 2 * size**3 / statistics.median(times) / 1e9
 
 
 def matmul_flops(model: Any) -> tuple[float, float]:
@@ -73,4 +94,4 @@ def decode_shape_gflops(model: Any, rows: int, repeats: int = 5) -> dict[str, fl
     return {library: flops / s / 1e9 for library, s in seconds.items()}
 
 
-__all__ = ['best_seconds', 'decode_shape_gflops', 'matmul_flops', 'matmul_roof']
+__all__ = ['best_seconds', 'decode_shape_gflops', 'matmul_flops', 'matmul_roof', 'products', 'sustained_gflops']

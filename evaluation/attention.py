@@ -6,8 +6,13 @@ step and layer before multiplying, and a static cache holds columns that no row 
 ``packed_decode_attention`` computes the same softmax attention with the query scaled instead of the keys,
 the query heads that share a key/value head as the rows of one product (grouped-query attention without
 copying the cache), and only the columns some row attends (worked out once a forward from its mask, which
-every layer shares). It is registered with ``transformers``'
-``AttentionInterface`` as ``PACKED_DECODE`` and ``decode_attention`` switches a model to it while it decodes.
+every layer shares). Its two products (the scores, and the values weighted by their softmax) run in C++
+(``evaluation.native``: each key and value row read once for the query heads that share it, where PyTorch's
+``bmm`` runs one tiny matrix product per row and key/value head; 1.06x a smoke generation, ``benchmarks.generate``)
+where that is built and the tensors are fp32, else by ``bmm``; a decode block's first call through the C++
+products is checked against ``bmm`` on the same call, to float32 rounding. It is registered with
+``transformers``' ``AttentionInterface`` as ``PACKED_DECODE`` and ``decode_attention`` switches a model to it
+while it decodes.
 
 Anything else (several query tokens a row, a float mask, soft-capped scores, attention sinks, dropout) is
 passed on to ``transformers``' own ``sdpa`` attention, under the math kernel as before.
@@ -25,6 +30,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from evaluation import native
 
 PACKED_DECODE = "truthsteer_packed_decode"
 _PASSED_ON = ("softcap", "s_aux", "position_bias")  # attention keywords the packed path does not implement
@@ -64,11 +71,64 @@ def packed_decode_attention(module: nn.Module, query: torch.Tensor, key: torch.T
         lo, hi, blocked = span
     scale = head_dim**-0.5 if scaling is None else scaling
     packed = query.reshape(batch, kv_heads, heads // kv_heads, head_dim) * scale  # (batch, kv_heads, groups, head_dim)
-    scores = packed @ key[:, :, lo:hi].transpose(-1, -2)  # (batch, kv_heads, groups, hi - lo)
+    products = _products(packed, key, value)
+    scores = products.scores(packed, key, lo, hi)  # (batch, kv_heads, groups, hi - lo)
     if blocked is not None:
         scores = scores.masked_fill(blocked, float("-inf"))  # (batch, kv_heads, groups, hi - lo)
-    output = scores.softmax(dim=-1) @ value[:, :, lo:hi]  # (batch, kv_heads, groups, head_dim)
+    probs = scores.softmax(dim=-1)  # (batch, kv_heads, groups, hi - lo)
+    output = products.weighted(probs, value, lo)  # (batch, kv_heads, groups, head_dim)
+    if products is not _TORCH and not _checked[0]:
+        _check(packed, key[:, :, lo:hi], value[:, :, lo:hi], scores, probs, output)
+        _checked[0] = True
     return output.reshape(batch, 1, heads, head_dim), None  # (batch, 1, heads, head_dim)
+
+
+class _Torch:
+    """The two products by PyTorch's ``bmm`` (what ``evaluation.native``'s C++ ones replace)."""
+
+    @staticmethod
+    def scores(packed: torch.Tensor, key: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        return packed @ key[:, :, lo:hi].transpose(-1, -2)  # (batch, kv_heads, groups, hi - lo)
+
+    @staticmethod
+    def weighted(probs: torch.Tensor, value: torch.Tensor, lo: int) -> torch.Tensor:
+        return probs @ value[:, :, lo:lo + probs.shape[-1]]  # (batch, kv_heads, groups, head_dim)
+
+
+_TORCH = _Torch()
+_checked = [False]  # whether this decode_attention block's first call through the C++ products was checked
+
+
+def _products(packed: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> Any:
+    """``evaluation.native``'s C++ products where they apply (fp32 on a CPU, rows contiguous) and are built,
+    else PyTorch's."""
+    if (packed.dtype == key.dtype == value.dtype == torch.float32 and key.device.type == "cpu"
+            and key.stride(-1) == 1 and value.stride(-1) == 1):
+        built = native.kernels()
+        if built is not None:
+            return built
+    return _TORCH
+
+
+def _check(packed: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scores: torch.Tensor, probs: torch.Tensor,
+           output: torch.Tensor) -> None:
+    """Fail when the C++ products differ from PyTorch's by more than float32 rounding can: each is a sum of
+    ``n`` terms (``n``: the head dimension for the scores, the columns for the output), which may differ by
+    ``n`` roundings of its terms' magnitudes in either order, so by at most ``2 * n * eps * sum |terms|``."""
+    eps = torch.finfo(torch.float32).eps
+    attended = torch.isfinite(scores)  # (batch, kv_heads, groups, columns): masked columns are -inf either way
+    want = packed @ key.transpose(-1, -2)  # (batch, kv_heads, groups, columns)
+    bound = 2 * packed.shape[-1] * eps * (packed.abs() @ key.abs().transpose(-1, -2))
+    want_out = probs @ value  # (batch, kv_heads, groups, head_dim)
+    bound_out = 2 * probs.shape[-1] * eps * (probs @ value.abs())
+    for name, got, expected, allowed, where in (("scores", scores, want, bound, attended),
+                                                ("output", output, want_out, bound_out, None)):
+        bad = (got - expected).abs() > allowed
+        if where is not None:
+            bad &= where
+        if bool(bad.any()):
+            raise RuntimeError(f"decode attention: the C++ products' {name} differ from PyTorch's beyond float32 "
+                               f"rounding; run with {native.OPT_OUT}=torch to use PyTorch's")
 
 
 # the last mask seen and its span: every layer of a forward gets the same mask object (transformers makes one a
@@ -114,6 +174,7 @@ def decode_attention(model: nn.Module, device: torch.device) -> Iterator[None]:
             yield
     finally:
         _last_span[:] = [None, None]
+        _checked[0] = False
         if switch:
             model.set_attn_implementation("sdpa")  # type: ignore[operator]
 

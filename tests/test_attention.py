@@ -17,6 +17,7 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from evaluation import native
 from evaluation.attention import PACKED_DECODE, decode_attention, packed_decode_attention
 from tests.tiny_models import make_tiny
 
@@ -63,9 +64,39 @@ def left_padded_mask(filled: int) -> torch.Tensor:
     return mask
 
 
+@pytest.fixture(params=["cpp", "torch"])
+def products(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The packed attention's two products by ``evaluation.native``'s C++ ones (built on this machine: a test
+    fails where they cannot be) or by PyTorch's ``bmm`` (``TRUTHSTEER_CPU_ATTENTION=torch``)."""
+    if request.param == "torch":
+        monkeypatch.setenv(native.OPT_OUT, "torch")
+        assert native.kernels() is None
+    else:
+        monkeypatch.delenv(native.OPT_OUT, raising=False)
+        assert native.kernels() is not None, "the C++ products did not build here (see the line above)"
+    return str(request.param)
+
+
 @pytest.mark.parametrize(("heads", "kv_heads"), [(6, 2), (6, 6), (6, 1)])
 @pytest.mark.parametrize("masked", [True, False])
-def test_packed_decode_attention_equals_softmax_attention_written_out(heads: int, kv_heads: int, masked: bool) -> None:
+def test_packed_decode_attention_equals_softmax_attention_written_out(heads: int, kv_heads: int, masked: bool,
+                                                                     products: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through either product (the C++ ones counted: not vacuous), on a static cache's columns (rows left-padded,
+    the first attended column 1, the end unfilled: strided slices of the cache)."""
+    calls: list[str] = []
+    if products == "cpp":
+        real = native.kernels()
+
+        class Counted:
+            def scores(self, *args: object) -> torch.Tensor:
+                calls.append("scores")
+                return real.scores(*args)
+
+            def weighted(self, *args: object) -> torch.Tensor:
+                calls.append("weighted")
+                return real.weighted(*args)
+
+        monkeypatch.setattr(native, "kernels", Counted)
     g = torch.Generator().manual_seed(heads + kv_heads)
     query = torch.randn(BATCH, heads, 1, HEAD_DIM, generator=g)  # (batch, heads, 1, head_dim)
     key = torch.randn(BATCH, kv_heads, KV_LEN, HEAD_DIM, generator=g)  # (batch, kv_heads, kv_len, head_dim)
@@ -82,6 +113,58 @@ def test_packed_decode_attention_equals_softmax_attention_written_out(heads: int
         key[:, :, 8:] = value[:, :, 8:] = float("nan")
         assert torch.equal(packed_decode_attention(Grouped(heads // kv_heads), query, key, value, mask, scaling=0.3)[0],
                            got)
+    assert calls == ([] if products == "torch" else ["scores", "weighted"] * (2 if masked else 1))
+
+
+def test_cpp_products_beyond_float32_rounding_fail_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode block's first call through the C++ products is checked against PyTorch's on the same call."""
+    monkeypatch.delenv(native.OPT_OUT, raising=False)
+    real = native.kernels()
+    assert real is not None
+
+    class Off:
+        scores = staticmethod(real.scores)
+
+        @staticmethod
+        def weighted(probs: torch.Tensor, value: torch.Tensor, lo: int) -> torch.Tensor:
+            return real.weighted(probs, value, lo) * (1 + 1e-4)
+
+    g = torch.Generator().manual_seed(3)
+    query = torch.randn(BATCH, 6, 1, HEAD_DIM, generator=g)  # (batch, heads, 1, head_dim)
+    key = torch.randn(BATCH, 2, KV_LEN, HEAD_DIM, generator=g)  # (batch, kv_heads, kv_len, head_dim)
+    value = torch.randn(BATCH, 2, KV_LEN, HEAD_DIM, generator=g)  # (batch, kv_heads, kv_len, head_dim)
+    model, _ = make_tiny("llama")
+    model.set_attn_implementation("sdpa")
+    with decode_attention(model, torch.device("cpu")):
+        packed_decode_attention(Grouped(3), query, key, value, left_padded_mask(filled=8))  # checked: passes
+    monkeypatch.setattr(native, "kernels", Off)
+    with (pytest.raises(RuntimeError, match=f"output differ from PyTorch's .*{native.OPT_OUT}=torch"),
+          decode_attention(model, torch.device("cpu"))):
+        packed_decode_attention(Grouped(3), query, key, value, left_padded_mask(filled=8))
+
+
+def test_where_the_cpp_products_cannot_be_built_a_line_says_so_and_pytorchs_run(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from torch.utils import cpp_extension
+
+    def no_compiler(**kwargs: object) -> None:
+        raise RuntimeError("Error building extension: c++: command not found")
+
+    monkeypatch.delenv(native.OPT_OUT, raising=False)
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    native._built.cache_clear()
+    try:
+        assert native.kernels() is None and native.kernels() is None
+        assert capsys.readouterr().out.count("not built (Error building extension: c++: command not found)") == 1
+        g = torch.Generator().manual_seed(4)
+        query = torch.randn(BATCH, 6, 1, HEAD_DIM, generator=g)  # (batch, heads, 1, head_dim)
+        key = torch.randn(BATCH, 2, KV_LEN, HEAD_DIM, generator=g)  # (batch, kv_heads, kv_len, head_dim)
+        value = torch.randn(BATCH, 2, KV_LEN, HEAD_DIM, generator=g)  # (batch, kv_heads, kv_len, head_dim)
+        mask = left_padded_mask(filled=8)
+        got = packed_decode_attention(Grouped(3), query, key, value, mask, scaling=0.3)[0]
+        assert torch.allclose(got.double(), written_out(query, key, value, mask, 0.3), atol=1e-6)
+    finally:
+        native._built.cache_clear()
 
 
 def test_what_the_packed_path_does_not_cover_goes_to_sdpa_unchanged() -> None:

@@ -40,7 +40,7 @@ from core.config_io import load_config
 from core.data import Question, question_id
 from core.models import LoadedModel, load_model
 from core.tracking import stage_run
-from evaluation import decode, linear, mc
+from evaluation import decode, linear, mc, native
 from evaluation import generate as generation
 from evaluation.attention import PACKED_DECODE, decode_attention, packed_decode_attention
 from evaluation.decode import greedy_decode
@@ -286,12 +286,32 @@ def test_variants_decoding_together_fail_when_a_hook_edits_another_variants_rows
 
 @pytest.mark.parametrize("arch", [a for a in TINY_ARCHS if a != "gemma2"])  # Gemma-2's soft-capping needs eager
 @pytest.mark.parametrize("kind", ["caa", "mlp"])
-def test_packed_decode_attention_answers_as_the_recompute_does(arch: str, kind: str) -> None:
+@pytest.mark.parametrize("products", ["cpp", "torch"])
+def test_packed_decode_attention_answers_as_the_recompute_does(arch: str, kind: str, products: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """The tiny models run eager attention; on sdpa, what real checkpoints load with (Gemma-2 aside), a CPU
     decodes through ``packed_decode_attention``, which skips the columns no row attends (the left padding
-    common to all rows, Gemma-3's sliding window, a static cache's unfilled end). Oracle: the recompute,
-    without a cache, on transformers' own sdpa attention; both the prefilled static cache (``generate_batch``)
-    and a growing cache (``greedy_decode`` from an empty one)."""
+    common to all rows, Gemma-3's sliding window, a static cache's unfilled end), its products by
+    ``evaluation.native``'s C++ ones or by PyTorch's ``bmm`` (``TRUTHSTEER_CPU_ATTENTION=torch``). Oracle: the
+    recompute, without a cache, on transformers' own sdpa attention; both the prefilled static cache
+    (``generate_batch``) and a growing cache (``greedy_decode`` from an empty one)."""
+    cpp_calls = []
+    if products == "torch":
+        monkeypatch.setenv(native.OPT_OUT, "torch")
+    else:
+        monkeypatch.delenv(native.OPT_OUT, raising=False)
+        built = native.kernels()
+        assert built is not None, "the C++ products did not build here"
+
+        class Counted:
+            @staticmethod
+            def scores(*args: Any) -> Tensor:
+                cpp_calls.append(1)
+                return built.scores(*args)
+
+            weighted = staticmethod(built.weighted)
+
+        monkeypatch.setattr(native, "kernels", Counted)
     loaded = tiny_loaded(arch)
     model = copy.deepcopy(loaded.model)
     model.set_attn_implementation("sdpa")
@@ -322,6 +342,7 @@ def test_packed_decode_attention_answers_as_the_recompute_does(arch: str, kind: 
     assert [decode_answer(tokenizer, row, stops, "qa").text for row in grown.tolist()] == expected
     # not vacuous: every decode step of both runs, in every layer, took the packed path
     assert sum(packed) >= 2 * len(decoder_layers(model)) * (min(a.n_new_tokens for a in answers) - 1) > 0
+    assert len(cpp_calls) == (0 if products == "torch" else sum(packed))  # each packed call through the C++ products
     assert model.config._attn_implementation == "sdpa"
 
 
