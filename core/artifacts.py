@@ -138,6 +138,7 @@ TAG_SCALE = "truthsteer.scale"  # the hook multiplier; unset for baseline
 TAG_DTYPE = "truthsteer.dtype"
 TAG_STORE = "truthsteer.generation_store"
 TAG_LINEAR = "truthsteer.linear"  # onednn: the fp32 linear layers on a CPU by oneDNN (evaluation.linear); torch
+TAG_ATTENTION = "truthsteer.attention"  # on a CPU, the packed decode attention's products: cpp (evaluation.native) or bmm
 TAG_SOURCE_RUN = "truthsteer.source_run"
 TAG_JUDGE_URI = "truthsteer.judge_uri"
 TAG_KEY = "truthsteer.stage_key"

@@ -35,7 +35,9 @@ What no variant changes is computed once for all of them: each batch's prompt pr
 (``MCJudge.bind_all``), the side-effect passes' unsteered layers. The parent run gets where the time went,
 ``profile/<step>_seconds`` (``core.profile``: load, generate and its prompts/prefill/decode, effects, each
 judge, statistics, mlflow_logging). On a CPU the model's fp32 linear layers run by oneDNN during the stage
-(``evaluation.linear.onednn_linears``; tag ``truthsteer.linear``: ``onednn``, or ``torch`` for PyTorch's own).
+(``evaluation.linear.onednn_linears``; tag ``truthsteer.linear``: ``onednn``, or ``torch`` for PyTorch's own),
+and the decode attention's products in C++ (tag ``truthsteer.attention``: ``cpp``, or ``bmm`` where
+``evaluation.native`` could not build them or ``TRUTHSTEER_CPU_ATTENTION=torch``).
 
 The active (parent) run gets the generations table (one row per question and variant: answer,
 references, every judge's fields) as an MLflow table, JSONL and CSV, the per-category table, and
@@ -66,6 +68,7 @@ from core.models import (
 )
 from core.tracking import log_params_once, stage_run
 from evaluation import mc as _mc  # registers the "mc" judge
+from evaluation import native
 from evaluation.comparison import log_comparison
 from evaluation.degenerate import answer_rates, check_degenerate
 from evaluation.generate import generate_missing_variants
@@ -334,6 +337,8 @@ def run(
     # on a CPU the model's fp32 linear layers by oneDNN, for generation, effects and mc alike
     with onednn_linears(loaded.model, loaded.device) as switched:
         mlflow.set_tag(TAG_LINEAR, "onednn" if switched else "torch")
+        if loaded.device.type == "cpu":
+            mlflow.set_tag(artifacts.TAG_ATTENTION, "cpp" if native.kernels() is not None else "bmm")
         rows_by_variant: dict[str, list[dict[str, Any]]] = {}
         counts: dict[str, dict[str, float]] = {}
         n_generated: dict[str, int] = {}

@@ -476,6 +476,8 @@ def test_all_variants_from_real_stage_runs_then_score(tracking: str, tmp_path: P
                                            "train_gen": train_run.info.run_id})
         result = evaluate.run(cfg, sources=sources, progress=False)
     assert list(result.run_ids) == ["baseline", "caa", "mlp_mc", "mlp_gen"]
+    assert {k: mlflow.get_run(parent.info.run_id).data.tags[k] for k in (artifacts.TAG_LINEAR, artifacts.TAG_ATTENTION)} == {
+        artifacts.TAG_LINEAR: "onednn", artifacts.TAG_ATTENTION: "cpp"}  # built here: a C++ compiler is on this machine
     names = {v: metric_keys(run_id) for v, run_id in result.run_ids.items()}
     assert all(keys == names["baseline"] for keys in names.values())
     for metric in ("llm_logprob_truthful", "llm_truthful", "semantic_acc", "bleu_acc", "rougeL_max", "mc1", "mc2"):
