@@ -4,8 +4,8 @@
 a C++ compiler and ``ninja``, a dependency of this project) into PyTorch's extension cache
 (``$TORCH_EXTENSIONS_DIR``, ``~/.cache/torch_extensions`` by default), under a name that carries a hash of
 this CPU's instruction-set flags (the build targets the CPU it runs on: ``-march=native``) and of the PyTorch
-version (whose C++ interface it is built against); later processes load the built module. ``make setup`` builds it (``python -m evaluation.native``), so that no run pays the
-build (about 25 s on 2 cores).
+version (whose C++ interface it is built against); later processes load the built module. ``make setup``
+builds it (``python -m evaluation.native``), so that no run pays the build (about 25 s on 2 cores).
 
 Where it cannot be built (no compiler, no Python headers) or ``TRUTHSTEER_CPU_ATTENTION=torch`` is set,
 ``kernels()`` is None and the packed attention multiplies with PyTorch's ``bmm`` as before; a line says why,
