@@ -79,10 +79,13 @@ def products(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 
 @pytest.mark.parametrize(("heads", "kv_heads"), [(6, 2), (6, 6), (6, 1)])
 @pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("head_dim", [HEAD_DIM, 12])
 def test_packed_decode_attention_equals_softmax_attention_written_out(heads: int, kv_heads: int, masked: bool,
-                                                                     products: str, monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                     head_dim: int, products: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Through either product (the C++ ones counted: not vacuous), on a static cache's columns (rows left-padded,
-    the first attended column 1, the end unfilled: strided slices of the cache)."""
+    the first attended column 1, the end unfilled: strided slices of the cache); the C++ scores eight columns at
+    a time (a head dimension of 8: with AVX2) and one at a time (12)."""
     calls: list[str] = []
     if products == "cpp":
         real = native.kernels()
@@ -98,12 +101,12 @@ def test_packed_decode_attention_equals_softmax_attention_written_out(heads: int
 
         monkeypatch.setattr(native, "kernels", Counted)
     g = torch.Generator().manual_seed(heads + kv_heads)
-    query = torch.randn(BATCH, heads, 1, HEAD_DIM, generator=g)  # (batch, heads, 1, head_dim)
-    key = torch.randn(BATCH, kv_heads, KV_LEN, HEAD_DIM, generator=g)  # (batch, kv_heads, kv_len, head_dim)
-    value = torch.randn(BATCH, kv_heads, KV_LEN, HEAD_DIM, generator=g)  # (batch, kv_heads, kv_len, head_dim)
+    query = torch.randn(BATCH, heads, 1, head_dim, generator=g)  # (batch, heads, 1, head_dim)
+    key = torch.randn(BATCH, kv_heads, KV_LEN, head_dim, generator=g)  # (batch, kv_heads, kv_len, head_dim)
+    value = torch.randn(BATCH, kv_heads, KV_LEN, head_dim, generator=g)  # (batch, kv_heads, kv_len, head_dim)
     mask = left_padded_mask(filled=8) if masked else None
     got, weights = packed_decode_attention(Grouped(heads // kv_heads), query, key, value, mask, scaling=0.3)
-    assert weights is None and got.shape == (BATCH, 1, heads, HEAD_DIM)
+    assert weights is None and got.shape == (BATCH, 1, heads, head_dim)
     assert torch.allclose(got.double(), written_out(query, key, value, mask, 0.3), atol=1e-6)
     # the same as transformers' sdpa attention on the same call, to float32 rounding
     expected, _ = sdpa_attention_forward(Grouped(heads // kv_heads), query, key, value, mask, scaling=0.3)
@@ -114,6 +117,24 @@ def test_packed_decode_attention_equals_softmax_attention_written_out(heads: int
         assert torch.equal(packed_decode_attention(Grouped(heads // kv_heads), query, key, value, mask, scaling=0.3)[0],
                            got)
     assert calls == ([] if products == "torch" else ["scores", "weighted"] * (2 if masked else 1))
+
+
+@pytest.mark.parametrize("head_dim", [8, 12, 64])
+def test_a_rows_cpp_scores_do_not_depend_on_the_batch_or_the_span(head_dim: int) -> None:
+    """fp32 batched answers equal one-at-a-time answers only if a row's scores are the same bits in any batch:
+    each column's score, computed with the batch's other rows and a span starting at column 0, equals the row's
+    alone over its own columns, at every offset within a block of eight (19 columns: two blocks and a tail)."""
+    kernels = native.kernels()
+    assert kernels is not None, "the C++ products did not build here"
+    g = torch.Generator().manual_seed(head_dim)
+    key = torch.randn(5, 2, 24, head_dim, generator=g)  # (batch, kv_heads, kv_len, head_dim): a static cache
+    packed = torch.randn(5, 2, 3, head_dim, generator=g)  # (batch, kv_heads, groups, head_dim)
+    together = kernels.scores(packed, key, 0, 19)  # (5, 2, 3, 19)
+    assert torch.allclose(together.double(), packed.double() @ key[:, :, :19].double().transpose(-1, -2), atol=1e-5)
+    for row in range(5):
+        for lo in (0, 1, 5, 11):
+            alone = kernels.scores(packed[row:row + 1].contiguous(), key[row:row + 1], lo, 19)  # (1, 2, 3, 19 - lo)
+            assert torch.equal(alone[0], together[row, :, :, lo:])
 
 
 def test_cpp_products_beyond_float32_rounding_fail_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
