@@ -74,7 +74,7 @@ def packed_decode_attention(module: nn.Module, query: torch.Tensor, key: torch.T
     products = _products(packed, key, value)
     scores = products.scores(packed, key, lo, hi)  # (batch, kv_heads, groups, hi - lo)
     if blocked is not None:
-        scores = scores.masked_fill(blocked, float("-inf"))  # (batch, kv_heads, groups, hi - lo)
+        scores.masked_fill_(blocked, float("-inf"))  # (batch, kv_heads, groups, hi - lo): a fresh product, filled in place
     probs = scores.softmax(dim=-1)  # (batch, kv_heads, groups, hi - lo)
     output = products.weighted(probs, value, lo)  # (batch, kv_heads, groups, head_dim)
     if products is not _TORCH and not _checked[0]:
