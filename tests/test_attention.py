@@ -54,6 +54,15 @@ def written_out(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mas
     return out
 
 
+def qkv(seed: int, heads: int = 6, kv_heads: int = 2, head_dim: int = HEAD_DIM) -> tuple[torch.Tensor, ...]:
+    """A random one-token query ``(BATCH, heads, 1, head_dim)`` and a static cache's key and value
+    ``(BATCH, kv_heads, KV_LEN, head_dim)``."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(BATCH, heads, 1, head_dim, generator=g),
+            torch.randn(BATCH, kv_heads, KV_LEN, head_dim, generator=g),
+            torch.randn(BATCH, kv_heads, KV_LEN, head_dim, generator=g))
+
+
 def left_padded_mask(filled: int) -> torch.Tensor:
     """``(BATCH, 1, 1, KV_LEN)``: row b starts at column b (left padding), the columns from ``filled`` on are a
     static cache's unfilled end, and row 1 also skips column 6 (a sliding window's hole, say)."""
@@ -100,10 +109,7 @@ def test_packed_decode_attention_equals_softmax_attention_written_out(heads: int
                 return real.weighted(*args)
 
         monkeypatch.setattr(native, "kernels", Counted)
-    g = torch.Generator().manual_seed(heads + kv_heads)
-    query = torch.randn(BATCH, heads, 1, head_dim, generator=g)  # (batch, heads, 1, head_dim)
-    key = torch.randn(BATCH, kv_heads, KV_LEN, head_dim, generator=g)  # (batch, kv_heads, kv_len, head_dim)
-    value = torch.randn(BATCH, kv_heads, KV_LEN, head_dim, generator=g)  # (batch, kv_heads, kv_len, head_dim)
+    query, key, value = qkv(heads + kv_heads, heads, kv_heads, head_dim)
     mask = left_padded_mask(filled=8) if masked else None
     got, weights = packed_decode_attention(Grouped(heads // kv_heads), query, key, value, mask, scaling=0.3)
     assert weights is None and got.shape == (BATCH, 1, heads, head_dim)
@@ -150,10 +156,7 @@ def test_cpp_products_beyond_float32_rounding_fail_the_run(monkeypatch: pytest.M
         def weighted(probs: torch.Tensor, value: torch.Tensor, lo: int) -> torch.Tensor:
             return real.weighted(probs, value, lo) * (1 + 1e-4)
 
-    g = torch.Generator().manual_seed(3)
-    query = torch.randn(BATCH, 6, 1, HEAD_DIM, generator=g)  # (batch, heads, 1, head_dim)
-    key = torch.randn(BATCH, 2, KV_LEN, HEAD_DIM, generator=g)  # (batch, kv_heads, kv_len, head_dim)
-    value = torch.randn(BATCH, 2, KV_LEN, HEAD_DIM, generator=g)  # (batch, kv_heads, kv_len, head_dim)
+    query, key, value = qkv(3)
     model, _ = make_tiny("llama")
     model.set_attn_implementation("sdpa")
     with decode_attention(model, torch.device("cpu")):
@@ -177,10 +180,7 @@ def test_where_the_cpp_products_cannot_be_built_a_line_says_so_and_pytorchs_run(
     try:
         assert native.kernels() is None and native.kernels() is None
         assert capsys.readouterr().out.count("not built (Error building extension: c++: command not found)") == 1
-        g = torch.Generator().manual_seed(4)
-        query = torch.randn(BATCH, 6, 1, HEAD_DIM, generator=g)  # (batch, heads, 1, head_dim)
-        key = torch.randn(BATCH, 2, KV_LEN, HEAD_DIM, generator=g)  # (batch, kv_heads, kv_len, head_dim)
-        value = torch.randn(BATCH, 2, KV_LEN, HEAD_DIM, generator=g)  # (batch, kv_heads, kv_len, head_dim)
+        query, key, value = qkv(4)
         mask = left_padded_mask(filled=8)
         got = packed_decode_attention(Grouped(3), query, key, value, mask, scaling=0.3)[0]
         assert torch.allclose(got.double(), written_out(query, key, value, mask, 0.3), atol=1e-6)
@@ -232,11 +232,8 @@ def test_a_masks_span_is_read_once_per_mask_object_and_each_new_mask_afresh() ->
     """Every layer of a forward gets the same mask object, so its attended columns are worked out once; the next
     forward's mask (in a static cache: the same shape, one more column filled) must be read again, and the mask
     held for that is let go when ``decode_attention`` exits."""
-    g = torch.Generator().manual_seed(2)
     module = Grouped(3)
-    query = torch.randn(BATCH, 6, 1, HEAD_DIM, generator=g)  # (batch, heads, 1, head_dim)
-    key = torch.randn(BATCH, 2, KV_LEN, HEAD_DIM, generator=g)  # (batch, kv_heads, kv_len, head_dim)
-    value = torch.randn(BATCH, 2, KV_LEN, HEAD_DIM, generator=g)  # (batch, kv_heads, kv_len, head_dim)
+    query, key, value = qkv(2)
     model, _ = make_tiny("llama")
     model.set_attn_implementation("sdpa")
     with decode_attention(model, torch.device("cpu")):
