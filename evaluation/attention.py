@@ -8,7 +8,7 @@ the query heads that share a key/value head as the rows of one product (grouped-
 copying the cache), and only the columns some row attends (worked out once a forward from its mask, which
 every layer shares). Its two products (the scores, and the values weighted by their softmax) run in C++
 (``evaluation.native``: each key and value row read once for the query heads that share it, where PyTorch's
-``bmm`` runs one tiny matrix product per row and key/value head; 1.06x a smoke generation, ``benchmarks.generate``)
+``bmm`` runs one tiny matrix product per row and key/value head; each call 1.42x ``bmm``, ``benchmarks.generate``)
 where that is built and the tensors are fp32, else by ``bmm``; a decode block's first call through the C++
 products is checked against ``bmm`` on the same call, to float32 rounding. It is registered with
 ``transformers``' ``AttentionInterface`` as ``PACKED_DECODE`` and ``decode_attention`` switches a model to it
