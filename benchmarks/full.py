@@ -6,7 +6,9 @@ outputs folder (the converted-model cache and the trained judge's cache, ``evalu
 kept, as on any second run: ``judge_source`` says whether the judge was trained or read; ``--cold-judge``
 gives the run a fresh judge cache, as on a machine's first run), and reads the child's
 peak resident memory from ``getrusage(RUSAGE_CHILDREN)``. Per-stage times come from the runs, and
-each variant's headline metrics (``HEADLINE``, with intervals and deltas) from its evaluate run.
+each variant's headline metrics (``HEADLINE``, with intervals and deltas) from its evaluate run, as do the
+resident memory each of ``evaluate``'s steps peaked at (``evaluate_steps_peak_rss_gib``, ``core.profile``), which
+place the run's peak in a step when ``evaluate`` holds it.
 
     python -m benchmarks.full [--data PATH] [--overrides "..."] [--profile] [--cold-judge]
 
@@ -86,7 +88,10 @@ def main() -> None:
         judge_source = next((r.data.tags.get("truthsteer.judge_source", "") for r in runs
                              if r.data.tags["truthsteer.pipeline_stage"] == "train_judge"), "no train_judge stage")
         steps = {k.removeprefix(PROFILE_PREFIX).removesuffix("_seconds"): round(v, 2)
-                 for k, v in sorted(evaluate.data.metrics.items()) if k.startswith(PROFILE_PREFIX)}
+                 for k, v in sorted(evaluate.data.metrics.items()) if k.startswith(PROFILE_PREFIX) and k.endswith("_seconds")}
+        step_peaks = {k.removeprefix(PROFILE_PREFIX).removesuffix("_peak_rss_gib"): round(v, 3)
+                      for k, v in sorted(evaluate.data.metrics.items())
+                      if k.startswith(PROFILE_PREFIX) and k.endswith("_peak_rss_gib")}
         hot = top_functions(f"{tmp}/full.prof") if args.profile else []
     result = {
         "command": " ".join(command[1:]),
@@ -99,6 +104,9 @@ def main() -> None:
         "effects_share_of_the_rest_of_evaluate": round(effects / max(evaluate_seconds - effects, 1e-9), 3),
         # where evaluate's time went (core.profile's steps; nested: generate holds generate.*, judge.mc judge.mc.*)
         "evaluate_steps_seconds": steps,
+        # the resident memory each of evaluate's steps peaked at (core.profile: sampled, and exact for the step
+        # that raised the process's high-water mark), so the run's peak is placed in a step
+        "evaluate_steps_peak_rss_gib": step_peaks,
         "targets": {"wall_seconds": 300, "peak_rss_gib": 3.0, "effects_share_of_the_rest_of_evaluate": 0.2},
         "variant_metrics": metrics,
         "judge_stages": judge_stages,
@@ -110,7 +118,7 @@ def main() -> None:
         accounted = sum(v for k, v in steps.items() if not any(k.startswith(f"{p}.") for p in steps))
         breakdown = {"wall_seconds": result["wall_seconds"], "stage_seconds": result["stage_seconds"],
                      "evaluate_seconds": round(evaluate_seconds, 1),
-                     "evaluate_steps_seconds": steps,
+                     "evaluate_steps_seconds": steps, "evaluate_steps_peak_rss_gib": step_peaks,
                      "evaluate_unaccounted_seconds": round(evaluate_seconds - accounted, 1),
                      "top_functions_by_own_time": hot,
                      "note": "cProfile adds its own overhead to wall_seconds; the steps are nested: generate "

@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -519,6 +520,16 @@ def test_all_variants_from_real_stage_runs_then_score(tracking: str, tmp_path: P
                                                    "statistics", "mlflow_logging")} <= set(spent)
     assert all(v > 0 for v in spent.values()) and not any(k.startswith("profile/") for k in names["baseline"])
     assert spent["profile/generate.decode_seconds"] < spent["profile/generate_seconds"]
+    # and the resident memory each step peaked at: within the process's own peak (getrusage), a parent's at least
+    # its child's (Linux: read from /proc)
+    peaks = {k: v for k, v in spent.items() if k.endswith("_peak_rss_gib")}
+    if sys.platform == "linux":
+        assert {f"profile/{step}_peak_rss_gib" for step in ("load", "generate", "generate.prompts", "effects",
+                                                            "judge.mc", "judge.mc.prompts")} <= set(peaks)
+        highest = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        assert all(0.1 < gib <= highest + 0.01 for gib in peaks.values()), (peaks, highest)
+        assert peaks["profile/generate_peak_rss_gib"] >= peaks["profile/generate.prompts_peak_rss_gib"]
+        assert peaks["profile/judge.mc_peak_rss_gib"] >= peaks["profile/judge.mc.prompts_peak_rss_gib"]
 
     rescore_cfg = load_config("smollm2-135m", "eval.judges=[semantic,bleu],eval.n_bootstrap=200")
     with stage_run("score", rescore_cfg) as rescored:
