@@ -87,11 +87,8 @@ def main() -> None:
                         for r in runs if r.data.tags["truthsteer.pipeline_stage"] in ("train_judge", "calibrate")}
         judge_source = next((r.data.tags.get("truthsteer.judge_source", "") for r in runs
                              if r.data.tags["truthsteer.pipeline_stage"] == "train_judge"), "no train_judge stage")
-        steps = {k.removeprefix(PROFILE_PREFIX).removesuffix("_seconds"): round(v, 2)
-                 for k, v in sorted(evaluate.data.metrics.items()) if k.startswith(PROFILE_PREFIX) and k.endswith("_seconds")}
-        step_peaks = {k.removeprefix(PROFILE_PREFIX).removesuffix("_peak_rss_gib"): round(v, 3)
-                      for k, v in sorted(evaluate.data.metrics.items())
-                      if k.startswith(PROFILE_PREFIX) and k.endswith("_peak_rss_gib")}
+        steps = profile_steps(evaluate.data.metrics, "_seconds", 2)
+        step_peaks = profile_steps(evaluate.data.metrics, "_peak_rss_gib", 3)
         hot = top_functions(f"{tmp}/full.prof") if args.profile else []
     result = {
         "command": " ".join(command[1:]),
@@ -125,6 +122,12 @@ def main() -> None:
                              "holds generate.prefill and generate.decode, judge.mc holds judge.mc.prompts"}
         print(json.dumps({k: v for k, v in breakdown.items() if k != "top_functions_by_own_time"}, indent=2))
         write_report(PROFILE, breakdown)
+
+
+def profile_steps(metrics: dict[str, float], suffix: str, digits: int) -> dict[str, float]:
+    """``core.profile``'s ``profile/<step><suffix>`` metrics of a run, by step, rounded to ``digits``."""
+    return {k.removeprefix(PROFILE_PREFIX).removesuffix(suffix): round(v, digits)
+            for k, v in sorted(metrics.items()) if k.startswith(PROFILE_PREFIX) and k.endswith(suffix)}
 
 
 def top_functions(path: str, n: int = 30) -> list[dict[str, object]]:

@@ -7,11 +7,14 @@
 //
 // Where the CPU has AVX2 and FMA and the head dimension is a multiple of 8, the scores run eight columns at a
 // time: eight 8-lane partial sums over the head dimension, added across their lanes together at the end (one
-// horizontal sum per output is what made the plain loop 2.2x slower than this). Every output goes through the
+// horizontal sum per output is what made the plain loop 3x slower: 268 against 87 us a call at the smoke
+// shapes). Every output goes through the
 // same instructions, in its own accumulator, wherever its column falls in a block (a block past the last column
 // repeats the last key row and stores nothing for it), so a row's scores do not depend on the batch or the span.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+
+#include <algorithm>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif

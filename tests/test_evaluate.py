@@ -522,8 +522,8 @@ def test_all_variants_from_real_stage_runs_then_score(tracking: str, tmp_path: P
     assert spent["profile/generate.decode_seconds"] < spent["profile/generate_seconds"]
     # and the resident memory each step peaked at: within the process's own peak (getrusage), a parent's at least
     # its child's (Linux: read from /proc)
-    peaks = {k: v for k, v in spent.items() if k.endswith("_peak_rss_gib")}
     if sys.platform == "linux":
+        peaks = {k: v for k, v in spent.items() if k.endswith("_peak_rss_gib")}
         assert {f"profile/{step}_peak_rss_gib" for step in ("load", "generate", "generate.prompts", "effects",
                                                             "judge.mc", "judge.mc.prompts")} <= set(peaks)
         highest = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
