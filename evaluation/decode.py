@@ -2,7 +2,7 @@
 
 ``model.generate`` keeps every row of a batch until the last one stops, feeding padding through the rows
 that already have; on the smoke split a tenth of its row-steps are such rows. ``greedy_decode`` removes a
-stopped row from the batch and from the KV cache (``transformers.Cache.reorder_cache``), so the rows still
+stopped row from the batch and from the KV cache (``drop_rows``: in place), so the rows still
 answering decode alone. It is a plain argmax: a model whose generation config adds a logits processor to
 greedy search (``greedy_processors``) decodes through ``model.generate``, as sampling does.
 
@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import cache_utils
 
 from steering.cache import with_cache
 from steering.hooks import SteeredCount
@@ -34,6 +35,9 @@ GREEDY_PROCESSORS = ("repetition_penalty", "no_repeat_ngram_size", "encoder_no_r
                      "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty",
                      "guidance_scale", "epsilon_cutoff", "eta_cutoff", "watermarking_config")
 NEVER = torch.iinfo(torch.long).max  # the start position of a row another variant steers: no position reaches it
+# transformers' own reorder of a cache layer that holds its keys/values as two (batch, ...) tensors: a layer whose
+# class keeps it has no other per-row state, so ``drop_rows`` may move its rows in place (None: every layer reorders)
+_PLAIN_REORDER = getattr(getattr(cache_utils, "CacheLayerMixin", None), "reorder_cache", None)
 _NEUTRAL = {"repetition_penalty": 1.0, "guidance_scale": 1.0, "min_length": 0, "min_new_tokens": 0,
             "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
 
@@ -43,6 +47,32 @@ def greedy_processors(model: nn.Module) -> list[str]:
     config = getattr(model, "generation_config", None)
     return [name for name in GREEDY_PROCESSORS
             if getattr(config, name, None) not in (None, _NEUTRAL.get(name), [], ())]
+
+
+def drop_rows(cache: Any, keep: torch.Tensor) -> None:
+    """Keep rows ``keep`` (ascending) of every layer of ``cache``: ``cache.reorder_cache(keep)`` without new
+    tensors. A layer that holds its keys/values as plain tensors (its class keeps transformers' own
+    ``reorder_cache``) has the kept rows moved to the front of them, in order, and keeps a view of those rows, so
+    a static cache is written where it was and no cache-sized tensor is made as rows leave. (Copying every layer to
+    fresh memory at each drop fragmented the heap: resident memory grew 2.49 -> 2.91 GiB over one variant's
+    drops on the smoke split.) Any other layer reorders itself.
+
+    Args:
+        cache: a ``transformers.Cache``.
+        keep: ``(kept,)`` ascending row indices.
+    """
+    kept = len(keep)
+    moved = (keep != torch.arange(kept, device=keep.device)).nonzero()  # (rows that move, 1)
+    start = int(moved[0, 0]) if len(moved) else kept  # the rows before it stay where they are
+    for layer in cache.layers:
+        if _PLAIN_REORDER is None or type(layer).reorder_cache is not _PLAIN_REORDER:
+            layer.reorder_cache(keep)
+        elif layer.get_seq_length() > 0:
+            for name in ("keys", "values"):
+                states = getattr(layer, name)  # (batch, heads, positions, head_dim)
+                if start < kept:  # the moved rows, copied out first: the source and target rows overlap
+                    states[start:kept] = states.index_select(0, keep[start:].to(states.device))
+                setattr(layer, name, states[:kept])
 
 
 @dataclasses.dataclass
@@ -130,7 +160,7 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
             break
         if not bool(going.all()):  # stopped rows leave the batch and the cache
             keep = going.nonzero()[:, 0]  # (kept,)
-            cache.reorder_cache(keep)
+            drop_rows(cache, keep)
             rows, token, mask, positions = rows[keep], token[keep], mask[keep], positions[keep]
         step_ids = token[:, None]  # (rows, 1)
         positions = positions[:, -1:] + 1  # (rows, 1)
@@ -138,4 +168,4 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     return Decoded(new_ids[:, :n_new], counts, expected, first)
 
 
-__all__ = ['GREEDY_PROCESSORS', 'NEVER', 'Decoded', 'greedy_decode', 'greedy_processors']
+__all__ = ['GREEDY_PROCESSORS', 'NEVER', 'Decoded', 'drop_rows', 'greedy_decode', 'greedy_processors']

@@ -7,7 +7,7 @@ before the last one are never steered (from the last prompt token on), so they a
 (``evaluation.prefill.prefill_prompts``: in groups of similar length, into a static cache of the prompts'
 width) and decoding starts from a copy of it with room for the answers (``PromptPrefill.decoding_cache``).
 Decoding is greedy unless ``eval.do_sample``. Greedy decoding is a loop of our own (``evaluation.decode``):
-a row that has stopped leaves the batch and its cache (``Cache.reorder_cache``), so the rest decode
+a row that has stopped leaves the batch and its cache (``evaluation.decode.drop_rows``), so the rest decode
 fewer rows; ``generate`` would go on feeding padding through every stopped row until the last one stops.
 Sampling goes through ``model.generate``, seeded per batch. An answer is the decoded new tokens, cut at
 the first end-of-turn token (and, for ``Q:/A:`` prompts, before the model starts a next ``Q:``), stripped

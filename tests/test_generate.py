@@ -219,6 +219,47 @@ def test_the_grouped_static_prefill_holds_the_keys_and_values_of_one_padded_forw
     assert plain.decoding_cache(last_use=True) is plain.cache and not plain.fits(questions, 10)
 
 
+def filled_cache(kind: str, config: Any, rows: int, positions: int) -> Any:
+    """A cache of ``kind`` over ``rows`` rows holding ``positions`` random positions per layer (room for 12)."""
+    cache = StaticCache(config=config, max_cache_len=12) if kind == "static" else DynamicCache(config=config)
+    gen = torch.Generator().manual_seed(11)
+    for index in range(config.num_hidden_layers):
+        shape = (rows, config.num_key_value_heads, positions, config.head_dim)
+        cache.update(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen), index,
+                     {"cache_position": torch.arange(positions)})
+    return cache
+
+
+@pytest.mark.parametrize(("arch", "kind"), [("llama", "static"), ("llama", "dynamic"), ("gemma3", "static"),
+                                            ("gemma2", "dynamic")])
+@pytest.mark.parametrize("keep", [[0, 2, 3], [0, 1, 2], [4], [1, 2, 3, 4]])
+def test_dropping_rows_keeps_what_reorder_cache_keeps(arch: str, kind: str, keep: list[int]) -> None:
+    """``drop_rows`` against transformers' own ``reorder_cache`` on a copy (a fresh ``index_select`` of each
+    layer): the same keys and values, also after two more positions are written; full-attention static layers
+    keep their storage (dropped in place). Gemma's sliding layers (a 6-wide window) slide past their room."""
+    from evaluation.decode import _PLAIN_REORDER, drop_rows
+
+    config = tiny_loaded(arch).model.config.get_text_config()
+    dropped = filled_cache(kind, config, rows=5, positions=5)
+    reordered = copy.deepcopy(dropped)
+    storage = [layer.keys.untyped_storage().data_ptr() for layer in dropped.layers]
+    at = torch.tensor(keep)
+    drop_rows(dropped, at)
+    reordered.reorder_cache(at)
+    gen = torch.Generator().manual_seed(12)
+    for step in range(3):
+        for index, (ours, theirs) in enumerate(zip(dropped.layers, reordered.layers, strict=True)):
+            assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values), (step, index)
+            if step == 0 and kind == "static" and not getattr(ours, "is_sliding", False):
+                assert _PLAIN_REORDER is not None and ours.keys.untyped_storage().data_ptr() == storage[index]
+        shape = (len(keep), config.num_key_value_heads, 1, config.head_dim)
+        new = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+        for index in range(config.num_hidden_layers):
+            position = {"cache_position": torch.tensor([5 + step])}
+            dropped.update(*new, index, position)
+            reordered.update(*new, index, position)
+
+
 def test_shared_prefix_leaves_every_row_a_token_before_its_last() -> None:
     assert shared_prefix([[1, 2, 3, 4, 5], [1, 2, 3, 9, 9, 9], [1, 2, 3, 4, 7]]) == 3
     assert shared_prefix([[1, 2, 3, 4], [1, 2, 3, 4, 5, 6]]) == 2  # the shortest keeps 3 and 4
