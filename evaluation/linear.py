@@ -13,7 +13,9 @@ What it changes, and what it does not:
   batch of prompts is answered (``evaluation.generate``), each weight is also held laid out for oneDNN
   (``torch.ops.mkldnn._reorder_linear_weight``, what PyTorch's compiler does for frozen models), a copy of
   every linear weight for the block (the smoke split generates 1.15x faster, ``benchmarks.generate``); not where
-  that copy would take over half the memory available;
+  that copy would take over half the memory available. Meanwhile the weight's own pages, once its first product
+  on the copy is checked, leave resident memory where they are clean pages of the model's file
+  (``core.models.unmap_file_pages``: 0.4 GiB of the smoke model), and map back from the page cache when read;
 - the products are summed in another order than MKL's: they agree to float32 rounding, not bit for bit,
   and each layer's first product in a block is checked against PyTorch's on one row (``check_product``);
 - a layer falls back to ``torch.nn.functional.linear`` with gradients on, and on an input that is not fp32
@@ -30,6 +32,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from core.models import unmap_file_pages
 
 OPT_OUT = "TRUTHSTEER_CPU_LINEAR"  # =torch: PyTorch's own linear layers on a CPU too
 
@@ -121,6 +125,8 @@ class _OneDNN:
         if not self.checked:
             check_product(self.name, module, x, out)
             self.checked = True
+            if self.laid_out is not None:  # the weight is not read while its laid-out copy is current
+                unmap_file_pages(module.weight)
         return out
 
 

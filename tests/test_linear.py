@@ -9,10 +9,14 @@ versions ``pyproject.toml`` allows.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from evaluation import linear
 from evaluation.linear import OPT_OUT, onednn_linears, switchable, switches
@@ -226,3 +230,48 @@ def test_weights_are_not_laid_out_where_the_copy_would_take_over_half_the_availa
     monkeypatch.setattr(linear, "available_bytes", lambda: 2 * weights)
     with torch.inference_mode(), onednn_linears(model, CPU, laid_out_rows=4):
         assert all(vars(m)["forward"].laid_out is not None for m in (model.up, model.down, model.head))
+
+
+def file_resident_bytes(path: str) -> int:
+    """The resident bytes of this process's mappings of ``path`` (``/proc/self/smaps``)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            if not line[0].isupper():  # a mapping's header: address range, perms, ..., path
+                inside = line.rstrip().endswith(path)
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/pagemap"), reason="Linux's /proc/self/pagemap")
+def test_laid_out_weights_leave_their_file_pages_and_read_back_the_same(tmp_path: Path) -> None:
+    """A model loaded from safetensors as the loader loads one (``from_pretrained`` maps the file): while its
+    weights are laid out for oneDNN, the linear weights' pages of the file leave resident memory (``smaps``),
+    except those of a weight written in place (a private copy, which ``MADV_DONTNEED`` would lose); logits before,
+    inside and after the block agree, and the written weight keeps its write."""
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval().requires_grad_(False)
+    path = str(tmp_path / "model.safetensors")
+    ids = torch.randint(0, 512, (3, 7), generator=torch.Generator().manual_seed(1))  # (batch, seq)
+    written = model.model.layers[1].mlp.up_proj.weight  # (512, 256): 128 pages
+    with torch.inference_mode():
+        written[100, 5] += 1.0  # copy-on-write: that page is the process's own now
+        want = float(written[100, 5])
+        before = model(ids).logits  # (batch, seq, vocab)
+        touched = file_resident_bytes(path)
+        assert touched >= sum(p.nbytes for p in model.parameters()) * 0.9
+        with onednn_linears(model, CPU, laid_out_rows=3):
+            inside = model(ids).logits
+            left = file_resident_bytes(path)
+        after = model(ids).logits
+    linears = sum(m.weight.nbytes for m in model.modules() if isinstance(m, nn.Linear))
+    assert touched - left >= (linears - written.nbytes) * 0.95  # every linear weight but the written one
+    assert left >= written.nbytes  # whose pages stayed
+    assert float(written[100, 5]) == want
+    torch.testing.assert_close(inside, before, rtol=1e-5, atol=1e-5)
+    assert torch.equal(after, before)
+    assert linear.unmap_file_pages(torch.randn(4096)) == 0  # anonymous memory: never
