@@ -50,29 +50,44 @@ def greedy_processors(model: nn.Module) -> list[str]:
 
 
 def drop_rows(cache: Any, keep: torch.Tensor) -> None:
-    """Keep rows ``keep`` (ascending) of every layer of ``cache``: ``cache.reorder_cache(keep)`` without new
+    """Keep rows ``keep`` of every layer of ``cache``, in that order: ``cache.reorder_cache(keep)`` without new
     tensors. A layer that holds its keys/values as plain tensors (its class keeps transformers' own
-    ``reorder_cache``) has the kept rows moved to the front of them, in order, and keeps a view of those rows, so
-    a static cache is written where it was and no cache-sized tensor is made as rows leave. (Copying every layer to
-    fresh memory at each drop fragmented the heap: resident memory grew 2.49 -> 2.91 GiB over one variant's
-    drops on the smoke split.) Any other layer reorders itself.
+    ``reorder_cache``) has the rows that move copied into their places and keeps a view of its first
+    ``len(keep)`` rows, so a static cache is written where it was and no cache-sized tensor is made as rows
+    leave. (Copying every layer to fresh memory at each drop fragmented the heap: resident memory grew 2.49 ->
+    2.91 GiB over one variant's drops on the smoke split.) Any other layer reorders itself.
 
     Args:
         cache: a ``transformers.Cache``.
-        keep: ``(kept,)`` ascending row indices.
+        keep: ``(kept,)`` row indices, each at most once (``refilled``: only the rows past the kept ones move).
     """
     kept = len(keep)
-    moved = (keep != torch.arange(kept, device=keep.device)).nonzero()  # (rows that move, 1)
-    start = int(moved[0, 0]) if len(moved) else kept  # the rows before it stay where they are
+    moved = (keep != torch.arange(kept, device=keep.device)).nonzero()[:, 0]  # (rows that move,) where they go
     for layer in cache.layers:
         if _PLAIN_REORDER is None or type(layer).reorder_cache is not _PLAIN_REORDER:
             layer.reorder_cache(keep)
         elif layer.get_seq_length() > 0:
             for name in ("keys", "values"):
                 states = getattr(layer, name)  # (batch, heads, positions, head_dim)
-                if start < kept:  # the moved rows, copied out first: the source and target rows overlap
-                    states[start:kept] = states.index_select(0, keep[start:].to(states.device))
+                if len(moved):  # copied out first: a row may be both read and written
+                    at = moved.to(states.device)
+                    states[at] = states.index_select(0, keep.to(states.device)[at])
                 setattr(layer, name, states[:kept])
+
+
+def refilled(going: torch.Tensor) -> torch.Tensor:
+    """The rows to keep where ``going`` (``(rows,)`` bool) is True, each in place where it can be: the stopped
+    rows' places among the first ``going.sum()`` are taken by the kept rows after them, so a drop moves as
+    many rows as stopped (in order, every kept row after the first stop would move).
+
+    Returns:
+        ``(kept,)`` row indices: ``i`` at place ``i`` where row ``i`` is kept, a row from the end elsewhere.
+    """
+    kept = going.nonzero()[:, 0]  # (kept,) ascending
+    order = torch.arange(len(kept), device=going.device)  # (kept,)
+    holes = (~going[:len(kept)]).nonzero()[:, 0]  # (stopped rows among the first len(kept),)
+    order[holes] = kept[kept >= len(kept)]  # as many kept rows lie past them as stopped before
+    return order
 
 
 @dataclasses.dataclass
@@ -159,7 +174,7 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
         if n_new == max_new_tokens or not bool(going.any()):
             break
         if not bool(going.all()):  # stopped rows leave the batch and the cache
-            keep = going.nonzero()[:, 0]  # (kept,)
+            keep = refilled(going)  # (kept,)
             drop_rows(cache, keep)
             rows, token, mask, positions = rows[keep], token[keep], mask[keep], positions[keep]
         step_ids = token[:, None]  # (rows, 1)
@@ -168,4 +183,4 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     return Decoded(new_ids[:, :n_new], counts, expected, first)
 
 
-__all__ = ['GREEDY_PROCESSORS', 'NEVER', 'Decoded', 'drop_rows', 'greedy_decode', 'greedy_processors']
+__all__ = ['GREEDY_PROCESSORS', 'NEVER', 'Decoded', 'drop_rows', 'greedy_decode', 'greedy_processors', 'refilled']

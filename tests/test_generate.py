@@ -232,7 +232,7 @@ def filled_cache(kind: str, config: Any, rows: int, positions: int) -> Any:
 
 @pytest.mark.parametrize(("arch", "kind"), [("llama", "static"), ("llama", "dynamic"), ("gemma3", "static"),
                                             ("gemma2", "dynamic")])
-@pytest.mark.parametrize("keep", [[0, 2, 3], [0, 1, 2], [4], [1, 2, 3, 4]])
+@pytest.mark.parametrize("keep", [[0, 2, 3], [0, 1, 2], [4], [1, 2, 3, 4], [0, 4, 2], [4, 1, 2, 3]])
 def test_dropping_rows_keeps_what_reorder_cache_keeps(arch: str, kind: str, keep: list[int]) -> None:
     """``drop_rows`` against transformers' own ``reorder_cache`` on a copy (a fresh ``index_select`` of each
     layer): the same keys and values, also after two more positions are written; full-attention static layers
@@ -258,6 +258,21 @@ def test_dropping_rows_keeps_what_reorder_cache_keeps(arch: str, kind: str, keep
             position = {"cache_position": torch.tensor([5 + step])}
             dropped.update(*new, index, position)
             reordered.update(*new, index, position)
+
+
+def test_refilled_keeps_every_going_row_once_and_moves_as_many_as_stopped() -> None:
+    """``refilled``: the kept rows, each once; a row stays in its place where it can, so only as many rows move
+    as stopped among the first ``kept`` places (each kept row past the first stop would move in order)."""
+    from evaluation.decode import refilled
+
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(200):
+        going = torch.rand(int(torch.randint(1, 12, (1,), generator=gen)), generator=gen) < 0.7  # (rows,)
+        order = refilled(going)
+        kept = going.nonzero()[:, 0]
+        assert sorted(order.tolist()) == kept.tolist()
+        moved = int((order != torch.arange(len(order))).sum())
+        assert moved == int((~going[:len(kept)]).sum())
 
 
 def test_shared_prefix_leaves_every_row_a_token_before_its_last() -> None:
