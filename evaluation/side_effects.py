@@ -147,9 +147,9 @@ def _suffix_states(loaded: LoadedModel, batch: SuffixBatch, predicts: Tensor,
     """Final states at the ``predicts`` positions of a prefix-cache batch's suffix, under ``steering()``; with
     the batch's ``layer``, only the layers above it run."""
     base: Any = loaded.model.base_model
-    with batch.resumed(loaded.model), steering() as count:
+    with batch.resumed(loaded.model), batch.one_forward(loaded.model) as cache, steering() as count:
         hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                      use_cache=True, **with_cache(base, batch.cache())).last_hidden_state  # (batch, S, d_model)
+                      use_cache=True, **with_cache(base, cache)).last_hidden_state  # (batch, S, d_model)
     return hidden[:, :-1][predicts], count  # (n_tokens, d_model)
 
 

@@ -8,11 +8,13 @@ log-probs == log_softmax of the full logits gathered; ``make_batch`` == ``encode
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
 import sys
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pytest
@@ -153,6 +155,49 @@ def test_prefix_cache_scoring_equals_full_scoring(arch: str, positions: str, bra
     expected_prefixes = 0 if positions == "all" else \
         len({ids[:n] for ids, n in zip(seqs.token_ids, cache.splits, strict=True)})
     assert len(cache.prefixes) == expected_prefixes == (0 if positions == "all" else seqs.n_examples)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_a_prefix_forward_lets_each_layers_keys_and_values_go_once_it_has_run(arch: str) -> None:
+    """``SuffixBatch.one_forward``: while a layer runs, the layers below it hold nothing in the forward's cache
+    (their concatenations were let go) and the layers above still hold the prefix; the log-probs are those of a
+    forward that keeps every layer's (``cache()``), and no hook is left behind."""
+    model, tokenizer = tiny(arch)
+    module = module_for(model)
+    seqs = sequences(tokenizer, "mc")
+    cache = PrefixCache.build(model, LAYER, seqs, PAD_ID, batch_size=3)
+    batch = cache.batch(seqs.sequence_indices([5, 0, 2, 7]))
+    layers = decoder_layers(model)
+    seen: list[list[int]] = []
+    held: list[Any] = []
+
+    def look(module_: torch.nn.Module, args: Any) -> None:  # a pre-hook on the last layer
+        seen.append([int(layer.keys.shape[2]) for layer in held[0].layers])
+
+    original = type(batch).one_forward
+
+    @contextlib.contextmanager
+    def watched(self: Any, model_: torch.nn.Module) -> Any:
+        with original(self, model_) as forward_cache:
+            held[:] = [forward_cache]
+            yield forward_cache
+
+    keeping = lambda self, model_: contextlib.nullcontext(self.cache())  # noqa: E731
+    with torch.no_grad():
+        handle = layers[-1].register_forward_pre_hook(look)
+        try:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(type(batch), "one_forward", watched)
+                released, _ = suffix_answer_logprobs(model, batch, lambda: module.steering(model))
+        finally:
+            handle.remove()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(type(batch), "one_forward", keeping)
+            kept, _ = suffix_answer_logprobs(model, batch, lambda: module.steering(model))
+    width = batch.prefix_width
+    assert seen == [[0] * (len(layers) - 1) + [width]]  # the layers below (stand-ins too) let go; the last not yet
+    assert torch.equal(released, kept)
+    assert active_hooks(model) == 0 and all(not m._forward_hooks for m in layers)
 
 
 @pytest.mark.oracle
