@@ -33,8 +33,8 @@ def _softcap(logits: Tensor, cap: float | None) -> Tensor:
 
 
 HEAD_CHUNK = 96  # answer-predicting states through the LM head at a time (SmolLM2's 49,152-token head: 19 MB a chunk's
-# logits; chunks of 256, 48 MB, each landed on heap pages the last had not touched: MC peaked 2.40-2.86 GiB in
-# the smoke run, 2.17 with 96)
+# logits; chunks of 256, 48 MB, each landed on heap pages the last had not touched: MC peaked 2.40-2.90 GiB in
+# smoke runs, 2.39 and 2.55 in the two full runs with 96)
 
 
 def _predicting(answer_mask: Tensor) -> Tensor:

@@ -161,7 +161,7 @@ class SuffixBatch:
         """``cache()`` for one forward of ``model`` in the block: as each decoder layer returns, its keys and values
         in the cache (the prefix's and the suffix's, concatenated) are let go, as no other layer reads them and
         nothing reads the cache after the forward. A forward then holds one layer's concatenation at a time, not
-        every layer's until it ends (MC: ~0.1 GiB of SmolLM2-135M's 80 rows). Hooks go on the decoder layers in
+        every layer's until it ends (MC's 80 rows on SmolLM2-135M: ~11 MB a layer, 15 layers above the steering one). Hooks go on the decoder layers in
         place when the block is entered (after ``resumed``: its stand-ins)."""
         cache = self.cache()
         handles: list[Any] = []
