@@ -157,6 +157,7 @@ def test_prefix_cache_scoring_equals_full_scoring(arch: str, positions: str, bra
     assert len(cache.prefixes) == expected_prefixes == (0 if positions == "all" else seqs.n_examples)
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_a_prefix_forward_lets_each_layers_keys_and_values_go_once_it_has_run(arch: str) -> None:
     """``SuffixBatch.one_forward``: while a layer runs, the layers below it hold nothing in the forward's cache
