@@ -9,6 +9,7 @@ the tests compare it with a plain forward.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from typing import Any
@@ -141,12 +142,9 @@ class SuffixBatch:
         return resume_after_layer(model, self.layer, self.residual)
 
     def cache(self) -> DynamicCache | None:
-        """A fresh cache holding the prefix (a forward appends to it), or None without a prefix.
-
-        Each layer holds this batch's own prefix tensors, not copies: a ``DynamicCache`` layer's update
-        concatenates onto them into new tensors and never writes them (``DynamicCache.update`` of the prefix
-        would copy it all, MC's largest transient). The tests score several variants from one batch and
-        compare each with a plain forward."""
+        """A fresh cache holding the prefix (a forward appends to it), or None without a prefix. Each layer holds the
+        batch's own prefix tensors, not copies (``DynamicCache.update`` of them would copy it all): a layer's update
+        concatenates them into new tensors, never writes them."""
         if not self.past:
             return None
         cache = DynamicCache()  # plain layers: sliding-window layers keep every key, the mask applies the window
@@ -159,25 +157,18 @@ class SuffixBatch:
     @contextmanager
     def one_forward(self, model: nn.Module) -> Iterator[DynamicCache | None]:
         """``cache()`` for one forward of ``model`` in the block: as each decoder layer returns, its keys and values
-        in the cache (the prefix's and the suffix's, concatenated) are let go, as no other layer reads them and
-        nothing reads the cache after the forward. A forward then holds one layer's concatenation at a time, not
-        every layer's until it ends (MC's 80 rows on SmolLM2-135M: ~11 MB a layer, 15 layers above the steering one). Hooks go on the decoder layers in
-        place when the block is entered (after ``resumed``: its stand-ins)."""
+        (prefix and suffix, concatenated; no other layer reads them) are let go, so a forward holds one layer's at a
+        time (MC's 80 rows on SmolLM2-135M: ~11 MB a layer). Hooks go on the decoder layers in place on entry."""
         cache = self.cache()
-        handles: list[Any] = []
+        layers: Any = [] if cache is None else cache.layers  # one per decoder layer, as ``past`` is (none: no hooks)
 
-        def release(index: int) -> Callable[..., None]:
-            def hook(module: nn.Module, args: Any, output: Any) -> None:
-                layer: Any = cache.layers[index] if cache is not None and index < len(cache.layers) else None
-                if layer is not None and getattr(layer, "keys", None) is not None:
-                    keys, values = layer.keys, layer.values  # (batch, kv_heads, P + S, head_dim) each
-                    layer.keys = keys.new_empty(*keys.shape[:2], 0, keys.shape[-1])
-                    layer.values = values.new_empty(*values.shape[:2], 0, values.shape[-1])
-            return hook
+        def release(module: nn.Module, args: Any, output: Any, index: int = 0) -> None:
+            layer = layers[index]  # keys/values (batch, kv_heads, P + S, head_dim) each -> none
+            layer.keys, layer.values = (t.new_empty(*t.shape[:2], 0, t.shape[-1]) for t in (layer.keys, layer.values))
 
+        handles = [module.register_forward_hook(functools.partial(release, index=i))
+                   for i, module in enumerate(decoder_layers(model) if layers else [])]
         try:
-            if cache is not None:
-                handles = [module.register_forward_hook(release(i)) for i, module in enumerate(decoder_layers(model))]
             yield cache
         finally:
             for handle in handles:
